@@ -1,0 +1,84 @@
+"""Every shipped config parses and validates; bad keys and values are refused with the key's name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, Config)
+    if config.deepspeed.preset:
+        assert (CONFIGS.parent / config.deepspeed.preset).is_file(), config.deepspeed.preset
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_presets_are_json(path: Path) -> None:
+    preset = json.loads(path.read_text())
+    assert preset["zero_optimization"]["stage"] == int(path.stem.removeprefix("zero"))
+
+
+def test_overrides_are_typed() -> None:
+    config = config_from_dict(
+        {}, ["student.num_heads=2", "train.lr=1", "distill.layer_map=[0, 3]", "student.num_layers=2"]
+    )
+    assert config.student.num_heads == 2
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.distill.layer_map == [0, 3]
+
+
+@pytest.mark.parametrize(
+    ("values", "overrides", "named"),
+    [
+        ({"student": {"num_head": 3}}, [], "student.num_head"),
+        ({"bogus": {}}, [], "bogus"),
+        ({}, ["train.max_step=3"], "train.max_step"),
+        ({"distill": {"squeeze": "average"}}, [], "distill.squeeze"),
+        ({"distill": {"attn_loss": "l1"}}, [], "distill.attn_loss"),
+        ({"distill": {"layer_map": "middle"}}, [], "distill.layer_map"),
+        ({"student": {"num_layers": 2}, "distill": {"layer_map": [1, 2, 3]}}, [], "distill.layer_map"),
+        ({"student": {"hidden_size": 100, "num_heads": 3}}, [], "student.hidden_size"),
+        ({"student": {"num_heads": 4, "num_kv_heads": 3}}, [], "student.num_kv_heads"),
+        ({"distill": {"attn_temperature": 0}}, [], "distill.attn_temperature"),
+        ({"distill": {"w_kd": -1}}, [], "distill.w_kd"),
+        ({"cache": {"head_counts": [2, "three"]}}, [], "cache.head_counts[1]"),
+        ({"cache": {"head_counts": [2, 2]}}, [], "cache.head_counts"),
+        ({"cache": {"encoding": "sparse"}}, [], "cache.encoding"),
+        ({"data": {"val_fraction": 1.5}}, [], "data.val_fraction"),
+        ({"train": {"micro_batch_size": 0}}, [], "train.micro_batch_size"),
+        ({"train": {"precision": "fp16"}}, [], "train.precision"),
+        ({"deepspeed": {"zero_stage": 4}}, [], "deepspeed.zero_stage"),
+        ({"mlflow": {"enabled": "yes"}}, [], "mlflow.enabled"),
+    ],
+)
+def test_errors_name_the_key(values: dict, overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(values, overrides)
+    assert named in str(error.value)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("student:\n  num_heads: two\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: student\.num_heads: got 'two', expected int"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        load_config(CONFIGS / "tiny.yaml", ["student.num_heads"])
+
+
+def test_dump_round_trips() -> None:
+    import yaml
+
+    config = load_config(CONFIGS / "tiny.yaml")
+    assert config_from_dict(yaml.safe_load(config.dump())) == config
+    assert config.flat()["student.num_heads"] == config.student.num_heads
