@@ -1,0 +1,324 @@
+"""Logit distillation: cross-entropy, dense KD, and top-k KD with an explicit tail bucket.
+
+Pure tensor maths, computed in fp32 whatever the input dtype: a softmax over a 50k vocabulary underflows in bf16.
+Every loss offers `reduction="sum"` because the training driver divides by a global count of valid tokens itself,
+once, across ranks and micro-batches; `"mean"` is for tests and single-batch use.
+
+The tail-bucket KL (`sparse_kl_with_tail`) is generic over leading dimensions: `pipeline.shd` reuses it for sparse
+top-m attention targets.
+"""
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Reduction = Literal["mean", "sum"]
+
+IGNORE_INDEX = -100
+"""Label of a position without a target (padding): the torch / transformers convention."""
+
+PROB_FLOOR = torch.finfo(torch.float32).tiny
+"""Student-side clamp before a log: the smallest normal fp32, so only exact (or underflowed) zeros are clamped and
+every representable probability keeps its gradient."""
+
+LOG_FLOOR = math.log(PROB_FLOOR)
+"""`log(PROB_FLOOR)`: stands in for a student log-probability of -inf."""
+
+STUDENT_TAIL_FLOOR = 1e-6
+"""Smallest student tail mass the sparse KD resolves. The tail is 1 − Σ top-k, taken from the k gathered
+log-probs (no second pass over the vocabulary, which would cost as much as the cross-entropy itself); fp32 cannot
+resolve 1 − Σ much below this, and the floor keeps the gradient of log(1 − Σ) finite when the top k hold it all."""
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a positive number")
+
+
+def masked_reduce(values: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor:
+    """Sum or average per-position losses `values` [B, T] over the positions where `mask` [B, T] (bool) is True.
+
+    Masked positions are dropped with `torch.where`, not multiplied by 0, so whatever was computed for a padding
+    position (even NaN) never reaches the loss. `mask=None` means every position is valid. A "mean" over zero valid
+    positions is 0, so an all-padding micro-batch cannot poison an accumulated loss.
+    """
+    _check_reduction(reduction)
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    if mask.shape != values.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(values.shape)} like the losses")
+    total = torch.where(mask, values, 0.0).sum()
+    if reduction == "sum":
+        return total
+    return total / mask.sum().clamp_min(1)
+
+
+def valid_token_count(labels: Tensor) -> Tensor:
+    """Number of labels [B, T] that are not `IGNORE_INDEX`: the denominator the driver sums across ranks."""
+    return (labels != IGNORE_INDEX).sum()
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, reduction: Reduction = "mean") -> Tensor:
+    """Next-token cross-entropy of `logits` [B, T, V] against `labels` [B, T] (int64, already shifted so that
+    `labels[b, t]` is the target of `logits[b, t]`); `IGNORE_INDEX` positions contribute exactly 0.
+
+    "mean" is over valid tokens (0 when there are none), "sum" is their sum.
+    """
+    _check_reduction(reduction)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)}: expected [B, T, V], [B, T]")
+    total = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / valid_token_count(labels).clamp_min(1)
+
+
+def _kl_terms(target_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+    """Elementwise `t · (log t − log s)` with 0·log 0 = 0 on the target side and a finite student log.
+
+    Both factors are made finite before the product (not only the result masked), so the backward pass cannot form
+    0 · inf = NaN either.
+    """
+    target = target_logprobs.exp()
+    present = target > 0
+    target = torch.where(present, target, 0.0)
+    target_log = torch.where(present, target_logprobs, 0.0)
+    student_log = torch.where(torch.isneginf(student_logprobs), LOG_FLOOR, student_logprobs)
+    return torch.where(present, target * (target_log - student_log), 0.0)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) over the full vocabulary.
+
+    `student_logits`, `teacher_logits` [B, T, V]; `mask` [B, T] bool (True = distil this position). The τ² factor
+    keeps the gradient scale independent of τ (Hinton et al.). Reduced over masked positions as in `masked_reduce`.
+    """
+    _check_temperature(temperature)
+    _check_reduction(reduction)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
+    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_position = _kl_terms(teacher_logprobs, student_logprobs).sum(-1) * temperature**2
+    return masked_reduce(per_position, mask, reduction)
+
+
+def topk_targets(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The cacheable sparse form of the teacher distribution at τ = 1.
+
+    `teacher_logits` [B, T, V] → `values` [B, T, k] fp32 top-k log-probs (descending), `indices` [B, T, k] int64,
+    `tail_mass` [B, T] fp32 = the probability outside the top k. The tail is a logsumexp over the complement rather
+    than 1 − Σ top-k, so a small tail is not lost to cancellation and it is exactly 0 when k = V.
+    """
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
+    logprobs = F.log_softmax(teacher_logits.float(), dim=-1)
+    values, indices = logprobs.topk(k, dim=-1)
+    rest = logprobs.scatter(-1, indices, -math.inf)
+    tail_mass = torch.logsumexp(rest, dim=-1).exp()
+    return values, indices, tail_mass
+
+
+def soften_topk(
+    logprobs: Tensor, tail_mass: Tensor, temperature: float, num_tail_slots: int | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Apply temperature to a sparse target stored at τ = 1: `logprobs` [..., k] of the kept entries, `tail_mass`
+    [...] of the rest → softened (`logprobs` [..., k], `log_tail` [...]) over the k + 1 buckets, summing to 1.
+
+    Rule: a kept entry becomes p_i^{1/τ}; the tail is taken as spread uniformly over the `num_tail_slots` entries it
+    covers (V − k for logits; (i + 1) − m for attention query i, a tensor broadcastable to `tail_mass`), so it
+    becomes n · (tail / n)^{1/τ}; then all k + 1 buckets are renormalised. This is exact at τ = 1 and whenever the
+    tail is 0. Where `num_tail_slots` <= 0 (a row no longer than k) or the tail is 0, the tail bucket is empty
+    (log_tail = -inf). Rows with no mass at all (all-zero padding rows) come out all -inf, not NaN.
+    """
+    _check_temperature(temperature)
+    logprobs = logprobs.float()
+    tail_mass = tail_mass.float()
+    slots = torch.as_tensor(num_tail_slots, dtype=torch.float32, device=logprobs.device)
+    has_tail = (tail_mass > 0) & (slots > 0)
+    log_slots = slots.clamp_min(1).log()
+    log_tail = torch.where(has_tail, tail_mass.clamp_min(PROB_FLOOR).log(), -math.inf)
+    log_tail = log_slots + (log_tail - log_slots) / temperature
+    logprobs = logprobs / temperature
+    normaliser = torch.logsumexp(torch.cat([logprobs, log_tail.unsqueeze(-1)], dim=-1), dim=-1)
+    normaliser = torch.where(torch.isneginf(normaliser), 0.0, normaliser)
+    return logprobs - normaliser.unsqueeze(-1), log_tail - normaliser
+
+
+def sparse_kl_with_tail(
+    target_logprobs: Tensor, target_log_tail: Tensor, student_logprobs: Tensor, student_log_tail: Tensor
+) -> Tensor:
+    """KL over k + 1 buckets: Σ_i t_i (log t_i − log s_i) + t_tail (log t_tail − log s_tail).
+
+    `target_logprobs`, `student_logprobs` [..., k] at the same indices; `target_log_tail`, `student_log_tail` [...]
+    are the logs of the remaining mass. Everything is in log space so tiny tails keep their precision. Target
+    entries of probability 0 (log = -inf: an empty tail, a causal zero) contribute exactly 0; a student log of -inf
+    is read as `LOG_FLOOR`, so values and gradients stay finite. Returns [...]. By the data-processing inequality
+    this is <= the full KL, with equality when the top k hold all the target mass.
+    """
+    if target_logprobs.shape != student_logprobs.shape:
+        raise ValueError(f"target {tuple(target_logprobs.shape)} != student {tuple(student_logprobs.shape)} buckets")
+    kept = _kl_terms(target_logprobs.float(), student_logprobs.float()).sum(-1)
+    tail = _kl_terms(target_log_tail.float(), student_log_tail.float())
+    return kept + tail
+
+
+def kd_loss_topk(
+    student_logits: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    tail_mass: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """τ² · KL from a cached top-k teacher (see `topk_targets`) with the remaining mass as a tail bucket.
+
+    `student_logits` [B, T, V]; `topk_logprobs` [B, T, k] (τ = 1 log-probs, any float dtype); `topk_indices`
+    [B, T, k] (any int dtype); `tail_mass` [B, T]; `mask` [B, T] bool. The teacher is softened by `soften_topk` with
+    V − k tail slots; the student is softmax(z_s/τ) over the full vocabulary, gathered at the indices, its tail
+    1 − Σ kept (floored at `STUDENT_TAIL_FLOOR`). Equals `kd_loss` when k = V; never renormalises the teacher's tail
+    away.
+    """
+    _check_temperature(temperature)
+    _check_reduction(reduction)
+    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_mass)
+    _, per_position = _FusedLogitLosses.apply(
+        student_logits, _safe_labels(None, student_logits), topk_logprobs, topk_indices, tail_mass, temperature
+    )
+    return masked_reduce(per_position, mask, reduction)
+
+
+def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_mass: Tensor) -> None:
+    if topk_logprobs.shape != topk_indices.shape or topk_indices.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)}, top-k values {tuple(topk_logprobs.shape)}, indices "
+            f"{tuple(topk_indices.shape)}: expected [B, T, V], [B, T, k], [B, T, k]"
+        )
+    if tail_mass.shape != student_logits.shape[:-1]:
+        raise ValueError(f"tail_mass {tuple(tail_mass.shape)}: expected {tuple(student_logits.shape[:-1])}")
+
+
+def _safe_labels(labels: Tensor | None, logits: Tensor) -> Tensor:
+    """Labels usable as gather indices (IGNORE_INDEX → 0; those positions are masked out of the CE anyway)."""
+    if labels is None:
+        return torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return torch.where(labels == IGNORE_INDEX, 0, labels)
+
+
+class _FusedLogitLosses(torch.autograd.Function):
+    """Per-position CE and τ²-scaled tail-bucket KD from one pass over the vocabulary, with a hand-written backward.
+
+    The [B, T, V] tensors dominate a student step (a 50k vocabulary): autograd through logsumexp, two gathers and a
+    complement would write several full-size tensors forward and backward. Here the forward keeps only the
+    normalisers and the gathered entries; the backward forms softmax(z) once and writes the gradient in place:
+
+        dCE/dz_j = s_j − [j = label]
+        dKD/dz_j = τ · (s^τ_j · (1 − [j ∉ K] · t_tail / s_tail) − [j ∈ K] · t_j)     (s^τ = softmax(z/τ))
+
+    where t is the softened teacher over the k kept entries K plus its tail, and the student tail is
+    s_tail = 1 − Σ_K s^τ, floored at `STUDENT_TAIL_FLOOR`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: Tensor,
+        labels: Tensor,
+        topk_logprobs: Tensor,
+        topk_indices: Tensor,
+        tail_mass: Tensor,
+        temperature: float,
+    ) -> tuple[Tensor, Tensor]:
+        vocab, k = logits.shape[-1], topk_indices.shape[-1]
+        indices = topk_indices.long()
+        target_logprobs, target_log_tail = soften_topk(topk_logprobs, tail_mass, temperature, vocab - k)
+        z = logits.float()
+        normaliser = torch.logsumexp(z, dim=-1, keepdim=True)
+        ce = (normaliser - z.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
+        if temperature == 1.0:
+            scaled_normaliser = normaliser
+            student_logprobs = z.gather(-1, indices) - normaliser
+        else:
+            scaled_normaliser = torch.logsumexp(z / temperature, dim=-1, keepdim=True)
+            student_logprobs = z.gather(-1, indices) / temperature - scaled_normaliser
+        kept_log_mass = torch.logsumexp(student_logprobs, dim=-1).clamp(max=math.log1p(-STUDENT_TAIL_FLOOR))
+        student_log_tail = torch.log(-torch.expm1(kept_log_mass))
+        kd = sparse_kl_with_tail(target_logprobs, target_log_tail, student_logprobs, student_log_tail) * temperature**2
+        ctx.save_for_backward(
+            logits,
+            labels,
+            indices,
+            normaliser,
+            scaled_normaliser,
+            target_logprobs.exp(),
+            (target_log_tail - student_log_tail).exp(),
+        )
+        ctx.temperature = temperature
+        return ce, kd
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_ce: Tensor, grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        logits, labels, indices, normaliser, scaled_normaliser, target_probs, tail_ratio = ctx.saved_tensors
+        temperature = ctx.temperature
+        z = logits.float()
+        kd_scale = (grad_kd * temperature).unsqueeze(-1)
+        outside = kd_scale * (1 - tail_ratio.unsqueeze(-1))
+        probs = (z - normaliser).exp_()
+        if temperature == 1.0:
+            kept_probs = probs.gather(-1, indices)
+            grad = probs.mul_(grad_ce.unsqueeze(-1) + outside)
+        else:
+            scaled_probs = (z / temperature - scaled_normaliser).exp_()
+            kept_probs = scaled_probs.gather(-1, indices)
+            grad = probs.mul_(grad_ce.unsqueeze(-1)).add_(scaled_probs.mul_(outside))
+        grad.scatter_add_(-1, labels.unsqueeze(-1), -grad_ce.unsqueeze(-1))
+        # Kept entries: replace the "outside" factor by the kept-entry gradient s_j − t_j.
+        grad.scatter_add_(-1, indices, kd_scale * (kept_probs - target_probs) - outside * kept_probs)
+        return grad.to(logits.dtype), None, None, None, None, None
+
+
+def logit_losses(
+    student_logits: Tensor,
+    labels: Tensor,
+    topk_logprobs: Tensor,
+    topk_indices: Tensor,
+    tail_mass: Tensor,
+    mask: Tensor,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+) -> tuple[Tensor, Tensor]:
+    """(`cross_entropy`, `kd_loss_topk`) of one batch from one logsumexp over the vocabulary when τ = 1.
+
+    The [B, T, V] passes dominate a student step (the output projection of a 50k vocabulary); computing both terms
+    from the same normaliser makes the KD term nearly free. Shapes as in `cross_entropy` and `kd_loss_topk`; the CE
+    is over `labels` != IGNORE_INDEX, the KD over `mask`.
+    """
+    _check_temperature(temperature)
+    _check_reduction(reduction)
+    if student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)}: expected [B, T, V], [B, T]"
+        )
+    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_mass)
+    ce, kd = _FusedLogitLosses.apply(
+        student_logits, _safe_labels(labels, student_logits), topk_logprobs, topk_indices, tail_mass, temperature
+    )
+    return masked_reduce(ce, labels != IGNORE_INDEX, reduction), masked_reduce(kd, mask, reduction)

@@ -1,0 +1,387 @@
+"""Squeezing-Heads Distillation (SHD): merge a teacher's H_t attention maps into H_s student targets, and the
+attention losses that compare student maps with them.
+
+Pure tensor maths in fp32 (the tiny per-group Gram systems in fp64); nothing here knows about ranks or models.
+Shapes: B batch, H heads, T tokens, d model width. Attention maps are row-stochastic and causal: [B, H, T, T] with
+rows over keys and an upper triangle of exact zeros.
+"""
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.kd import PROB_FLOOR, Reduction, masked_reduce, soften_topk, sparse_kl_with_tail
+
+SqueezeMethod = Literal["shd", "uniform"]
+AttentionLossKind = Literal["kl", "mse", "cosine"]
+
+MAX_EXACT_GROUP_SIZE = 10
+"""Largest group solved exactly by enumerating the 2^r − 1 supports of the simplex QP; larger groups fall back to
+projected gradient."""
+
+DEGENERATE_REL_EPS = 1e-10
+"""A pair is degenerate (α = ½) when ‖D S‖² <= this · ‖D‖² ‖S‖²: then every α reconstructs equally well, up to
+fp32 rounding of the products."""
+
+_FEASIBILITY_TOL = 1e-9
+_PROJECTED_GRADIENT_STEPS = 500
+
+
+def head_groups(num_teacher_heads: int, num_student_heads: int) -> list[list[int]]:
+    """Which teacher heads each student head is distilled from.
+
+    H_s <= H_t: H_s contiguous groups whose sizes differ by at most one, larger groups first (numpy.array_split:
+    9 → 2 is [0..4], [5..8]); every teacher head is in exactly one group, so H_s == H_t is the identity.
+    H_s > H_t: student head j copies teacher head floor(j · H_t / H_s); every teacher head is used, some shared.
+    """
+    if num_teacher_heads < 1 or num_student_heads < 1:
+        raise ValueError(f"head counts must be positive, got teacher={num_teacher_heads}, student={num_student_heads}")
+    if num_student_heads > num_teacher_heads:
+        return [[j * num_teacher_heads // num_student_heads] for j in range(num_student_heads)]
+    base, extra = divmod(num_teacher_heads, num_student_heads)
+    groups, start = [], 0
+    for group in range(num_student_heads):
+        size = base + (1 if group < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
+
+
+def pair_alpha(a_p: Tensor, a_q: Tensor, x_p: Tensor, x_q: Tensor) -> Tensor:
+    """SHD's closed-form weight of head p when merging heads p and q into α a_p + (1 − α) a_q.
+
+    `a_p`, `a_q` [B, T, T] maps; `x_p`, `x_q` [B, T, d] value–output circuits (V_h W_O^h). The merged head applies
+    one map to S = x_p + x_q and should reproduce a_p x_p + a_q x_q; with D = a_p − a_q the residual is
+    D x_p − α D S, minimised over [0, 1] by α* = ⟨D x_p, D S⟩_F / ‖D S‖_F², clipped. α = ½ where ‖D S‖ is
+    (relatively) 0, i.e. where α does not matter. Returns α [B] fp32 (1 − α is the weight of q).
+    """
+    a_p, a_q, x_p, x_q = a_p.float(), a_q.float(), x_p.float(), x_q.float()
+    diff = a_p - a_q
+    summed = x_p + x_q
+    diff_x_p = diff @ x_p
+    diff_summed = diff @ summed
+    numerator = (diff_x_p * diff_summed).sum((-2, -1), dtype=torch.float64)
+    denominator = diff_summed.square().sum((-2, -1), dtype=torch.float64)
+    scale = diff.square().sum((-2, -1), dtype=torch.float64) * summed.square().sum((-2, -1), dtype=torch.float64)
+    degenerate = denominator <= DEGENERATE_REL_EPS * scale
+    alpha = numerator / torch.where(degenerate, 1.0, denominator)
+    return torch.where(degenerate, 0.5, alpha.clamp(0.0, 1.0)).float()
+
+
+def _qp_objective(gram: Tensor, linear: Tensor, weights: Tensor) -> Tensor:
+    """αᵀ G α − 2 cᵀ α for `weights` [N, C, r] against `gram` [N, r, r], `linear` [N, r] → [N, C]."""
+    quadratic = torch.einsum("nci,nij,ncj->nc", weights, gram, weights)
+    return quadratic - 2 * torch.einsum("nci,ni->nc", weights, linear)
+
+
+def _project_to_simplex(points: Tensor) -> Tensor:
+    """Euclidean projection of each row of `points` [N, r] onto the probability simplex (sort-based)."""
+    size = points.shape[-1]
+    ordered = points.sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(dim=-1) - 1
+    ranks = torch.arange(1, size + 1, device=points.device, dtype=points.dtype)
+    support = (ordered - cumulative / ranks > 0).sum(dim=-1, keepdim=True)
+    threshold = cumulative.gather(-1, support - 1) / support
+    return (points - threshold).clamp_min(0)
+
+
+def _exact_simplex_qp(gram: Tensor, linear: Tensor) -> Tensor:
+    """Exact minimiser of αᵀ G α − 2 cᵀ α on the simplex, `gram` [N, r, r], `linear` [N, r] → [N, r].
+
+    The optimum lies in the relative interior of some face, where it solves the equality-constrained KKT system on
+    that face's support. All 2^r − 1 supports are solved at once (padded (r + 1)² systems, coordinates outside the
+    support pinned to 0); every feasible solution is scored by the true objective and the best kept, with the
+    uniform point as the first candidate, so ties and singular faces fall back to it.
+    """
+    num, size = linear.shape
+    codes = torch.arange(1, 2**size, device=gram.device)
+    subsets = ((codes[:, None] >> torch.arange(size, device=gram.device)) & 1).to(gram.dtype)
+    kkt = gram.new_zeros(num, len(codes), size + 1, size + 1)
+    kkt[..., :size, :size] = gram[:, None] * (subsets[:, :, None] * subsets[:, None, :]) + torch.diag_embed(1 - subsets)
+    kkt[..., :size, size] = subsets
+    kkt[..., size, :size] = subsets
+    rhs = gram.new_zeros(num, len(codes), size + 1)
+    rhs[..., :size] = linear[:, None] * subsets
+    rhs[..., size] = 1
+    solution, info = torch.linalg.solve_ex(kkt, rhs)
+    weights = solution[..., :size]
+    feasible = (info == 0) & weights.isfinite().all(-1) & (weights >= -_FEASIBILITY_TOL).all(-1)
+    weights = torch.where(feasible[..., None], weights.clamp_min(0) * subsets, 0.0)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(PROB_FLOOR)
+    uniform = gram.new_full((num, 1, size), 1 / size)
+    candidates = torch.cat([uniform, weights], dim=1)
+    objective = _qp_objective(gram, linear, candidates)
+    objective[:, 1:] = torch.where(feasible, objective[:, 1:], math.inf)
+    best = objective.argmin(dim=1)
+    return candidates[torch.arange(num, device=gram.device), best]
+
+
+def _projected_gradient_simplex_qp(gram: Tensor, linear: Tensor) -> Tensor:
+    """Fallback for large groups: projected gradient from the uniform point with step 1/λ_max(G).
+
+    With that step each iteration cannot increase the objective; the best iterate is kept anyway, so the result is
+    never worse than uniform. Approximate (`_PROJECTED_GRADIENT_STEPS` iterations), unlike `_exact_simplex_qp`.
+    """
+    num, size = linear.shape
+    step = 1 / torch.linalg.eigvalsh(gram)[:, -1].clamp_min(PROB_FLOOR)
+    weights = gram.new_full((num, size), 1 / size)
+    best, best_objective = weights, _qp_objective(gram, linear, weights[:, None])[:, 0]
+    for _ in range(_PROJECTED_GRADIENT_STEPS):
+        gradient = (gram @ weights[..., None]).squeeze(-1) - linear
+        weights = _project_to_simplex(weights - step[:, None] * gradient)
+        objective = _qp_objective(gram, linear, weights[:, None])[:, 0]
+        improved = objective < best_objective
+        best = torch.where(improved[:, None], weights, best)
+        best_objective = torch.where(improved, objective, best_objective)
+    return best
+
+
+def group_alphas(maps: Tensor, circuits: Tensor, max_exact_group_size: int = MAX_EXACT_GROUP_SIZE) -> Tensor:
+    """SHD weights of one group of r heads: α on the simplex minimising ‖Σ_i A_i X_i − (Σ_i α_i A_i) S‖_F²,
+    S = Σ_i X_i.
+
+    `maps` [B, r, T, T], `circuits` [B, r, T, d] → α [B, r] fp32. r = 1: 1; r = 2: `pair_alpha` (exact). r > 2: the
+    QP with Gram matrix G_ij = ⟨A_i S, A_j S⟩ and c_i = ⟨A_i S, Σ_j A_j X_j⟩, in fp64 after scaling G to unit mean
+    diagonal; solved exactly up to `max_exact_group_size` heads, by projected gradient beyond. G = 0 → uniform.
+    """
+    if maps.dim() != 4 or circuits.dim() != 4 or maps.shape[:3] != circuits.shape[:3]:
+        raise ValueError(
+            f"maps {tuple(maps.shape)}, circuits {tuple(circuits.shape)}: expected [B, r, T, T], [B, r, T, d]"
+        )
+    batch, size = maps.shape[:2]
+    if size == 1:
+        return maps.new_ones(batch, 1, dtype=torch.float32)
+    if size == 2:
+        alpha = pair_alpha(maps[:, 0], maps[:, 1], circuits[:, 0], circuits[:, 1])
+        return torch.stack([alpha, 1 - alpha], dim=1)
+    maps, circuits = maps.float(), circuits.float()
+    basis = (maps @ circuits.sum(1, keepdim=True)).double().flatten(2)
+    target = (maps @ circuits).sum(1).double().flatten(1)
+    gram = basis @ basis.transpose(1, 2)
+    linear = (basis @ target[:, :, None]).squeeze(-1)
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
+    degenerate = scale <= 0
+    scale = torch.where(degenerate, 1.0, scale)
+    gram, linear = gram / scale[:, None, None], linear / scale[:, None]
+    if size <= max_exact_group_size:
+        weights = _exact_simplex_qp(gram, linear)
+    else:
+        weights = _projected_gradient_simplex_qp(gram, linear)
+    return torch.where(degenerate[:, None], 1 / size, weights).float()
+
+
+def squeeze_heads(
+    maps: Tensor, circuits: Tensor | None, num_student_heads: int, method: SqueezeMethod = "shd"
+) -> tuple[Tensor, Tensor]:
+    """Squeeze teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along `head_groups`.
+
+    Each target is Σ_i α_i A_i over its group with α on the simplex, so rows stay stochastic and causal. "shd"
+    chooses α per sample and group with `group_alphas` and needs `circuits` [B, H_t, T, d]; "uniform" (the constant
+    merge baseline) uses 1/r and ignores them. H_s == H_t returns `maps` itself (fp32); H_s > H_t copies the shared
+    teacher heads; neither needs circuits. Returns (squeezed fp32, alphas [B, H_t] fp32): the weight of each teacher
+    head inside its group, summing to 1 over each group (all ones when H_s >= H_t).
+    """
+    if method not in ("shd", "uniform"):
+        raise ValueError(f"method={method!r}: expected 'shd' or 'uniform'")
+    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H_t, T, T]")
+    batch, num_teacher_heads = maps.shape[:2]
+    groups = head_groups(num_teacher_heads, num_student_heads)
+    maps = maps.float()
+    alphas = maps.new_ones(batch, num_teacher_heads)
+    if num_student_heads >= num_teacher_heads:
+        squeezed = maps if num_student_heads == num_teacher_heads else maps[:, [group[0] for group in groups]]
+        return squeezed, alphas
+    if method == "shd":
+        if circuits is None:
+            raise ValueError(
+                f"method='shd' squeezing {num_teacher_heads} -> {num_student_heads} heads needs the value-output "
+                "circuits [B, H_t, T, d]; pass circuits or use method='uniform'"
+            )
+        if circuits.dim() != 4 or circuits.shape[:3] != maps.shape[:3]:
+            raise ValueError(f"circuits {tuple(circuits.shape)}: expected [{batch}, {num_teacher_heads}, T, d]")
+    squeezed_groups = []
+    for group in groups:
+        heads = slice(group[0], group[-1] + 1)
+        group_maps = maps[:, heads]
+        if method == "uniform":
+            weights = maps.new_full((batch, len(group)), 1 / len(group))
+        else:
+            weights = group_alphas(group_maps, circuits[:, heads])
+        alphas[:, heads] = weights
+        squeezed_groups.append(torch.einsum("br,brqk->bqk", weights, group_maps))
+    return torch.stack(squeezed_groups, dim=1), alphas
+
+
+def reconstruction_error(maps: Tensor, circuits: Tensor, num_student_heads: int, alphas: Tensor) -> Tensor:
+    """SHD objective summed over groups: Σ_g ‖Σ_{i∈g} A_i X_i − (Σ_{i∈g} α_i A_i) Σ_{i∈g} X_i‖_F².
+
+    `maps` [B, H_t, T, T], `circuits` [B, H_t, T, d], `alphas` [B, H_t] as returned by `squeeze_heads` → [B] fp64
+    (for logging and for comparing α choices; 0 when H_s >= H_t).
+    """
+    maps, circuits, alphas = maps.float(), circuits.float(), alphas.float()
+    error = maps.new_zeros(maps.shape[0], dtype=torch.float64)
+    for group in head_groups(maps.shape[1], num_student_heads):
+        group_maps, group_circuits = maps[:, group], circuits[:, group]
+        target = (group_maps @ group_circuits).sum(1)
+        merged = torch.einsum("br,brqk->bqk", alphas[:, group], group_maps)
+        residual = target - merged @ group_circuits.sum(1)
+        error = error + residual.square().sum((-2, -1), dtype=torch.float64)
+    return error
+
+
+def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list[int]) -> list[int]:
+    """Teacher layer matched by each student layer.
+
+    "uniform": evenly spaced, last to last, m(j) = floor((j + 1) · L_t / L_s) − 1 (4 of 30 → [6, 14, 21, 29]);
+    "last": the last L_s teacher layers; a list: used as given after checking it has L_s entries, each in
+    [0, L_t), non-decreasing (a list is also the way to share teacher layers when L_s > L_t).
+    """
+    if num_student_layers < 1 or num_teacher_layers < 1:
+        raise ValueError(
+            f"layer counts must be positive, got student={num_student_layers}, teacher={num_teacher_layers}"
+        )
+    if isinstance(spec, str):
+        if spec not in ("uniform", "last"):
+            raise ValueError(f"layer map {spec!r}: expected 'uniform', 'last' or a list of teacher layer indices")
+        if num_student_layers > num_teacher_layers:
+            raise ValueError(
+                f"layer map {spec!r} needs student layers ({num_student_layers}) <= teacher layers "
+                f"({num_teacher_layers}); give an explicit list to share teacher layers"
+            )
+        if spec == "last":
+            return list(range(num_teacher_layers - num_student_layers, num_teacher_layers))
+        return [(j + 1) * num_teacher_layers // num_student_layers - 1 for j in range(num_student_layers)]
+    mapping = list(spec)
+    if len(mapping) != num_student_layers:
+        raise ValueError(
+            f"layer map {mapping} has {len(mapping)} entries, expected one per student layer ({num_student_layers})"
+        )
+    for j, layer in enumerate(mapping):
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_teacher_layers:
+            raise ValueError(f"layer map entry {j} is {layer!r}: expected an int in [0, {num_teacher_layers - 1}]")
+        if j > 0 and layer < mapping[j - 1]:
+            raise ValueError(
+                f"layer map entry {j} is {layer} < entry {j - 1} ({mapping[j - 1]}): must be non-decreasing"
+            )
+    return mapping
+
+
+def soften(probs: Tensor, temperature: float) -> Tensor:
+    """Temperature on stored probabilities [..., K]: renormalised A^{1/τ} per row, computed in log space.
+
+    Equals softmax(S/τ) when A = softmax(S). Exact zeros (causal, padding) stay exactly 0 and rows of zeros stay
+    zeros; no log(0) is formed, so gradients are finite. τ = 1 returns `probs` (as fp32) untouched.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a positive number")
+    probs = probs.float()
+    if temperature == 1.0:
+        return probs
+    positive = probs > 0
+    scaled = torch.where(positive, probs.clamp_min(PROB_FLOOR).log() / temperature, torch.finfo(torch.float32).min)
+    return torch.where(positive, torch.softmax(scaled, dim=-1), 0.0)
+
+
+def _row_kl(target: Tensor, student: Tensor) -> Tensor:
+    """KL(target ‖ student) per row [...] of probabilities [..., K]: 0·log 0 = 0, student clamped at PROB_FLOOR."""
+    present = target > 0
+    log_ratio = target.clamp_min(PROB_FLOOR).log() - student.clamp_min(PROB_FLOOR).log()
+    return torch.where(present, target * log_ratio, 0.0).sum(-1)
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    """Rows [..., K] scaled to unit L2 norm; all-zero rows stay 0 with a finite gradient."""
+    return rows / rows.square().sum(-1, keepdim=True).clamp_min(PROB_FLOOR).sqrt()
+
+
+def attention_loss(
+    student_maps: Tensor,
+    target_maps: Tensor,
+    query_mask: Tensor | None = None,
+    kind: AttentionLossKind = "kl",
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Attention distillation loss of ONE matched layer; the caller averages layers.
+
+    `student_maps`, `target_maps` [B, H, T, T] probabilities (both softened by `soften` with the same τ; no τ²
+    factor); `query_mask` [B, T] bool, True = a real query row (None = all). Per query row:
+    "kl" KL(target ‖ student) summed over keys; "mse" Σ_keys (student − target)² (a sum, so it does not shrink with
+    T); "cosine" 1 − cos(target, student), computed as ½‖t/‖t‖ − s/‖s‖‖² (exactly 0 for equal rows). Rows are
+    averaged over heads, then summed ("sum") or averaged ("mean") over valid query rows; padding rows contribute 0.
+    """
+    if kind not in ("kl", "mse", "cosine"):
+        raise ValueError(f"kind={kind!r}: expected 'kl', 'mse' or 'cosine'")
+    if student_maps.shape != target_maps.shape or student_maps.dim() != 4:
+        raise ValueError(
+            f"student maps {tuple(student_maps.shape)}, target {tuple(target_maps.shape)}: expected equal [B, H, T, T]"
+        )
+    student = soften(student_maps, temperature)
+    target = soften(target_maps, temperature)
+    if kind == "kl":
+        per_row = _row_kl(target, student)
+    elif kind == "mse":
+        per_row = (student - target).square().sum(-1)
+    else:
+        per_row = 0.5 * (_unit_rows(student) - _unit_rows(target)).square().sum(-1)
+    return masked_reduce(per_row.mean(1), query_mask, reduction)
+
+
+def topk_rows(maps: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The cacheable sparse form of attention targets [B, H, T, T]: the m largest entries of every row.
+
+    Returns (`values` [B, H, T, m] fp32 probabilities, descending; `indices` [B, H, T, m] int64; `tail` [B, H, T]
+    fp32, the mass outside the top m, summed directly over the complement so it is exactly 0 when the top m hold
+    every non-zero key). A query row shorter than m picks some causal zeros: they carry exactly 0 mass.
+    """
+    num_keys = maps.shape[-1]
+    if not 1 <= m <= num_keys:
+        raise ValueError(f"m={m}: expected 1 <= m <= number of keys {num_keys}")
+    maps = maps.float()
+    values, indices = maps.topk(m, dim=-1)
+    tail = maps.scatter(-1, indices, 0.0).sum(-1)
+    return values, indices, tail
+
+
+def attention_kl_topk(
+    student_maps: Tensor,
+    target_values: Tensor,
+    target_indices: Tensor,
+    target_tail: Tensor,
+    query_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """`attention_loss(kind="kl")` against sparse targets from `topk_rows`, with the tail as one more bucket.
+
+    `student_maps` [B, H, T, T]; `target_values` [B, H, T, m] probabilities; `target_indices` [B, H, T, m] (any int
+    dtype); `target_tail` [B, H, T]; `query_mask` [B, T]. The target is softened by `kd.soften_topk` with
+    (i + 1) − m tail slots for query i (its causal keys not kept; <= 0 means no tail); the student by `soften`,
+    gathered at the indices, its tail summed over the complement. Equals the dense KL when m = T.
+    """
+    if target_values.shape != target_indices.shape or target_indices.shape[:-1] != student_maps.shape[:-1]:
+        raise ValueError(
+            f"student maps {tuple(student_maps.shape)}, target values {tuple(target_values.shape)}, indices "
+            f"{tuple(target_indices.shape)}: expected [B, H, T, T], [B, H, T, m], [B, H, T, m]"
+        )
+    if target_tail.shape != student_maps.shape[:-1]:
+        raise ValueError(f"target tail {tuple(target_tail.shape)}: expected {tuple(student_maps.shape[:-1])}")
+    num_queries, m = student_maps.shape[-2], target_indices.shape[-1]
+    indices = target_indices.long()
+    values = target_values.float()
+    target_logprobs = torch.where(values > 0, values.clamp_min(PROB_FLOOR).log(), -math.inf)
+    tail_slots = torch.arange(1, num_queries + 1, device=values.device) - m
+    target_logprobs, target_log_tail = soften_topk(target_logprobs, target_tail, temperature, tail_slots)
+    student = soften(student_maps, temperature)
+    student_kept = student.gather(-1, indices)
+    student_tail = student.scatter(-1, indices, 0.0).sum(-1)
+    per_row = sparse_kl_with_tail(
+        target_logprobs,
+        target_log_tail,
+        student_kept.clamp_min(PROB_FLOOR).log(),
+        student_tail.clamp_min(PROB_FLOOR).log(),
+    )
+    return masked_reduce(per_row.mean(1), query_mask, reduction)

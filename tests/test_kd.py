@@ -1,0 +1,252 @@
+"""Logit distillation losses: reference values, masking, the tail bucket and the top-k == dense identity."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.kd import (
+    IGNORE_INDEX,
+    cross_entropy,
+    kd_loss,
+    kd_loss_topk,
+    logit_losses,
+    masked_reduce,
+    soften_topk,
+    sparse_kl_with_tail,
+    topk_targets,
+    valid_token_count,
+)
+
+BATCH, SEQ, VOCAB = 3, 7, 13
+
+
+def _logits(seed: int, scale: float = 3.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, SEQ, VOCAB, generator=generator, dtype=torch.float64).float() * scale
+
+
+def _mask() -> torch.Tensor:
+    """Right padding: 7, 5 and 2 valid positions."""
+    lengths = torch.tensor([7, 5, 2])
+    return torch.arange(SEQ)[None] < lengths[:, None]
+
+
+def _reference_kd(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    per_position = F.kl_div(
+        F.log_softmax(student.double() / temperature, -1),
+        F.log_softmax(teacher.double() / temperature, -1),
+        log_target=True,
+        reduction="none",
+    ).sum(-1)
+    return per_position[mask].mean() * temperature**2
+
+
+def test_cross_entropy_matches_torch_and_ignores_padding() -> None:
+    logits = _logits(0).requires_grad_()
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    labels[~_mask()] = IGNORE_INDEX
+    loss = cross_entropy(logits, labels)
+    expected = F.cross_entropy(logits.detach().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    assert valid_token_count(labels).item() == 14
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert cross_entropy(logits, labels, "sum").item() == pytest.approx(14 * expected.item(), rel=1e-6)
+
+    loss.backward()
+    assert torch.all(logits.grad[~_mask()] == 0)
+    changed = logits.detach().clone()
+    changed[~_mask()] = 1e4 * torch.rand(int((~_mask()).sum()), VOCAB)
+    assert cross_entropy(changed, labels).item() == loss.item()
+
+
+def test_cross_entropy_with_no_valid_token_is_zero() -> None:
+    labels = torch.full((BATCH, SEQ), IGNORE_INDEX)
+    assert cross_entropy(_logits(0), labels).item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_kd_loss_matches_reference_and_masks(temperature: float) -> None:
+    student, teacher, mask = _logits(0), _logits(1), _mask()
+    loss = kd_loss(student, teacher, mask, temperature)
+    assert loss.item() == pytest.approx(_reference_kd(student, teacher, mask, temperature).item(), rel=1e-5)
+    assert kd_loss(student, teacher, mask, temperature, "sum").item() == pytest.approx(14 * loss.item(), rel=1e-6)
+    assert kd_loss(teacher, teacher, mask, temperature).item() == 0.0
+
+    changed_student, changed_teacher = student.clone(), teacher.clone()
+    changed_student[~mask] = 50.0 * torch.randn(int((~mask).sum()), VOCAB)
+    changed_teacher[~mask] = -50.0
+    assert kd_loss(changed_student, changed_teacher, mask, temperature).item() == loss.item()
+
+
+def test_kd_loss_teacher_with_zero_probabilities_is_finite() -> None:
+    """A teacher with -inf logits (banned tokens) has exact zeros: 0·log 0 = 0, no NaN in value or gradient."""
+    student = _logits(0).requires_grad_()
+    teacher = _logits(1)
+    teacher[..., :4] = -math.inf
+    loss = kd_loss(student, teacher, _mask())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(student.grad).all()
+
+
+def test_topk_targets_values_and_tail() -> None:
+    teacher = _logits(2)
+    values, indices, tail = topk_targets(teacher, 4)
+    logprobs = F.log_softmax(teacher, -1)
+    assert values.shape == indices.shape == (BATCH, SEQ, 4)
+    assert values.dtype == tail.dtype == torch.float32 and indices.dtype == torch.int64
+    assert torch.equal(values, logprobs.gather(-1, indices))
+    assert torch.all(values[..., :-1] >= values[..., 1:])
+    torch.testing.assert_close(tail, 1 - values.exp().sum(-1), atol=1e-6, rtol=0)
+
+    assert torch.all(topk_targets(teacher, VOCAB)[2] == 0)
+    with pytest.raises(ValueError, match="k=0"):
+        topk_targets(teacher, 0)
+
+
+def test_topk_tail_keeps_tiny_masses() -> None:
+    """1 − Σ top-k loses a 1e-20 tail to fp32 cancellation; the complement logsumexp keeps it."""
+    teacher = torch.full((1, 1, 5), -46.0)
+    teacher[..., :2] = 0.0
+    _, _, tail = topk_targets(teacher, 2)
+    expected = 3 * math.exp(-46.0) / (2 + 3 * math.exp(-46.0))
+    assert tail.item() == pytest.approx(expected, rel=1e-5)
+    assert expected < 1e-19
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_topk_loss_equals_dense_when_k_is_vocab(temperature: float) -> None:
+    """Values and gradients of the sparse form coincide with `kd_loss` when nothing is left in the tail."""
+    teacher, mask = _logits(1), _mask()
+    dense_student = _logits(0).requires_grad_()
+    sparse_student = _logits(0).requires_grad_()
+    dense = kd_loss(dense_student, teacher, mask, temperature)
+    sparse = kd_loss_topk(sparse_student, *topk_targets(teacher, VOCAB), mask, temperature)
+    dense.backward()
+    sparse.backward()
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
+    assert dense.item() > 0.1
+    torch.testing.assert_close(sparse_student.grad, dense_student.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_topk_loss_is_a_lower_bound_that_grows_with_k() -> None:
+    """Merging the tail into one bucket can only lose information (data-processing inequality) at τ = 1."""
+    student, teacher, mask = _logits(0), _logits(1), _mask()
+    dense = kd_loss(student, teacher, mask).item()
+    losses = [kd_loss_topk(student, *topk_targets(teacher, k), mask).item() for k in range(1, VOCAB + 1)]
+    # The student tail is 1 − Σ top-k in fp32 (kd.STUDENT_TAIL_FLOOR): monotone up to fp32 resolution of the loss.
+    assert all(later >= earlier - 1e-6 * dense for earlier, later in itertools.pairwise(losses))
+    assert max(losses) <= dense * (1 + 1e-6)
+    assert losses[-1] == pytest.approx(dense, rel=1e-5)
+    assert losses[0] < 0.9 * dense
+
+
+def test_tail_bucket_is_not_renormalised_away() -> None:
+    """Teacher top-2 = (0.3, 0.2) with 0.5 spread over 4 tokens; the student keeps the 3:2 ratio but puts 0.9 on
+    the top-2. A renormalised top-k KL sees identical distributions (0); the tail bucket sees the difference, and
+    because both tails are uniform it is exact: equal to the full KL, at τ = 1 and τ = 2."""
+    teacher_probs = torch.tensor([0.3, 0.2, 0.125, 0.125, 0.125, 0.125])
+    student_probs = torch.tensor([0.54, 0.36, 0.025, 0.025, 0.025, 0.025])
+    teacher, student = teacher_probs.log().view(1, 1, 6), student_probs.log().view(1, 1, 6)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    values, indices, tail = topk_targets(teacher, 2)
+
+    renormalised_teacher = values.exp() / values.exp().sum(-1, keepdim=True)
+    renormalised_student = F.softmax(student.gather(-1, indices), -1)
+    renormalised_kl = (renormalised_teacher * (renormalised_teacher / renormalised_student).log()).sum()
+    assert renormalised_kl.abs().item() < 1e-6
+
+    sparse = kd_loss_topk(student, values, indices, tail, mask).item()
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert sparse == pytest.approx(expected, rel=1e-5)
+    assert sparse == pytest.approx(kd_loss(student, teacher, mask).item(), rel=1e-5)
+    assert expected > 0.5
+    softened = kd_loss_topk(student, values, indices, tail, mask, temperature=2.0).item()
+    assert softened == pytest.approx(kd_loss(student, teacher, mask, temperature=2.0).item(), rel=1e-5)
+
+
+def test_soften_topk_rule() -> None:
+    """p = 0.5 kept, tail 0.5 over 4 slots, τ = 2: 0.5^½ vs 4·(0.125)^½ → buckets 1/3 and 2/3."""
+    logprobs, log_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([0.5]), 2.0, 4)
+    assert logprobs.exp().item() == pytest.approx(1 / 3, rel=1e-6)
+    assert log_tail.exp().item() == pytest.approx(2 / 3, rel=1e-6)
+
+    same, same_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([0.5]), 1.0, 4)
+    assert same.exp().item() == pytest.approx(0.5, rel=1e-6) and same_tail.exp().item() == pytest.approx(0.5, rel=1e-6)
+
+    no_slots = soften_topk(torch.tensor([[0.0], [0.0]]), torch.tensor([0.0, 0.0]), 3.0, torch.tensor([0, -2]))[1]
+    assert torch.all(torch.isneginf(no_slots))
+
+    empty = soften_topk(torch.full((1, 3), -math.inf), torch.tensor([0.0]), 2.0, 5)
+    assert all(torch.isneginf(part).all() for part in empty)
+
+
+def test_sparse_kl_zero_tails_are_finite() -> None:
+    """A student tail of exactly 0 where the target has tail mass gives a large finite loss and finite gradients;
+    an empty target tail contributes exactly 0."""
+    target = torch.tensor([[math.log(0.6), math.log(0.2)]])
+    student = torch.tensor([[math.log(0.7), math.log(0.3)]], requires_grad=True)
+    student_log_tail = torch.tensor([-math.inf], requires_grad=True)
+    loss = sparse_kl_with_tail(target, torch.tensor([math.log(0.2)]), student, student_log_tail)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and loss.item() > 10
+    assert torch.isfinite(student.grad).all() and torch.isfinite(student_log_tail.grad).all()
+
+    no_tail = sparse_kl_with_tail(
+        torch.tensor([[math.log(0.75), math.log(0.25)]]),
+        torch.tensor([-math.inf]),
+        student.detach(),
+        torch.tensor([0.0]),
+    )
+    expected = 0.75 * math.log(0.75 / 0.7) + 0.25 * math.log(0.25 / 0.3)
+    assert no_tail.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_masked_reduce_drops_nan_at_padding() -> None:
+    values = torch.tensor([[1.0, 2.0, math.nan], [4.0, math.inf, math.nan]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_reduce(values, mask, "sum").item() == 7.0
+    assert masked_reduce(values, mask, "mean").item() == pytest.approx(7 / 3)
+    with pytest.raises(ValueError, match="reduction"):
+        masked_reduce(values, mask, "max")
+
+
+def _reference_topk_kd(student, values, indices, tail, mask, temperature):
+    """Plain-autograd tail-bucket KD in fp64, the student tail a logsumexp over the complement (no 1 − Σ)."""
+    scaled = student.double() / temperature
+    normaliser = torch.logsumexp(scaled, -1, keepdim=True)
+    kept = scaled.gather(-1, indices) - normaliser
+    rest = torch.logsumexp(scaled.scatter(-1, indices, -math.inf), -1) - normaliser.squeeze(-1)
+    target, target_tail = soften_topk(
+        values.double(), tail.double(), temperature, student.shape[-1] - indices.shape[-1]
+    )
+    terms = target.exp() * (target - kept)
+    tail_terms = torch.where(torch.isneginf(target_tail), 0.0, target_tail.exp() * (target_tail - rest))
+    per_position = (terms.sum(-1) + tail_terms) * temperature**2
+    return torch.where(mask, per_position, 0.0).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("k", [1, 4, VOCAB])
+def test_fused_logit_losses_match_autograd_references(temperature: float, k: int) -> None:
+    """`logit_losses` (hand-written backward) equals F.cross_entropy and an fp64 autograd KD, values and grads."""
+    teacher, mask = _logits(1), _mask()
+    labels = torch.where(
+        mask, torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5)), IGNORE_INDEX
+    )
+    values, indices, tail = topk_targets(teacher, k)
+    fused_logits = _logits(0).requires_grad_()
+    ce, kd = logit_losses(fused_logits, labels, values.half(), indices.int(), tail, mask, temperature)
+    (ce + 0.7 * kd).backward()
+
+    reference_logits = _logits(0).double().requires_grad_()
+    reference_ce = F.cross_entropy(reference_logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    reference_kd = _reference_topk_kd(reference_logits, values.half().float(), indices, tail, mask, temperature)
+    (reference_ce + 0.7 * reference_kd).backward()
+
+    assert ce.item() == pytest.approx(reference_ce.item(), rel=1e-5)
+    assert kd.item() == pytest.approx(reference_kd.item(), rel=1e-4, abs=1e-6)
+    torch.testing.assert_close(fused_logits.grad.double(), reference_logits.grad, rtol=1e-4, atol=1e-6)
+    assert kd_loss_topk(_logits(0), values.half(), indices, tail, mask, temperature).item() == pytest.approx(kd.item())

@@ -1,0 +1,459 @@
+"""Head squeezing and attention losses: the SHD α against brute force, squeezed-map invariants, loss masking."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.shd import (
+    attention_kl_topk,
+    attention_loss,
+    group_alphas,
+    head_groups,
+    layer_map,
+    pair_alpha,
+    reconstruction_error,
+    soften,
+    squeeze_heads,
+    topk_rows,
+)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _causal(seq: int) -> torch.Tensor:
+    return torch.ones(seq, seq, dtype=torch.bool).tril()
+
+
+def _scores(batch: int, heads: int, seq: int, seed: int, sharpness: float = 2.0) -> torch.Tensor:
+    """Causally masked attention scores whose softmax is a random row-stochastic causal map."""
+    scores = torch.randn(batch, heads, seq, seq, generator=_generator(seed)) * sharpness
+    return scores.masked_fill(~_causal(seq), -math.inf)
+
+
+def _maps(batch: int, heads: int, seq: int, seed: int, sharpness: float = 2.0) -> torch.Tensor:
+    return torch.softmax(_scores(batch, heads, seq, seed, sharpness), dim=-1)
+
+
+def _circuits(batch: int, heads: int, seq: int, width: int, seed: int) -> torch.Tensor:
+    """Value-output circuits with a different scale per head, so the optimal α is far from uniform."""
+    scales = torch.rand(batch, heads, 1, 1, generator=_generator(seed + 1)) * 3 + 0.1
+    return torch.randn(batch, heads, seq, width, generator=_generator(seed)) * scales
+
+
+def _objective(maps: torch.Tensor, circuits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """‖Σ A_i X_i − (Σ w_i A_i) Σ X_i‖² for one group, `maps` [r, T, T], `circuits` [r, T, d], `weights` [P, r] → [P],
+    evaluated directly in fp64."""
+    maps, circuits, weights = maps.double(), circuits.double(), weights.double()
+    target = (maps @ circuits).sum(0)
+    merged = torch.einsum("pr,rqk->pqk", weights, maps)
+    return (target - merged @ circuits.sum(0)).square().sum((-2, -1))
+
+
+def _simplex_grid(steps: int) -> torch.Tensor:
+    """All points of the 3-simplex with coordinates in multiples of 1/steps."""
+    first, second = torch.meshgrid(torch.arange(steps + 1), torch.arange(steps + 1), indexing="ij")
+    keep = first + second <= steps
+    first, second = first[keep], second[keep]
+    return torch.stack([first, second, steps - first - second], dim=1).double() / steps
+
+
+# ---------------------------------------------------------------------------------------------- head grouping
+
+
+def test_head_groups_documented_examples() -> None:
+    assert head_groups(9, 2) == [[0, 1, 2, 3, 4], [5, 6, 7, 8]]
+    assert [len(group) for group in head_groups(9, 4)] == [3, 2, 2, 2]
+    assert [len(group) for group in head_groups(25, 12)] == [3] + [2] * 11
+    assert head_groups(4, 4) == [[0], [1], [2], [3]]
+    assert head_groups(2, 5) == [[0], [0], [0], [1], [1]]
+
+
+def test_head_groups_cover_every_teacher_head() -> None:
+    for teacher, student in itertools.product(range(1, 26), range(1, 13)):
+        _check_head_groups(teacher, student)
+
+
+def _check_head_groups(teacher: int, student: int) -> None:
+    groups = head_groups(teacher, student)
+    assert len(groups) == student
+    used = [head for group in groups for head in group]
+    if student <= teacher:
+        assert used == list(range(teacher))
+        sizes = [len(group) for group in groups]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    else:
+        assert set(used) == set(range(teacher)) and all(len(group) == 1 for group in groups)
+        assert used == sorted(used)
+
+
+# ------------------------------------------------------------------------------------------------ pair alpha
+
+
+def test_pair_alpha_matches_brute_force() -> None:
+    """The closed form reaches the minimum of a 10001-point α grid, including optima clipped at 0 and at 1."""
+    batch, seq, width = 12, 6, 4
+    maps = _maps(batch, 2, seq, seed=0)
+    circuits = _circuits(batch, 2, seq, width, seed=1)
+    noise = 0.05 * torch.randn(4, seq, width, generator=_generator(2))
+    circuits[-4:-2, 1] = -0.5 * circuits[-4:-2, 0] + noise[:2]  # S = ½ x_p: unclipped α* ≈ 2
+    circuits[-2:, 1] = -2.0 * circuits[-2:, 0] + noise[2:]  # S = −x_p: unclipped α* ≈ −1
+    alpha = pair_alpha(maps[:, 0], maps[:, 1], circuits[:, 0], circuits[:, 1])
+    assert alpha.shape == (batch,) and alpha.dtype == torch.float32
+
+    grid = torch.linspace(0, 1, 10001, dtype=torch.float64)
+    grid_weights = torch.stack([grid, 1 - grid], dim=1)
+    for sample in range(batch):
+        objective = _objective(maps[sample], circuits[sample], grid_weights)
+        best = objective.argmin()
+        ours = _objective(maps[sample], circuits[sample], torch.stack([alpha[sample], 1 - alpha[sample]])[None])
+        assert ours.item() <= objective[best].item() * (1 + 1e-7) + 1e-12
+        assert abs(alpha[sample].item() - grid[best].item()) <= 1e-4
+    assert torch.all(alpha[-4:-2] == 1) and torch.all(alpha[-2:] == 0)
+    assert ((alpha[:-4] > 0.01) & (alpha[:-4] < 0.99)).sum() >= 4
+
+
+def test_pair_alpha_degenerate_is_half() -> None:
+    seq, width = 5, 3
+    maps = _maps(2, 2, seq, seed=3)
+    circuits = _circuits(2, 2, seq, width, seed=4)
+    identical = pair_alpha(maps[:, 0], maps[:, 0], circuits[:, 0], circuits[:, 1])
+    # Circuits summing to a matrix with constant columns: D S = 0 because every row of D sums to 0.
+    constant = torch.randn(1, 1, width, generator=_generator(5)).expand(2, seq, width)
+    flat_sum = pair_alpha(maps[:, 0], maps[:, 1], circuits[:, 0], constant - circuits[:, 0])
+    assert torch.all(identical == 0.5) and torch.all(flat_sum == 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- group alphas
+
+
+def _reference_simplex_minimum(maps: torch.Tensor, circuits: torch.Tensor, steps: int = 1000) -> torch.Tensor:
+    """Accelerated projected gradient (FISTA) on the simplex in fp64 from uniform, `maps` [B, r, T, T], `circuits`
+    [B, r, T, d] → [B, r]: an independent, iterative reference for the exact solver."""
+    maps, circuits = maps.double(), circuits.double()
+    basis = (maps @ circuits.sum(1, keepdim=True)).flatten(2)
+    target = (maps @ circuits).sum(1).flatten(1)
+    gram, linear = basis @ basis.transpose(1, 2), (basis @ target[..., None]).squeeze(-1)
+    step = 1 / torch.linalg.eigvalsh(gram)[:, -1:]
+    weights = previous = torch.full(linear.shape, 1 / linear.shape[1], dtype=torch.float64)
+    momentum = 1.0
+    for _ in range(steps):
+        next_momentum = (1 + math.sqrt(1 + 4 * momentum**2)) / 2
+        point = weights + (momentum - 1) / next_momentum * (weights - previous)
+        gradient = (gram @ point[..., None]).squeeze(-1) - linear
+        previous, weights = weights, _project(point - step * gradient)
+        momentum = next_momentum
+    return weights
+
+
+def _project(points: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of rows [B, r] onto the simplex (Duchi et al. 2008)."""
+    ordered = points.sort(-1, descending=True).values
+    cumulative = ordered.cumsum(-1) - 1
+    support = (ordered - cumulative / torch.arange(1, points.shape[1] + 1) > 0).sum(-1, keepdim=True)
+    return (points - cumulative.gather(-1, support - 1) / support).clamp_min(0)
+
+
+def test_group_alphas_three_heads_match_simplex_grid() -> None:
+    batch, seq, width = 6, 6, 4
+    maps = _maps(batch, 3, seq, seed=10)
+    circuits = _circuits(batch, 3, seq, width, seed=11)
+    alphas = group_alphas(maps, circuits)
+    grid = _simplex_grid(300)
+    for sample in range(batch):
+        grid_minimum = _objective(maps[sample], circuits[sample], grid).min().item()
+        ours = _objective(maps[sample], circuits[sample], alphas[sample][None]).item()
+        assert ours <= grid_minimum * (1 + 1e-7) + 1e-12
+    torch.testing.assert_close(alphas.sum(1), torch.ones(batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 6])
+def test_group_alphas_are_the_simplex_optimum(size: int) -> None:
+    """Exact for r > 2: agrees with a converged FISTA reference, is never above 20000 random simplex points, and the KKT
+    conditions hold (gradient equal on the support, not smaller off it)."""
+    batch, seq, width = 6, 7, 5
+    maps = _maps(batch, size, seq, seed=20 + size)
+    circuits = _circuits(batch, size, seq, width, seed=30 + size)
+    alphas = group_alphas(maps, circuits)
+    assert alphas.shape == (batch, size) and torch.all(alphas >= 0)
+    exponentials = -torch.rand(20000, size, generator=_generator(size), dtype=torch.float64).log()
+    random_points = exponentials / exponentials.sum(1, keepdim=True)
+    references = _reference_simplex_minimum(maps, circuits)
+    faces = 0
+    for sample in range(batch):
+        group_maps, group_circuits = maps[sample], circuits[sample]
+        ours = _objective(group_maps, group_circuits, alphas[sample][None]).item()
+        reference = _objective(group_maps, group_circuits, references[sample][None])
+        assert abs(ours - reference.item()) <= 1e-6 * reference.item()
+        assert ours <= _objective(group_maps, group_circuits, random_points).min().item()
+
+        basis = (group_maps.double() @ group_circuits.double().sum(0)).flatten(1)
+        target = (group_maps.double() @ group_circuits.double()).sum(0).flatten()
+        gradient = basis @ (basis.T @ alphas[sample].double() - target)
+        support = alphas[sample] > 0
+        scale = gradient.abs().max().item()
+        assert gradient[support].max() - gradient.min() <= 1e-4 * scale
+        faces += int(not support.all())
+    assert faces >= 1
+
+
+def test_group_alphas_fallback_and_degenerate_cases() -> None:
+    batch, size, seq, width = 4, 5, 6, 4
+    maps = _maps(batch, size, seq, seed=40)
+    circuits = _circuits(batch, size, seq, width, seed=41)
+    exact = group_alphas(maps, circuits)
+    fallback = group_alphas(maps, circuits, max_exact_group_size=2)
+    uniform = torch.full((1, size), 1 / size)
+    for sample in range(batch):
+        exact_error = _objective(maps[sample], circuits[sample], exact[sample][None]).item()
+        fallback_error = _objective(maps[sample], circuits[sample], fallback[sample][None]).item()
+        uniform_error = _objective(maps[sample], circuits[sample], uniform).item()
+        assert exact_error <= fallback_error * (1 + 1e-6) + 1e-12
+        assert fallback_error <= exact_error * 1.01 + 1e-9
+        assert fallback_error < uniform_error
+    assert torch.all(group_alphas(maps, torch.zeros_like(circuits)) == 1 / size)
+    assert torch.all(group_alphas(maps[:, :1], circuits[:, :1]) == 1)
+
+
+# ------------------------------------------------------------------------------------------------ squeezing
+
+
+@pytest.mark.parametrize(("teacher", "student"), [(9, 2), (9, 3), (9, 4), (8, 2), (25, 12)])
+def test_shd_reconstructs_better_than_uniform(teacher: int, student: int) -> None:
+    batch, seq, width = 4, 8, 6
+    maps = _maps(batch, teacher, seq, seed=teacher * 100 + student)
+    circuits = _circuits(batch, teacher, seq, width, seed=teacher * 100 + student + 1)
+    _, alphas = squeeze_heads(maps, circuits, student)
+    _, uniform_alphas = squeeze_heads(maps, None, student, method="uniform")
+    shd_error = reconstruction_error(maps, circuits, student, alphas)
+    uniform_error = reconstruction_error(maps, circuits, student, uniform_alphas)
+    assert torch.all(shd_error <= uniform_error * (1 + 1e-6))
+    assert (shd_error / uniform_error).mean() < 0.9
+    for group in head_groups(teacher, student):
+        torch.testing.assert_close(alphas[:, group].sum(1), torch.ones(batch), atol=1e-6, rtol=0)
+        torch.testing.assert_close(uniform_alphas[:, group], torch.full((batch, len(group)), 1 / len(group)))
+
+
+@pytest.mark.parametrize("method", ["shd", "uniform"])
+@pytest.mark.parametrize(("teacher", "student"), [(9, 2), (9, 4), (6, 3), (4, 4), (3, 5)])
+def test_squeezed_maps_are_causal_and_stochastic(teacher: int, student: int, method: str) -> None:
+    batch, seq, width = 3, 7, 4
+    maps = _maps(batch, teacher, seq, seed=50)
+    circuits = _circuits(batch, teacher, seq, width, seed=51)
+    squeezed, alphas = squeeze_heads(maps, circuits, student, method=method)
+    assert squeezed.shape == (batch, student, seq, seq) and squeezed.dtype == torch.float32
+    assert alphas.shape == (batch, teacher) and torch.all(alphas >= 0)
+    torch.testing.assert_close(squeezed.sum(-1), torch.ones(batch, student, seq), atol=1e-5, rtol=0)
+    assert torch.all(squeezed[..., ~_causal(seq)] == 0)
+    for j, group in enumerate(head_groups(teacher, student)):
+        expected = torch.einsum("br,brqk->bqk", alphas[:, group], maps[:, group])
+        torch.testing.assert_close(squeezed[:, j], expected)
+
+
+def test_squeeze_identity_and_shared_heads() -> None:
+    maps = _maps(2, 4, 6, seed=60)
+    squeezed, alphas = squeeze_heads(maps, None, 4)
+    assert torch.equal(squeezed, maps) and torch.all(alphas == 1)
+    shared, shared_alphas = squeeze_heads(maps, None, 6)
+    assert torch.equal(shared, maps[:, [0, 0, 1, 2, 2, 3]]) and torch.all(shared_alphas == 1)
+    with pytest.raises(ValueError, match="circuits"):
+        squeeze_heads(maps, None, 2)
+    with pytest.raises(ValueError, match="method"):
+        squeeze_heads(maps, None, 2, method="mean")
+
+
+def test_squeeze_upcasts_half_precision_maps() -> None:
+    maps = _maps(2, 4, 6, seed=61)
+    circuits = _circuits(2, 4, 6, 3, seed=62)
+    squeezed, alphas = squeeze_heads(maps.bfloat16(), circuits.bfloat16(), 2)
+    assert squeezed.dtype == alphas.dtype == torch.float32
+    assert torch.all(squeezed[..., ~_causal(6)] == 0)
+
+
+# ------------------------------------------------------------------------------------------------ layer map
+
+
+def test_layer_map_specs() -> None:
+    assert layer_map(4, 30, "uniform") == [6, 14, 21, 29]
+    assert layer_map(30, 30, "uniform") == list(range(30))
+    assert layer_map(4, 30, "last") == [26, 27, 28, 29]
+    assert layer_map(3, 30, [0, 0, 29]) == [0, 0, 29]
+    assert layer_map(4, 2, [0, 0, 1, 1]) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ([0, 1], "2 entries, expected one per student layer \\(3\\)"),
+        ([0, 30, 29], "entry 1 is 30: expected an int in \\[0, 29\\]"),
+        ([0, -1, 2], "entry 1 is -1"),
+        ([0, 5, 4], "entry 2 is 4 < entry 1 \\(5\\): must be non-decreasing"),
+        ([0, 1.5, 2], "entry 1 is 1.5"),
+        ("middle", "'middle': expected 'uniform', 'last' or a list"),
+    ],
+)
+def test_layer_map_rejects_bad_specs(spec: list | str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        layer_map(3, 30, spec)
+
+
+def test_layer_map_uniform_needs_fewer_student_layers() -> None:
+    with pytest.raises(ValueError, match="explicit list"):
+        layer_map(4, 2, "uniform")
+
+
+# ---------------------------------------------------------------------------------------------- temperature
+
+
+def test_soften_matches_scaled_softmax_and_keeps_zeros() -> None:
+    scores = _scores(2, 3, 6, seed=70)
+    maps = torch.softmax(scores, -1)
+    assert torch.equal(soften(maps, 1.0), maps)
+    for temperature in (0.5, 2.0, 7.0):
+        softened = soften(maps, temperature)
+        torch.testing.assert_close(softened, torch.softmax(scores / temperature, -1), atol=1e-6, rtol=1e-5)
+        assert torch.all(softened[..., ~_causal(6)] == 0)
+    assert torch.all(soften(torch.zeros(2, 4), 3.0) == 0)
+
+
+def test_large_temperature_flattens_rows_and_kl() -> None:
+    """Softened rows tend to uniform over each query's i + 1 keys; KL between two maps falls toward 0 with τ."""
+    seq = 8
+    student, target = _maps(2, 3, seq, seed=71), _maps(2, 3, seq, seed=72)
+    uniform = _causal(seq).float() / torch.arange(1, seq + 1)[:, None]
+    torch.testing.assert_close(soften(target, 1e5), uniform.expand_as(target), atol=1e-4, rtol=0)
+    losses = [attention_loss(student, target, temperature=t).item() for t in (1, 2, 4, 16, 64, 256)]
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
+    assert losses[-1] < 1e-3 * losses[0]
+
+
+# --------------------------------------------------------------------------------------------- dense losses
+
+
+def _student_scores_with_holes(batch: int, heads: int, seq: int, seed: int) -> torch.Tensor:
+    """Student scores that also mask key 0 for later queries: exact zeros where the target is positive."""
+    scores = _scores(batch, heads, seq, seed).clone()
+    scores[..., 2:, 0] = -math.inf
+    return scores
+
+
+def _padding_mask(batch: int, seq: int) -> torch.Tensor:
+    lengths = torch.tensor([seq, seq - 3])[:batch]
+    return torch.arange(seq)[None] < lengths[:, None]
+
+
+def test_dense_losses_match_reference_formulas() -> None:
+    student, target = _maps(2, 3, 6, seed=80), _maps(2, 3, 6, seed=81)
+    causal = _causal(6)
+    kl = torch.where(causal, target * (target / student).log(), 0.0).sum(-1)
+    mse = (student - target).square().sum(-1)
+    cosine = 1 - F.cosine_similarity(student, target, dim=-1)
+    for kind, per_row in (("kl", kl), ("mse", mse), ("cosine", cosine)):
+        loss = attention_loss(student, target, kind=kind)
+        assert loss.item() == pytest.approx(per_row.mean().item(), rel=1e-5)
+        assert loss.item() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse", "cosine"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_dense_loss_is_zero_for_identical_maps(kind: str, temperature: float) -> None:
+    maps = _maps(2, 3, 7, seed=82)
+    assert attention_loss(maps, maps.clone(), _padding_mask(2, 7), kind, temperature).item() < 1e-7
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse", "cosine"])
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+def test_dense_loss_masks_padding_and_has_finite_gradients(kind: str, temperature: float) -> None:
+    batch, heads, seq = 2, 3, 7
+    mask = _padding_mask(batch, seq)
+    target = _maps(batch, heads, seq, seed=83)
+    target.transpose(1, 2)[~mask] = 0.0
+    student_scores = _student_scores_with_holes(batch, heads, seq, seed=84).requires_grad_()
+    student = torch.softmax(student_scores, -1)
+    loss = attention_loss(student, target, mask, kind, temperature)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 1e-3
+    assert torch.isfinite(student_scores.grad).all()
+    assert torch.all(student_scores.grad.transpose(1, 2)[~mask] == 0)
+
+    changed_student, changed_target = student.detach().clone(), target.clone()
+    changed_student.transpose(1, 2)[~mask] = torch.rand(int((~mask).sum()), heads, seq)
+    changed_target.transpose(1, 2)[~mask] = 1.0
+    assert attention_loss(changed_student, changed_target, mask, kind, temperature).item() == loss.item()
+
+    summed = attention_loss(student, target, mask, kind, temperature, reduction="sum")
+    assert summed.item() == pytest.approx(loss.item() * int(mask.sum()), rel=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- sparse targets
+
+
+def test_topk_rows_tail() -> None:
+    seq, m = 8, 3
+    maps = _maps(2, 3, seq, seed=90)
+    values, indices, tail = topk_rows(maps, m)
+    assert values.shape == indices.shape == (2, 3, seq, m) and indices.dtype == torch.int64
+    assert torch.equal(values, maps.gather(-1, indices))
+    torch.testing.assert_close(values.sum(-1) + tail, torch.ones(2, 3, seq), atol=1e-6, rtol=0)
+    assert torch.all(tail[..., :m] == 0) and torch.all(tail[..., m:] > 0)
+    with pytest.raises(ValueError, match="m=9"):
+        topk_rows(maps, 9)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sparse_attention_kl_equals_dense_when_m_is_seq(temperature: float) -> None:
+    batch, heads, seq = 2, 3, 7
+    mask = _padding_mask(batch, seq)
+    target = _maps(batch, heads, seq, seed=91)
+    dense_scores = _student_scores_with_holes(batch, heads, seq, seed=92).requires_grad_()
+    sparse_scores = dense_scores.detach().clone().requires_grad_()
+    dense = attention_loss(torch.softmax(dense_scores, -1), target, mask, "kl", temperature)
+    sparse = attention_kl_topk(torch.softmax(sparse_scores, -1), *topk_rows(target, seq), mask, temperature)
+    dense.backward()
+    sparse.backward()
+    assert abs(sparse.item() - dense.item()) <= 1e-5 and dense.item() > 0.1
+    torch.testing.assert_close(sparse_scores.grad, dense_scores.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_attention_kl_short_rows_and_lower_bound() -> None:
+    """Small m: rows shorter than m pick causal zeros (exactly 0 mass), values and gradients stay finite, padding
+    rows of zeros are harmless, and at τ = 1 the loss grows with m up to the dense KL."""
+    batch, heads, seq = 2, 3, 8
+    mask = _padding_mask(batch, seq)
+    target = _maps(batch, heads, seq, seed=93)
+    target.transpose(1, 2)[~mask] = 0.0
+    student_scores = _student_scores_with_holes(batch, heads, seq, seed=94).requires_grad_()
+    for temperature in (1.0, 0.5, 2.0):
+        loss = attention_kl_topk(torch.softmax(student_scores, -1), *topk_rows(target, 3), mask, temperature)
+        (grad,) = torch.autograd.grad(loss, student_scores)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert torch.all(grad.transpose(1, 2)[~mask] == 0)
+    student = torch.softmax(student_scores.detach(), -1)
+    dense = attention_loss(student, target, mask).item()
+    losses = [attention_kl_topk(student, *topk_rows(target, m), mask).item() for m in range(1, seq + 1)]
+    assert all(later >= earlier - 1e-6 for earlier, later in itertools.pairwise(losses))
+    assert losses[-1] == pytest.approx(dense, abs=1e-5) and losses[0] < 0.9 * dense
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sparse_attention_temperature_is_exact_for_uniform_tails(temperature: float) -> None:
+    """The tail rule spreads query i's tail over its (i + 1) − m unkept causal keys. When target and student are
+    both uniform there, merging the tail into one bucket loses nothing, so the softened sparse KL must equal the dense
+    one, although the tail holds a large share of the mass."""
+    batch, heads, seq, m = 2, 3, 9, 3
+
+    def head_heavy_maps(seed: int) -> torch.Tensor:
+        scores = torch.zeros(batch, heads, seq, seq)
+        scores[..., :m] = 2.0 + torch.rand(batch, heads, seq, m, generator=_generator(seed))
+        return torch.softmax(scores.masked_fill(~_causal(seq), -math.inf), -1)
+
+    target, student = head_heavy_maps(95), head_heavy_maps(96)
+    values, indices, tail = topk_rows(target, m)
+    assert tail[..., -1].min() > 0.05
+    dense = attention_loss(student, target, temperature=temperature).item()
+    sparse = attention_kl_topk(student, values, indices, tail, temperature=temperature).item()
+    assert abs(sparse - dense) <= 1e-5 * dense and dense > 1e-3
