@@ -6,7 +6,12 @@ the value found and what is allowed, so that no stage has to re-check its inputs
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
+import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,8 +20,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from pipeline.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError):
     """A config file or override is invalid; the message names the key."""
 
 
@@ -401,3 +408,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         return config_from_dict(values, overrides)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (Python keeps none of them at run time)."""
+    source = inspect.getsource(cls)
+    body = ast.parse(textwrap.dedent(source)).body[0].body
+    docs: dict[str, str] = {}
+    for statement, following in itertools.pairwise(body):
+        if (
+            isinstance(statement, ast.AnnAssign)
+            and isinstance(statement.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+        ):
+            docs[statement.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The config reference (every key, its default and meaning) as markdown tables, generated from this module."""
+    lines: list[str] = []
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"#### `{section.name}` — {cls.__doc__}", "", "| key | default | meaning |", "|---|---|---|"]
+        docs = _field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            default = getattr(getattr(defaults, section.name), item.name)
+            allowed = _type_name(hints[item.name]).replace("|", "\\|")
+            lines.append(f"| `{item.name}` ({allowed}) | `{json.dumps(default)}` | {docs.get(item.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""`distill`: the command line of the pipeline. Parses arguments, loads the config, calls one stage driver."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import PipelineError
+from pipeline.runtime import configure_logging
+
+logger = logging.getLogger("pipeline")
+
+OVERRIDES_HELP = "config overrides as section.key=value (e.g. student.num_heads=2 cache.encoding=topk)"
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def _launcher_arguments() -> argparse.ArgumentParser:
+    """The DeepSpeed launcher appends --local_rank=N; stages read LOCAL_RANK from the environment instead."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `distill` argument parser with one sub-command per stage."""
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Squeezing-Heads Distillation: teacher → cached squeezed attention + sparse logits → students "
+        "of any head count trained with DeepSpeed, tracked in MLflow.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launcher = _launcher_arguments()
+
+    show = commands.add_parser("config", help="print the resolved config (file + overrides, validated)")
+    _add_config_arguments(show)
+
+    teacher = commands.add_parser("teacher", help="teacher utilities")
+    teacher_commands = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
+    teacher_import = teacher_commands.add_parser(
+        "import",
+        help="turn teacher.source (smollm2, a .gguf file, an HF directory, tiny-random-*) into the HF directory "
+        "teacher.path",
+    )
+    _add_config_arguments(teacher_import)
+
+    prepare = commands.add_parser("prepare", help="tokenize and pack data.sources into data.output_dir")
+    _add_config_arguments(prepare)
+
+    cache = commands.add_parser(
+        "cache",
+        parents=[launcher],
+        help="run the teacher once and cache squeezed attention targets + sparse logits (one process per rank "
+        "under the DeepSpeed launcher); `distill cache verify DIR` checks a cache",
+        description="distill cache CONFIG [overrides]  |  distill cache verify DIR",
+    )
+    cache.add_argument("config", help="YAML config file, or the word `verify` followed by a cache directory")
+    cache.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+    run = commands.add_parser("run", parents=[launcher], help="every stage in order, skipping completed ones")
+    _add_config_arguments(run)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, args.overrides)
+    logger.info("config %s%s", args.config, f" with overrides {args.overrides}" if args.overrides else "")
+    return config
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from pipeline import stages
+
+    if args.command == "config":
+        print(_load(args).dump(), end="")
+    elif args.command == "teacher":
+        stages.teacher_stage(_load(args))
+    elif args.command == "prepare":
+        stages.prepare_stage(_load(args))
+    elif args.command == "cache" and args.config == "verify":
+        if len(args.overrides) != 1:
+            raise ConfigError("usage: distill cache verify DIR")
+        stages.verify_stage(Path(args.overrides[0]))
+    elif args.command == "cache":
+        args.config = Path(args.config)
+        stages.cache_stage(_load(args))
+    elif args.command == "run":
+        stages.run_stage(_load(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `distill` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        _dispatch(args)
+    except PipelineError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
