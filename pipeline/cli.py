@@ -22,7 +22,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _launcher_arguments() -> argparse.ArgumentParser:
-    """The DeepSpeed launcher appends --local_rank=N; stages read LOCAL_RANK from the environment instead."""
+    """The DeepSpeed launcher passes --local_rank=N (before the sub-command); stages read LOCAL_RANK instead."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parent
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of any head count trained with DeepSpeed, tracked in MLflow.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     launcher = _launcher_arguments()
 

@@ -1,0 +1,1 @@
+"""The offline teacher-target cache: shard layout, manifest, writer and streaming reader."""

@@ -1,0 +1,148 @@
+"""`manifest.json`: what a cache holds, where it came from, and the checksum of every shard.
+
+The manifest is the cache's single source of truth: a reader trusts only shards it lists, and only after their
+sha256 matches. It is always replaced atomically (write a temporary file, fsync, rename), so a crash leaves either
+the old or the new manifest, never half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_write_bytes
+from pipeline.errors import PipelineError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+FINGERPRINT_FIELDS = (
+    "layout_version",
+    "teacher_weights_sha256",
+    "tokenizer_sha256",
+    "data_fingerprint",
+    "split",
+    "seq_len",
+    "student_head_counts",
+    "cached_layers",
+    "squeeze",
+    "encoding",
+    "attn_top_m",
+    "top_k",
+    "dtype",
+)
+
+
+class CacheError(PipelineError):
+    """A cache is missing, corrupt, incomplete or does not match the config; the message names file and field."""
+
+
+@dataclass
+class ShardEntry:
+    """One shard file and the rows of its split it holds."""
+
+    file: str
+    first_sample: int
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to trust and stream a cache directory."""
+
+    fingerprint: dict[str, Any]
+    num_samples: int
+    shard_size: int
+    shards: list[ShardEntry] = field(default_factory=list)
+    alpha_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    complete: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_shards(self) -> int:
+        """Shards the cache is planned to hold (all listed once complete)."""
+        return -(-self.num_samples // self.shard_size)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of an in-memory buffer."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Atomically (re)write `directory/manifest.json`."""
+    text = json.dumps(dataclasses.asdict(manifest), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(directory / MANIFEST_NAME, text.encode())
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Load and structurally check `directory/manifest.json`; errors name the file and the field."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise CacheError(f"{path}: no cache manifest here (run `distill cache` first)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CacheError(f"{path}: not valid JSON ({error})") from error
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{path}: schema_version {raw.get('schema_version')!r}, this reader expects {SCHEMA_VERSION}")
+    for key in ("fingerprint", "num_samples", "shard_size", "shards"):
+        if key not in raw:
+            raise CacheError(f"{path}: missing field '{key}'")
+    for key in FINGERPRINT_FIELDS:
+        if key not in raw["fingerprint"]:
+            raise CacheError(f"{path}: missing field 'fingerprint.{key}'")
+    try:
+        shards = [ShardEntry(**entry) for entry in raw["shards"]]
+    except TypeError as error:
+        raise CacheError(f"{path}: malformed entry in 'shards' ({error})") from error
+    return Manifest(
+        fingerprint=raw["fingerprint"],
+        num_samples=raw["num_samples"],
+        shard_size=raw["shard_size"],
+        shards=shards,
+        alpha_stats=raw.get("alpha_stats", {}),
+        complete=raw.get("complete", False),
+    )
+
+
+def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
+    """Refuse a cache whose provenance differs from what the caller needs, naming the first differing field.
+
+    `expected` holds a subset of the fingerprint fields. `student_head_counts` and `cached_layers` are requirements
+    of membership (the student's head count and every layer its layer map needs must be cached); every other field
+    must be equal.
+    """
+    for key, wanted in expected.items():
+        have = found.get(key)
+        if key == "student_head_counts":
+            if wanted not in (have or []):
+                raise CacheError(
+                    f"{source}: fingerprint field 'student_head_counts' is {have}, "
+                    f"but the student has {wanted} heads; re-run `distill cache` with {wanted} in cache.head_counts"
+                )
+        elif key == "cached_layers":
+            missing = [layer for layer in wanted if layer not in (have or [])]
+            if missing:
+                raise CacheError(
+                    f"{source}: fingerprint field 'cached_layers' is {have}, but the student's layer map needs "
+                    f"teacher layer {missing[0]}; cache it (cache.layers) or change distill.layer_map"
+                )
+        elif have != wanted:
+            raise CacheError(
+                f"{source}: fingerprint field '{key}' is {have!r} in the cache, the config needs {wanted!r}"
+            )

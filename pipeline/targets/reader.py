@@ -1,0 +1,581 @@
+"""Open, verify and stream a teacher-target cache directory.
+
+Global order. The cache is read as one endless sequence of positions: position p is sample offset p % N of epoch
+p // N (N = samples in the cache). Within epoch e the shards come in the order `randperm(num_shards)` of a generator
+seeded from ("shards", seed, e), and the rows of shard j in the order `randperm(n_j)` of a generator seeded from
+("rows", seed, e, j); an epoch is the concatenation of its shards' rows. Seeds are the first 8 bytes of the sha256 of
+those values joined by ":" (top bit cleared), so nearby seeds and epochs give unrelated orders. `shuffle=False` reads
+shards and rows in file order.
+
+Partition. Micro-step k of a stream that starts at position s covers positions [s + k·W·B, s + (k+1)·W·B) for W ranks
+and micro-batch B; rank r takes the contiguous block [s + k·W·B + r·B, s + k·W·B + (r+1)·B), and DataLoader worker w of
+K takes the rank's micro-steps k ≡ w (mod K). Every sample is thus served once per epoch across any number of ranks
+and workers, and a job that consumed p samples resumes from `start_position=p` with any world size or batch size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from pipeline.targets.layout import (
+    LAYOUT_VERSION,
+    alpha_key,
+    attn_key,
+    index_dtype,
+    read_header,
+    triangle_size,
+    unpack_triangle,
+)
+from pipeline.targets.manifest import (
+    MANIFEST_NAME,
+    CacheError,
+    Manifest,
+    ShardEntry,
+    check_compatible,
+    read_manifest,
+    sha256_file,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of positions without a next token (the loss skips them)."""
+
+_VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
+_INDEX_DTYPES = {torch.int16: "I16", torch.int32: "I32"}
+_ENCODINGS = ("dense", "topk")
+_OPEN_SHARDS = 4
+_SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass")
+
+TensorSpec = tuple[str, tuple[int | None, ...]]
+"""A tensor's safetensors dtype and shape; None leaves an extent open."""
+
+_verified_shards: set[tuple[str, str, int, int]] = set()
+"""(path, sha256, size, mtime) of shards this process has checksummed; a rewritten file is checked again."""
+
+
+class SparseAttention(NamedTuple):
+    """Top-m attention targets of one layer, as the `topk` encoding stores them."""
+
+    values: torch.Tensor
+    """[B, H, T, m] float32 probabilities."""
+    indices: torch.Tensor
+    """[B, H, T, m] int64 key positions."""
+    tail: torch.Tensor
+    """[B, H, T] float32 mass outside the top m."""
+
+
+def _shard_path(directory: Path, entry: ShardEntry) -> Path:
+    return directory / entry.file
+
+
+def _check_readable(fingerprint: dict[str, Any], source: Path) -> None:
+    """Refuse fingerprints this reader cannot decode before any shard is touched."""
+    if fingerprint["layout_version"] != LAYOUT_VERSION:
+        raise CacheError(
+            f"{source}: fingerprint field 'layout_version' is {fingerprint['layout_version']!r}, "
+            f"this reader reads layout {LAYOUT_VERSION}"
+        )
+    if fingerprint["encoding"] not in _ENCODINGS:
+        raise CacheError(
+            f"{source}: fingerprint field 'encoding' is {fingerprint['encoding']!r}, expected {_ENCODINGS}"
+        )
+    if fingerprint["dtype"] not in _VALUE_DTYPES:
+        raise CacheError(
+            f"{source}: fingerprint field 'dtype' is {fingerprint['dtype']!r}, expected one of {list(_VALUE_DTYPES)}"
+        )
+
+
+def _check_coverage(manifest: Manifest, source: Path) -> None:
+    """Shards must tile rows 0..N-1 exactly, or positions would map to missing or doubled samples."""
+    next_sample = 0
+    for entry in manifest.shards:
+        if entry.first_sample != next_sample or entry.num_samples < 1:
+            raise CacheError(
+                f"{source}: shard {entry.file} holds samples {entry.first_sample}.."
+                f"{entry.first_sample + entry.num_samples - 1}, expected the next shard to start at {next_sample} "
+                f"(shards must cover samples 0..{manifest.num_samples - 1} without gaps or overlaps)"
+            )
+        next_sample += entry.num_samples
+    if next_sample != manifest.num_samples:
+        raise CacheError(
+            f"{source}: shards cover {next_sample} samples, but 'num_samples' is {manifest.num_samples} "
+            f"(shards must cover samples 0..{manifest.num_samples - 1})"
+        )
+
+
+def open_cache(directory: Path | str, expected: dict[str, Any] | None = None) -> Manifest:
+    """Read a cache's manifest and refuse it unless it is finished, whole, readable and (given `expected`) compatible.
+
+    The returned manifest lists its shards by `first_sample`: shard index j below always means that order.
+    """
+    directory = Path(directory)
+    source = directory / MANIFEST_NAME
+    manifest = read_manifest(directory)
+    if not manifest.complete:
+        raise CacheError(
+            f"{source}: 'complete' is false: the cache run did not finish; re-run `distill cache` with the same "
+            "config to resume it"
+        )
+    _check_readable(manifest.fingerprint, source)
+    manifest.shards.sort(key=lambda entry: entry.first_sample)
+    _check_coverage(manifest, source)
+    if expected:
+        check_compatible(manifest.fingerprint, expected, source)
+    for entry in manifest.shards:
+        path = _shard_path(directory, entry)
+        if not path.is_file():
+            raise CacheError(
+                f"{path}: shard file is missing (listed in {source}); re-run `distill cache` to rewrite it"
+            )
+    return manifest
+
+
+def attention_tensors(fingerprint: dict[str, Any], layer: int, heads: int, num_rows: int) -> dict[str, TensorSpec]:
+    """Name → spec of the attention targets of teacher layer `layer` squeezed to `heads` heads, per the encoding."""
+    seq_len, value_dtype, key = fingerprint["seq_len"], _VALUE_DTYPES[fingerprint["dtype"]], attn_key(layer, heads)
+    if fingerprint["encoding"] == "dense":
+        return {key: (value_dtype, (num_rows, heads, triangle_size(seq_len)))}
+    rows = (num_rows, heads, seq_len, fingerprint["attn_top_m"])
+    return {
+        f"{key}.values": (value_dtype, rows),
+        f"{key}.indices": (_INDEX_DTYPES[index_dtype(seq_len)], rows),
+        f"{key}.tail": ("F32", rows[:-1]),
+    }
+
+
+def expected_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
+    """Name → spec of every tensor a shard of `num_rows` samples must hold.
+
+    The teacher's head count is not in the fingerprint, so the width of `alpha.*` [N, H_t] is left open.
+    """
+    seq_len, top_k, value_dtype = fingerprint["seq_len"], fingerprint["top_k"], _VALUE_DTYPES[fingerprint["dtype"]]
+    specs: dict[str, TensorSpec] = {
+        "sample_ids": ("I64", (num_rows,)),
+        "input_ids": ("I32", (num_rows, seq_len)),
+        "topk_values": (value_dtype, (num_rows, seq_len, top_k)),
+        "topk_indices": ("I32", (num_rows, seq_len, top_k)),
+        "tail_mass": ("F32", (num_rows, seq_len)),
+    }
+    for layer in fingerprint["cached_layers"]:
+        for heads in fingerprint["student_head_counts"]:
+            specs.update(attention_tensors(fingerprint, layer, heads, num_rows))
+            specs[alpha_key(layer, heads)] = ("F32", (num_rows, None))
+    return specs
+
+
+def _check_tensor(path: Path, name: str, dtype: str, shape: list[int], spec: TensorSpec) -> None:
+    wanted_dtype, wanted_shape = spec
+    shape_fits = len(shape) == len(wanted_shape) and all(
+        wanted in (None, extent) for extent, wanted in zip(shape, wanted_shape, strict=True)
+    )
+    if dtype != wanted_dtype or not shape_fits:
+        wanted = [extent if extent is not None else "*" for extent in wanted_shape]
+        raise CacheError(
+            f"{path}: tensor '{name}' is {dtype} {list(shape)}, "
+            f"the manifest's fingerprint needs {wanted_dtype} {wanted}"
+        )
+
+
+def _check_shard_bytes(path: Path, entry: ShardEntry) -> None:
+    """Refuse a shard whose size or sha256 differs from the manifest: truncated, overwritten or bit-rotted."""
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise CacheError(
+            f"{path}: {size} bytes, the manifest lists {entry.bytes} (truncated or overwritten shard; delete it and "
+            "re-run `distill cache`)"
+        )
+    digest = sha256_file(path)
+    if digest != entry.sha256:
+        raise CacheError(
+            f"{path}: sha256 {digest}, the manifest lists {entry.sha256} (corrupt shard; delete it and re-run "
+            "`distill cache`)"
+        )
+
+
+def _verify_once(path: Path, entry: ShardEntry) -> None:
+    """Checksum a shard the first time this process touches it; hashing every epoch would cost a full re-read."""
+    status = path.stat()
+    key = (str(path.resolve()), entry.sha256, status.st_size, status.st_mtime_ns)
+    if key not in _verified_shards:
+        _check_shard_bytes(path, entry)
+        _verified_shards.add(key)
+
+
+def verify_cache(directory: Path | str) -> Manifest:
+    """Check every shard of a cache in full (size, sha256, header, tensor shapes and dtypes, sample ids).
+
+    The first bad shard stops the check with a CacheError naming it and what is wrong.
+    """
+    directory = Path(directory)
+    manifest = open_cache(directory)
+    seen_sample_ids: set[int] = set()
+    for entry in tqdm(manifest.shards, desc=f"verify {directory}", unit="shard"):
+        path = _shard_path(directory, entry)
+        _check_shard_bytes(path, entry)
+        try:
+            header, _ = read_header(str(path))
+        except ValueError as error:
+            raise CacheError(str(error)) from error
+        specs = expected_tensors(manifest.fingerprint, entry.num_samples)
+        for name, spec in specs.items():
+            if name not in header:
+                raise CacheError(f"{path}: tensor '{name}' is missing; the manifest's fingerprint needs it")
+            _check_tensor(path, name, header[name]["dtype"], header[name]["shape"], spec)
+        unexpected = sorted(set(header) - set(specs))
+        if unexpected:
+            raise CacheError(f"{path}: tensor '{unexpected[0]}' is not part of the manifest's fingerprint")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                sample_ids = handle.get_tensor("sample_ids").tolist()
+        except SafetensorError as error:
+            raise CacheError(f"{path}: unreadable shard ({error})") from error
+        for sample_id in sample_ids:
+            if sample_id in seen_sample_ids:
+                raise CacheError(f"{path}: sample id {sample_id} is already held by this or an earlier shard")
+            seen_sample_ids.add(sample_id)
+    logger.info("%s: %d shards, %d samples verified", directory, len(manifest.shards), manifest.num_samples)
+    return manifest
+
+
+def unpack_attention(
+    batch_attn: dict[int, torch.Tensor | SparseAttention], encoding: str, seq_len: int
+) -> dict[int, torch.Tensor | SparseAttention]:
+    """Expand dense targets [B, H, T(T+1)/2] to maps [B, H, T, T]; `topk` targets pass through.
+
+    Kept apart from the stream so the expansion (T/2 times the bytes) happens on the consumer's device.
+    """
+    if encoding == "dense":
+        return {layer: unpack_triangle(packed, seq_len) for layer, packed in batch_attn.items()}
+    return dict(batch_attn)
+
+
+def _seeded_generator(*parts: int | str) -> torch.Generator:
+    """A generator seeded by hashing `parts`: unlike seed + epoch, (seed 1, epoch 0) and (seed 0, epoch 1) differ."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@lru_cache(maxsize=64)
+def _row_order(seed: int, epoch: int, shard: int, num_rows: int, shuffle: bool) -> tuple[int, ...]:
+    if not shuffle:
+        return tuple(range(num_rows))
+    return tuple(torch.randperm(num_rows, generator=_seeded_generator("rows", seed, epoch, shard)).tolist())
+
+
+class SampleOrder:
+    """Maps a global position to (shard index, row in shard); see the module docstring for the rule."""
+
+    def __init__(self, shard_sizes: list[int], seed: int, shuffle: bool) -> None:
+        self.shard_sizes = shard_sizes
+        self.seed = seed
+        self.shuffle = shuffle
+        self.samples_per_epoch = sum(shard_sizes)
+        self._epochs: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """Shard indices in the order epoch `epoch` reads them."""
+        if not self.shuffle:
+            return list(range(len(self.shard_sizes)))
+        generator = _seeded_generator("shards", self.seed, epoch)
+        return torch.randperm(len(self.shard_sizes), generator=generator).tolist()
+
+    def _epoch(self, epoch: int) -> tuple[list[int], list[int]]:
+        """(shard order, offset of each of those shards within the epoch); the last two epochs are kept."""
+        if epoch not in self._epochs:
+            order = self.shard_order(epoch)
+            starts = [0]
+            for shard in order[:-1]:
+                starts.append(starts[-1] + self.shard_sizes[shard])
+            self._epochs[epoch] = (order, starts)
+            if len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return self._epochs[epoch]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(shard index, row within that shard) of global position `position`."""
+        epoch, offset = divmod(position, self.samples_per_epoch)
+        order, starts = self._epoch(epoch)
+        index = bisect.bisect_right(starts, offset) - 1
+        shard = order[index]
+        rows = _row_order(self.seed, epoch, shard, self.shard_sizes[shard], self.shuffle)
+        return shard, rows[offset - starts[index]]
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct rows → [start, stop) runs, so neighbouring rows cost one slice read."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], row + 1)
+        else:
+            runs.append((row, row + 1))
+    return runs
+
+
+class _ShardReader:
+    """The open shard handles of one iteration: reads selected rows of selected tensors, nothing else."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        tensor_specs: Callable[[int], dict[str, TensorSpec]],
+        verify: bool,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.tensor_specs = tensor_specs
+        self.verify = verify
+        self._handles: OrderedDict[int, Any] = OrderedDict()
+
+    def _open(self, shard: int) -> Any:
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+            return self._handles[shard]
+        entry = self.manifest.shards[shard]
+        path = _shard_path(self.directory, entry)
+        if not path.is_file():
+            raise CacheError(f"{path}: shard file is missing (listed in {self.directory / MANIFEST_NAME})")
+        if self.verify:
+            _verify_once(path, entry)
+        try:
+            handle = safe_open(str(path), framework="pt")
+            names = set(handle.keys())
+            for name, spec in self.tensor_specs(entry.num_samples).items():
+                if name not in names:
+                    raise CacheError(f"{path}: tensor '{name}' is missing; the manifest's fingerprint needs it")
+                tensor_slice = handle.get_slice(name)
+                _check_tensor(path, name, tensor_slice.get_dtype(), tensor_slice.get_shape(), spec)
+        except SafetensorError as error:
+            raise CacheError(f"{path}: unreadable shard ({error})") from error
+        self._handles[shard] = handle
+        if len(self._handles) > _OPEN_SHARDS:
+            self._handles.popitem(last=False)
+        return handle
+
+    def read(self, shard: int, rows: list[int], names: list[str]) -> dict[str, torch.Tensor]:
+        """Tensor name → its `rows` of shard `shard`, in the order asked (rows may repeat)."""
+        handle = self._open(shard)
+        distinct = sorted(set(rows))
+        where = {row: index for index, row in enumerate(distinct)}
+        pick = torch.tensor([where[row] for row in rows])
+        runs = _row_runs(distinct)
+        tensors = {}
+        for name in names:
+            tensor_slice = handle.get_slice(name)
+            tensors[name] = torch.cat([tensor_slice[start:stop] for start, stop in runs])[pick]
+        return tensors
+
+
+Item = TypeVar("Item")
+
+
+def _prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
+    """Yield from `items`, producing the next one in a daemon thread while the caller consumes the current one.
+
+    An exception in the thread is re-raised here; closing this generator stops and joins the thread.
+    """
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                ready.put(("item", item))
+                if stop.is_set():
+                    return
+            ready.put(("end", None))
+        except BaseException as error:
+            ready.put(("error", error))
+
+    thread = threading.Thread(target=produce, name="target-stream-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            yield value
+    finally:
+        stop.set()
+        # Free a slot: the producer makes at most one more put before it sees `stop`.
+        while not ready.empty():
+            ready.get_nowait()
+        thread.join()
+
+
+class TargetStream(IterableDataset[dict[str, Any]]):
+    """Micro-batches of cached teacher targets for one rank, in the global order of the module docstring.
+
+    Use with `DataLoader(stream, batch_size=None, num_workers=K)`: each worker takes every K-th micro-step, so the
+    loader's round-robin yields the same sequence for any K. Each batch (B samples, T = seq_len) holds:
+    `sample_ids` int64 [B], `positions` int64 [B] (global positions), `input_ids` int64 [B, T], `labels` int64 [B, T]
+    (next token, -100 at the last position), `topk_values` float32 [B, T, k] (teacher log-probs), `topk_indices`
+    int64 [B, T, k], `tail_mass` float32 [B, T], and `attn`: layer → float32 [B, H, T(T+1)/2] for `dense` (see
+    `unpack_attention`) or a `SparseAttention` for `topk`.
+
+    `num_batches` bounds this rank's micro-steps (None: endless over epochs). `one_pass` stops once every sample from
+    `start_position` on was served once; the last batches may then be short, and a rank with nothing left yields
+    nothing. `expected` is checked against the cache's fingerprint (`check_compatible`); each shard is checksummed the
+    first time this process opens it unless `verify_checksums=False`.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path | str,
+        layers: list[int],
+        heads: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        start_position: int = 0,
+        num_batches: int | None = None,
+        one_pass: bool = False,
+        expected: dict[str, Any] | None = None,
+        verify_checksums: bool = True,
+        prefetch: bool = True,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected an integer ≥ 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 ≤ rank < world_size")
+        if start_position < 0:
+            raise ValueError(f"start_position={start_position}: expected a position ≥ 0")
+        if num_batches is not None and num_batches < 0:
+            raise ValueError(f"num_batches={num_batches}: expected None or an integer ≥ 0")
+        self.directory = Path(directory)
+        self.manifest = open_cache(self.directory, expected)
+        source = self.directory / MANIFEST_NAME
+        check_compatible(self.manifest.fingerprint, {"student_head_counts": heads, "cached_layers": layers}, source)
+        if self.manifest.num_samples == 0:
+            raise CacheError(f"{source}: the cache holds no samples")
+        self.layers = list(layers)
+        self.heads = heads
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.start_position = start_position
+        self.num_batches = num_batches
+        self.one_pass = one_pass
+        self.verify_checksums = verify_checksums
+        self.prefetch = prefetch
+        self.encoding: str = self.manifest.fingerprint["encoding"]
+        self.seq_len: int = self.manifest.fingerprint["seq_len"]
+        self.tensor_names = list(self.tensor_specs(0))
+
+    def tensor_specs(self, num_rows: int) -> dict[str, TensorSpec]:
+        """Spec of every tensor this stream reads from a shard of `num_rows` samples; no other tensor is touched."""
+        fingerprint = self.manifest.fingerprint
+        every_tensor = expected_tensors(fingerprint, num_rows)
+        specs = {name: every_tensor[name] for name in _SAMPLE_TENSORS}
+        for layer in self.layers:
+            specs.update(attention_tensors(fingerprint, layer, self.heads, num_rows))
+        return specs
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples in the cache: one epoch of positions."""
+        return self.manifest.num_samples
+
+    def _num_steps(self) -> int | None:
+        """Micro-steps this rank yields in all (None: endless)."""
+        limits = [] if self.num_batches is None else [self.num_batches]
+        if self.one_pass:
+            ahead = self.samples_per_epoch - self.rank * self.batch_size
+            limits.append(max(0, -(-ahead // (self.world_size * self.batch_size))))
+        return min(limits) if limits else None
+
+    def __len__(self) -> int:
+        """Micro-batches this rank yields; only finite streams (`num_batches` or `one_pass`) have a length."""
+        steps = self._num_steps()
+        if steps is None:
+            raise TypeError("an endless TargetStream has no length; set num_batches")
+        return steps
+
+    def _step_ranges(self, worker: int, num_workers: int) -> Iterator[tuple[int, int]]:
+        """[first, stop) positions of this rank's micro-steps k ≡ worker (mod num_workers)."""
+        steps = self._num_steps()
+        end = self.start_position + self.samples_per_epoch if self.one_pass else None
+        step = worker
+        while steps is None or step < steps:
+            first = self.start_position + (step * self.world_size + self.rank) * self.batch_size
+            stop = first + self.batch_size if end is None else min(first + self.batch_size, end)
+            yield first, stop
+            step += num_workers
+
+    def _load(self, order: SampleOrder, reader: _ShardReader, first: int, stop: int) -> dict[str, Any]:
+        """The batch of positions [first, stop), which may cross a shard or an epoch boundary."""
+        located = [order.locate(position) for position in range(first, stop)]
+        slots_by_shard: dict[int, list[int]] = {}
+        for slot, (shard, _) in enumerate(located):
+            slots_by_shard.setdefault(shard, []).append(slot)
+        parts = [
+            reader.read(shard, [located[slot][1] for slot in slots], self.tensor_names)
+            for shard, slots in slots_by_shard.items()
+        ]
+        # Parts come grouped by shard; `restore` puts every row back at its batch slot.
+        grouped_slots = torch.tensor([slot for slots in slots_by_shard.values() for slot in slots])
+        restore = torch.empty_like(grouped_slots)
+        restore[grouped_slots] = torch.arange(len(grouped_slots))
+        raw = {name: torch.cat([part[name] for part in parts])[restore] for name in self.tensor_names}
+        return self._to_batch(raw, torch.arange(first, stop))
+
+    def _to_batch(self, raw: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, Any]:
+        """On-disk dtypes → training dtypes: int64 ids, float32 targets."""
+        input_ids = raw["input_ids"].long()
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, :-1] = input_ids[:, 1:]
+        attn: dict[int, torch.Tensor | SparseAttention] = {}
+        for layer in self.layers:
+            key = attn_key(layer, self.heads)
+            if self.encoding == "dense":
+                attn[layer] = raw[key].float()
+            else:
+                attn[layer] = SparseAttention(
+                    raw[f"{key}.values"].float(), raw[f"{key}.indices"].long(), raw[f"{key}.tail"].float()
+                )
+        return {
+            "sample_ids": raw["sample_ids"],
+            "positions": positions,
+            "input_ids": input_ids,
+            "labels": labels,
+            "topk_values": raw["topk_values"].float(),
+            "topk_indices": raw["topk_indices"].long(),
+            "tail_mass": raw["tail_mass"].float(),
+            "attn": attn,
+        }
+
+    def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        order = SampleOrder([entry.num_samples for entry in self.manifest.shards], self.seed, self.shuffle)
+        reader = _ShardReader(self.directory, self.manifest, self.tensor_specs, self.verify_checksums)
+        for first, stop in self._step_ranges(worker, num_workers):
+            yield self._load(order, reader, first, stop)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches = self._batches(worker, num_workers)
+        return _prefetched(batches) if self.prefetch else batches

@@ -1,0 +1,145 @@
+"""Synthetic teacher-target caches for reader tests: valid shards of random targets, no teacher needed.
+
+The real cache writer produces the same format from a teacher; these shards only have to be valid and distinct
+(sample ids are 1000 + row so that they never equal a row or a position).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.targets.layout import (
+    LAYOUT_VERSION,
+    alpha_key,
+    attn_key,
+    index_dtype,
+    pack_triangle,
+    shard_bytes,
+    shard_file_name,
+)
+from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
+
+SAMPLE_ID_OFFSET = 1000
+VOCAB_SIZE = 50
+
+
+def _causal_maps(generator: torch.Generator, rows: int, heads: int, seq_len: int) -> torch.Tensor:
+    """Random row-stochastic causal maps [rows, heads, T, T]."""
+    scores = torch.randn(rows, heads, seq_len, seq_len, generator=generator)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+
+
+def _squeeze(maps: torch.Tensor, heads: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random convex combinations of contiguous teacher-head groups: maps [N, H_t, T, T] → ([N, H, T, T], α [N, H_t]).
+
+    With more student than teacher heads, student heads share teacher heads (α = 1 on the shared head).
+    """
+    rows, teacher_heads = maps.shape[:2]
+    if heads > teacher_heads:
+        shared = [head * teacher_heads // heads for head in range(heads)]
+        return maps[:, shared], torch.ones(rows, teacher_heads)
+    alphas = torch.empty(rows, teacher_heads)
+    squeezed = []
+    for group in torch.arange(teacher_heads).tensor_split(heads):
+        weights = torch.rand(rows, len(group), generator=generator) + 0.1
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        alphas[:, group] = weights
+        squeezed.append((weights[:, :, None, None] * maps[:, group]).sum(dim=1))
+    return torch.stack(squeezed, dim=1), alphas
+
+
+def shard_tensors(
+    first_sample: int,
+    num_rows: int,
+    seq_len: int,
+    layers: list[int],
+    head_counts: list[int],
+    encoding: str,
+    k: int,
+    m: int,
+    teacher_heads: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of one shard holding rows first_sample .. first_sample + num_rows - 1, in on-disk dtypes."""
+    logprobs = torch.randn(num_rows, seq_len, VOCAB_SIZE, generator=generator).log_softmax(dim=-1)
+    topk_values, topk_indices = logprobs.topk(k, dim=-1)
+    tensors = {
+        "sample_ids": torch.arange(first_sample, first_sample + num_rows, dtype=torch.int64) + SAMPLE_ID_OFFSET,
+        "input_ids": torch.randint(0, VOCAB_SIZE, (num_rows, seq_len), generator=generator, dtype=torch.int32),
+        "topk_values": topk_values.to(dtype),
+        "topk_indices": topk_indices.to(torch.int32),
+        "tail_mass": (1 - topk_values.exp().sum(dim=-1)).clamp_min(0),
+    }
+    for layer in layers:
+        maps = _causal_maps(generator, num_rows, teacher_heads, seq_len)
+        for heads in head_counts:
+            squeezed, alphas = _squeeze(maps, heads, generator)
+            key = attn_key(layer, heads)
+            tensors[alpha_key(layer, heads)] = alphas
+            if encoding == "dense":
+                tensors[key] = pack_triangle(squeezed).to(dtype)
+            else:
+                values, indices = squeezed.topk(m, dim=-1)
+                tensors[f"{key}.values"] = values.to(dtype)
+                tensors[f"{key}.indices"] = indices.to(index_dtype(seq_len))
+                tensors[f"{key}.tail"] = (1 - values.sum(dim=-1)).clamp_min(0)
+    return tensors
+
+
+def synthetic_fingerprint(
+    seq_len: int, layers: list[int], head_counts: list[int], encoding: str, k: int, m: int, dtype: str, seed: int
+) -> dict[str, object]:
+    """A fingerprint with every field of `manifest.FINGERPRINT_FIELDS`."""
+    return {
+        "layout_version": LAYOUT_VERSION,
+        "teacher_weights_sha256": "synthetic-teacher",
+        "tokenizer_sha256": "synthetic-tokenizer",
+        "data_fingerprint": f"synthetic-data-{seed}",
+        "split": "train",
+        "seq_len": seq_len,
+        "student_head_counts": sorted(head_counts),
+        "cached_layers": sorted(layers),
+        "squeeze": "shd",
+        "encoding": encoding,
+        "attn_top_m": m if encoding == "topk" else None,
+        "top_k": k,
+        "dtype": dtype,
+    }
+
+
+def write_synthetic_cache(
+    directory: Path,
+    num_samples: int = 37,
+    shard_size: int = 8,
+    seq_len: int = 6,
+    layers: tuple[int, ...] = (1, 3),
+    head_counts: tuple[int, ...] = (2, 3),
+    encoding: str = "dense",
+    k: int = 4,
+    m: int = 3,
+    teacher_heads: int = 6,
+    dtype: str = "float16",
+    seed: int = 0,
+) -> Manifest:
+    """Write a complete cache of random targets under `directory` and return its manifest."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    fingerprint = synthetic_fingerprint(seq_len, list(layers), list(head_counts), encoding, k, m, dtype, seed)
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    manifest = Manifest(fingerprint=fingerprint, num_samples=num_samples, shard_size=shard_size, complete=True)
+    for index, first in enumerate(range(0, num_samples, shard_size)):
+        rows = min(shard_size, num_samples - first)
+        tensors = shard_tensors(
+            first, rows, seq_len, list(layers), list(head_counts), encoding, k, m, teacher_heads, torch_dtype, generator
+        )
+        data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": first, "num_samples": rows})
+        name = shard_file_name(index)
+        (directory / name).write_bytes(data)
+        manifest.shards.append(ShardEntry(name, first, rows, len(data), sha256_bytes(data)))
+    write_manifest(directory, manifest)
+    return manifest

@@ -1,0 +1,234 @@
+"""The cache stage end to end: targets equal a fresh teacher pass, shards are byte-identical across world sizes and
+after a kill -9, and a cache made from other inputs is refused with the field named."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline import stages
+from pipeline.attention import AttentionCapture
+from pipeline.config import Config, load_config
+from pipeline.data import load_prepared
+from pipeline.kd import topk_targets
+from pipeline.models import load_teacher
+from pipeline.shd import attention_kl_topk, attention_loss, squeeze_heads
+from pipeline.targets.layout import attn_key, unpack_triangle
+from pipeline.targets.manifest import CacheError, read_manifest
+from pipeline.targets.reader import open_cache, verify_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def tiny_config(workdir: Path, *overrides: str) -> Config:
+    """configs/tiny.yaml with every output under `workdir` (teacher and data may be shared between tests)."""
+    return load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            f"teacher.path={workdir}/teacher",
+            f"data.output_dir={workdir}/data",
+            f"cache.output_dir={workdir}/targets",
+            f"train.output_dir={workdir}/runs",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def prepared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher of each family and the tiny corpus packed with its tokenizer."""
+    workdir = tmp_path_factory.mktemp(f"prepared-{request.param}")
+    config = tiny_config(workdir, f"teacher.source=tiny-random-{request.param}")
+    stages.teacher_stage(config)
+    stages.prepare_stage(config)
+    return workdir
+
+
+def _cache_into(prepared: Path, directory: Path, *overrides: str) -> Config:
+    config = tiny_config(prepared, f"cache.output_dir={directory}", *overrides)
+    stages.cache_stage(config)
+    return config
+
+
+def _fresh_targets(config: Config, sample_rows: torch.Tensor, layer: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """The teacher run again, independently of the cache writer: squeezed maps and top-k logits."""
+    teacher = load_teacher(Path(config.teacher.path), dtype=torch.float32)
+    with torch.no_grad(), AttentionCapture(teacher, [layer], circuits=True) as capture:
+        logits = teacher(input_ids=sample_rows).logits
+    squeezed, _ = squeeze_heads(capture.maps[layer], capture.circuits[layer], heads, method="shd")
+    return (squeezed, *topk_targets(logits, config.distill.top_k))
+
+
+def test_dense_round_trip_two_head_counts_in_one_pass(prepared: Path, tmp_path: Path) -> None:
+    config = _cache_into(prepared, tmp_path / "targets")
+    manifest = open_cache(tmp_path / "targets" / "train")
+    assert manifest.fingerprint["student_head_counts"] == [2, 3]
+    entry = manifest.shards[1]
+    rows, _ = load_prepared(Path(config.data.output_dir))
+    train = rows["train"].with_format("torch")
+    input_ids = train[entry.first_sample : entry.first_sample + entry.num_samples]["input_ids"].long()
+    seq_len = config.data.seq_len
+    with safe_open(tmp_path / "targets" / "train" / entry.file, framework="pt") as shard:
+        assert torch.equal(shard.get_tensor("input_ids").long(), input_ids)
+        for layer in manifest.fingerprint["cached_layers"]:
+            for heads in (2, 3):
+                cached = unpack_triangle(shard.get_tensor(attn_key(layer, heads)).float(), seq_len)
+                squeezed, values, indices, tail = _fresh_targets(config, input_ids, layer, heads)
+                assert cached.shape == (entry.num_samples, heads, seq_len, seq_len)
+                torch.testing.assert_close(cached, squeezed, atol=1e-3, rtol=1e-2)
+                torch.testing.assert_close(
+                    cached.sum(-1), torch.ones(entry.num_samples, heads, seq_len), atol=3e-3, rtol=0
+                )
+                assert torch.all(cached.triu(1) == 0)
+        torch.testing.assert_close(shard.get_tensor("topk_values").float(), values, atol=1e-2, rtol=1e-3)
+        assert torch.equal(shard.get_tensor("topk_indices").long(), indices)
+        torch.testing.assert_close(shard.get_tensor("tail_mass"), tail)
+        kept = shard.get_tensor("topk_values").float().exp().sum(-1) + shard.get_tensor("tail_mass")
+        torch.testing.assert_close(kept, torch.ones_like(kept), atol=1e-2, rtol=0)
+
+
+def test_topk_encoding_matches_dense_when_m_is_seq_len(prepared: Path, tmp_path: Path) -> None:
+    seq_len = tiny_config(prepared).data.seq_len
+    _cache_into(prepared, tmp_path / "dense")
+    _cache_into(prepared, tmp_path / "topk", "cache.encoding=topk", f"cache.attn_top_m={seq_len}")
+    dense_manifest = open_cache(tmp_path / "dense" / "train")
+    entry = dense_manifest.shards[0]
+    student = torch.softmax(
+        torch.randn(entry.num_samples, 3, seq_len, seq_len).masked_fill(
+            ~torch.ones(seq_len, seq_len, dtype=torch.bool).tril(), float("-inf")
+        ),
+        dim=-1,
+    )
+    layer = dense_manifest.fingerprint["cached_layers"][0]
+    key = attn_key(layer, 3)
+    with safe_open(tmp_path / "dense" / "train" / entry.file, framework="pt") as dense_shard:
+        dense = unpack_triangle(dense_shard.get_tensor(key).float(), seq_len)
+    with safe_open(tmp_path / "topk" / "train" / entry.file, framework="pt") as topk_shard:
+        values = topk_shard.get_tensor(f"{key}.values").float()
+        indices = topk_shard.get_tensor(f"{key}.indices")
+        tail = topk_shard.get_tensor(f"{key}.tail")
+    assert indices.dtype == torch.int16
+    torch.testing.assert_close(values.sum(-1) + tail, torch.ones_like(tail), atol=3e-3, rtol=0)
+    for temperature in (1.0, 2.0):
+        dense_kl = attention_loss(student, dense, temperature=temperature)
+        topk_kl = attention_kl_topk(student, values, indices, tail, temperature=temperature)
+        assert topk_kl.item() == pytest.approx(dense_kl.item(), rel=1e-3)
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cli_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli_cache(prepared: Path, directory: Path, *extra: str) -> list[str]:
+    return [
+        "cache",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"teacher.path={prepared}/teacher",
+        f"data.output_dir={prepared}/data",
+        f"cache.output_dir={directory}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_write_the_same_bytes_as_one(prepared: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([str(VENV_BIN / "distill"), *_cli_cache(prepared, one)], check=True, env=_cli_env(), cwd=ROOT)
+    launcher = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+    result = subprocess.run(
+        [*launcher, str(VENV_BIN / "distill"), *_cli_cache(prepared, two)],
+        env=_cli_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 1" in result.stdout + result.stderr
+    assert _digests(one) == _digests(two)
+    verify_cache(two / "train")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_byte_identical(prepared: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    resumed = tmp_path / "resumed"
+    small_shards = ("cache.shard_size=1", "cache.batch_size=1")
+    distill = [str(VENV_BIN / "distill")]
+    subprocess.run([*distill, *_cli_cache(prepared, reference, *small_shards)], check=True, env=_cli_env(), cwd=ROOT)
+    num_shards = len(read_manifest(reference / "train").shards)
+
+    process = subprocess.Popen(
+        [*distill, *_cli_cache(prepared, resumed, *small_shards)],
+        env=_cli_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list((resumed / "train").glob("shard-*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list((resumed / "train").glob("shard-*.safetensors")))
+    assert 1 <= written < num_shards, f"the kill landed after {written} of {num_shards} shards"
+    with pytest.raises(CacheError, match="did not finish"):
+        open_cache(resumed / "train")
+
+    subprocess.run([*distill, *_cli_cache(prepared, resumed, *small_shards)], check=True, env=_cli_env(), cwd=ROOT)
+    assert _digests(resumed) == _digests(reference)
+    assert not [path for path in resumed.rglob(".*") if path.is_file()], "temporary files left behind"
+
+
+def test_a_cache_of_other_inputs_is_refused_not_overwritten(prepared: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "targets"
+    _cache_into(prepared, directory)
+    before = _digests(directory)
+    with pytest.raises(CacheError, match=r"fingerprint field 'student_head_counts'"):
+        _cache_into(prepared, directory, "cache.head_counts=[2]")
+    with pytest.raises(CacheError, match=r"fingerprint field 'squeeze'"):
+        _cache_into(prepared, directory, "distill.squeeze=uniform")
+    with pytest.raises(CacheError, match=r"fingerprint field 'top_k'"):
+        _cache_into(prepared, directory, "distill.top_k=8")
+    assert _digests(directory) == before
+
+
+def test_verify_names_a_corrupt_shard(prepared: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "targets"
+    _cache_into(prepared, directory)
+    copy = tmp_path / "copy"
+    shutil.copytree(directory, copy)
+    shard = copy / "train" / "shard-00003.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"shard-00003\.safetensors"):
+        verify_cache(copy / "train")
+    assert stages.verify_stage(directory) is None
