@@ -120,6 +120,8 @@ class CacheConfig:
     """Samples per shard file."""
     batch_size: int = 8
     """Teacher batch size while caching."""
+    max_samples: int | None = None
+    """Samples cached per split (the first N in packed order); `null` caches everything."""
 
 
 @dataclass
@@ -351,6 +353,8 @@ def validate(config: Config) -> None:
     _require(c.attn_top_m >= 1, "cache.attn_top_m", c.attn_top_m, "an integer ≥ 1")
     _require(c.shard_size >= 1, "cache.shard_size", c.shard_size, "an integer ≥ 1")
     _require(c.batch_size >= 1, "cache.batch_size", c.batch_size, "an integer ≥ 1")
+    if c.max_samples is not None:
+        _require(c.max_samples >= 1, "cache.max_samples", c.max_samples, "an integer ≥ 1 or null")
     _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer ≥ 1")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "an integer ≥ 1")
     _require(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer ≥ 1")

@@ -100,12 +100,15 @@ def cache_stage(config: Config) -> None:
     splits, meta = load_prepared(Path(config.data.output_dir))
     teacher_sha = weights_sha256(teacher_dir)
     for split, rows in splits.items():
+        if config.cache.max_samples is not None and len(rows) > config.cache.max_samples:
+            logger.info("%s: caching the first %d of %d samples", split, config.cache.max_samples, len(rows))
+            rows = rows.select(range(config.cache.max_samples))
         write_cache_split(
             teacher,
             rows.with_format("torch", columns=["sample_id", "input_ids"]),
             Path(config.cache.output_dir) / split,
             settings,
-            cache_fingerprint(config, meta, split, teacher_sha, layers),
+            cache_fingerprint(config, meta, split, teacher_sha, dims, teacher.config.vocab_size, layers),
             shard_size=config.cache.shard_size,
             batch_size=config.cache.batch_size,
         )

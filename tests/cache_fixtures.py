@@ -18,6 +18,7 @@ from pipeline.targets.layout import (
     pack_triangle,
     shard_bytes,
     shard_file_name,
+    vocab_index_dtype,
 )
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 
@@ -71,7 +72,7 @@ def shard_tensors(
         "sample_ids": torch.arange(first_sample, first_sample + num_rows, dtype=torch.int64) + SAMPLE_ID_OFFSET,
         "input_ids": torch.randint(0, VOCAB_SIZE, (num_rows, seq_len), generator=generator, dtype=torch.int32),
         "topk_values": topk_values.to(dtype),
-        "topk_indices": topk_indices.to(torch.int32),
+        "topk_indices": topk_indices.to(vocab_index_dtype(VOCAB_SIZE)),
         "tail_mass": (1 - topk_values.exp().sum(dim=-1)).clamp_min(0),
     }
     for layer in layers:
@@ -91,12 +92,22 @@ def shard_tensors(
 
 
 def synthetic_fingerprint(
-    seq_len: int, layers: list[int], head_counts: list[int], encoding: str, k: int, m: int, dtype: str, seed: int
+    seq_len: int,
+    layers: list[int],
+    head_counts: list[int],
+    encoding: str,
+    k: int,
+    m: int,
+    dtype: str,
+    seed: int,
+    teacher_heads: int,
 ) -> dict[str, object]:
     """A fingerprint with every field of `manifest.FINGERPRINT_FIELDS`."""
     return {
         "layout_version": LAYOUT_VERSION,
         "teacher_weights_sha256": "synthetic-teacher",
+        "teacher_num_heads": teacher_heads,
+        "vocab_size": VOCAB_SIZE,
         "tokenizer_sha256": "synthetic-tokenizer",
         "data_fingerprint": f"synthetic-data-{seed}",
         "split": "train",
@@ -129,7 +140,9 @@ def write_synthetic_cache(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    fingerprint = synthetic_fingerprint(seq_len, list(layers), list(head_counts), encoding, k, m, dtype, seed)
+    fingerprint = synthetic_fingerprint(
+        seq_len, list(layers), list(head_counts), encoding, k, m, dtype, seed, teacher_heads
+    )
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     manifest = Manifest(fingerprint=fingerprint, num_samples=num_samples, shard_size=shard_size, complete=True)
     for index, first in enumerate(range(0, num_samples, shard_size)):

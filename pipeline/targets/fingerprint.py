@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.attention import AttentionDims
 from pipeline.config import Config
 from pipeline.shd import layer_map
 from pipeline.targets.layout import LAYOUT_VERSION
@@ -25,13 +26,21 @@ def cached_layers(config: Config, num_teacher_layers: int) -> list[int]:
 
 
 def cache_fingerprint(
-    config: Config, data_meta: dict[str, Any], split: str, teacher_sha256: str, layers: list[int]
+    config: Config,
+    data_meta: dict[str, Any],
+    split: str,
+    teacher_sha256: str,
+    teacher_dims: AttentionDims,
+    vocab_size: int,
+    layers: list[int],
 ) -> dict[str, Any]:
     """The provenance fingerprint the cache writer records in `manifest.json`."""
     encoding = config.cache.encoding
     return {
         "layout_version": LAYOUT_VERSION,
         "teacher_weights_sha256": teacher_sha256,
+        "teacher_num_heads": teacher_dims.num_heads,
+        "vocab_size": vocab_size,
         "tokenizer_sha256": data_meta["tokenizer_fingerprint"],
         "data_fingerprint": data_meta["fingerprint"],
         "split": split,

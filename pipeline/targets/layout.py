@@ -3,7 +3,8 @@
 A shard is a safetensors file holding `shard_size` samples:
 
 - `sample_ids` int64 [N], `input_ids` int32 [N, T]
-- `topk_values` f16/bf16 [N, T, k] (teacher log-probs), `topk_indices` int32 [N, T, k], `tail_mass` f32 [N, T]
+- `topk_values` f16/bf16 [N, T, k] (teacher log-probs), `topk_indices` uint16 (int32 when the vocabulary exceeds
+  65536) [N, T, k], `tail_mass` f32 [N, T]
 - per cached teacher layer L and student head count H:
   - `dense`: `attn.L<L>.H<H>` f16/bf16 [N, H, T(T+1)/2], the causal lower triangle row-major
   - `topk`: `attn.L<L>.H<H>.values` f16/bf16 [N, H, T, m] (probabilities), `attn.L<L>.H<H>.indices` int16 (int32
@@ -25,6 +26,7 @@ from safetensors.torch import save
 
 LAYOUT_VERSION = 1
 INT16_MAX_SEQ_LEN = 32767
+UINT16_VOCAB_LIMIT = 65536
 
 
 def shard_file_name(index: int) -> str:
@@ -45,6 +47,11 @@ def alpha_key(layer: int, heads: int) -> str:
 def index_dtype(seq_len: int) -> torch.dtype:
     """Key indices fit int16 up to T = 32767, halving their bytes."""
     return torch.int16 if seq_len <= INT16_MAX_SEQ_LEN else torch.int32
+
+
+def vocab_index_dtype(vocab_size: int) -> torch.dtype:
+    """Token ids of vocabularies up to 65536 (SmolLM2, GPT-2, LLaMA-2) fit uint16: 2 bytes per kept logit, not 4."""
+    return torch.uint16 if vocab_size <= UINT16_VOCAB_LIMIT else torch.int32
 
 
 @cache

@@ -22,6 +22,8 @@ MANIFEST_NAME = "manifest.json"
 FINGERPRINT_FIELDS = (
     "layout_version",
     "teacher_weights_sha256",
+    "teacher_num_heads",
+    "vocab_size",
     "tokenizer_sha256",
     "data_fingerprint",
     "split",

@@ -39,6 +39,7 @@ from pipeline.targets.layout import (
     read_header,
     triangle_size,
     unpack_triangle,
+    vocab_index_dtype,
 )
 from pipeline.targets.manifest import (
     MANIFEST_NAME,
@@ -56,7 +57,7 @@ IGNORE_INDEX = -100
 """Label of positions without a next token (the loss skips them)."""
 
 _VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
-_INDEX_DTYPES = {torch.int16: "I16", torch.int32: "I32"}
+_INDEX_DTYPES = {torch.int16: "I16", torch.uint16: "U16", torch.int32: "I32"}
 _ENCODINGS = ("dense", "topk")
 _OPEN_SHARDS = 4
 _SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass")
@@ -159,22 +160,19 @@ def attention_tensors(fingerprint: dict[str, Any], layer: int, heads: int, num_r
 
 
 def expected_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
-    """Name → spec of every tensor a shard of `num_rows` samples must hold.
-
-    The teacher's head count is not in the fingerprint, so the width of `alpha.*` [N, H_t] is left open.
-    """
+    """Name → spec of every tensor a shard of `num_rows` samples must hold."""
     seq_len, top_k, value_dtype = fingerprint["seq_len"], fingerprint["top_k"], _VALUE_DTYPES[fingerprint["dtype"]]
     specs: dict[str, TensorSpec] = {
         "sample_ids": ("I64", (num_rows,)),
         "input_ids": ("I32", (num_rows, seq_len)),
         "topk_values": (value_dtype, (num_rows, seq_len, top_k)),
-        "topk_indices": ("I32", (num_rows, seq_len, top_k)),
+        "topk_indices": (_INDEX_DTYPES[vocab_index_dtype(fingerprint["vocab_size"])], (num_rows, seq_len, top_k)),
         "tail_mass": ("F32", (num_rows, seq_len)),
     }
     for layer in fingerprint["cached_layers"]:
         for heads in fingerprint["student_head_counts"]:
             specs.update(attention_tensors(fingerprint, layer, heads, num_rows))
-            specs[alpha_key(layer, heads)] = ("F32", (num_rows, None))
+            specs[alpha_key(layer, heads)] = ("F32", (num_rows, fingerprint["teacher_num_heads"]))
     return specs
 
 

@@ -35,6 +35,7 @@ from pipeline.targets.layout import (
     read_header,
     shard_bytes,
     shard_file_name,
+    vocab_index_dtype,
 )
 from pipeline.targets.manifest import (
     CacheError,
@@ -101,11 +102,12 @@ def compute_targets(
     device = next(teacher.parameters()).device
     with AttentionCapture(teacher, settings.layers, circuits=settings.squeeze == "shd") as capture:
         logits = teacher(input_ids=input_ids.to(device)).logits
+    vocab_size = logits.shape[-1]
     values, indices, tail_mass = topk_targets(logits, settings.top_k)
     del logits
     targets = {
         "topk_values": values.to(settings.dtype).cpu(),
-        "topk_indices": indices.to(torch.int32).cpu(),
+        "topk_indices": indices.to(vocab_index_dtype(vocab_size)).cpu(),
         "tail_mass": tail_mass.float().cpu(),
     }
     seq_len = input_ids.shape[1]
@@ -190,7 +192,7 @@ def _alpha_statistics(directory: Path, shards: list[ShardEntry], settings: Targe
     return statistics
 
 
-def _up_to_date(directory: Path, fingerprint: dict[str, Any]) -> bool:
+def _up_to_date(directory: Path, fingerprint: dict[str, Any], num_samples: int) -> bool:
     try:
         manifest = read_manifest(directory)
     except CacheError:
@@ -198,6 +200,7 @@ def _up_to_date(directory: Path, fingerprint: dict[str, Any]) -> bool:
     return (
         manifest.complete
         and manifest.fingerprint == fingerprint
+        and manifest.num_samples == num_samples
         and all(
             (directory / e.file).is_file() and (directory / e.file).stat().st_size == e.bytes for e in manifest.shards
         )
@@ -236,7 +239,7 @@ def write_cache_split(
     directory.mkdir(parents=True, exist_ok=True)
     num_samples = len(rows)
     manifest = Manifest(fingerprint=fingerprint, num_samples=num_samples, shard_size=shard_size)
-    if _up_to_date(directory, fingerprint):
+    if _up_to_date(directory, fingerprint, num_samples):
         logger.info(
             "%s: cache up to date (%d shards); `distill cache verify` re-checks checksums",
             directory,
