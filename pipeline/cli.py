@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, reference_markdown
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_logging
 
@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     launcher = _launcher_arguments()
 
     show = commands.add_parser("config", help="print the resolved config (file + overrides, validated)")
-    _add_config_arguments(show)
+    show.add_argument("config", type=Path, nargs="?", help="YAML config file (see configs/)")
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    show.add_argument("--reference", action="store_true", help="print the reference of every key as markdown")
 
     teacher = commands.add_parser("teacher", help="teacher utilities")
     teacher_commands = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
@@ -79,7 +81,11 @@ def _load(args: argparse.Namespace) -> Config:
 def _dispatch(args: argparse.Namespace) -> None:
     from pipeline import stages
 
-    if args.command == "config":
+    if args.command == "config" and args.reference:
+        print(reference_markdown(), end="")
+    elif args.command == "config":
+        if args.config is None:
+            raise ConfigError("usage: distill config CONFIG [overrides] | distill config --reference")
         print(_load(args).dump(), end="")
     elif args.command == "teacher":
         stages.teacher_stage(_load(args))
