@@ -46,14 +46,23 @@ def tiny_config(workdir: Path, *overrides: str) -> Config:
     )
 
 
-@pytest.fixture(scope="session", params=["llama", "gpt2"])
-def prepared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny teacher of each family and the tiny corpus packed with its tokenizer."""
-    workdir = tmp_path_factory.mktemp(f"prepared-{request.param}")
-    config = tiny_config(workdir, f"teacher.source=tiny-random-{request.param}")
+def _prepare(workdir: Path, family: str) -> Path:
+    config = tiny_config(workdir, f"teacher.source=tiny-random-{family}")
     stages.teacher_stage(config)
     stages.prepare_stage(config)
     return workdir
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def prepared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher of each family and the tiny corpus packed with its tokenizer."""
+    return _prepare(tmp_path_factory.mktemp(f"prepared-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def prepared_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The GQA LLaMA only: the multi-process tests cost a launch each, and the family does not change their logic."""
+    return _prepare(tmp_path_factory.mktemp("prepared-llama-only"), "llama")
 
 
 def _cache_into(prepared: Path, directory: Path, *overrides: str) -> Config:
@@ -158,7 +167,8 @@ def _cli_cache(prepared: Path, directory: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_ranks_write_the_same_bytes_as_one(prepared: Path, tmp_path: Path) -> None:
+def test_two_ranks_write_the_same_bytes_as_one(prepared_llama: Path, tmp_path: Path) -> None:
+    prepared = prepared_llama
     one = tmp_path / "one"
     two = tmp_path / "two"
     subprocess.run([str(VENV_BIN / "distill"), *_cli_cache(prepared, one)], check=True, env=_cli_env(), cwd=ROOT)
@@ -177,7 +187,8 @@ def test_two_ranks_write_the_same_bytes_as_one(prepared: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_is_byte_identical(prepared: Path, tmp_path: Path) -> None:
+def test_kill_9_then_resume_is_byte_identical(prepared_llama: Path, tmp_path: Path) -> None:
+    prepared = prepared_llama
     reference = tmp_path / "reference"
     resumed = tmp_path / "resumed"
     small_shards = ("cache.shard_size=1", "cache.batch_size=1")
