@@ -67,8 +67,46 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("config", help="YAML config file, or the word `verify` followed by a cache directory")
     cache.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
+    train = commands.add_parser(
+        "train",
+        parents=[launcher],
+        help="train the student with DeepSpeed on the cached (or live, train.mode=online) teacher targets; run as "
+        "one process or under the DeepSpeed launcher",
+    )
+    _add_config_arguments(train)
+
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[launcher],
+        help="evaluate the exported student (train.output_dir/student), another HF directory or a training "
+        "checkpoint on the cached validation targets",
+    )
+    _add_config_arguments(evaluate)
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--model", type=Path, default=None, help="an exported HF student directory")
+    source.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (or their parent)")
+
     run = commands.add_parser("run", parents=[launcher], help="every stage in order, skipping completed ones")
     _add_config_arguments(run)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare the MLflow runs of one experiment: table of differing params and final metrics, curves, "
+        "α histograms and attention heat maps side by side, in OUTPUT/<experiment>/ and a summary run",
+    )
+    compare.add_argument("config", type=Path, nargs="?", help="YAML config whose mlflow.experiment/tracking_uri apply")
+    compare.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    compare.add_argument("--experiment", metavar="NAME", help="experiment (default: the config's mlflow.experiment)")
+    compare.add_argument("--runs", nargs="+", default=[], metavar="ID_OR_NAME", help="only these runs (ids or names)")
+    compare.add_argument(
+        "--filter", default="", metavar="MLFLOW_FILTER", help="MLflow filter, e.g. \"params.distill.squeeze = 'shd'\""
+    )
+    compare.add_argument(
+        "--output", type=Path, default=Path("reports"), metavar="DIR", help="writes DIR/<experiment>/ (default reports)"
+    )
+    compare.add_argument(
+        "--tracking-uri", metavar="URI", help="MLflow store (default: config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
+    )
     return parser
 
 
@@ -98,8 +136,18 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "cache":
         args.config = Path(args.config)
         stages.cache_stage(_load(args))
+    elif args.command == "train":
+        stages.train_stage(_load(args))
+    elif args.command == "eval":
+        stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint)
     elif args.command == "run":
         stages.run_stage(_load(args))
+    elif args.command == "compare":
+        from pipeline.compare import compare_runs, resolve_target
+
+        uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
+        report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
+        print(report.markdown, end="")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -164,6 +164,12 @@ class TrainConfig:
     """`auto` (latest checkpoint if any), `never`, or a checkpoint directory."""
     log_every: int = 1
     """Log training metrics every N steps."""
+    num_workers: int = 0
+    """DataLoader worker processes reading the cache (0: the training process, with a prefetch thread)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in `output_dir/checkpoints`, oldest deleted first (0 keeps all)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
 
 
 @dataclass
@@ -190,6 +196,8 @@ class MLflowConfig:
     """Experiment name."""
     run_name: str | None = None
     """Run name; `null` lets the driver derive one from the config."""
+    artifact_location: str | None = None
+    """Artifact root of a newly created experiment; `null`: `mlartifacts/` beside a sqlite store, else the server's."""
 
 
 @dataclass
@@ -365,6 +373,8 @@ def validate(config: Config) -> None:
     for key, value in (("train.save_every", t.save_every), ("train.eval_every", t.eval_every)):
         _require(value >= 0, key, value, "an integer ≥ 0 (0: only at the end)")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "an integer ≥ 1")
+    _require(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer ≥ 0")
+    _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "an integer ≥ 0 (0 keeps all)")
     stage = config.deepspeed.zero_stage
     _require(stage is None or stage in (0, 1, 2, 3), "deepspeed.zero_stage", stage, "0, 1, 2, 3 or null")
 

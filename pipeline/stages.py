@@ -127,9 +127,26 @@ def verify_stage(directory: Path) -> None:
         logger.info("%s: OK — %d shards, %d samples", split_dir, len(manifest.shards), manifest.num_samples)
 
 
+def train_stage(config: Config) -> dict[str, float]:
+    """`distill train`: the DeepSpeed student loop (resumes from `train.output_dir` per `train.resume`), then the
+    exported student in `train.output_dir/student`. Returns the final global metrics."""
+    from pipeline.train import train
+
+    return train(config)
+
+
+def eval_stage(config: Config, model_dir: Path | None = None, checkpoint: Path | None = None) -> dict[str, float]:
+    """`distill eval`: a trained student (exported, another HF directory, or a checkpoint) on the whole cached
+    validation split."""
+    from pipeline.evaluate import evaluate_stage
+
+    return evaluate_stage(config, model_dir=model_dir, checkpoint=checkpoint)
+
+
 def run_stage(config: Config) -> None:
     """`distill run`: every stage in order, each skipped when its output is already complete."""
     teacher_stage(config)
     prepare_stage(config)
     cache_stage(config)
+    train_stage(config)
     dist.shutdown()

@@ -1,0 +1,122 @@
+"""Online mode: the teacher run live during training, giving the batches `TargetStream` would read from a cache.
+
+The cache of the prepared split would hold row i in shard i // shard_size; the same `SampleOrder` over those virtual
+shards, and the same partition of positions over ranks and micro-steps, gives every rank the very samples it would
+read from the cache. Targets come from `writer.compute_targets`, the cache writer's own function, so online and
+cached training differ only by the cache's fp16/bf16 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import count
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.targets.reader import IGNORE_INDEX, SampleOrder, SparseAttention
+
+if TYPE_CHECKING:
+    from pipeline.targets.writer import TargetSettings
+
+
+def virtual_shard_sizes(num_samples: int, shard_size: int) -> list[int]:
+    """Shard sizes the cache would have for `num_samples` rows: full shards, then the remainder."""
+    return [min(shard_size, num_samples - first) for first in range(0, num_samples, shard_size)]
+
+
+def to_reader_batch(
+    targets: dict[str, Tensor],
+    sample_ids: Tensor,
+    positions: Tensor,
+    input_ids: Tensor,
+    teacher_layers: list[int],
+    heads: int,
+    encoding: str,
+) -> dict[str, Any]:
+    """`writer.compute_targets` output → the batch form `TargetStream` yields (same keys, dtypes and layout)."""
+    from pipeline.targets.layout import attn_key
+
+    input_ids = input_ids.long()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    attn: dict[int, Tensor | SparseAttention] = {}
+    for layer in teacher_layers:
+        key = attn_key(layer, heads)
+        if encoding == "dense":
+            attn[layer] = targets[key].float()
+        else:
+            attn[layer] = SparseAttention(
+                targets[f"{key}.values"].float(), targets[f"{key}.indices"].long(), targets[f"{key}.tail"].float()
+            )
+    return {
+        "sample_ids": sample_ids.long(),
+        "positions": positions,
+        "input_ids": input_ids,
+        "labels": labels,
+        "topk_values": targets["topk_values"].float(),
+        "topk_indices": targets["topk_indices"].long(),
+        "tail_mass": targets["tail_mass"].float(),
+        "attn": attn,
+    }
+
+
+class OnlineTargets:
+    """Micro-batches with targets from the live teacher, in exactly the order `TargetStream` reads a cache.
+
+    `rows`: the prepared train split in torch format (`sample_id`, `input_ids`), as `distill cache` would read it.
+
+    The cache of the prepared split would hold row i in shard i // shard_size, so the same `SampleOrder` over those
+    virtual shards, and the same partition of positions over ranks, gives every rank the samples it would read from
+    the cache. Targets come from `writer.compute_targets` (the cache writer's own function) in fp32 — nothing is
+    stored, so nothing is rounded — and are converted by `to_reader_batch`.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        rows: Any,
+        settings: TargetSettings,
+        *,
+        heads: int,
+        batch_size: int,
+        shard_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_position: int = 0,
+    ) -> None:
+        self.teacher = teacher
+        self.rows = rows
+        self.settings = settings
+        self.heads = heads
+        self.batch_size = batch_size
+        self.shard_size = shard_size
+        self.rank = rank
+        self.world_size = world_size
+        self.start_position = start_position
+        self.order = SampleOrder(virtual_shard_sizes(len(rows), shard_size), seed, shuffle=True)
+
+    def batch_at(self, first: int) -> dict[str, Any]:
+        """The micro-batch of positions [first, first + batch_size)."""
+        from pipeline.targets.writer import compute_targets
+
+        positions = torch.arange(first, first + self.batch_size)
+        located = [self.order.locate(position) for position in positions.tolist()]
+        chunk = self.rows[[shard * self.shard_size + row for shard, row in located]]
+        input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
+        targets = compute_targets(self.teacher, input_ids, self.settings)
+        return to_reader_batch(
+            targets,
+            torch.as_tensor(chunk["sample_id"]),
+            positions,
+            input_ids,
+            list(self.settings.layers),
+            self.heads,
+            self.settings.encoding,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step in count():
+            yield self.batch_at(self.start_position + (step * self.world_size + self.rank) * self.batch_size)
