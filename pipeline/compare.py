@@ -65,6 +65,9 @@ Cell = str | float | None
 """A table cell: a param as logged (str), a metric value (float), or None where the run lacks it."""
 
 
+RUN_IDENTITY_PARAMS = {"mlflow.run_name", "train.output_dir"}
+"""Params that differ between any two runs by construction; as columns they would only repeat the run's name."""
+
 class CompareError(PipelineError):
     """No store, experiment or run matches what `distill compare` was asked for; the message names it."""
 
@@ -190,8 +193,9 @@ def load_summaries(client: MlflowClient, runs: Sequence[Run]) -> list[RunSummary
 
 
 def differing_params(summaries: Sequence[RunSummary]) -> list[str]:
-    """Param keys whose value is not the same in every run (a key missing from some runs counts as differing)."""
-    keys = sorted({key for summary in summaries for key in summary.params})
+    """Param keys whose value is not the same in every run (a key missing from some runs counts as differing),
+    except those that only name a run (`RUN_IDENTITY_PARAMS`: the run label already says it)."""
+    keys = sorted({key for summary in summaries for key in summary.params} - RUN_IDENTITY_PARAMS)
     return [key for key in keys if len({summary.params.get(key) for summary in summaries}) > 1]
 
 
@@ -305,7 +309,7 @@ def latest_images(paths: Iterable[str]) -> dict[str, str]:
     """Figure kind → the artifact of that kind with the highest step in its name (several can exist per run)."""
     chosen: dict[str, str] = {}
     for kind, words in IMAGE_KINDS.items():
-        matching = [path for path in paths if any(word in Path(path).name.lower() for word in words)]
+        matching = [path for path in paths if any(word in path.lower() for word in words)]
         if matching:
             chosen[kind] = max(matching, key=lambda path: (_step_in_name(path), path))
     return chosen

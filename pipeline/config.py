@@ -201,6 +201,17 @@ class MLflowConfig:
 
 
 @dataclass
+class RunConfig:
+    """`distill run`: the variants it trains on the same data, and where the comparison goes."""
+
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    """Name → `section.key=value` overrides of this config; each variant trains its own student into
+    `train.output_dir/<name>` as MLflow run `<name>`, then `distill compare` tables them. Empty: one run."""
+    report_dir: str = "reports"
+    """Where `distill run` writes the comparison report (`<report_dir>/<experiment>/`)."""
+
+
+@dataclass
 class Config:
     """The whole pipeline."""
 
@@ -212,6 +223,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def variant(self, name: str) -> Config:
+        """This config with variant `name`'s overrides, its own output directory and MLflow run name."""
+        values = self.to_dict()
+        values["run"]["variants"] = {}
+        overrides = [
+            *self.run.variants[name],
+            f"train.output_dir={Path(self.train.output_dir) / name}",
+            f"mlflow.run_name={name}",
+        ]
+        try:
+            return config_from_dict(values, overrides)
+        except ConfigError as error:
+            raise ConfigError(f"run.variants.{name}: {error}") from None
 
     def cache_head_counts(self) -> list[int]:
         """Student head counts the cache serves (the configured list, or the student's own)."""
@@ -375,6 +401,14 @@ def validate(config: Config) -> None:
     _require(t.log_every >= 1, "train.log_every", t.log_every, "an integer ≥ 1")
     _require(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer ≥ 0")
     _require(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "an integer ≥ 0 (0 keeps all)")
+    for name, overrides in config.run.variants.items():
+        _require(
+            isinstance(overrides, list) and all(isinstance(item, str) for item in overrides),
+            f"run.variants.{name}",
+            overrides,
+            "a list of section.key=value overrides",
+        )
+        config.variant(name)
     stage = config.deepspeed.zero_stage
     _require(stage is None or stage in (0, 1, 2, 3), "deepspeed.zero_stage", stage, "0, 1, 2, 3 or null")
 

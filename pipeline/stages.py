@@ -7,6 +7,8 @@ does. Multi-process stages are started by the DeepSpeed launcher; the driver onl
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +145,43 @@ def eval_stage(config: Config, model_dir: Path | None = None, checkpoint: Path |
     return evaluate_stage(config, model_dir=model_dir, checkpoint=checkpoint)
 
 
+def compare_stage(config: Config, report_dir: Path) -> str:
+    """`distill compare` for the config's experiment: tables and plots under `report_dir/<experiment>/`."""
+    from pipeline.compare import compare_runs, resolve_target
+
+    uri, experiment = resolve_target(config, None, None)
+    return compare_runs(uri, experiment, output=report_dir).markdown
+
+
 def run_stage(config: Config) -> None:
-    """`distill run`: every stage in order, each skipped when its output is already complete."""
-    teacher_stage(config)
-    prepare_stage(config)
-    cache_stage(config)
-    train_stage(config)
+    """`distill run`: every stage in order, each skipped when its output is already complete; with `run.variants`,
+    one student per variant on the same prepared data (and the same cache where the variants share it), then a
+    comparison of their runs. Prints where the time went."""
+    timings: list[tuple[str, float]] = []
+
+    def timed(label: str, stage: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = stage()
+        timings.append((label, time.perf_counter() - start))
+        return result
+
+    timed("teacher import", lambda: teacher_stage(config))
+    timed("prepare", lambda: prepare_stage(config))
+    variants = {name: config.variant(name) for name in config.run.variants} or {"": config}
+    trained = False
+    for name, variant in variants.items():
+        suffix = f" [{name}]" if name else ""
+        if name:
+            logger.info("variant %s: %s", name, " ".join(config.run.variants[name]) or "(the base config)")
+        timed(f"cache{suffix}", lambda variant=variant: cache_stage(variant))
+        trained |= bool(timed(f"train{suffix}", lambda variant=variant: train_stage(variant)))
+    report = Path(config.run.report_dir) / config.mlflow.experiment
+    if dist.is_main() and config.mlflow.enabled and len(variants) > 1 and (trained or not report.is_dir()):
+        print(timed("compare", lambda: compare_stage(config, Path(config.run.report_dir))), end="")
     dist.shutdown()
+    if dist.is_main():
+        total = sum(seconds for _, seconds in timings)
+        print("\nwhere the time went:")
+        for label, seconds in timings:
+            print(f"  {label:32s} {seconds:8.1f} s  {100 * seconds / max(total, 1e-9):5.1f} %")
+        print(f"  {'total':32s} {total:8.1f} s")

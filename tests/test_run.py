@@ -1,0 +1,55 @@
+"""`distill run` on the tiny config: every stage, two variants, the comparison report; a re-run changes nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _distill_run(workdir: Path) -> subprocess.CompletedProcess:
+    overrides = [
+        f"teacher.path={workdir}/teacher",
+        f"data.output_dir={workdir}/data",
+        f"cache.output_dir={workdir}/targets",
+        f"train.output_dir={workdir}/runs",
+        f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db",
+        f"run.report_dir={workdir}/reports",
+    ]
+    command = [str(Path(sys.executable).parent / "distill"), "run", "configs/tiny.yaml", *overrides]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _tree(directory: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(directory)): path.stat().st_mtime_ns for path in directory.rglob("*") if path.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_a_no_op(tmp_path: Path) -> None:
+    first = _distill_run(tmp_path)
+    report = tmp_path / "reports" / "tiny"
+    for name in ("runs.md", "runs.csv", "alpha_histograms.png", "attention_heatmaps.png", "step/train_loss.png"):
+        assert (report / name).is_file(), name
+    table = (report / "runs.md").read_text()
+    assert "| shd |" in table and "| ce_only |" in table
+    assert "where the time went" in first.stdout
+    for variant in ("shd", "ce_only"):
+        assert (tmp_path / "runs" / variant / "student" / "config.json").is_file()
+
+    before = _tree(tmp_path)
+    second = _distill_run(tmp_path)
+    after = _tree(tmp_path)
+    changed = sorted(name for name in after if before.get(name) != after[name] and not name.startswith("mlflow.db"))
+    assert changed == [], changed
+    assert second.stderr.count("already trained") == 2
+    assert "up to date" in second.stderr
