@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -255,6 +256,7 @@ def write_cache_split(
     owned = [index for index in range(manifest.num_shards) if index % world == rank]
     seq_len = fingerprint["seq_len"]
     entries: list[ShardEntry] = []
+    started, computed_tokens = time.perf_counter(), 0
     with tqdm(
         total=sum(min(shard_size, num_samples - i * shard_size) for i in owned) * seq_len,
         unit="tok",
@@ -285,6 +287,16 @@ def write_cache_split(
             data = shard_bytes(tensors, _shard_metadata(settings, fingerprint, first, count))
             atomic_write_bytes(path, data)
             entries.append(ShardEntry(name, first, count, len(data), sha256_bytes(data)))
+            computed_tokens += count * seq_len
+            logger.info(
+                "%s: %d samples, %.1f MB (%d of %d shards of this rank, %.0f tok/s)",
+                path,
+                count,
+                len(data) / 1e6,
+                len(entries),
+                len(owned),
+                computed_tokens / (time.perf_counter() - started),
+            )
 
     all_entries = sorted((e for part in dist.gather_objects(entries) for e in part), key=lambda e: e.first_sample)
     if dist.is_main():
