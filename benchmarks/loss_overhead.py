@@ -54,22 +54,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
     parser.add_argument("--top-k", type=int, default=64, help="cached teacher logits per token (default 64)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (default 7)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="student precision")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     teacher_config = smollm2_like_config()
-    student = build_student(
-        teacher_config, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads, seed=0
-    ).train()
+    student = (
+        build_student(teacher_config, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads, seed=0)
+        .to(device=device, dtype=dtype)
+        .train()
+    )
     vocab = teacher_config.vocab_size
     input_ids = torch.randint(vocab, (args.batch, args.seq_len), generator=generator)
     labels = torch.cat([input_ids[:, 1:], torch.full((args.batch, 1), -100)], dim=1)
     mask = torch.ones(args.batch, args.seq_len, dtype=torch.bool)
     topk_values, topk_indices, tail_mass = topk_targets(torch.randn(args.batch, args.seq_len, vocab), args.top_k)
-    topk_values = topk_values.half()
+    input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
+    topk_values, topk_indices, tail_mass = topk_values.half().to(device), topk_indices.to(device), tail_mass.to(device)
     layers = list(range(args.layers))
-    targets = {layer: random_causal_maps(args.batch, args.heads, args.seq_len, generator) for layer in layers}
+    targets = {
+        layer: random_causal_maps(args.batch, args.heads, args.seq_len, generator).to(device) for layer in layers
+    }
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def ce_only() -> None:
         logits = student(input_ids=input_ids).logits
@@ -89,8 +102,10 @@ def main() -> None:
         student.zero_grad(set_to_none=True)
     for _ in range(args.repeats):
         for name, step in variants.items():
+            synchronize()
             start = time.perf_counter()
             step()
+            synchronize()
             times[name].append(time.perf_counter() - start)
             student.zero_grad(set_to_none=True)
 
@@ -98,7 +113,8 @@ def main() -> None:
     print(
         f"student {args.layers} layers × {args.hidden} hidden, {args.heads} heads, vocab {vocab} "
         f"({parameters / 1e6:.1f}M parameters); batch {args.batch} × T {args.seq_len}; "
-        f"{args.layers} matched layers; top-k {args.top_k}; {torch.get_num_threads()} threads; "
+        f"{args.layers} matched layers; top-k {args.top_k}; {args.dtype} on {device}"
+        f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
         f"median of {args.repeats}"
     )
     medians = {name: statistics.median(values) for name, values in times.items()}

@@ -1,0 +1,242 @@
+"""Bytes per token of the teacher-target cache, read from real shards that the cache writer wrote.
+
+Every figure comes from the safetensors headers (`data_offsets`) and file sizes of shards written by
+`write_cache_split` with the real teacher on real packed text, divided by the tokens they hold:
+
+- `dense`, 9 → 3 heads at the data's T: bytes of the `attn.L*.H3` tensors per token per cached layer against the
+  naive cache (fp32 full T×T maps of every teacher head: H_t·T·4 bytes per token per layer). The arithmetic bound is
+  3× (squeeze) · 2× (half precision) · 2T/(T+1) (triangle) ≈ 12×.
+- `topk`, m = 32, 9 → 3 heads at T = 256, 1024, 4096: bytes of `attn.L*.H3.{values,indices,tail}` per token per layer
+  (must stay flat in T) and, beside it, the retained probability mass 1 − tail of the stored rows (mean over query
+  rows, heads and samples), per cached layer, and over the layers for all rows and for rows i ≥ m only (rows i < m
+  keep everything by construction). Longer samples are consecutive 256-token packed samples (consecutive
+  sample ids, i.e. contiguous text) concatenated; the writer is called once per layer (one captured layer per
+  forward, batch 1) to bound memory: one [1, 9, 4096, 4096] fp32 map is 600 MB.
+- logits at k = 64: `topk_values` + `topk_indices` + `tail_mass` per token (target ≤ 300 B), and the whole shard
+  file per token for the demo settings (4 cached layers, head counts [3, 2], dense fp16, top-k 64).
+
+    .venv/bin/python benchmarks/cache_size.py                                  # T = 256, 1024, 4096; 2 samples each
+    .venv/bin/python benchmarks/cache_size.py --seq-lens 256 1024 --topk-samples 1 --dense-samples 2   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from pipeline.attention import attention_dims
+from pipeline.config import load_config
+from pipeline.data import load_prepared
+from pipeline.models import load_teacher
+from pipeline.shd import layer_map
+from pipeline.targets.fingerprint import cache_fingerprint
+from pipeline.targets.layout import attn_key, read_header, shard_file_name
+from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
+
+STUDENT_HEADS = 3
+LOGIT_TENSORS = ("topk_values", "topk_indices", "tail_mass")
+
+
+class WindowRows:
+    """Rows of concatenated packed samples in the shape `write_cache_split` reads: `rows[a:b]` → ids [b-a, T]."""
+
+    def __init__(self, input_ids: torch.Tensor, sample_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.sample_ids = sample_ids
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, rows: slice) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[rows], "sample_id": self.sample_ids[rows]}
+
+
+def contiguous_windows(sample_ids: np.ndarray, length: int, count: int) -> list[int]:
+    """First rows of `count` windows of `length` rows whose sample ids are consecutive (contiguous packed text).
+
+    The train split lacks the validation samples, so neighbouring rows are not always neighbouring text; windows are
+    taken from runs of consecutive ids, spread evenly over all such runs (different plays).
+    """
+    breaks = np.flatnonzero(np.diff(sample_ids) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sample_ids)]])
+    usable = [int(start) for start, stop in zip(starts, stops, strict=True) if stop - start >= length]
+    if len(usable) < count:
+        raise SystemExit(f"only {len(usable)} runs of {length} consecutive samples in the split, asked for {count}")
+    picks = np.linspace(0, len(usable) - 1, count).round().astype(int)
+    return [usable[pick] for pick in picks]
+
+
+def tensor_bytes(header: dict[str, Any], names: list[str]) -> int:
+    """Bytes the named tensors occupy in a shard, from the header's data offsets."""
+    return sum(header[name]["data_offsets"][1] - header[name]["data_offsets"][0] for name in names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="work/demo/teacher", help="teacher directory (default the demo's)")
+    parser.add_argument("--data", default="work/demo/data", help="`distill prepare` output (default the demo's)")
+    parser.add_argument("--config", default="configs/demo.yaml", help="config giving the student and cache settings")
+    parser.add_argument("--dense-samples", type=int, default=16, help="samples in the dense demo shard (default 16)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096], help="T of the topk runs")
+    parser.add_argument("--topk-samples", type=int, default=2, help="samples per T for the topk runs (default 2)")
+    parser.add_argument("--attn-top-m", type=int, default=32, help="kept attention entries per row (default 32)")
+    parser.add_argument("--workdir", default=None, help="where temporary caches are written (default: system tmp)")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    config = load_config(args.config)
+    splits, meta = load_prepared(Path(args.data))
+    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
+    base_len = meta["seq_len"]
+    teacher_dir = Path(args.teacher)
+    teacher = load_teacher(teacher_dir, dtype=torch.float32)
+    dims = attention_dims(teacher.config)
+    vocab = teacher.config.vocab_size
+    layers = layer_map(config.student.num_layers, dims.num_layers, "uniform")
+    teacher_sha = weights_sha256(teacher_dir)
+    top_k = config.distill.top_k
+    workdir = Path(tempfile.mkdtemp(prefix="cache-size-", dir=args.workdir))
+
+    def write_shard(
+        name: str, rows: Any, settings: TargetSettings, overrides: list[str], seq_len: int, batch: int
+    ) -> Path:
+        variant = load_config(args.config, overrides)
+        variant_meta = {**meta, "seq_len": seq_len, "fingerprint": f"{meta['fingerprint']}+T{seq_len}"}
+        fingerprint = cache_fingerprint(variant, variant_meta, "train", teacher_sha, dims, vocab, list(settings.layers))
+        directory = workdir / name
+        write_cache_split(teacher, rows, directory, settings, fingerprint, shard_size=len(rows), batch_size=batch)
+        return directory / shard_file_name(0)
+
+    try:
+        # Dense, demo settings: one shard of the first samples.
+        dense_rows = train.select(range(args.dense_samples))
+        dense_settings = TargetSettings(
+            layers=tuple(layers),
+            head_counts=(3, 2),
+            squeeze="shd",
+            encoding="dense",
+            attn_top_m=config.cache.attn_top_m,
+            top_k=top_k,
+            dtype=torch.float16,
+        )
+        dense_path = write_shard(
+            "dense",
+            dense_rows,
+            dense_settings,
+            ["cache.head_counts=[3, 2]", "cache.encoding=dense"],
+            base_len,
+            min(args.dense_samples, config.cache.batch_size),
+        )
+        header, _ = read_header(str(dense_path))
+        dense_tokens = args.dense_samples * base_len
+        h3_names = [attn_key(layer, STUDENT_HEADS) for layer in layers]
+        h2_names = [attn_key(layer, 2) for layer in layers]
+        dense_h3 = tensor_bytes(header, h3_names) / dense_tokens / len(layers)
+        dense_h2 = tensor_bytes(header, h2_names) / dense_tokens / len(layers)
+        naive = dims.num_heads * base_len * 4
+        bound = (dims.num_heads / STUDENT_HEADS) * 2 * (2 * base_len / (base_len + 1))
+        logit_bytes = tensor_bytes(header, list(LOGIT_TENSORS)) / dense_tokens
+        shard_size_bytes = dense_path.stat().st_size
+        logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in LOGIT_TENSORS)
+
+        # Top-k at several T: windows of consecutive samples, one writer call (one captured layer) per layer.
+        longest = max(args.seq_lens)
+        if any(seq_len % base_len for seq_len in args.seq_lens):
+            raise SystemExit(f"--seq-lens must be multiples of the packed length {base_len}")
+        sample_ids = np.asarray(train["sample_id"][:])
+        window_starts = contiguous_windows(sample_ids, longest // base_len, args.topk_samples)
+        windows = [train[start : start + longest // base_len] for start in window_starts]
+        topk_results = []
+        for seq_len in args.seq_lens:
+            parts = seq_len // base_len
+            input_ids = torch.stack([window["input_ids"][:parts].reshape(-1) for window in windows]).long()
+            first_ids = torch.stack([window["sample_id"][0] for window in windows])
+            rows = WindowRows(input_ids, first_ids)
+            per_layer_bytes, per_layer_mass, late_mass, per_layer_seconds = [], [], [], []
+            for layer in layers:
+                settings = TargetSettings(
+                    layers=(layer,),
+                    head_counts=(STUDENT_HEADS,),
+                    squeeze="shd",
+                    encoding="topk",
+                    attn_top_m=args.attn_top_m,
+                    top_k=top_k,
+                    dtype=torch.float16,
+                )
+                overrides = [
+                    f"cache.head_counts=[{STUDENT_HEADS}]",
+                    "cache.encoding=topk",
+                    f"cache.attn_top_m={args.attn_top_m}",
+                    f"cache.layers=[{layer}]",
+                ]
+                start = time.perf_counter()
+                path = write_shard(f"topk-T{seq_len}-L{layer}", rows, settings, overrides, seq_len, 1)
+                per_layer_seconds.append(time.perf_counter() - start)
+                header_t, _ = read_header(str(path))
+                key = attn_key(layer, STUDENT_HEADS)
+                names = [f"{key}.values", f"{key}.indices", f"{key}.tail"]
+                per_layer_bytes.append(tensor_bytes(header_t, names) / (len(rows) * seq_len))
+                with safe_open(str(path), framework="pt") as shard:
+                    tail = shard.get_tensor(f"{key}.tail").double()
+                per_layer_mass.append((1 - tail).mean().item())
+                # Query rows i < m have at most m causal keys: all their mass is kept by construction.
+                late_mass.append((1 - tail[..., args.attn_top_m :]).mean().item())
+                shutil.rmtree(path.parent)
+            topk_results.append((seq_len, per_layer_bytes, per_layer_mass, late_mass, sum(per_layer_seconds)))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(
+        f"teacher {teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads, vocab {vocab}), fp32 forward; "
+        f"cached layers {layers}; shards written by write_cache_split, sizes read from their safetensors headers"
+    )
+    print(f"dense, {dims.num_heads} → {STUDENT_HEADS} heads, fp16, T {base_len} ({args.dense_samples} samples):")
+    print(f"  naive fp32 full maps of all {dims.num_heads} teacher heads   {naive:9.1f} B/token/layer")
+    print(
+        f"  attn.L*.H{STUDENT_HEADS} measured                          {dense_h3:9.1f} B/token/layer   "
+        f"{naive / dense_h3:6.2f}× smaller  (bound 3 · 2 · 2T/(T+1) = {bound:.2f}×)"
+    )
+    print(f"  (attn.L*.H2 measured                          {dense_h2:9.1f} B/token/layer   {naive / dense_h2:6.2f}×)")
+    print(
+        f"topk, m = {args.attn_top_m}, {dims.num_heads} → {STUDENT_HEADS} heads "
+        f"({args.topk_samples} samples per T, batch 1, one captured layer per writer call):"
+    )
+    layer_columns = "".join(f"{'L' + str(layer):>8s}" for layer in layers)
+    print(
+        f"  {'':5s} {'attn.L*.H3.*':>14s} {'naive':>7s} {'':9s} | retained mass 1 − tail per row, mean over rows, "
+        "heads, samples"
+    )
+    print(
+        f"  {'T':>5s} {'B/token/layer':>14s} {'B/tok/L':>7s} {'×smaller':>9s} | {layer_columns} {'mean':>7s} "
+        f"{'rows≥m':>7s} | writer s"
+    )
+    for seq_len, per_layer_bytes, per_layer_mass, late_mass, seconds in topk_results:
+        naive_t = dims.num_heads * seq_len * 4
+        low, high = min(per_layer_bytes), max(per_layer_bytes)
+        byte_text = f"{low:.1f}" if low == high else f"{low:.1f}–{high:.1f}"
+        mass_text = "".join(f"{mass:8.4f}" for mass in per_layer_mass)
+        print(
+            f"  {seq_len:5d} {byte_text:>14s} {naive_t:7d} {naive_t / high:9.1f} | {mass_text} "
+            f"{sum(per_layer_mass) / len(per_layer_mass):7.4f} {sum(late_mass) / len(late_mass):7.4f} | {seconds:8.1f}"
+        )
+    flat = max(r[1][0] for r in topk_results) / min(r[1][0] for r in topk_results)
+    print(f"  topk bytes/token, largest T ÷ smallest T: {flat:.4f} (1 = flat)")
+    print(f"logits, k = {top_k} ({logit_dtypes}): {logit_bytes:.1f} B/token (target ≤ 300)")
+    print(
+        f"whole dense shard, demo settings (layers {layers}, heads [3, 2], fp16, top-k {top_k}, "
+        f"{args.dense_samples} samples): {shard_size_bytes} bytes = {shard_size_bytes / dense_tokens:.1f} B/token"
+    )
+    print(f"run time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""How fast the target-cache reader serves training batches, against how fast a demo student step consumes them.
+
+Builds a dense cache of the demo's shape — synthetic shards with exactly the tensor names, dtypes and shapes the
+writer produces for the demo (4 cached layers, head counts [3, 2] of a 9-head teacher, T 256, fp16 packed triangles,
+top-k 64 over a 49152 vocabulary with uint16 indices; 320 samples in shards of 64, like `cache.max_samples`), filled
+with random row-stochastic maps: the reader's cost depends on shapes and bytes, not values. Then times
+`TargetStream` (heads 3, the 4 layers, batch 8, shuffled, checksums on) through a `DataLoader(batch_size=None)` with
+and without its prefetch thread and with 0 and 2 workers, each batch followed by `unpack_attention` (the expansion of
+the triangles the consumer does on its device), in two states:
+
+- first epoch: the process has not checksummed any shard yet (every shard is hashed once per process, per worker),
+- steady: every shard already verified (what an endless training stream sees after its first pass).
+
+Beside it, one forward + backward of the demo student (pipeline.models.build_student from the teacher's config: 4
+layers × 384 hidden, 3 heads on 1 KV head, intermediate 1024, tied 49152 vocabulary) on a batch from the stream with
+CE + top-k KD + SHD attention KL: its samples/s is what training consumes. Runs alternate, medians are printed, and
+the ratio reader ÷ consumption (the reader must be far faster). Shards are read right after being written, so from
+the page cache: the figures are those of a warm cache, not of a cold disk.
+
+    .venv/bin/python benchmarks/reader_throughput.py                   # demo shape, 7 repeats
+    .venv/bin/python benchmarks/reader_throughput.py --samples 64 --shard-size 32 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig
+
+from pipeline.attention import AttentionCapture
+from pipeline.kd import logit_losses
+from pipeline.models import build_student
+from pipeline.shd import attention_loss
+from pipeline.targets import reader
+from pipeline.targets.layout import (
+    LAYOUT_VERSION,
+    alpha_key,
+    attn_key,
+    pack_triangle,
+    shard_bytes,
+    shard_file_name,
+    vocab_index_dtype,
+)
+from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
+from pipeline.targets.reader import TargetStream, unpack_attention
+
+
+def synthetic_shard(
+    first: int,
+    rows: int,
+    seq_len: int,
+    layers: list[int],
+    head_counts: list[int],
+    teacher_heads: int,
+    vocab: int,
+    top_k: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of one dense shard, in the writer's on-disk names, dtypes and shapes (random values)."""
+    logprobs = -torch.rand(rows, seq_len, top_k, generator=generator).mul(10).sort(dim=-1).values
+    tensors = {
+        "sample_ids": torch.arange(first, first + rows, dtype=torch.int64),
+        "input_ids": torch.randint(0, vocab, (rows, seq_len), generator=generator, dtype=torch.int32),
+        "topk_values": logprobs.half(),
+        "topk_indices": torch.randint(0, vocab, (rows, seq_len, top_k), generator=generator).to(
+            vocab_index_dtype(vocab)
+        ),
+        "tail_mass": torch.rand(rows, seq_len, generator=generator) * 0.1,
+    }
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    for layer in layers:
+        for heads in head_counts:
+            scores = torch.randn(rows, heads, seq_len, seq_len, generator=generator)
+            maps = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            tensors[attn_key(layer, heads)] = pack_triangle(maps).half()
+            tensors[alpha_key(layer, heads)] = torch.rand(rows, teacher_heads, generator=generator)
+    return tensors
+
+
+def write_demo_cache(directory: Path, args: argparse.Namespace, teacher_heads: int, vocab: int) -> int:
+    """A complete dense cache of the demo's shape under `directory`; returns its size in bytes."""
+    directory.mkdir(parents=True)
+    fingerprint = {
+        "layout_version": LAYOUT_VERSION,
+        "teacher_weights_sha256": "synthetic",
+        "teacher_num_heads": teacher_heads,
+        "vocab_size": vocab,
+        "tokenizer_sha256": "synthetic",
+        "data_fingerprint": "synthetic",
+        "split": "train",
+        "seq_len": args.seq_len,
+        "student_head_counts": sorted(args.head_counts),
+        "cached_layers": sorted(args.layers),
+        "squeeze": "shd",
+        "encoding": "dense",
+        "attn_top_m": None,
+        "top_k": args.top_k,
+        "dtype": "float16",
+    }
+    manifest = Manifest(fingerprint=fingerprint, num_samples=args.samples, shard_size=args.shard_size, complete=True)
+    generator = torch.Generator().manual_seed(0)
+    for index, first in enumerate(range(0, args.samples, args.shard_size)):
+        rows = min(args.shard_size, args.samples - first)
+        tensors = synthetic_shard(
+            first, rows, args.seq_len, args.layers, args.head_counts, teacher_heads, vocab, args.top_k, generator
+        )
+        data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": first, "num_samples": rows})
+        (directory / shard_file_name(index)).write_bytes(data)
+        manifest.shards.append(ShardEntry(shard_file_name(index), first, rows, len(data), sha256_bytes(data)))
+    write_manifest(directory, manifest)
+    return sum(entry.bytes for entry in manifest.shards)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="work/demo/teacher", help="teacher directory whose config shapes it all")
+    parser.add_argument("--samples", type=int, default=320, help="samples in the cache (default 320, the demo's)")
+    parser.add_argument("--shard-size", type=int, default=64, help="samples per shard (default 64)")
+    parser.add_argument("--seq-len", type=int, default=256, help="T (default 256)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[6, 14, 21, 29], help="cached teacher layers")
+    parser.add_argument("--head-counts", type=int, nargs="+", default=[3, 2], help="cached student head counts")
+    parser.add_argument("--heads", type=int, default=3, help="student heads read by the stream (default 3)")
+    parser.add_argument("--top-k", type=int, default=64, help="cached logits per token (default 64)")
+    parser.add_argument("--batch", type=int, default=8, help="micro-batch (default 8)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every variant (default 7)")
+    parser.add_argument("--workdir", default=None, help="where the cache is written (default: system tmp)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    teacher_config = AutoConfig.from_pretrained(args.teacher, local_files_only=True)
+    teacher_heads, vocab = teacher_config.num_attention_heads, teacher_config.vocab_size
+    workdir = Path(tempfile.mkdtemp(prefix="reader-throughput-", dir=args.workdir))
+    directory = workdir / "train"
+    start = time.perf_counter()
+    cache_bytes = write_demo_cache(directory, args, teacher_heads, vocab)
+    build_seconds = time.perf_counter() - start
+    batches_per_epoch = -(-args.samples // args.batch)
+    shard_paths = [directory / shard_file_name(index) for index in range(-(-args.samples // args.shard_size))]
+
+    def stream(prefetch: bool) -> TargetStream:
+        return TargetStream(
+            directory=directory,
+            layers=args.layers,
+            heads=args.heads,
+            batch_size=args.batch,
+            num_batches=batches_per_epoch,
+            verify_checksums=True,
+            prefetch=prefetch,
+        )
+
+    def read_epoch(prefetch: bool, workers: int, verified: bool) -> float:
+        """Seconds to read and unpack one epoch of batches from a fresh stream."""
+        reader._verified_shards.clear()
+        if verified:  # in this process, so forked workers inherit it too
+            manifest = reader.open_cache(directory)
+            for path, entry in zip(shard_paths, manifest.shards, strict=True):
+                reader._verify_once(path, entry)
+        loader = DataLoader(stream(prefetch), batch_size=None, num_workers=workers)
+        start = time.perf_counter()
+        served = 0
+        for batch in loader:
+            unpack_attention(batch["attn"], "dense", args.seq_len)
+            served += len(batch["sample_ids"])
+        seconds = time.perf_counter() - start
+        if served != args.samples:
+            raise RuntimeError(f"the stream served {served} samples, expected {args.samples}")
+        return seconds
+
+    student = build_student(
+        teacher_config,
+        num_layers=4,
+        hidden_size=384,
+        num_heads=3,
+        num_kv_heads=1,
+        intermediate_size=1024,
+        seed=0,
+    ).train()
+    student_layers = list(range(len(args.layers)))
+    sample_batch = next(iter(stream(prefetch=False)))
+    targets = unpack_attention(sample_batch["attn"], "dense", args.seq_len)
+    query_mask = torch.ones(args.batch, args.seq_len, dtype=torch.bool)
+
+    def student_step() -> float:
+        start = time.perf_counter()
+        with AttentionCapture(student, student_layers) as capture:
+            logits = student(input_ids=sample_batch["input_ids"]).logits
+        ce, kd = logit_losses(
+            logits,
+            sample_batch["labels"],
+            sample_batch["topk_values"],
+            sample_batch["topk_indices"],
+            sample_batch["tail_mass"],
+            query_mask,
+        )
+        attention = [
+            attention_loss(capture.maps[index], targets[layer], query_mask) for index, layer in enumerate(args.layers)
+        ]
+        (ce + kd + torch.stack(attention).mean()).backward()
+        seconds = time.perf_counter() - start
+        student.zero_grad(set_to_none=True)
+        return seconds
+
+    variants: dict[str, Callable[[], float]] = {}
+    for verified, workers, prefetch in itertools.product((False, True), (0, 2), (False, True)):
+        state = "steady     " if verified else "first epoch"
+        name = f"{state} workers {workers} prefetch {'on ' if prefetch else 'off'}"
+        variants[name] = lambda p=prefetch, w=workers, v=verified: read_epoch(p, w, v)
+    variants["student fwd+bwd"] = student_step
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for run in variants.values():  # warm-up
+            run()
+        for _ in range(args.repeats):
+            for name, run in variants.items():
+                times[name].append(run())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    step = medians.pop("student fwd+bwd")
+    consumed = args.batch / step
+    parameters = sum(p.numel() for p in student.parameters())
+    print(
+        f"synthetic dense cache of the demo shape: {args.samples} samples in shards of {args.shard_size}, T "
+        f"{args.seq_len}, layers {args.layers}, head counts {args.head_counts} of {teacher_heads} teacher heads, "
+        f"fp16, top-k {args.top_k} (vocab {vocab}); {cache_bytes / 2**20:.0f} MiB written in {build_seconds:.1f} s "
+        f"(page cache warm)"
+    )
+    print(
+        f"stream: heads {args.heads}, batch {args.batch}, shuffled, checksums on, one epoch = {batches_per_epoch} "
+        f"batches per timed run, each followed by unpack_attention; {torch.get_num_threads()} threads; "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"student: {parameters / 1e6:.1f}M parameters, fwd+bwd (CE + top-k KD + SHD KL on {len(args.layers)} layers) "
+        f"on {args.batch} × {args.seq_len}: {step:.2f} s (min {min(times['student fwd+bwd']):.2f} s) "
+        f"→ training consumes {consumed:.3f} samples/s"
+    )
+    for name, seconds in medians.items():
+        rate = args.samples / seconds
+        per_batch = [1000 * value / batches_per_epoch for value in (seconds, min(times[name]), max(times[name]))]
+        print(
+            f"  {name}  {rate:8.1f} samples/s  {per_batch[0]:7.1f} ms/batch (min {per_batch[1]:6.1f}, max "
+            f"{per_batch[2]:6.1f})  reader ÷ consumption {rate / consumed:7.1f}×"
+        )
+
+
+if __name__ == "__main__":
+    main()
