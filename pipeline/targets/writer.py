@@ -95,7 +95,7 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
 def compute_targets(
     teacher: PreTrainedModel, input_ids: torch.Tensor, settings: TargetSettings
 ) -> dict[str, torch.Tensor]:
-    """The cached tensors of one batch, on the CPU in their on-disk dtypes.
+    """The cached tensors of one batch, on the CPU in their on-disk dtypes (converted on the teacher's device).
 
     input_ids: [B, T] (packed sequences, no padding). Returns `topk_values` [B,T,k], `topk_indices` [B,T,k],
     `tail_mass` [B,T] and, per layer and head count, the encoded squeezed maps and the α of every teacher head.
@@ -107,9 +107,9 @@ def compute_targets(
     values, indices, tail_mass = topk_targets(logits, settings.top_k)
     del logits
     targets = {
-        "topk_values": values.to(settings.dtype).cpu(),
-        "topk_indices": indices.to(vocab_index_dtype(vocab_size)).cpu(),
-        "tail_mass": tail_mass.float().cpu(),
+        "topk_values": values.to(settings.dtype),
+        "topk_indices": indices.to(vocab_index_dtype(vocab_size)),
+        "tail_mass": tail_mass.float(),
     }
     seq_len = input_ids.shape[1]
     for layer in settings.layers:
@@ -118,16 +118,28 @@ def compute_targets(
         for heads in settings.head_counts:
             squeezed, alphas = squeeze_heads(maps, circuits, heads, method=settings.squeeze)
             key = attn_key(layer, heads)
-            targets[alpha_key(layer, heads)] = alphas.float().cpu()
+            targets[alpha_key(layer, heads)] = alphas.float()
             if settings.encoding == "dense":
-                targets[key] = pack_triangle(squeezed).to(settings.dtype).cpu()
+                targets[key] = pack_triangle(squeezed).to(settings.dtype)
             else:
                 row_values, row_indices, row_tail = topk_rows(squeezed, settings.attn_top_m)
-                targets[f"{key}.values"] = row_values.to(settings.dtype).cpu()
-                targets[f"{key}.indices"] = row_indices.to(index_dtype(seq_len)).cpu()
-                targets[f"{key}.tail"] = row_tail.float().cpu()
+                targets[f"{key}.values"] = row_values.to(settings.dtype)
+                targets[f"{key}.indices"] = row_indices.to(index_dtype(seq_len))
+                targets[f"{key}.tail"] = row_tail.float()
         del maps, circuits
-    return targets
+    return _to_host(targets)
+
+
+def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU. From a GPU, through pinned buffers with one synchronisation for the whole batch: a
+    pageable `.cpu()` per tensor, each waiting for the device, took half the cache stage's time on an H100."""
+    if not any(tensor.is_cuda for tensor in tensors.values()):
+        return tensors
+    host = {name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for name, tensor in tensors.items()}
+    for name, tensor in tensors.items():
+        host[name].copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return host
 
 
 def _shard_metadata(
