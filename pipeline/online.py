@@ -13,9 +13,9 @@ from itertools import count
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from pipeline.targets.reader import IGNORE_INDEX, SampleOrder, SparseAttention
+from pipeline.targets.reader import SampleOrder, training_batch
 
 if TYPE_CHECKING:
     from pipeline.targets.writer import TargetSettings
@@ -26,42 +26,6 @@ def virtual_shard_sizes(num_samples: int, shard_size: int) -> list[int]:
     return [min(shard_size, num_samples - first) for first in range(0, num_samples, shard_size)]
 
 
-def to_reader_batch(
-    targets: dict[str, Tensor],
-    sample_ids: Tensor,
-    positions: Tensor,
-    input_ids: Tensor,
-    teacher_layers: list[int],
-    heads: int,
-    encoding: str,
-) -> dict[str, Any]:
-    """`writer.compute_targets` output → the batch form `TargetStream` yields (same keys, dtypes and layout)."""
-    from pipeline.targets.layout import attn_key
-
-    input_ids = input_ids.long()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    attn: dict[int, Tensor | SparseAttention] = {}
-    for layer in teacher_layers:
-        key = attn_key(layer, heads)
-        if encoding == "dense":
-            attn[layer] = targets[key].float()
-        else:
-            attn[layer] = SparseAttention(
-                targets[f"{key}.values"].float(), targets[f"{key}.indices"].long(), targets[f"{key}.tail"].float()
-            )
-    return {
-        "sample_ids": sample_ids.long(),
-        "positions": positions,
-        "input_ids": input_ids,
-        "labels": labels,
-        "topk_values": targets["topk_values"].float(),
-        "topk_indices": targets["topk_indices"].long(),
-        "tail_mass": targets["tail_mass"].float(),
-        "attn": attn,
-    }
-
-
 class OnlineTargets:
     """Micro-batches with targets from the live teacher, in exactly the order `TargetStream` reads a cache.
 
@@ -70,7 +34,7 @@ class OnlineTargets:
     The cache of the prepared split would hold row i in shard i // shard_size, so the same `SampleOrder` over those
     virtual shards, and the same partition of positions over ranks, gives every rank the samples it would read from
     the cache. Targets come from `writer.compute_targets` (the cache writer's own function) in fp32 — nothing is
-    stored, so nothing is rounded — and are converted by `to_reader_batch`.
+    stored, so nothing is rounded — and are converted by `reader.training_batch`.
     """
 
     def __init__(
@@ -107,15 +71,8 @@ class OnlineTargets:
         chunk = self.rows[[shard * self.shard_size + row for shard, row in located]]
         input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
         targets = compute_targets(self.teacher, input_ids, self.settings)
-        return to_reader_batch(
-            targets,
-            torch.as_tensor(chunk["sample_id"]),
-            positions,
-            input_ids,
-            list(self.settings.layers),
-            self.heads,
-            self.settings.encoding,
-        )
+        raw = {**targets, "sample_ids": torch.as_tensor(chunk["sample_id"]), "input_ids": input_ids}
+        return training_batch(raw, positions, list(self.settings.layers), self.heads, self.settings.encoding)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for step in count():

@@ -419,6 +419,36 @@ def _prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
         thread.join()
 
 
+def training_batch(
+    raw: dict[str, torch.Tensor], positions: torch.Tensor, layers: list[int], heads: int, encoding: str
+) -> dict[str, Any]:
+    """Shard tensors of a batch (on-disk names and dtypes) → the batch the trainer consumes: int64 ids, next-token
+    labels, float32 targets, attention targets of `layers` for `heads` student heads. The online mode builds its
+    batches here too, so both modes feed the trainer the same form."""
+    input_ids = raw["input_ids"].long()
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    attn: dict[int, torch.Tensor | SparseAttention] = {}
+    for layer in layers:
+        key = attn_key(layer, heads)
+        if encoding == "dense":
+            attn[layer] = raw[key].float()
+        else:
+            attn[layer] = SparseAttention(
+                raw[f"{key}.values"].float(), raw[f"{key}.indices"].long(), raw[f"{key}.tail"].float()
+            )
+    return {
+        "sample_ids": raw["sample_ids"].long(),
+        "positions": positions,
+        "input_ids": input_ids,
+        "labels": labels,
+        "topk_values": raw["topk_values"].float(),
+        "topk_indices": raw["topk_indices"].long(),
+        "tail_mass": raw["tail_mass"].float(),
+        "attn": attn,
+    }
+
+
 class TargetStream(IterableDataset[dict[str, Any]]):
     """Micro-batches of cached teacher targets for one rank, in the global order of the module docstring.
 
@@ -542,29 +572,7 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         return self._to_batch(raw, torch.arange(first, stop))
 
     def _to_batch(self, raw: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, Any]:
-        """On-disk dtypes → training dtypes: int64 ids, float32 targets."""
-        input_ids = raw["input_ids"].long()
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        labels[:, :-1] = input_ids[:, 1:]
-        attn: dict[int, torch.Tensor | SparseAttention] = {}
-        for layer in self.layers:
-            key = attn_key(layer, self.heads)
-            if self.encoding == "dense":
-                attn[layer] = raw[key].float()
-            else:
-                attn[layer] = SparseAttention(
-                    raw[f"{key}.values"].float(), raw[f"{key}.indices"].long(), raw[f"{key}.tail"].float()
-                )
-        return {
-            "sample_ids": raw["sample_ids"],
-            "positions": positions,
-            "input_ids": input_ids,
-            "labels": labels,
-            "topk_values": raw["topk_values"].float(),
-            "topk_indices": raw["topk_indices"].long(),
-            "tail_mass": raw["tail_mass"].float(),
-            "attn": attn,
-        }
+        return training_batch(raw, positions, self.layers, self.heads, self.encoding)
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         order = SampleOrder([entry.num_samples for entry in self.manifest.shards], self.seed, self.shuffle)
