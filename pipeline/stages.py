@@ -120,11 +120,9 @@ def verify_stage(directory: Path) -> None:
     """`distill cache verify DIR`: every checksum and shape of a cache split (or of each split below DIR)."""
     from pipeline.targets.reader import verify_cache
 
-    split_dirs = [directory] if (directory / "manifest.json").is_file() else sorted(directory.glob("*/manifest.json"))
-    if not split_dirs:
-        verify_cache(directory)
-    for manifest_path in split_dirs:
-        split_dir = manifest_path if manifest_path.is_dir() else manifest_path.parent
+    in_splits = sorted(manifest.parent for manifest in directory.glob("*/manifest.json"))
+    splits = [directory] if (directory / "manifest.json").is_file() or not in_splits else in_splits
+    for split_dir in splits:
         manifest = verify_cache(split_dir)
         logger.info("%s: OK — %d shards, %d samples", split_dir, len(manifest.shards), manifest.num_samples)
 
