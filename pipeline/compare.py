@@ -68,6 +68,7 @@ Cell = str | float | None
 RUN_IDENTITY_PARAMS = {"mlflow.run_name", "train.output_dir"}
 """Params that differ between any two runs by construction; as columns they would only repeat the run's name."""
 
+
 class CompareError(PipelineError):
     """No store, experiment or run matches what `distill compare` was asked for; the message names it."""
 
