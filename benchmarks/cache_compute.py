@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from loss_overhead import smollm2_like_config  # benchmarks/ is on sys.path when run as a script
+from timing import time_alternately
 from transformers import LlamaForCausalLM
 
 from pipeline.attention import CAPTURE_ATTENTION
@@ -44,10 +44,6 @@ def main() -> None:
     stage_teacher.load_state_dict(eager.state_dict())
     stage_teacher.set_attn_implementation(CAPTURE_ATTENTION)
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     print(f"random SmolLM2-shaped teacher, {args.dtype} on {device}; cached layers {args.layers}; dense fp16, top-k 64")
     for seq_len in args.lengths:
         batch = max(1, args.batch_tokens // seq_len)
@@ -63,16 +59,7 @@ def main() -> None:
                 compute_targets(stage_teacher, input_ids, settings)
 
             variants: dict[str, Callable[[], None]] = {"eager": bare_forward, "cache": cache_compute}
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            for step in variants.values():
-                step()
-            for _ in range(args.repeats):
-                for name, step in variants.items():
-                    synchronize()
-                    start = time.perf_counter()
-                    step()
-                    synchronize()
-                    times[name].append(time.perf_counter() - start)
+            times = time_alternately(variants, args.repeats, device)
             tokens = batch * seq_len
             eager_s, cache_s = statistics.median(times["eager"]), statistics.median(times["cache"])
             print(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import time_alternately  # benchmarks/ is on sys.path when run as a script
 from transformers import LlamaConfig
 
 from pipeline.attention import AttentionCapture
@@ -80,10 +80,6 @@ def main() -> None:
         layer: random_causal_maps(args.batch, args.heads, args.seq_len, generator).to(device) for layer in layers
     }
 
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def ce_only() -> None:
         logits = student(input_ids=input_ids).logits
         cross_entropy(logits, labels).backward()
@@ -96,18 +92,7 @@ def main() -> None:
         (ce + kd + torch.stack(attention).mean()).backward()
 
     variants: dict[str, Callable[[], None]] = {"CE only": ce_only, "CE + KD + SHD": full_distillation}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for step in variants.values():
-        step()
-        student.zero_grad(set_to_none=True)
-    for _ in range(args.repeats):
-        for name, step in variants.items():
-            synchronize()
-            start = time.perf_counter()
-            step()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-            student.zero_grad(set_to_none=True)
+    times = time_alternately(variants, args.repeats, device, after_each=lambda: student.zero_grad(set_to_none=True))
 
     parameters = sum(p.numel() for p in student.parameters())
     print(
