@@ -117,21 +117,70 @@ def kd_loss(
     return masked_reduce(per_position, mask, reduction)
 
 
+TOPK_BLOCK = 64
+"""Width of the vocabulary blocks `topk_targets` ranks by their maxima: the top k entries lie in the k blocks with
+the largest maxima, so only those k · TOPK_BLOCK candidates are ranked entry by entry."""
+
+TOPK_CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 28}
+"""Logit entries `topk_targets` processes at a time: on the CPU 16 MB of fp32, so that its passes over a chunk run
+from cache rather than memory; on an accelerator 1 GB, few enough launches and a bounded fp32 temporary."""
+
+
 def topk_targets(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """The cacheable sparse form of the teacher distribution at τ = 1.
 
     `teacher_logits` [B, T, V] → `values` [B, T, k] fp32 top-k log-probs (descending), `indices` [B, T, k] int64,
-    `tail_mass` [B, T] fp32 = the probability outside the top k. The tail is a logsumexp over the complement rather
-    than 1 − Σ top-k, so a small tail is not lost to cancellation and it is exactly 0 when k = V.
+    `tail_mass` [B, T] fp32 = the probability outside the top k. The tail is summed over the complement itself (the
+    entries not kept, relative to the row maximum) rather than taken as 1 − Σ top-k, so a small tail is not lost to
+    cancellation and it is exactly 0 when k = V. Ties at the k-th value are broken arbitrarily.
+
+    Two passes over the vocabulary per row (block maxima, then exp-sums per block) instead of log-softmax, top-k,
+    a scattered copy and a logsumexp: the cache stage runs this on every teacher token (see `_topk_rows`).
     """
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
-    logprobs = F.log_softmax(teacher_logits.float(), dim=-1)
-    values, indices = logprobs.topk(k, dim=-1)
-    rest = logprobs.scatter(-1, indices, -math.inf)
-    tail_mass = torch.logsumexp(rest, dim=-1).exp()
-    return values, indices, tail_mass
+    rows = teacher_logits.reshape(-1, vocab)
+    chunk = TOPK_CHUNK_ELEMENTS["cpu" if rows.device.type == "cpu" else "other"]
+    step = max(1, chunk // vocab)
+    parts = [_topk_rows(rows[start : start + step].float(), k) for start in range(0, rows.shape[0], step)]
+    values, indices, tail_mass = (torch.cat(part) for part in zip(*parts, strict=True))
+    leading = teacher_logits.shape[:-1]
+    return values.view(*leading, k), indices.view(*leading, k), tail_mass.view(leading)
+
+
+def _topk_rows(rows: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`topk_targets` of fp32 `rows` [R, V].
+
+    The vocabulary is cut into blocks of `TOPK_BLOCK`; the k blocks with the largest maxima hold the top k entries
+    (k entries are >= the k-th largest block maximum), so the entry-wise top-k runs on those blocks plus the ragged
+    end only. With m the row maximum, the normaliser is Σ_blocks Σ exp(z − m) and the tail the same sum over the
+    blocks not chosen plus the chosen blocks' entries not kept: sums of positive terms, no cancellation.
+    """
+    num_rows, vocab = rows.shape
+    num_blocks = vocab // TOPK_BLOCK
+    if 2 * k * TOPK_BLOCK > vocab:
+        values, indices = rows.topk(k, dim=-1)
+        row_max = values[:, :1]
+        exps = (rows - row_max).exp_()
+        total = exps.sum(-1)
+        tail = exps.scatter_(-1, indices, 0.0).sum(-1)
+    else:
+        width = num_blocks * TOPK_BLOCK
+        blocked = rows[:, :width].view(num_rows, num_blocks, TOPK_BLOCK)
+        blocks = blocked.amax(-1).topk(k, dim=-1, sorted=False).indices
+        offsets = torch.arange(TOPK_BLOCK, device=rows.device)
+        ragged_end = torch.arange(width, vocab, device=rows.device).expand(num_rows, -1)
+        candidates = torch.cat([(blocks[..., None] * TOPK_BLOCK + offsets).flatten(1), ragged_end], dim=1)
+        candidate_logits = rows.gather(1, candidates)
+        values, positions = candidate_logits.topk(k, dim=-1)
+        indices = candidates.gather(1, positions)
+        row_max = values[:, :1]
+        block_sums = (blocked - row_max[..., None]).exp_().sum(-1)
+        candidate_exps = (candidate_logits - row_max).exp_()
+        total = block_sums.sum(-1) + candidate_exps[:, k * TOPK_BLOCK :].sum(-1)
+        tail = block_sums.scatter_(1, blocks, 0.0).sum(-1) + candidate_exps.scatter_(1, positions, 0.0).sum(-1)
+    return values - row_max - total.log()[:, None], indices, tail / total
 
 
 def soften_topk(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.kd import (
     IGNORE_INDEX,
+    TOPK_BLOCK,
     cross_entropy,
     kd_loss,
     kd_loss_topk,
@@ -97,7 +98,7 @@ def test_topk_targets_values_and_tail() -> None:
     logprobs = F.log_softmax(teacher, -1)
     assert values.shape == indices.shape == (BATCH, SEQ, 4)
     assert values.dtype == tail.dtype == torch.float32 and indices.dtype == torch.int64
-    assert torch.equal(values, logprobs.gather(-1, indices))
+    torch.testing.assert_close(values, logprobs.gather(-1, indices), rtol=0, atol=1e-6)
     assert torch.all(values[..., :-1] >= values[..., 1:])
     torch.testing.assert_close(tail, 1 - values.exp().sum(-1), atol=1e-6, rtol=0)
 
@@ -114,6 +115,36 @@ def test_topk_tail_keeps_tiny_masses() -> None:
     expected = 3 * math.exp(-46.0) / (2 + 3 * math.exp(-46.0))
     assert tail.item() == pytest.approx(expected, rel=1e-5)
     assert expected < 1e-19
+
+
+def _reference_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probs, indices and the complement's mass in fp64 by the book: log-softmax, top-k, logsumexp."""
+    logprobs = F.log_softmax(logits.double(), -1)
+    values, indices = logprobs.topk(k, dim=-1)
+    tail = torch.logsumexp(logprobs.scatter(-1, indices, -math.inf), -1).exp()
+    return values, indices, tail
+
+
+@pytest.mark.parametrize("vocab", [40 * TOPK_BLOCK, 40 * TOPK_BLOCK + 37])
+def test_topk_targets_block_search_matches_the_reference(vocab: int) -> None:
+    """Vocabularies large enough for the block search (ragged end or not), with the largest logits planted in the
+    ragged end, inside one block, split across two blocks, and a row whose tail is ~1e-17 (lost to 1 − Σ top-k in
+    fp32)."""
+    k = 8
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 5, vocab, generator=generator) * 3
+    logits[0, 0, -3:] = 20.0
+    logits[0, 1, 3 * TOPK_BLOCK : 3 * TOPK_BLOCK + k] = torch.arange(k) + 15.0
+    logits[0, 2, TOPK_BLOCK - 4 : TOPK_BLOCK + 4] = 12.0 + torch.arange(k) / 8
+    logits[1, 0] = -45.0
+    logits[1, 0, 100 : 100 + k] = 0.0
+    values, indices, tail = topk_targets(logits, k)
+    expected_values, expected_indices, expected_tail = _reference_topk(logits, k)
+    torch.testing.assert_close(values.double(), expected_values, rtol=0, atol=2e-6)
+    assert torch.equal(indices.sort(-1).values, expected_indices.sort(-1).values)
+    torch.testing.assert_close(tail.double(), expected_tail, rtol=1e-5, atol=0)
+    assert 1e-18 < tail[1, 0].item() < 1e-16
+    assert torch.all(topk_targets(logits, vocab)[2] == 0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
