@@ -49,7 +49,7 @@ from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_
 
 HEAD_COUNT_VARIANTS = ((3,), (3, 2))
 TIMED_WRITER_CALLS = {
-    "topk_targets": "logit top-k (log_softmax, topk, tail)",
+    "topk_targets": "logit top-k (block maxima, top-k, exp sums)",
     "squeeze_heads": "squeeze + SHD α",
     "pack_triangle": "pack causal triangle",
     "shard_bytes": "serialise shard (safetensors)",
@@ -58,7 +58,7 @@ TIMED_WRITER_CALLS = {
     "write_manifest": "manifest writes",
     "_alpha_statistics": "α statistics (re-reads shard)",
 }
-FORWARD_PART = "teacher forward + capture (4 eager layers, circuits)"
+FORWARD_PART = "teacher forward + capture (4 eager layers, values)"
 ALPHA_PART = "  of which SHD α solve (shd.group_alphas)"
 
 

@@ -23,6 +23,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
+from pipeline.shd import Circuits
+
 CAPTURE_ATTENTION = "shd_capture"
 """The ``attn_implementation`` name to load teachers and build students with."""
 
@@ -173,7 +175,7 @@ def capture_attention_forward(
     probs = torch.softmax(scores, dim=-1)
     weights = nn.functional.dropout(probs, p=dropout, training=module.training).to(value_states.dtype)
     attn_output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
-    capture._record(module, query, key_states, value_states, scores, probs)
+    capture._record(module, query, key_states, value, value_states, scores, probs)
     return attn_output, probs
 
 
@@ -198,8 +200,10 @@ class AttentionCapture:
     - ``scores`` (``scores=True``): the masked pre-softmax scores ``[B, H, T, T]`` float32 (scaled; masked entries at
       finfo.min), so that a temperature can be applied as ``softmax(scores / τ)`` (τ ≥ 1 keeps masked entries
       finite; for τ < 1 re-mask after dividing).
-    - ``circuits`` (``circuits=True``): value–output circuits ``X_h = V_h W_O^h`` ``[B, H, T, d_model]`` float32,
-      output-projection bias excluded.
+    - ``circuits`` (``circuits=True``): value–output circuits ``X_h = V_h W_O^h`` as their factors, a
+      ``shd.Circuits`` of the values ``[B, H_kv, T, dh]`` float32 (each KV head once), the per-head output projections
+      ``[H, dh, d_model]`` float32 (bias excluded) and the KV head of each query head; ``.dense()`` gives
+      ``[B, H, T, d_model]``. Factored, they cost H_kv · dh instead of H · d_model floats per token.
     - ``qkv`` (``qkv=True``): ``QKV`` of ``[B, H, T, dh]`` float32 (post-RoPE q/k, k/v repeated per query head).
 
     Only requested layers hold tensors; a second forward inside one block replaces the first's records, and nothing
@@ -224,7 +228,7 @@ class AttentionCapture:
         self._modules: list[nn.Module] = []
         self.maps: dict[int, Tensor] = {}
         self.scores: dict[int, Tensor] = {}
-        self.circuits: dict[int, Tensor] = {}
+        self.circuits: dict[int, Circuits] = {}
         self.qkv: dict[int, QKV] = {}
 
     def __enter__(self) -> "AttentionCapture":
@@ -259,9 +263,17 @@ class AttentionCapture:
         self._modules = []
 
     def _record(
-        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, scores: Tensor, probs: Tensor
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        kv_values: Tensor,
+        value: Tensor,
+        scores: Tensor,
+        probs: Tensor,
     ) -> None:
-        """Store one layer's tensors; query ``[B, H, T, dh]``, key/value repeated to ``[B, H, T, dh]``."""
+        """Store one layer's tensors; query ``[B, H, T, dh]``, key/value repeated to ``[B, H, T, dh]``, ``kv_values``
+        the values per KV head ``[B, H_kv, T, dh]``."""
         layer = module.layer_idx
         self.maps[layer] = probs
         if self._record_scores:
@@ -269,6 +281,8 @@ class AttentionCapture:
         if self._record_qkv:
             self.qkv[layer] = QKV(query.float(), key.float(), value.float())
         if self._record_circuits:
-            num_heads, head_dim = value.shape[1], value.shape[3]
-            per_head_output = _output_projection_per_head(module, num_heads, head_dim)
-            self.circuits[layer] = torch.einsum("bhtd,hdm->bhtm", value.float(), per_head_output.float())
+            num_heads, num_kv_heads, head_dim = value.shape[1], kv_values.shape[1], value.shape[3]
+            per_head_output = _output_projection_per_head(module, num_heads, head_dim).float()
+            group = num_heads // num_kv_heads
+            kv_heads = tuple(head // group for head in range(num_heads))
+            self.circuits[layer] = Circuits(kv_values.float(), per_head_output, kv_heads)

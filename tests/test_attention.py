@@ -111,10 +111,13 @@ def test_capture_matches_manual_recomputation(
         expected = _manual_attention(teacher, layer, inputs[layer], batch.attention_mask)
         maps = capture.maps[layer]
         assert maps.shape == (batch_size, dims.num_heads, length, length) and maps.dtype == torch.float32
-        assert capture.circuits[layer].shape == (batch_size, dims.num_heads, length, dims.d_model)
+        circuits = capture.circuits[layer]
+        assert circuits.values.shape == (batch_size, dims.num_kv_heads, length, dims.head_dim)
+        assert circuits.output.shape == (dims.num_heads, dims.head_dim, dims.d_model)
+        assert circuits.dense().shape == (batch_size, dims.num_heads, length, dims.d_model)
         assert maps.max(-1).values.mean() > 0.3, "maps near uniform: the comparison would not detect errors"
         torch.testing.assert_close(maps, expected["maps"], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(capture.circuits[layer], expected["circuits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(circuits.dense(), expected["circuits"], rtol=1e-5, atol=1e-5)
         for name, captured in zip(("query", "key", "value"), capture.qkv[layer], strict=True):
             assert captured.shape == (batch_size, dims.num_heads, length, dims.head_dim)
             torch.testing.assert_close(captured, expected[name], rtol=1e-5, atol=1e-5)
@@ -205,7 +208,7 @@ def test_padded_batches_give_masked_stochastic_rows(
     positions = torch.arange(valid.shape[1])
     for layer in layers:
         maps = capture.maps[layer]
-        assert torch.isfinite(maps).all() and torch.isfinite(capture.circuits[layer]).all()
+        assert torch.isfinite(maps).all() and torch.isfinite(capture.circuits[layer].dense()).all()
         for b in range(maps.shape[0]):
             rows = maps[b][:, valid[b]]  # [H, real rows, T]
             future = positions[None, :] > positions[valid[b]][:, None]  # [real rows, T]
@@ -219,7 +222,8 @@ def test_bf16_teacher_captures_fp32_maps(tiny_llama_dir: Path) -> None:
     with torch.no_grad(), AttentionCapture(teacher, [0], circuits=True) as capture:
         logits = teacher(input_ids=torch.arange(3, 19)[None]).logits
     assert logits.dtype == torch.bfloat16
-    assert capture.maps[0].dtype == capture.circuits[0].dtype == torch.float32
+    circuits = capture.circuits[0]
+    assert capture.maps[0].dtype == circuits.values.dtype == circuits.output.dtype == torch.float32
     torch.testing.assert_close(capture.maps[0].sum(-1), torch.ones(1, 6, 16), rtol=0, atol=1e-5)
 
 

@@ -76,7 +76,8 @@ def _fresh_targets(config: Config, sample_rows: torch.Tensor, layer: int, heads:
     teacher = load_teacher(Path(config.teacher.path), dtype=torch.float32)
     with torch.no_grad(), AttentionCapture(teacher, [layer], circuits=True) as capture:
         logits = teacher(input_ids=sample_rows).logits
-    squeezed, _ = squeeze_heads(capture.maps[layer], capture.circuits[layer], heads, method="shd")
+    # Dense circuits: the writer's factored α path is checked against the direct one.
+    squeezed, _ = squeeze_heads(capture.maps[layer], capture.circuits[layer].dense(), heads, method="shd")
     return (squeezed, *topk_targets(logits, config.distill.top_k))
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.shd import (
+    Circuits,
     attention_kl_topk,
     attention_loss,
     group_alphas,
@@ -252,6 +253,47 @@ def test_squeezed_maps_are_causal_and_stochastic(teacher: int, student: int, met
     for j, group in enumerate(head_groups(teacher, student)):
         expected = torch.einsum("br,brqk->bqk", alphas[:, group], maps[:, group])
         torch.testing.assert_close(squeezed[:, j], expected)
+
+
+def _factored_circuits(batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, width: int) -> Circuits:
+    """GQA-shaped circuits: `kv_heads` value heads shared by contiguous runs of query heads, scaled per head."""
+    values = torch.randn(batch, kv_heads, seq, head_dim, generator=_generator(70))
+    scales = torch.rand(heads, 1, 1, generator=_generator(71)) * 3 + 0.1
+    output = torch.randn(heads, head_dim, width, generator=_generator(72)) * scales
+    return Circuits(values, output, tuple(head // (heads // kv_heads) for head in range(heads)))
+
+
+@pytest.mark.parametrize(
+    ("teacher", "kv_heads", "student"), [(9, 3, 3), (9, 3, 2), (9, 3, 4), (6, 2, 4), (8, 2, 2), (4, 4, 2)]
+)
+def test_factored_circuits_give_the_dense_alphas(teacher: int, kv_heads: int, student: int) -> None:
+    """α from the factors (groups within one KV head, across two, pairs, no GQA) equals α from X = V W itself."""
+    batch, seq, head_dim, width = 3, 7, 4, 10
+    maps = _maps(batch, teacher, seq, seed=teacher + kv_heads + student)
+    circuits = _factored_circuits(batch, teacher, kv_heads, seq, head_dim, width)
+    dense = circuits.dense()
+    repeated = circuits.values.repeat_interleave(teacher // kv_heads, dim=1)
+    torch.testing.assert_close(dense, torch.einsum("bhtk,hkd->bhtd", repeated, circuits.output))
+    squeezed, alphas = squeeze_heads(maps, circuits, student)
+    dense_squeezed, dense_alphas = squeeze_heads(maps, dense, student)
+    torch.testing.assert_close(alphas, dense_alphas, rtol=0, atol=1e-5)
+    torch.testing.assert_close(squeezed, dense_squeezed, rtol=0, atol=1e-5)
+    _, uniform_alphas = squeeze_heads(maps, None, student, method="uniform")
+    shd_error = reconstruction_error(maps, circuits, student, alphas)
+    assert torch.all(shd_error <= reconstruction_error(maps, dense, student, uniform_alphas) * (1 + 1e-6))
+
+
+def test_circuits_of_the_wrong_shape_are_refused() -> None:
+    maps = _maps(2, 6, 5, seed=73)
+    circuits = _factored_circuits(2, 6, 2, 5, 4, 8)
+    with pytest.raises(ValueError, match=r"circuits with values \(2, 2, 5, 4\).*5 kv_heads"):
+        squeeze_heads(maps, circuits._replace(kv_heads=circuits.kv_heads[:5]), 2)
+    with pytest.raises(ValueError, match=r"expected values \[2, H_kv, 5, dh\]"):
+        squeeze_heads(maps, circuits._replace(values=circuits.values[:, :, :4]), 2)
+    with pytest.raises(ValueError, match="kv_heads in"):
+        squeeze_heads(maps, circuits._replace(kv_heads=(0, 0, 0, 1, 1, 2)), 3)
+    with pytest.raises(ValueError, match=r"circuits \(2, 6, 4, 3\): expected \[2, 6, 5, d\]"):
+        squeeze_heads(maps, torch.zeros(2, 6, 4, 3), 2)
 
 
 def test_squeeze_identity_and_shared_heads() -> None:
