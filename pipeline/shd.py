@@ -114,30 +114,35 @@ def pair_alpha(a_p: Tensor, a_q: Tensor, x_p: Tensor, x_q: Tensor) -> Tensor:
     return _pair_alpha(torch.stack([a_p, a_q], dim=1), Circuits.from_dense(torch.stack([x_p, x_q], dim=1)))
 
 
-def _value_space(circuits: Circuits) -> tuple[Tensor, Tensor]:
-    """The values of a group's KV heads side by side, V [B, T, w] fp32 (w = dh · KV heads), and each head's output
-    map embedded at its KV head's rows, Ŵ [r, w, d] fp64, so that X_i = V Ŵ_i and S = Σ_i X_i = V Σ_i Ŵ_i."""
+def _value_space(circuits: Circuits) -> tuple[Tensor, Tensor, Tensor]:
+    """A group's circuits in the space of its values: V [B, T, w] fp32, the KV heads' values side by side
+    (w = dh · KV heads), and the w × w products of the output maps, fp32: M = Ŵ_S Ŵ_Sᵀ [w, w] and N_j = Ŵ_S Ŵ_jᵀ
+    [r, w, w], where Ŵ_j [w, d] is head j's output map placed at its KV head's rows (X_j = V Ŵ_j) and Ŵ_S = Σ_j Ŵ_j
+    (S = V Ŵ_S). The d-wide contractions run in fp64; every T-sized product is then w wide instead of d."""
     values, output, kv_heads = circuits
     batch, num_kv, seq, head_dim = values.shape
     stacked = values.float().permute(0, 2, 1, 3).reshape(batch, seq, num_kv * head_dim)
     embedded = output.new_zeros(len(kv_heads), num_kv * head_dim, output.shape[-1], dtype=torch.float64)
     for head, kv in enumerate(kv_heads):
         embedded[head, kv * head_dim : (kv + 1) * head_dim] = output[head].double()
-    return stacked, embedded
+    summed = embedded.sum(0)
+    return stacked, (summed @ summed.T).float(), torch.einsum("vd,jxd->jvx", summed, embedded).float()
+
+
+def _inner(first: Tensor, second: Tensor) -> Tensor:
+    """Frobenius inner products over the last two dims, accumulated in fp64."""
+    return (first.double() * second.double()).sum((-2, -1))
 
 
 def _pair_alpha(maps: Tensor, circuits: Circuits) -> Tensor:
     """`pair_alpha` of `maps` [B, 2, T, T] with factored circuits, in the values' space: with Q = D V,
-    ⟨D X_p, D S⟩ = ⟨Q Ŵ_p Ŵ_Sᵀ, Q⟩ and ‖D S‖² = ⟨Q Ŵ_S Ŵ_Sᵀ, Q⟩ (w × w products instead of T × d ones)."""
-    values, embedded = _value_space(circuits)
+    ⟨D X_p, D S⟩ = ⟨Q N_pᵀ, Q⟩ and ‖D S‖² = ⟨Q M, Q⟩ (see `_value_space`; w × w products instead of T × d ones)."""
+    values, sum_gram, cross = _value_space(circuits)
     diff = maps[:, 0].float() - maps[:, 1].float()
-    projected = (diff @ values).double()
-    summed = embedded.sum(0)
-    sum_gram = summed @ summed.T
-    numerator = (projected @ (embedded[0] @ summed.T) * projected).sum((-2, -1))
-    denominator = (projected @ sum_gram * projected).sum((-2, -1))
-    values = values.double()
-    scale = diff.square().sum((-2, -1), dtype=torch.float64) * (values @ sum_gram * values).sum((-2, -1))
+    projected = diff @ values
+    numerator = _inner(projected @ cross[0].T, projected)
+    denominator = _inner(projected @ sum_gram, projected)
+    scale = diff.square().sum((-2, -1), dtype=torch.float64) * _inner(values @ sum_gram, values)
     degenerate = denominator <= DEGENERATE_REL_EPS * scale
     alpha = numerator / torch.where(degenerate, 1.0, denominator)
     return torch.where(degenerate, 0.5, alpha.clamp(0.0, 1.0)).float()
@@ -230,12 +235,10 @@ def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size
     if size == 2:
         alpha = _pair_alpha(maps, circuits)
         return torch.stack([alpha, 1 - alpha], dim=1)
-    values, embedded = _value_space(circuits)
-    projected = (maps.float() @ values[:, None]).double()
-    summed = embedded.sum(0)
-    gram = (projected @ (summed @ summed.T)).flatten(2) @ projected.flatten(2).transpose(1, 2)
-    target = torch.einsum("bjtx,jvx->btv", projected, torch.einsum("vd,jxd->jvx", summed, embedded))
-    linear = (projected * target[:, None]).sum((-2, -1))
+    values, sum_gram, cross = _value_space(circuits)
+    projected = maps.float() @ values[:, None]
+    gram = (projected @ sum_gram).double().flatten(2) @ projected.double().flatten(2).transpose(1, 2)
+    linear = _inner(projected, torch.einsum("bjtx,jvx->btv", projected, cross)[:, None])
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
     degenerate = scale <= 0
     scale = torch.where(degenerate, 1.0, scale)
