@@ -60,7 +60,7 @@ class Circuits(NamedTuple):
         return Circuits(self.values[:, used], self.output[heads], tuple(used.index(kv) for kv in kv_heads))
 
 
-def as_circuits(circuits: "Tensor | Circuits", maps: Tensor) -> Circuits:
+def as_circuits(circuits: Tensor | Circuits, maps: Tensor) -> Circuits:
     """`circuits` (dense [B, H, T, d] or factored) as `Circuits`, checked against `maps` [B, H, T, T]."""
     batch, heads, seq = maps.shape[:3]
     if isinstance(circuits, Tensor):
