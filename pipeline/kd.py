@@ -253,14 +253,25 @@ def kd_loss_topk(
     return masked_reduce(per_position, mask, reduction)
 
 
-def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_mass: Tensor) -> None:
-    if topk_logprobs.shape != topk_indices.shape or topk_indices.shape[:-1] != student_logits.shape[:-1]:
+def check_sparse_target_shapes(
+    dense: Tensor, values: Tensor, indices: Tensor, tail: Tensor, name: str, expected: str
+) -> None:
+    """The shape contract of every sparse target: `values`, `indices` [..., k] over the leading dims of the `dense`
+    student tensor [..., N] it is compared with, `tail` [...]. `name` and `expected` (the layout, e.g.
+    "[B, T, V], [B, T, k], [B, T, k]") word the error."""
+    if values.shape != indices.shape or indices.shape[:-1] != dense.shape[:-1]:
         raise ValueError(
-            f"student logits {tuple(student_logits.shape)}, top-k values {tuple(topk_logprobs.shape)}, indices "
-            f"{tuple(topk_indices.shape)}: expected [B, T, V], [B, T, k], [B, T, k]"
+            f"{name} {tuple(dense.shape)}, target values {tuple(values.shape)}, indices {tuple(indices.shape)}: "
+            f"expected {expected}"
         )
-    if tail_mass.shape != student_logits.shape[:-1]:
-        raise ValueError(f"tail_mass {tuple(tail_mass.shape)}: expected {tuple(student_logits.shape[:-1])}")
+    if tail.shape != dense.shape[:-1]:
+        raise ValueError(f"target tail {tuple(tail.shape)}: expected {tuple(dense.shape[:-1])}")
+
+
+def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_mass: Tensor) -> None:
+    check_sparse_target_shapes(
+        student_logits, topk_logprobs, topk_indices, tail_mass, "student logits", "[B, T, V], [B, T, k], [B, T, k]"
+    )
 
 
 def _safe_labels(labels: Tensor | None, logits: Tensor) -> Tensor:

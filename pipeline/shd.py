@@ -12,7 +12,14 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.kd import PROB_FLOOR, Reduction, masked_reduce, soften_topk, sparse_kl_with_tail
+from pipeline.kd import (
+    PROB_FLOOR,
+    Reduction,
+    check_sparse_target_shapes,
+    masked_reduce,
+    soften_topk,
+    sparse_kl_with_tail,
+)
 
 SqueezeMethod = Literal["shd", "uniform"]
 AttentionLossKind = Literal["kl", "mse", "cosine"]
@@ -443,13 +450,14 @@ def attention_kl_topk(
     (i + 1) − m tail slots for query i (its causal keys not kept; <= 0 means no tail); the student by `soften`,
     gathered at the indices, its tail summed over the complement. Equals the dense KL when m = T.
     """
-    if target_values.shape != target_indices.shape or target_indices.shape[:-1] != student_maps.shape[:-1]:
-        raise ValueError(
-            f"student maps {tuple(student_maps.shape)}, target values {tuple(target_values.shape)}, indices "
-            f"{tuple(target_indices.shape)}: expected [B, H, T, T], [B, H, T, m], [B, H, T, m]"
-        )
-    if target_tail.shape != student_maps.shape[:-1]:
-        raise ValueError(f"target tail {tuple(target_tail.shape)}: expected {tuple(student_maps.shape[:-1])}")
+    check_sparse_target_shapes(
+        student_maps,
+        target_values,
+        target_indices,
+        target_tail,
+        "student maps",
+        "[B, H, T, T], [B, H, T, m], [B, H, T, m]",
+    )
     num_queries, m = student_maps.shape[-2], target_indices.shape[-1]
     indices = target_indices.long()
     values = target_values.float()

@@ -499,3 +499,12 @@ def test_sparse_attention_temperature_is_exact_for_uniform_tails(temperature: fl
     dense = attention_loss(student, target, temperature=temperature).item()
     sparse = attention_kl_topk(student, values, indices, tail, temperature=temperature).item()
     assert abs(sparse - dense) <= 1e-5 * dense and dense > 1e-3
+
+
+def test_sparse_attention_targets_of_the_wrong_shape_are_refused() -> None:
+    student = _maps(2, 3, 5, seed=80)
+    values, indices, tail = topk_rows(_maps(2, 3, 5, seed=81), 2)
+    with pytest.raises(ValueError, match=r"student maps \(2, 3, 5, 5\).*expected \[B, H, T, T\], \[B, H, T, m\]"):
+        attention_kl_topk(student, values, indices[..., :1], tail)
+    with pytest.raises(ValueError, match=r"target tail \(2, 3, 4\): expected \(2, 3, 5\)"):
+        attention_kl_topk(student, values, indices, tail[..., :4])
