@@ -158,7 +158,6 @@ def _topk_rows(rows: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     blocks not chosen plus the chosen blocks' entries not kept: sums of positive terms, no cancellation.
     """
     num_rows, vocab = rows.shape
-    num_blocks = vocab // TOPK_BLOCK
     if 2 * k * TOPK_BLOCK > vocab:
         values, indices = rows.topk(k, dim=-1)
         row_max = values[:, :1]
@@ -166,6 +165,7 @@ def _topk_rows(rows: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         total = exps.sum(-1)
         tail = exps.scatter_(-1, indices, 0.0).sum(-1)
     else:
+        num_blocks = vocab // TOPK_BLOCK
         width = num_blocks * TOPK_BLOCK
         blocked = rows[:, :width].view(num_rows, num_blocks, TOPK_BLOCK)
         blocks = blocked.amax(-1).topk(k, dim=-1, sorted=False).indices
@@ -254,23 +254,29 @@ def kd_loss_topk(
 
 
 def check_sparse_target_shapes(
-    dense: Tensor, values: Tensor, indices: Tensor, tail: Tensor, name: str, expected: str
+    dense: Tensor, values: Tensor, indices: Tensor, tail: Tensor, names: tuple[str, str, str, str], expected: str
 ) -> None:
     """The shape contract of every sparse target: `values`, `indices` [..., k] over the leading dims of the `dense`
-    student tensor [..., N] it is compared with, `tail` [...]. `name` and `expected` (the layout, e.g.
-    "[B, T, V], [B, T, k], [B, T, k]") word the error."""
+    student tensor [..., N] it is compared with, `tail` [...]. `names` (of dense, values, indices, tail, as the
+    caller calls them) and `expected` (the layout, e.g. "[B, T, V], [B, T, k], [B, T, k]") word the error."""
+    dense_name, values_name, indices_name, tail_name = names
     if values.shape != indices.shape or indices.shape[:-1] != dense.shape[:-1]:
         raise ValueError(
-            f"{name} {tuple(dense.shape)}, target values {tuple(values.shape)}, indices {tuple(indices.shape)}: "
-            f"expected {expected}"
+            f"{dense_name} {tuple(dense.shape)}, {values_name} {tuple(values.shape)}, {indices_name} "
+            f"{tuple(indices.shape)}: expected {expected}"
         )
     if tail.shape != dense.shape[:-1]:
-        raise ValueError(f"target tail {tuple(tail.shape)}: expected {tuple(dense.shape[:-1])}")
+        raise ValueError(f"{tail_name} {tuple(tail.shape)}: expected {tuple(dense.shape[:-1])}")
 
 
 def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_mass: Tensor) -> None:
     check_sparse_target_shapes(
-        student_logits, topk_logprobs, topk_indices, tail_mass, "student logits", "[B, T, V], [B, T, k], [B, T, k]"
+        student_logits,
+        topk_logprobs,
+        topk_indices,
+        tail_mass,
+        ("student logits", "top-k values", "indices", "tail_mass"),
+        "[B, T, V], [B, T, k], [B, T, k]",
     )
 
 

@@ -455,7 +455,7 @@ def attention_kl_topk(
         target_values,
         target_indices,
         target_tail,
-        "student maps",
+        ("student maps", "target values", "indices", "target tail"),
         "[B, H, T, T], [B, H, T, m], [B, H, T, m]",
     )
     num_queries, m = student_maps.shape[-2], target_indices.shape[-1]

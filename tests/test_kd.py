@@ -286,9 +286,9 @@ def test_fused_logit_losses_match_autograd_references(temperature: float, k: int
 def test_sparse_targets_of_the_wrong_shape_are_refused() -> None:
     student = _logits(0)
     values, indices, tail = topk_targets(_logits(1), 4)
-    with pytest.raises(ValueError, match=r"student logits \(3, 7, 13\), target values \(3, 7, 4\), indices \(3, 7, 3"):
+    with pytest.raises(ValueError, match=r"student logits \(3, 7, 13\), top-k values \(3, 7, 4\), indices \(3, 7, 3"):
         kd_loss_topk(student, values, indices[..., :3], tail, _mask())
     with pytest.raises(ValueError, match=r"expected \[B, T, V\], \[B, T, k\], \[B, T, k\]"):
         kd_loss_topk(student, values[:, :5], indices[:, :5], tail, _mask())
-    with pytest.raises(ValueError, match=r"target tail \(3, 6\): expected \(3, 7\)"):
+    with pytest.raises(ValueError, match=r"tail_mass \(3, 6\): expected \(3, 7\)"):
         logit_losses(student, torch.zeros(BATCH, SEQ, dtype=torch.long), values, indices, tail[:, :6], _mask())
