@@ -9,6 +9,7 @@ top-m attention targets.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -126,44 +127,60 @@ TOPK_CHUNK_ELEMENTS = {"cpu": 1 << 22, "other": 1 << 28}
 from cache rather than memory; on an accelerator 1 GB, few enough launches and a bounded fp32 temporary."""
 
 
-def topk_targets(teacher_logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The cacheable sparse form of the teacher distribution at τ = 1.
+def topk_targets(
+    teacher_logits: Tensor, k: int, temperatures: Sequence[float] = (1.0,)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The cacheable sparse form of the teacher distribution: top-k log-probs at τ = 1 and, for every temperature
+    τ in `temperatures`, the tail sum R_τ = Σ_{j ∉ top k} p_j^{1/τ}.
 
     `teacher_logits` [B, T, V] → `values` [B, T, k] fp32 top-k log-probs (descending), `indices` [B, T, k] int64,
-    `tail_mass` [B, T] fp32 = the probability outside the top k. The tail is summed over the complement itself (the
-    entries not kept, relative to the row maximum) rather than taken as 1 − Σ top-k, so a small tail is not lost to
-    cancellation and it is exactly 0 when k = V. Ties at the k-th value are broken arbitrarily.
+    `tail_sums` [B, T, len(temperatures)] fp32. R_1 is the probability outside the top k. R_τ is what the softened
+    teacher softmax(z/τ) needs beyond the kept entries: p_j^(τ) = p_j^{1/τ} / (Σ_kept p^{1/τ} + R_τ), so with R_τ
+    stored the (k+1)-bucket KL is exact at τ (see `soften_topk`); R_τ cannot be recovered from R_1. Tails are summed
+    over the complement itself (the entries not kept, relative to the row maximum) rather than taken as 1 − Σ top-k,
+    so a small tail is not lost to cancellation and it is exactly 0 when k = V. Ties at the k-th value are broken
+    arbitrarily.
 
-    Two passes over the vocabulary per row (block maxima, then exp-sums per block) instead of log-softmax, top-k,
-    a scattered copy and a logsumexp: the cache stage runs this on every teacher token (see `_topk_rows`).
+    Two passes over the vocabulary per row plus one per extra temperature (block maxima, then exp-sums per block)
+    instead of log-softmax, top-k, a scattered copy and a logsumexp: the cache stage runs this on every teacher
+    token (see `_topk_rows`).
     """
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
+    if not temperatures or not all(temperature > 0 for temperature in temperatures):
+        raise ValueError(f"temperatures={list(temperatures)}: expected one or more positive numbers")
     rows = teacher_logits.reshape(-1, vocab)
     chunk = TOPK_CHUNK_ELEMENTS["cpu" if rows.device.type == "cpu" else "other"]
     step = max(1, chunk // vocab)
-    parts = [_topk_rows(rows[start : start + step].float(), k) for start in range(0, rows.shape[0], step)]
-    values, indices, tail_mass = (torch.cat(part) for part in zip(*parts, strict=True))
+    parts = [
+        _topk_rows(rows[start : start + step].float(), k, tuple(temperatures))
+        for start in range(0, rows.shape[0], step)
+    ]
+    values, indices, tail_sums = (torch.cat(part) for part in zip(*parts, strict=True))
     leading = teacher_logits.shape[:-1]
-    return values.view(*leading, k), indices.view(*leading, k), tail_mass.view(leading)
+    return values.view(*leading, k), indices.view(*leading, k), tail_sums.view(*leading, len(temperatures))
 
 
-def _topk_rows(rows: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def _topk_rows(rows: Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
     """`topk_targets` of fp32 `rows` [R, V].
 
     The vocabulary is cut into blocks of `TOPK_BLOCK`; the k blocks with the largest maxima hold the top k entries
     (k entries are >= the k-th largest block maximum), so the entry-wise top-k runs on those blocks plus the ragged
-    end only. With m the row maximum, the normaliser is Σ_blocks Σ exp(z − m) and the tail the same sum over the
-    blocks not chosen plus the chosen blocks' entries not kept: sums of positive terms, no cancellation.
+    end only. With m the row maximum, the normaliser is Z = Σ_blocks Σ exp(z − m) and the tail at τ the sum of
+    exp((z − m)/τ) over the blocks not chosen plus the chosen blocks' entries not kept, divided by Z^{1/τ}: sums of
+    positive terms, no cancellation.
     """
     num_rows, vocab = rows.shape
+    tails: dict[float, Tensor] = {}
     if 2 * k * TOPK_BLOCK > vocab:
         values, indices = rows.topk(k, dim=-1)
         row_max = values[:, :1]
-        exps = (rows - row_max).exp_()
-        total = exps.sum(-1)
-        tail = exps.scatter_(-1, indices, 0.0).sum(-1)
+        for tau in dict.fromkeys((1.0, *temperatures)):
+            exps = _shifted_exp(rows, row_max, tau)
+            if tau == 1.0:
+                total = exps.sum(-1)
+            tails[tau] = exps.scatter_(-1, indices, 0.0).sum(-1)
     else:
         num_blocks = vocab // TOPK_BLOCK
         width = num_blocks * TOPK_BLOCK
@@ -176,34 +193,38 @@ def _topk_rows(rows: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         values, positions = candidate_logits.topk(k, dim=-1)
         indices = candidates.gather(1, positions)
         row_max = values[:, :1]
-        block_sums = (blocked - row_max[..., None]).exp_().sum(-1)
-        candidate_exps = (candidate_logits - row_max).exp_()
-        total = block_sums.sum(-1) + candidate_exps[:, k * TOPK_BLOCK :].sum(-1)
-        tail = block_sums.scatter_(1, blocks, 0.0).sum(-1) + candidate_exps.scatter_(1, positions, 0.0).sum(-1)
-    return values - row_max - total.log()[:, None], indices, tail / total
+        for tau in dict.fromkeys((1.0, *temperatures)):
+            block_sums = _shifted_exp(blocked, row_max[..., None], tau).sum(-1)
+            candidate_exps = _shifted_exp(candidate_logits, row_max, tau)
+            if tau == 1.0:
+                total = block_sums.sum(-1) + candidate_exps[:, k * TOPK_BLOCK :].sum(-1)
+            tails[tau] = block_sums.scatter_(1, blocks, 0.0).sum(-1) + candidate_exps.scatter_(1, positions, 0.0).sum(
+                -1
+            )
+    log_total = total.log()
+    tail_sums = torch.stack([tails[tau] * (-log_total / tau).exp() for tau in temperatures], dim=-1)
+    return values - row_max - log_total[:, None], indices, tail_sums
 
 
-def soften_topk(
-    logprobs: Tensor, tail_mass: Tensor, temperature: float, num_tail_slots: int | Tensor
-) -> tuple[Tensor, Tensor]:
-    """Apply temperature to a sparse target stored at τ = 1: `logprobs` [..., k] of the kept entries, `tail_mass`
-    [...] of the rest → softened (`logprobs` [..., k], `log_tail` [...]) over the k + 1 buckets, summing to 1.
+def _shifted_exp(logits: Tensor, row_max: Tensor, temperature: float) -> Tensor:
+    """exp((z − m) / τ) as a new tensor (written in place once allocated; the vocabulary-sized pass is the cost)."""
+    shifted = logits - row_max
+    return (shifted if temperature == 1.0 else shifted.div_(temperature)).exp_()
 
-    Rule: a kept entry becomes p_i^{1/τ}; the tail is taken as spread uniformly over the `num_tail_slots` entries it
-    covers (V − k for logits; (i + 1) − m for attention query i, a tensor broadcastable to `tail_mass`), so it
-    becomes n · (tail / n)^{1/τ}; then all k + 1 buckets are renormalised. This is exact at τ = 1 and whenever the
-    tail is 0. Where `num_tail_slots` <= 0 (a row no longer than k) or the tail is 0, the tail bucket is empty
-    (log_tail = -inf). Rows with no mass at all (all-zero padding rows) come out all -inf, not NaN.
+
+def soften_topk(logprobs: Tensor, tail_sum: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """The exact softened form of a sparse target: `logprobs` [..., k] of the kept entries at τ = 1 and the tail sum
+    `tail_sum` [...] = R_τ = Σ_tail p^{1/τ} at this very τ (see `topk_targets`; at τ = 1 it is the tail mass) →
+    (`logprobs` [..., k], `log_tail` [...]) over the k + 1 buckets of softmax(log p / τ), summing to 1.
+
+    Kept entries become p_i^{1/τ} / Z_τ and the tail R_τ / Z_τ with Z_τ = Σ_kept p^{1/τ} + R_τ: exactly the
+    bucket masses of the softened full distribution. An empty tail (R_τ = 0) gives log_tail = -inf; rows with no
+    mass at all (all-zero padding rows) come out all -inf, not NaN.
     """
     _check_temperature(temperature)
-    logprobs = logprobs.float()
-    tail_mass = tail_mass.float()
-    slots = torch.as_tensor(num_tail_slots, dtype=torch.float32, device=logprobs.device)
-    has_tail = (tail_mass > 0) & (slots > 0)
-    log_slots = slots.clamp_min(1).log()
-    log_tail = torch.where(has_tail, tail_mass.clamp_min(PROB_FLOOR).log(), -math.inf)
-    log_tail = log_slots + (log_tail - log_slots) / temperature
-    logprobs = logprobs / temperature
+    logprobs = logprobs.float() / temperature
+    tail_sum = tail_sum.float()
+    log_tail = torch.where(tail_sum > 0, tail_sum.clamp_min(PROB_FLOOR).log(), -math.inf)
     normaliser = torch.logsumexp(torch.cat([logprobs, log_tail.unsqueeze(-1)], dim=-1), dim=-1)
     normaliser = torch.where(torch.isneginf(normaliser), 0.0, normaliser)
     return logprobs - normaliser.unsqueeze(-1), log_tail - normaliser
@@ -231,7 +252,7 @@ def kd_loss_topk(
     student_logits: Tensor,
     topk_logprobs: Tensor,
     topk_indices: Tensor,
-    tail_mass: Tensor,
+    tail_sum: Tensor,
     mask: Tensor,
     temperature: float = 1.0,
     reduction: Reduction = "mean",
@@ -239,16 +260,17 @@ def kd_loss_topk(
     """τ² · KL from a cached top-k teacher (see `topk_targets`) with the remaining mass as a tail bucket.
 
     `student_logits` [B, T, V]; `topk_logprobs` [B, T, k] (τ = 1 log-probs, any float dtype); `topk_indices`
-    [B, T, k] (any int dtype); `tail_mass` [B, T]; `mask` [B, T] bool. The teacher is softened by `soften_topk` with
-    V − k tail slots; the student is softmax(z_s/τ) over the full vocabulary, gathered at the indices, its tail
-    1 − Σ kept (floored at `STUDENT_TAIL_FLOOR`). Equals `kd_loss` when k = V; never renormalises the teacher's tail
-    away.
+    [B, T, k] (any int dtype); `tail_sum` [B, T] = R_τ of `topk_targets` at this temperature; `mask` [B, T] bool.
+    The teacher is softened exactly by `soften_topk`; the student is softmax(z_s/τ) over the full vocabulary,
+    gathered at the indices, its tail 1 − Σ kept (floored at `STUDENT_TAIL_FLOOR`). The result is the exact KL
+    between the (k+1)-bucket distributions at τ (× τ²): equal to `kd_loss` when k = V, a lower bound of it otherwise;
+    the teacher's tail is never renormalised away.
     """
     _check_temperature(temperature)
     _check_reduction(reduction)
-    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_mass)
+    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_sum)
     _, per_position = _FusedLogitLosses.apply(
-        student_logits, _safe_labels(None, student_logits), topk_logprobs, topk_indices, tail_mass, temperature
+        student_logits, _safe_labels(None, student_logits), topk_logprobs, topk_indices, tail_sum, temperature
     )
     return masked_reduce(per_position, mask, reduction)
 
@@ -269,13 +291,13 @@ def check_sparse_target_shapes(
         raise ValueError(f"{tail_name} {tuple(tail.shape)}: expected {tuple(dense.shape[:-1])}")
 
 
-def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_mass: Tensor) -> None:
+def _check_topk_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_sum: Tensor) -> None:
     check_sparse_target_shapes(
         student_logits,
         topk_logprobs,
         topk_indices,
-        tail_mass,
-        ("student logits", "top-k values", "indices", "tail_mass"),
+        tail_sum,
+        ("student logits", "top-k values", "indices", "tail sums"),
         "[B, T, V], [B, T, k], [B, T, k]",
     )
 
@@ -308,12 +330,11 @@ class _FusedLogitLosses(torch.autograd.Function):
         labels: Tensor,
         topk_logprobs: Tensor,
         topk_indices: Tensor,
-        tail_mass: Tensor,
+        tail_sum: Tensor,
         temperature: float,
     ) -> tuple[Tensor, Tensor]:
-        vocab, k = logits.shape[-1], topk_indices.shape[-1]
         indices = topk_indices.long()
-        target_logprobs, target_log_tail = soften_topk(topk_logprobs, tail_mass, temperature, vocab - k)
+        target_logprobs, target_log_tail = soften_topk(topk_logprobs, tail_sum, temperature)
         z = logits.float()
         normaliser = torch.logsumexp(z, dim=-1, keepdim=True)
         ce = (normaliser - z.gather(-1, labels.unsqueeze(-1))).squeeze(-1)
@@ -366,7 +387,7 @@ def logit_losses(
     labels: Tensor,
     topk_logprobs: Tensor,
     topk_indices: Tensor,
-    tail_mass: Tensor,
+    tail_sum: Tensor,
     mask: Tensor,
     temperature: float = 1.0,
     reduction: Reduction = "mean",
@@ -383,8 +404,8 @@ def logit_losses(
         raise ValueError(
             f"logits {tuple(student_logits.shape)} and labels {tuple(labels.shape)}: expected [B, T, V], [B, T]"
         )
-    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_mass)
+    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_sum)
     ce, kd = _FusedLogitLosses.apply(
-        student_logits, _safe_labels(labels, student_logits), topk_logprobs, topk_indices, tail_mass, temperature
+        student_logits, _safe_labels(labels, student_logits), topk_logprobs, topk_indices, tail_sum, temperature
     )
     return masked_reduce(ce, labels != IGNORE_INDEX, reduction), masked_reduce(kd, mask, reduction)

@@ -94,9 +94,10 @@ def test_kd_loss_teacher_with_zero_probabilities_is_finite() -> None:
 
 def test_topk_targets_values_and_tail() -> None:
     teacher = _logits(2)
-    values, indices, tail = topk_targets(teacher, 4)
+    values, indices, tails = topk_targets(teacher, 4)
+    tail = tails[..., 0]
     logprobs = F.log_softmax(teacher, -1)
-    assert values.shape == indices.shape == (BATCH, SEQ, 4)
+    assert values.shape == indices.shape == (BATCH, SEQ, 4) and tails.shape == (BATCH, SEQ, 1)
     assert values.dtype == tail.dtype == torch.float32 and indices.dtype == torch.int64
     torch.testing.assert_close(values, logprobs.gather(-1, indices), rtol=0, atol=1e-6)
     assert torch.all(values[..., :-1] >= values[..., 1:])
@@ -111,7 +112,7 @@ def test_topk_tail_keeps_tiny_masses() -> None:
     """1 − Σ top-k loses a 1e-20 tail to fp32 cancellation; the complement logsumexp keeps it."""
     teacher = torch.full((1, 1, 5), -46.0)
     teacher[..., :2] = 0.0
-    _, _, tail = topk_targets(teacher, 2)
+    tail = topk_targets(teacher, 2)[2][..., 0]
     expected = 3 * math.exp(-46.0) / (2 + 3 * math.exp(-46.0))
     assert tail.item() == pytest.approx(expected, rel=1e-5)
     assert expected < 1e-19
@@ -138,7 +139,8 @@ def test_topk_targets_block_search_matches_the_reference(vocab: int) -> None:
     logits[0, 2, TOPK_BLOCK - 4 : TOPK_BLOCK + 4] = 12.0 + torch.arange(k) / 8
     logits[1, 0] = -45.0
     logits[1, 0, 100 : 100 + k] = 0.0
-    values, indices, tail = topk_targets(logits, k)
+    values, indices, tails = topk_targets(logits, k)
+    tail = tails[..., 0]
     expected_values, expected_indices, expected_tail = _reference_topk(logits, k)
     torch.testing.assert_close(values.double(), expected_values, rtol=0, atol=2e-6)
     assert torch.equal(indices.sort(-1).values, expected_indices.sort(-1).values)
@@ -154,7 +156,8 @@ def test_topk_loss_equals_dense_when_k_is_vocab(temperature: float) -> None:
     dense_student = _logits(0).requires_grad_()
     sparse_student = _logits(0).requires_grad_()
     dense = kd_loss(dense_student, teacher, mask, temperature)
-    sparse = kd_loss_topk(sparse_student, *topk_targets(teacher, VOCAB), mask, temperature)
+    values, indices, tails = topk_targets(teacher, VOCAB, (temperature,))
+    sparse = kd_loss_topk(sparse_student, values, indices, tails[..., 0], mask, temperature)
     dense.backward()
     sparse.backward()
     assert sparse.item() == pytest.approx(dense.item(), rel=1e-5)
@@ -166,7 +169,10 @@ def test_topk_loss_is_a_lower_bound_that_grows_with_k() -> None:
     """Merging the tail into one bucket can only lose information (data-processing inequality) at τ = 1."""
     student, teacher, mask = _logits(0), _logits(1), _mask()
     dense = kd_loss(student, teacher, mask).item()
-    losses = [kd_loss_topk(student, *topk_targets(teacher, k), mask).item() for k in range(1, VOCAB + 1)]
+    losses = []
+    for k in range(1, VOCAB + 1):
+        values, indices, tails = topk_targets(teacher, k)
+        losses.append(kd_loss_topk(student, values, indices, tails[..., 0], mask).item())
     # The student tail is 1 − Σ top-k in fp32 (kd.STUDENT_TAIL_FLOOR): monotone up to fp32 resolution of the loss.
     assert all(later >= earlier - 1e-6 * dense for earlier, later in itertools.pairwise(losses))
     assert max(losses) <= dense * (1 + 1e-6)
@@ -182,7 +188,8 @@ def test_tail_bucket_is_not_renormalised_away() -> None:
     student_probs = torch.tensor([0.54, 0.36, 0.025, 0.025, 0.025, 0.025])
     teacher, student = teacher_probs.log().view(1, 1, 6), student_probs.log().view(1, 1, 6)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    values, indices, tail = topk_targets(teacher, 2)
+    values, indices, tails = topk_targets(teacher, 2, (1.0, 2.0))
+    tail, tail_at_2 = tails.unbind(-1)
 
     renormalised_teacher = values.exp() / values.exp().sum(-1, keepdim=True)
     renormalised_student = F.softmax(student.gather(-1, indices), -1)
@@ -194,24 +201,74 @@ def test_tail_bucket_is_not_renormalised_away() -> None:
     assert sparse == pytest.approx(expected, rel=1e-5)
     assert sparse == pytest.approx(kd_loss(student, teacher, mask).item(), rel=1e-5)
     assert expected > 0.5
-    softened = kd_loss_topk(student, values, indices, tail, mask, temperature=2.0).item()
+    softened = kd_loss_topk(student, values, indices, tail_at_2, mask, temperature=2.0).item()
     assert softened == pytest.approx(kd_loss(student, teacher, mask, temperature=2.0).item(), rel=1e-5)
 
 
 def test_soften_topk_rule() -> None:
-    """p = 0.5 kept, tail 0.5 over 4 slots, τ = 2: 0.5^½ vs 4·(0.125)^½ → buckets 1/3 and 2/3."""
-    logprobs, log_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([0.5]), 2.0, 4)
+    """p = 0.5 kept, tail 0.5 over 4 entries of 0.125, τ = 2: R_2 = 4 · 0.125^½, 0.5^½ vs R_2 → buckets 1/3, 2/3."""
+    logprobs, log_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([4 * 0.125**0.5]), 2.0)
     assert logprobs.exp().item() == pytest.approx(1 / 3, rel=1e-6)
     assert log_tail.exp().item() == pytest.approx(2 / 3, rel=1e-6)
 
-    same, same_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([0.5]), 1.0, 4)
+    same, same_tail = soften_topk(torch.tensor([[math.log(0.5)]]), torch.tensor([0.5]), 1.0)
     assert same.exp().item() == pytest.approx(0.5, rel=1e-6) and same_tail.exp().item() == pytest.approx(0.5, rel=1e-6)
 
-    no_slots = soften_topk(torch.tensor([[0.0], [0.0]]), torch.tensor([0.0, 0.0]), 3.0, torch.tensor([0, -2]))[1]
-    assert torch.all(torch.isneginf(no_slots))
+    no_tail = soften_topk(torch.tensor([[0.0], [0.0]]), torch.tensor([0.0, 0.0]), 3.0)[1]
+    assert torch.all(torch.isneginf(no_tail))
 
-    empty = soften_topk(torch.full((1, 3), -math.inf), torch.tensor([0.0]), 2.0, 5)
+    empty = soften_topk(torch.full((1, 3), -math.inf), torch.tensor([0.0]), 2.0)
     assert all(torch.isneginf(part).all() for part in empty)
+
+
+def _bucket_kl_reference(student: torch.Tensor, teacher: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """τ² · KL between the (k+1)-bucket distributions of softmax(z_t/τ) and softmax(z_s/τ), in fp64 from the full
+    logits: the teacher's top k (at τ = 1, the same set at any τ) and one bucket for the rest, on both sides."""
+    teacher_probs = F.softmax(teacher.double() / temperature, -1)
+    student_probs = F.softmax(student.double() / temperature, -1)
+    indices = teacher.double().topk(k, dim=-1).indices
+    kept_t, kept_s = teacher_probs.gather(-1, indices), student_probs.gather(-1, indices)
+    buckets_t = torch.cat([kept_t, (1 - kept_t.sum(-1, keepdim=True)).clamp_min(0)], -1)
+    buckets_s = torch.cat([kept_s, (1 - kept_s.sum(-1, keepdim=True)).clamp_min(1e-300)], -1)
+    terms = torch.where(buckets_t > 0, buckets_t * (buckets_t.clamp_min(1e-300).log() - buckets_s.log()), 0.0)
+    return terms.sum(-1) * temperature**2
+
+
+@pytest.mark.parametrize("k", [3, VOCAB])
+def test_topk_kd_is_the_exact_bucket_kl_at_every_cached_temperature(k: int) -> None:
+    """With R_τ cached for τ ∈ {1, 2, 4}, the top-k KD equals the fp64 (k+1)-bucket KL of the full distributions at
+    each τ — values and gradients — and the full KL when k = V (soften-then-bucket is bucket-then-soften only with
+    R_τ: spreading the τ = 1 tail evenly, as before, is wrong at τ ≠ 1)."""
+    teacher, mask = _logits(1, scale=4.0), _mask()
+    temperatures = (1.0, 2.0, 4.0)
+    values, indices, tails = topk_targets(teacher, k, temperatures)
+    for position, temperature in enumerate(temperatures):
+        student = _logits(0).requires_grad_()
+        loss = kd_loss_topk(student, values, indices, tails[..., position], mask, temperature, reduction="sum")
+        loss.backward()
+        reference_student = _logits(0).double().requires_grad_()
+        reference = torch.where(mask, _bucket_kl_reference(reference_student, teacher, k, temperature), 0.0).sum()
+        reference.backward()
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        torch.testing.assert_close(student.grad.double(), reference_student.grad, rtol=1e-4, atol=1e-6)
+        if k == VOCAB:
+            full = kd_loss(_logits(0), teacher, mask, temperature, reduction="sum")
+            assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+        elif temperature > 1:
+            assert loss.item() < kd_loss(_logits(0), teacher, mask, temperature, reduction="sum").item()
+
+
+def test_tail_sums_match_the_fp64_definition() -> None:
+    """R_τ = Σ_tail p^{1/τ} against fp64, on the block-search path (large vocabulary) and the plain one."""
+    for vocab in (VOCAB, 40 * TOPK_BLOCK + 5):
+        logits = torch.randn(2, 3, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+        _, indices, tails = topk_targets(logits, 4, (0.5, 1.0, 3.0))
+        probs = F.softmax(logits.double(), -1)
+        rest = probs.scatter(-1, indices, 0.0)
+        expected = torch.stack([rest.pow(1 / tau).sum(-1) for tau in (0.5, 1.0, 3.0)], -1)
+        torch.testing.assert_close(tails.double(), expected, rtol=2e-5, atol=0)
+    with pytest.raises(ValueError, match="temperatures"):
+        topk_targets(logits, 4, (1.0, 0.0))
 
 
 def test_sparse_kl_zero_tails_are_finite() -> None:
@@ -250,9 +307,7 @@ def _reference_topk_kd(student, values, indices, tail, mask, temperature):
     normaliser = torch.logsumexp(scaled, -1, keepdim=True)
     kept = scaled.gather(-1, indices) - normaliser
     rest = torch.logsumexp(scaled.scatter(-1, indices, -math.inf), -1) - normaliser.squeeze(-1)
-    target, target_tail = soften_topk(
-        values.double(), tail.double(), temperature, student.shape[-1] - indices.shape[-1]
-    )
+    target, target_tail = soften_topk(values.double(), tail.double(), temperature)
     terms = target.exp() * (target - kept)
     tail_terms = torch.where(torch.isneginf(target_tail), 0.0, target_tail.exp() * (target_tail - rest))
     per_position = (terms.sum(-1) + tail_terms) * temperature**2
@@ -267,7 +322,8 @@ def test_fused_logit_losses_match_autograd_references(temperature: float, k: int
     labels = torch.where(
         mask, torch.randint(VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(5)), IGNORE_INDEX
     )
-    values, indices, tail = topk_targets(teacher, k)
+    values, indices, tails = topk_targets(teacher, k, (temperature,))
+    tail = tails[..., 0]
     fused_logits = _logits(0).requires_grad_()
     ce, kd = logit_losses(fused_logits, labels, values.half(), indices.int(), tail, mask, temperature)
     (ce + 0.7 * kd).backward()
@@ -285,10 +341,11 @@ def test_fused_logit_losses_match_autograd_references(temperature: float, k: int
 
 def test_sparse_targets_of_the_wrong_shape_are_refused() -> None:
     student = _logits(0)
-    values, indices, tail = topk_targets(_logits(1), 4)
+    values, indices, tails = topk_targets(_logits(1), 4)
+    tail = tails[..., 0]
     with pytest.raises(ValueError, match=r"student logits \(3, 7, 13\), top-k values \(3, 7, 4\), indices \(3, 7, 3"):
         kd_loss_topk(student, values, indices[..., :3], tail, _mask())
     with pytest.raises(ValueError, match=r"expected \[B, T, V\], \[B, T, k\], \[B, T, k\]"):
         kd_loss_topk(student, values[:, :5], indices[:, :5], tail, _mask())
-    with pytest.raises(ValueError, match=r"tail_mass \(3, 6\): expected \(3, 7\)"):
+    with pytest.raises(ValueError, match=r"tail sums \(3, 6\): expected \(3, 7\)"):
         logit_losses(student, torch.zeros(BATCH, SEQ, dtype=torch.long), values, indices, tail[:, :6], _mask())

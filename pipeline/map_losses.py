@@ -1,0 +1,271 @@
+"""Losses between a student's row-stochastic causal maps, computed from its scores, and cached teacher maps.
+
+An attention map (and a MiniLMv2 relation map) is softmax(q kᵀ · scale) under a causal mask. The student's map is
+never materialised and never logged from a clamped probability: for a block of query rows the scores are recomputed
+from the captured (post-RoPE) queries and keys, masked, divided by τ and turned into log-probabilities with
+`log_softmax`; the loss of each row against the matching target rows is summed, and the block is recomputed in the
+backward pass (activation checkpointing). Peak memory is O(B · H · rows · T) instead of O(B · H · T · T), and with
+top-m targets only the m gathered log-probabilities and the row's complement log-sum-exp are needed.
+
+Targets: `DenseTarget` (the packed causal triangle the cache stores, probabilities at τ = 1) or `SparseTarget` (the
+top m entries of every row plus the tail sum R_τ = Σ_tail t^{1/τ} at the loss temperature, so the (m+1)-bucket KL is
+exact at τ). Per query row: `kl` KL(t ‖ s) summed over keys (0 · log 0 = 0), `mse` Σ_keys (s − t)², `cosine`
+½‖t/‖t‖ − s/‖s‖‖² (= 1 − cos). Rows are averaged over heads, then summed over valid query rows (the caller divides
+by the global row count once). Pure tensor maths: nothing here knows about models, ranks or files.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.kd import check_sparse_target_shapes, soften_topk, sparse_kl_with_tail
+
+MapLossKind = Literal["kl", "mse", "cosine"]
+
+ROW_BLOCK_ELEMENTS = 1 << 21
+"""Score entries (B · H · rows · T) per block of query rows: 8 MB of fp32 per intermediate, a few of them alive at a
+time; small enough to stay out of the peak of a student step, large enough that T ≤ 512 runs as one block."""
+
+MASKED = torch.finfo(torch.float32).min
+"""Score of a key a query may not see. Finite (unlike -inf), so fully masked rows and padding stay NaN-free; it is
+applied after the division by τ, so no temperature can overflow it."""
+
+
+class DenseTarget(NamedTuple):
+    """Exact target maps as the cache stores them: the causal lower triangle, row-major."""
+
+    packed: Tensor
+    """[B, H, T(T+1)/2] probabilities at τ = 1 (any float dtype)."""
+
+
+class SparseTarget(NamedTuple):
+    """Top-m target rows with their tail bucket."""
+
+    values: Tensor
+    """[B, H, T, m] probabilities at τ = 1 (any float dtype); entries at masked keys are 0."""
+    indices: Tensor
+    """[B, H, T, m] key positions (any int dtype)."""
+    tail: Tensor
+    """[B, H, T] R_τ = Σ over the keys not kept of t^{1/τ}, at the temperature of the loss (τ = 1: the tail mass)."""
+
+
+MapTarget = DenseTarget | SparseTarget
+
+
+def triangle_offset(row: int) -> int:
+    """Offset of query row `row` in the packed causal triangle: rows 0..row−1 hold 1 + 2 + … + row entries."""
+    return row * (row + 1) // 2
+
+
+def dense_rows(packed: Tensor, start: int, stop: int, seq_len: int) -> Tensor:
+    """Rows [start, stop) of packed maps [..., T(T+1)/2] as [..., stop − start, T] with exact zeros above the
+    diagonal. The rows of a block are one contiguous slice of the packed triangle, so no full map is formed."""
+    rows = torch.arange(start, stop, device=packed.device)
+    columns = torch.arange(seq_len, device=packed.device)
+    causal = columns[None, :] <= rows[:, None]
+    block = packed.new_zeros(*packed.shape[:-1], stop - start, seq_len)
+    block[..., causal] = packed[..., triangle_offset(start) : triangle_offset(stop)]
+    return block
+
+
+def key_visibility(start: int, stop: int, seq_len: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
+    """[B|1, 1, rows, T] bool: key j visible to query i when j ≤ i (causal) and key j is not padding."""
+    rows = torch.arange(start, stop, device=device)
+    visible = (torch.arange(seq_len, device=device)[None, :] <= rows[:, None])[None, None]
+    if key_mask is not None:
+        visible = visible & key_mask.bool()[:, None, None, :]
+    return visible
+
+
+def student_log_probs(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    start: int,
+    stop: int,
+    *,
+    temperature: float = 1.0,
+    key_mask: Tensor | None = None,
+    head_mean: bool = False,
+) -> Tensor:
+    """log softmax(q kᵀ · scale / τ) of query rows [start, stop), fp32 → [B, H, rows, T] ([B, 1, rows, T] with
+    `head_mean`: the log of the mean over heads of the maps, by a log-sum-exp over heads).
+
+    `query` [B, H, T, d], `key` [B, H_k, T, d] with H_k dividing H (GQA: query head h reads key head h // (H/H_k)).
+    Keys a row may not see carry log-probabilities near `MASKED` (finite; their probability is 0 in fp32).
+    """
+    heads, key_heads = query.shape[1], key.shape[1]
+    if heads % key_heads:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)}: key heads must divide query heads")
+    if key_heads != heads:
+        key = key.repeat_interleave(heads // key_heads, dim=1)
+    scores = query[:, :, start:stop].float() @ key.float().transpose(-1, -2) * (scale / temperature)
+    visible = key_visibility(start, stop, query.shape[2], key_mask, query.device)
+    log_probs = torch.log_softmax(scores.masked_fill(~visible, MASKED), dim=-1)
+    if head_mean:
+        log_probs = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(heads)
+    return log_probs
+
+
+def _soften_dense(target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(t_τ, log t_τ) of dense target rows [..., T]: renormalised t^{1/τ} over the positive entries; zeros stay
+    exact zeros (log -inf) and an all-zero row stays zero."""
+    positive = target > 0
+    log_target = torch.where(positive, target.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
+    if temperature != 1.0:
+        scaled = log_target / temperature
+        normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        log_target = scaled - torch.where(torch.isneginf(normaliser), 0.0, normaliser)
+    return torch.where(positive, log_target.exp(), 0.0), log_target
+
+
+def _unit_rows(rows: Tensor) -> Tensor:
+    """Rows [..., K] scaled to unit L2 norm; all-zero rows stay 0 with a finite gradient."""
+    return rows / rows.square().sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+
+
+def _dense_row_loss(log_probs: Tensor, target: Tensor, kind: MapLossKind, temperature: float) -> Tensor:
+    """Per-row loss [B, H, rows] of student log-probs [B, H, rows, T] against dense target rows (τ = 1 probs)."""
+    target_probs, target_log = _soften_dense(target.float(), temperature)
+    if kind == "kl":
+        terms = torch.where(target_probs > 0, target_probs * (target_log - log_probs), 0.0)
+        return terms.sum(-1)
+    probs = log_probs.exp()
+    if kind == "mse":
+        return (probs - target_probs).square().sum(-1)
+    return 0.5 * (_unit_rows(probs) - _unit_rows(target_probs)).square().sum(-1)
+
+
+def _sparse_row_loss(log_probs: Tensor, values: Tensor, indices: Tensor, tail: Tensor, temperature: float) -> Tensor:
+    """Per-row (m+1)-bucket KL [B, H, rows] of student log-probs [B, H, rows, T] against top-m rows."""
+    values = values.float()
+    target_log = torch.where(values > 0, values.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
+    target_log, target_log_tail = soften_topk(target_log, tail, temperature)
+    kept = log_probs.gather(-1, indices)
+    rest = torch.logsumexp(log_probs.scatter(-1, indices, MASKED), dim=-1)
+    return sparse_kl_with_tail(target_log, target_log_tail, kept, rest)
+
+
+def _block_loss(
+    query: Tensor,
+    key: Tensor,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    *target_rows: Tensor,
+    start: int,
+    stop: int,
+    scale: float,
+    kind: MapLossKind,
+    temperature: float,
+    head_mean: bool,
+) -> Tensor:
+    """Σ over the valid query rows [start, stop) of the row loss averaged over heads: fp32 scalar."""
+    log_probs = student_log_probs(
+        query, key, scale, start, stop, temperature=temperature, key_mask=key_mask, head_mean=head_mean
+    )
+    if len(target_rows) == 1:
+        per_row = _dense_row_loss(log_probs, target_rows[0], kind, temperature)
+    else:
+        per_row = _sparse_row_loss(log_probs, *target_rows, temperature)
+    per_row = per_row.mean(1)
+    if query_mask is not None:
+        per_row = torch.where(query_mask[:, start:stop].bool(), per_row, 0.0)
+    return per_row.sum()
+
+
+def block_rows(batch: int, heads: int, seq_len: int, budget: int = ROW_BLOCK_ELEMENTS) -> int:
+    """Query rows per block so that a block's scores hold at most `budget` entries (at least one row)."""
+    return max(1, budget // max(1, batch * heads * seq_len))
+
+
+def _check_target(query: Tensor, target: MapTarget, head_mean: bool, kind: str) -> None:
+    batch, heads, seq_len = query.shape[:3]
+    target_heads = 1 if head_mean else heads
+    if isinstance(target, DenseTarget):
+        expected = (batch, target_heads, seq_len * (seq_len + 1) // 2)
+        if tuple(target.packed.shape) != expected:
+            raise ValueError(f"dense target {tuple(target.packed.shape)}: expected [B, H, T(T+1)/2] = {expected}")
+        return
+    if kind != "kl":
+        raise ValueError(f"kind={kind!r}: top-m (sparse) targets support only 'kl'")
+    reference = query.new_empty(batch, target_heads, seq_len, seq_len)
+    check_sparse_target_shapes(
+        reference,
+        target.values,
+        target.indices,
+        target.tail,
+        ("student maps", "target values", "indices", "target tail"),
+        "[B, H, T, T], [B, H, T, m], [B, H, T, m]",
+    )
+
+
+def map_loss_sum(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    target: MapTarget,
+    *,
+    kind: MapLossKind = "kl",
+    temperature: float = 1.0,
+    head_mean: bool = False,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    rows_per_block: int | None = None,
+) -> Tensor:
+    """Σ over valid query rows of the loss between the student maps softmax(q kᵀ · scale) and `target`, each row
+    averaged over heads → fp32 scalar with autograd graph into `query` and `key`.
+
+    `query` [B, H, T, d] and `key` [B, H_k, T, d] (post-RoPE, as the attention function saw them; H_k divides H);
+    `scale` the score scaling (1/√d, or what the model uses); `target` of H heads, or of one head with `head_mean`
+    (the student's maps averaged over heads: the `global` matching mode). Both sides are softened by τ (dense
+    targets: renormalised t^{1/τ}; sparse: exact with `SparseTarget.tail` = R_τ). `query_mask`/`key_mask` [B, T] bool
+    (True = a real token): padding rows contribute exactly 0 and padding keys are never attended; None = no padding.
+    """
+    if kind not in ("kl", "mse", "cosine"):
+        raise ValueError(f"kind={kind!r}: expected 'kl', 'mse' or 'cosine'")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a positive number")
+    if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
+        raise ValueError(f"query {tuple(query.shape)}, key {tuple(key.shape)}: expected [B, H, T, d], [B, H_k, T, d]")
+    _check_target(query, target, head_mean, kind)
+    batch, heads, seq_len = query.shape[:3]
+    step = rows_per_block or block_rows(batch, heads, seq_len)
+    recompute = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
+    total = query.new_zeros((), dtype=torch.float32)
+    for start in range(0, seq_len, step):
+        stop = min(start + step, seq_len)
+        if isinstance(target, DenseTarget):
+            rows: tuple[Tensor, ...] = (dense_rows(target.packed, start, stop, seq_len),)
+        else:
+            rows = (
+                target.values[:, :, start:stop],
+                target.indices[:, :, start:stop].long(),
+                target.tail[:, :, start:stop],
+            )
+        block = partial(
+            _block_loss,
+            start=start,
+            stop=stop,
+            scale=scale,
+            kind=kind,
+            temperature=temperature,
+            head_mean=head_mean,
+        )
+        if recompute:
+            total = total + checkpoint(block, query, key, query_mask, key_mask, *rows, use_reentrant=False)
+        else:
+            total = total + block(query, key, query_mask, key_mask, *rows)
+    return total
+
+
+def student_maps(query: Tensor, key: Tensor, scale: float, *, head_mean: bool = False) -> Tensor:
+    """The full causal student maps softmax(q kᵀ · scale) [B, H, T, T] (or [B, 1, T, T] with `head_mean`), fp32, for
+    figures and evaluation samples; training never forms them (see `map_loss_sum`)."""
+    seq_len = query.shape[2]
+    return student_log_probs(query, key, scale, 0, seq_len, head_mean=head_mean).exp()
