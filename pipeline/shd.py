@@ -7,7 +7,7 @@ Shapes: B batch, H heads, T tokens, d model width, dh head width. Attention maps
 """
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -21,7 +21,8 @@ from pipeline.kd import (
     sparse_kl_with_tail,
 )
 
-SqueezeMethod = Literal["shd", "uniform"]
+SqueezeMethod = Literal["shd", "shd_pairwise", "uniform"]
+SQUEEZE_METHODS: tuple[str, ...] = get_args(SqueezeMethod)
 AttentionLossKind = Literal["kl", "mse", "cosine"]
 
 MAX_EXACT_GROUP_SIZE = 10
@@ -107,6 +108,37 @@ def head_groups(num_teacher_heads: int, num_student_heads: int) -> list[list[int
         size = base + (1 if group < extra else 0)
         groups.append(list(range(start, start + size)))
         start += size
+    return groups
+
+
+def _pairwise_pass_sizes(num_teacher_heads: int, num_student_heads: int) -> list[int]:
+    """Pairs merged by each pass of `shd_pairwise`: min(⌊H/2⌋, H − H_s) of the H current heads, until H_s remain
+    (9 → 3: [4, 2]; 25 → 12: [12, 1]); empty when H_s >= H_t."""
+    sizes, heads = [], num_teacher_heads
+    while heads > num_student_heads:
+        pairs = min(heads // 2, heads - num_student_heads)
+        sizes.append(pairs)
+        heads -= pairs
+    return sizes
+
+
+def squeeze_groups(num_teacher_heads: int, num_student_heads: int, method: SqueezeMethod = "shd") -> list[list[int]]:
+    """Which teacher heads each student head is distilled from under `method`.
+
+    "shd" and "uniform": `head_groups`. "shd_pairwise" (SHD's Algorithm 1) squeezes by passes: each pass merges the
+    adjacent pairs (2i, 2i + 1) of the current head list, only the first min(⌊H/2⌋, H − H_s) of them so that the
+    count can stop at any H_s, and carries the rest over; the groups are what the passes build, contiguous and in
+    order (9 → 5: [0, 1], [2, 3], [4, 5], [6, 7], [8]; 9 → 3: [0..3], [4..7], [8]; 9 → 2: [0..7], [8]).
+    H_s >= H_t: `head_groups` for every method.
+    """
+    if method not in SQUEEZE_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(map(repr, SQUEEZE_METHODS))}")
+    groups = head_groups(num_teacher_heads, num_student_heads)
+    if method != "shd_pairwise" or num_student_heads >= num_teacher_heads:
+        return groups
+    groups = [[head] for head in range(num_teacher_heads)]
+    for pairs in _pairwise_pass_sizes(num_teacher_heads, num_student_heads):
+        groups = [groups[2 * i] + groups[2 * i + 1] for i in range(pairs)] + groups[2 * pairs :]
     return groups
 
 
@@ -257,61 +289,135 @@ def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size
     return torch.where(degenerate[:, None], 1 / size, weights).float()
 
 
+class _MergedHead(NamedTuple):
+    """A head of `pairwise_alphas`'s current list: its teacher heads, map [B, T, T] fp32, the KV heads its circuit
+    reads and its output map [H_kv, dh, d] fp64, Σ of its teacher heads' W_O placed at their KV heads' rows (the
+    circuit X_p + X_q of a merge is V times the sum of the two output maps)."""
+
+    heads: list[int]
+    map: Tensor
+    kv_heads: frozenset[int]
+    output: Tensor
+
+
+def pairwise_alphas(maps: Tensor, circuits: Tensor | Circuits, num_student_heads: int) -> Tensor:
+    """SHD's Algorithm 1: effective weights of merging adjacent pairs pass by pass (see `squeeze_groups`).
+
+    `maps` [B, H_t, T, T], `circuits` dense [B, H_t, T, d] or `Circuits` → α [B, H_t] fp32, summing to 1 over each
+    `squeeze_groups(..., "shd_pairwise")` group. Merging current heads p and q takes the closed-form `pair_alpha` of
+    their current maps and circuits; the merged head has map α A_p + (1 − α) A_q and circuit X_p + X_q. A teacher
+    head's weight is the product of the α (or 1 − α) on its path. Factored: a merged circuit is V Ŵ with Ŵ the summed
+    output maps of its teacher heads, so each pair is a `_pair_alpha` on the values of the KV heads it reads, laid
+    side by side as one wide value head (w = dh · those KV heads); H_t − H_s pair solves, each one T × T × w product.
+    """
+    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H_t, T, T]")
+    values, output, kv_heads = as_circuits(circuits, maps)
+    batch, num_teacher_heads, seq = maps.shape[:3]
+    num_kv, head_dim = values.shape[1], values.shape[3]
+    maps = maps.float()
+    alphas = maps.new_ones(batch, num_teacher_heads)
+    current = []
+    for head, kv in enumerate(kv_heads):
+        placed = output.new_zeros(num_kv, head_dim, output.shape[-1], dtype=torch.float64)
+        placed[kv] = output[head].double()
+        current.append(_MergedHead([head], maps[:, head], frozenset([kv]), placed))
+    for pairs in _pairwise_pass_sizes(num_teacher_heads, num_student_heads):
+        merged = []
+        for first, second in zip(current[: 2 * pairs : 2], current[1 : 2 * pairs : 2], strict=True):
+            used = sorted(first.kv_heads | second.kv_heads)
+            wide_values = values[:, used].permute(0, 2, 1, 3).reshape(batch, 1, seq, len(used) * head_dim)
+            wide_output = torch.stack([first.output[used], second.output[used]]).flatten(1, 2)
+            pair_maps = torch.stack([first.map, second.map], dim=1)
+            alpha = _pair_alpha(pair_maps, Circuits(wide_values, wide_output, (0, 0)))
+            alphas[:, first.heads] *= alpha[:, None]
+            alphas[:, second.heads] *= 1 - alpha[:, None]
+            merged_map = torch.lerp(second.map, first.map, alpha[:, None, None])
+            merged.append(
+                _MergedHead(
+                    first.heads + second.heads,
+                    merged_map,
+                    first.kv_heads | second.kv_heads,
+                    first.output + second.output,
+                )
+            )
+        current = merged + current[2 * pairs :]
+    return alphas
+
+
 def squeeze_heads(
     maps: Tensor, circuits: Tensor | Circuits | None, num_student_heads: int, method: SqueezeMethod = "shd"
 ) -> tuple[Tensor, Tensor]:
-    """Squeeze teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along `head_groups`.
+    """Squeeze teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along `squeeze_groups`.
 
     Each target is Σ_i α_i A_i over its group with α on the simplex, so rows stay stochastic and causal. "shd"
-    chooses α per sample and group with `group_alphas` and needs `circuits` (dense [B, H_t, T, d] or `Circuits`,
-    as `AttentionCapture` records them); "uniform" (the constant
-    merge baseline) uses 1/r and ignores them. H_s == H_t returns `maps` itself (fp32); H_s > H_t copies the shared
+    chooses α per sample and group with `group_alphas`, "shd_pairwise" by SHD's pass-wise pair merges
+    (`pairwise_alphas`, on its own grouping); both need `circuits` (dense [B, H_t, T, d] or `Circuits`, as
+    `AttentionCapture` records them). "uniform" (the constant merge baseline) uses 1/r and ignores them; H_s = 1 with
+    "uniform" is the mean map over all heads. H_s == H_t returns `maps` itself (fp32); H_s > H_t copies the shared
     teacher heads; neither needs circuits. Returns (squeezed fp32, alphas [B, H_t] fp32): the weight of each teacher
     head inside its group, summing to 1 over each group (all ones when H_s >= H_t).
     """
-    if method not in ("shd", "uniform"):
-        raise ValueError(f"method={method!r}: expected 'shd' or 'uniform'")
     if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
         raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H_t, T, T]")
     batch, num_teacher_heads = maps.shape[:2]
-    groups = head_groups(num_teacher_heads, num_student_heads)
+    groups = squeeze_groups(num_teacher_heads, num_student_heads, method)
     maps = maps.float()
     alphas = maps.new_ones(batch, num_teacher_heads)
     if num_student_heads >= num_teacher_heads:
         squeezed = maps if num_student_heads == num_teacher_heads else maps[:, [group[0] for group in groups]]
         return squeezed, alphas
-    if method == "shd":
+    if method != "uniform":
         if circuits is None:
             raise ValueError(
-                f"method='shd' squeezing {num_teacher_heads} -> {num_student_heads} heads needs the value-output "
-                "circuits [B, H_t, T, d]; pass circuits or use method='uniform'"
+                f"method={method!r} squeezing {num_teacher_heads} -> {num_student_heads} heads needs the "
+                "value-output circuits [B, H_t, T, d]; pass circuits or use method='uniform'"
             )
         circuits = as_circuits(circuits, maps)
+    if method == "shd_pairwise":
+        alphas = pairwise_alphas(maps, circuits, num_student_heads)
     squeezed_groups = []
     for group in groups:
         heads = slice(group[0], group[-1] + 1)
         group_maps = maps[:, heads]
         if method == "uniform":
-            weights = maps.new_full((batch, len(group)), 1 / len(group))
-        else:
-            weights = group_alphas(group_maps, circuits.select(heads))
-        alphas[:, heads] = weights
-        squeezed_groups.append(torch.einsum("br,brqk->bqk", weights, group_maps))
+            alphas[:, heads] = 1 / len(group)
+        elif method == "shd":
+            alphas[:, heads] = group_alphas(group_maps, circuits.select(heads))
+        squeezed_groups.append(torch.einsum("br,brqk->bqk", alphas[:, heads], group_maps))
     return torch.stack(squeezed_groups, dim=1), alphas
 
 
-def reconstruction_error(maps: Tensor, circuits: Tensor | Circuits, num_student_heads: int, alphas: Tensor) -> Tensor:
+def reconstruction_error(
+    maps: Tensor,
+    circuits: Tensor | Circuits,
+    num_student_heads: int,
+    alphas: Tensor,
+    groups: list[list[int]] | None = None,
+) -> Tensor:
     """SHD objective summed over groups: Σ_g ‖Σ_{i∈g} A_i X_i − (Σ_{i∈g} α_i A_i) Σ_{i∈g} X_i‖_F².
 
     `maps` [B, H_t, T, T], `circuits` [B, H_t, T, d] (a `Circuits` is made dense), `alphas` [B, H_t] as returned by
-    `squeeze_heads` → [B] fp64 (for logging and for comparing α choices; 0 when H_s >= H_t). Computed directly from
-    the dense circuits: the reference the factored α computation is checked against.
+    `squeeze_heads` → [B] fp64 (for logging and for comparing α choices; 0 when H_s >= H_t). `groups`: the grouping
+    the α belong to, one list of teacher heads per student head (default `head_groups`; pass
+    `squeeze_groups(H_t, H_s, "shd_pairwise")` for the pairwise α). Computed directly from the dense circuits: the
+    reference the factored α computation is checked against.
     """
+    num_teacher_heads = maps.shape[1]
+    if groups is None:
+        groups = head_groups(num_teacher_heads, num_student_heads)
+    elif len(groups) != num_student_heads or not all(
+        group and all(0 <= head < num_teacher_heads for head in group) for group in groups
+    ):
+        raise ValueError(
+            f"groups {groups}: expected {num_student_heads} non-empty lists of teacher heads in "
+            f"[0, {num_teacher_heads})"
+        )
     if isinstance(circuits, Circuits):
         circuits = circuits.dense()
     maps, circuits, alphas = maps.float(), circuits.float(), alphas.float()
     error = maps.new_zeros(maps.shape[0], dtype=torch.float64)
-    for group in head_groups(maps.shape[1], num_student_heads):
+    for group in groups:
         group_maps, group_circuits = maps[:, group], circuits[:, group]
         target = (group_maps @ group_circuits).sum(1)
         merged = torch.einsum("br,brqk->bqk", alphas[:, group], group_maps)

@@ -15,8 +15,10 @@ from pipeline.shd import (
     head_groups,
     layer_map,
     pair_alpha,
+    pairwise_alphas,
     reconstruction_error,
     soften,
+    squeeze_groups,
     squeeze_heads,
     topk_rows,
 )
@@ -314,6 +316,137 @@ def test_squeeze_upcasts_half_precision_maps() -> None:
     squeezed, alphas = squeeze_heads(maps.bfloat16(), circuits.bfloat16(), 2)
     assert squeezed.dtype == alphas.dtype == torch.float32
     assert torch.all(squeezed[..., ~_causal(6)] == 0)
+
+
+# ------------------------------------------------------------------------------------------- pairwise squeeze
+
+
+def test_squeeze_groups_follow_the_pairwise_passes() -> None:
+    assert squeeze_groups(9, 5, "shd_pairwise") == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    assert squeeze_groups(9, 3, "shd_pairwise") == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert squeeze_groups(9, 2, "shd_pairwise") == [list(range(8)), [8]]
+    assert squeeze_groups(8, 2, "shd_pairwise") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert squeeze_groups(25, 12, "shd_pairwise") == [[0, 1, 2, 3]] + [[h, h + 1] for h in range(4, 24, 2)] + [[24]]
+    assert squeeze_groups(9, 1, "shd_pairwise") == [list(range(9))]
+    for teacher, student in itertools.product(range(1, 26), range(1, 13)):
+        groups = squeeze_groups(teacher, student, "shd_pairwise")
+        assert len(groups) == student
+        if student >= teacher:
+            assert groups == head_groups(teacher, student)
+        else:
+            assert [head for group in groups for head in group] == list(range(teacher))
+        for method in ("shd", "uniform"):
+            assert squeeze_groups(teacher, student, method) == head_groups(teacher, student)
+    with pytest.raises(ValueError, match="method='pairs'"):
+        squeeze_groups(9, 3, "pairs")
+    with pytest.raises(ValueError, match="student=0"):
+        squeeze_groups(9, 0, "shd_pairwise")
+
+
+def _papers_pairwise_loop(
+    maps: torch.Tensor, circuits: torch.Tensor, student: int
+) -> tuple[list[list[int]], torch.Tensor]:
+    """SHD's Algorithm 1 written out per sample in fp64 with dense circuits: while more than `student` heads remain,
+    merge the first min(⌊H/2⌋, H − student) adjacent pairs with the clipped closed-form α, the merged head keeping
+    α A_p + (1 − α) A_q and X_p + X_q. Returns (final groups, effective weights [B, H_t])."""
+    batch, teacher = maps.shape[:2]
+    weights = torch.ones(batch, teacher, dtype=torch.float64)
+    groups: list[list[int]] = []
+    for sample in range(batch):
+        heads = [([h], maps[sample, h].double(), circuits[sample, h].double()) for h in range(teacher)]
+        while len(heads) > student:
+            pairs = min(len(heads) // 2, len(heads) - student)
+            merged = []
+            for i in range(pairs):
+                (group_p, map_p, circuit_p), (group_q, map_q, circuit_q) = heads[2 * i], heads[2 * i + 1]
+                diff, summed = map_p - map_q, circuit_p + circuit_q
+                denominator = (diff @ summed).square().sum()
+                assert denominator > 1e-6  # random data: the degenerate case (α = ½) is tested elsewhere
+                alpha = (((diff @ circuit_p) * (diff @ summed)).sum() / denominator).clamp(0, 1)
+                weights[sample, group_p] *= alpha
+                weights[sample, group_q] *= 1 - alpha
+                merged.append((group_p + group_q, alpha * map_p + (1 - alpha) * map_q, summed))
+            heads = merged + heads[2 * pairs :]
+        groups = [group for group, _, _ in heads]
+    return groups, weights
+
+
+PAIRWISE_CASES = [(9, 3), (9, 2), (8, 2), (25, 12)]
+
+
+@pytest.mark.parametrize(("teacher", "student"), PAIRWISE_CASES)
+def test_shd_pairwise_equals_the_papers_loop(teacher: int, student: int) -> None:
+    batch, seq, width = 4, 5, 4
+    maps = _maps(batch, teacher, seq, seed=200 + teacher + student)
+    circuits = _circuits(batch, teacher, seq, width, seed=300 + teacher + student)
+    groups, weights = _papers_pairwise_loop(maps, circuits, student)
+    assert squeeze_groups(teacher, student, "shd_pairwise") == groups
+    squeezed, alphas = squeeze_heads(maps, circuits, student, method="shd_pairwise")
+    assert alphas.shape == (batch, teacher) and alphas.dtype == torch.float32
+    torch.testing.assert_close(alphas.double(), weights, rtol=0, atol=1e-5)
+    assert ((weights > 0.01) & (weights < 0.99)).sum() >= batch * (teacher - 1) // 2
+    expected = torch.stack([torch.einsum("br,brqk->bqk", weights[:, g], maps[:, g].double()) for g in groups], 1)
+    torch.testing.assert_close(squeezed.double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pairwise_alphas(maps, circuits, student), alphas, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("teacher", "student"), [*PAIRWISE_CASES, (9, 5)])
+def test_shd_pairwise_error_is_at_least_the_exact_solve_on_its_groups(teacher: int, student: int) -> None:
+    """Pairwise α are feasible for each group's simplex QP, so the exact solve on the same groups is never worse;
+    where every group is a pair (9 → 5) both are the closed form."""
+    batch, seq, width = 5, 6, 4
+    maps = _maps(batch, teacher, seq, seed=400 + teacher + student)
+    circuits = _circuits(batch, teacher, seq, width, seed=500 + teacher + student)
+    groups = squeeze_groups(teacher, student, "shd_pairwise")
+    _, alphas = squeeze_heads(maps, circuits, student, method="shd_pairwise")
+    exact = torch.zeros(batch, teacher)
+    for group in groups:
+        torch.testing.assert_close(alphas[:, group].sum(1), torch.ones(batch), atol=1e-6, rtol=0)
+        exact[:, group] = group_alphas(maps[:, group], circuits[:, group])
+    pairwise_error = reconstruction_error(maps, circuits, student, alphas, groups)
+    exact_error = reconstruction_error(maps, circuits, student, exact, groups)
+    assert torch.all(exact_error <= pairwise_error * (1 + 1e-6))
+    if max(len(group) for group in groups) > 2:
+        assert torch.all(exact_error < pairwise_error * 0.999)
+    else:
+        torch.testing.assert_close(alphas, exact, rtol=0, atol=1e-5)
+    if groups != head_groups(teacher, student):  # the default grouping is another objective
+        assert not torch.allclose(reconstruction_error(maps, circuits, student, alphas), pairwise_error)
+
+
+@pytest.mark.parametrize(("teacher", "kv_heads", "student"), [(9, 3, 3), (9, 3, 2), (8, 2, 2), (6, 2, 4), (4, 4, 2)])
+def test_shd_pairwise_factored_circuits_give_the_dense_alphas(teacher: int, kv_heads: int, student: int) -> None:
+    """Merged heads reading several KV heads (9 → 3 merges heads 2, 3 of KV heads 0 and 1) agree with dense X."""
+    batch, seq, head_dim, width = 3, 7, 4, 10
+    maps = _maps(batch, teacher, seq, seed=600 + teacher + student)
+    circuits = _factored_circuits(batch, teacher, kv_heads, seq, head_dim, width)
+    squeezed, alphas = squeeze_heads(maps, circuits, student, method="shd_pairwise")
+    dense_squeezed, dense_alphas = squeeze_heads(maps, circuits.dense(), student, method="shd_pairwise")
+    _, reference = _papers_pairwise_loop(maps, circuits.dense(), student)
+    torch.testing.assert_close(alphas, dense_alphas, rtol=0, atol=1e-5)
+    torch.testing.assert_close(alphas.double(), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(squeezed, dense_squeezed, rtol=0, atol=1e-5)
+
+
+def test_shd_pairwise_without_squeezing_is_like_shd() -> None:
+    maps = _maps(2, 4, 6, seed=700)
+    for student in (4, 6):
+        squeezed, alphas = squeeze_heads(maps, None, student, method="shd_pairwise")
+        expected, expected_alphas = squeeze_heads(maps, None, student, method="shd")
+        assert torch.equal(squeezed, expected) and torch.equal(alphas, expected_alphas)
+    with pytest.raises(ValueError, match="method='shd_pairwise' squeezing 4 -> 2 heads needs the value-output"):
+        squeeze_heads(maps, None, 2, method="shd_pairwise")
+
+
+def test_reconstruction_error_refuses_groups_that_do_not_fit() -> None:
+    maps, circuits = _maps(2, 4, 5, seed=701), _circuits(2, 4, 5, 3, seed=702)
+    alphas = torch.full((2, 4), 0.5)
+    with pytest.raises(ValueError, match=r"groups \[\[0, 1\], \[2, 3\]\]: expected 3 non-empty lists"):
+        reconstruction_error(maps, circuits, 3, alphas, [[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"groups \[\[0, 1\], \[2, 4\]\].*in \[0, 4\)"):
+        reconstruction_error(maps, circuits, 2, alphas, [[0, 1], [2, 4]])
+    with pytest.raises(ValueError, match=r"groups \[\[0, 1, 2, 3\], \[\]\]"):
+        reconstruction_error(maps, circuits, 2, alphas, [[0, 1, 2, 3], []])
 
 
 # ------------------------------------------------------------------------------------------------ layer map
