@@ -426,6 +426,40 @@ def reconstruction_error(
     return error
 
 
+def head_importance(maps: Tensor, circuits: Tensor | Circuits) -> Tensor:
+    """Each teacher head's share of its layer's attention output, ‖A_h X_h‖_F / Σ_j ‖A_j X_j‖_F, per sample: what the
+    `selective` matching mode and carving a student from the teacher rank heads by.
+
+    `maps` [B, H, T, T], `circuits` dense [B, H, T, d] or `Circuits` → [B, H] fp32, each row summing to 1 (uniform
+    where every head's output is 0). In the values' space: with P_h = A_h V_{kv(h)} [B, T, dh] (fp32),
+    ‖P_h W_O^h‖² = ⟨P_hᵀ P_h, W_O^h W_O^hᵀ⟩, two dh × dh matrices accumulated in fp64; no T × d tensor is formed.
+    """
+    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H, T, T]")
+    values, output, kv_heads = as_circuits(circuits, maps)
+    projected = (maps.float() @ values.float()[:, list(kv_heads)]).double()
+    output = output.double()
+    squared = (projected.mT @ projected * (output @ output.mT)).sum((-2, -1))
+    norms = squared.clamp_min(0).sqrt()
+    total = norms.sum(1, keepdim=True)
+    shares = norms / torch.where(total > 0, total, 1.0)
+    return torch.where(total > 0, shares, 1 / maps.shape[1]).float()
+
+
+def select_heads(importance: Tensor, num_student_heads: int) -> list[int]:
+    """The H_s teacher heads with the largest mean importance, in head order (ties go to the lower index).
+
+    `importance` [N, H_t] (`head_importance` over N calibration samples) or [H_t] (already averaged).
+    """
+    if importance.dim() not in (1, 2) or importance.numel() == 0:
+        raise ValueError(f"importance {tuple(importance.shape)}: expected [N, H_t] or [H_t]")
+    mean = importance.double().reshape(-1, importance.shape[-1]).mean(0).tolist()
+    if not 1 <= num_student_heads <= len(mean):
+        raise ValueError(f"num_student_heads={num_student_heads}: expected an int in [1, {len(mean)}] (teacher heads)")
+    ranked = sorted(range(len(mean)), key=lambda head: (-mean[head], head))
+    return sorted(ranked[:num_student_heads])
+
+
 def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list[int]) -> list[int]:
     """Teacher layer matched by each student layer.
 

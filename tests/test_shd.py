@@ -13,10 +13,12 @@ from pipeline.shd import (
     attention_loss,
     group_alphas,
     head_groups,
+    head_importance,
     layer_map,
     pair_alpha,
     pairwise_alphas,
     reconstruction_error,
+    select_heads,
     soften,
     squeeze_groups,
     squeeze_heads,
@@ -447,6 +449,71 @@ def test_reconstruction_error_refuses_groups_that_do_not_fit() -> None:
         reconstruction_error(maps, circuits, 2, alphas, [[0, 1], [2, 4]])
     with pytest.raises(ValueError, match=r"groups \[\[0, 1, 2, 3\], \[\]\]"):
         reconstruction_error(maps, circuits, 2, alphas, [[0, 1, 2, 3], []])
+
+
+# --------------------------------------------------------------------------------------------- head importance
+
+
+def _hand_built_heads() -> tuple[torch.Tensor, Circuits]:
+    """Four heads over T = 2 on two KV heads (heads 0, 1 read V_0 = e_0, heads 2, 3 read V_1 = e_1), dh = 1; head h's
+    second query row is [p_h, 1 − p_h] with p = (0, ¾, 0, ½) and W_O^h = c_h · (0.6, 0.8) with c = (2, 4, −1, 8).
+    By hand: A_h V_0 = (1, p_h), A_h V_1 = (0, 1 − p_h), so ‖A_h X_h‖ = |c_h| ‖A_h V‖ = 2 · 1, 4 · 5/4, 1 · 1, 8 · ½
+    = (2, 5, 1, 4), shares (2, 5, 1, 4) / 12."""
+    maps = torch.zeros(1, 4, 2, 2)
+    maps[..., 0, 0] = 1.0
+    for head, p in enumerate((0.0, 0.75, 0.0, 0.5)):
+        maps[0, head, 1] = torch.tensor([p, 1 - p])
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 2, 1)
+    output = torch.tensor([2.0, 4.0, -1.0, 8.0]).reshape(4, 1, 1) * torch.tensor([0.6, 0.8])
+    return maps, Circuits(values, output, (0, 0, 1, 1))
+
+
+def test_head_importance_selection_and_global_map_by_hand() -> None:
+    maps, circuits = _hand_built_heads()
+    expected = torch.tensor([[2.0, 5.0, 1.0, 4.0]]) / 12
+    torch.testing.assert_close(head_importance(maps, circuits), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(head_importance(maps, circuits.dense()), expected, rtol=0, atol=1e-7)
+    assert select_heads(head_importance(maps, circuits), 1) == [1]
+    assert select_heads(head_importance(maps, circuits), 2) == [1, 3]
+    assert select_heads(head_importance(maps, circuits)[0], 3) == [0, 1, 3]
+    global_map, weights = squeeze_heads(maps, None, 1, method="uniform")  # the mean over all heads
+    mean_p = (0 + 0.75 + 0 + 0.5) / 4
+    torch.testing.assert_close(global_map, torch.tensor([[[[1.0, 0.0], [mean_p, 1 - mean_p]]]]), rtol=0, atol=0)
+    assert torch.all(weights == 0.25)
+    silent = circuits._replace(output=torch.zeros(4, 1, 2))
+    assert torch.equal(head_importance(maps, silent), torch.full((1, 4), 0.25))
+
+
+@pytest.mark.parametrize(("teacher", "kv_heads"), [(9, 3), (4, 4), (6, 1)])
+def test_head_importance_matches_the_dense_formula(teacher: int, kv_heads: int) -> None:
+    batch, seq, head_dim, width = 3, 7, 4, 10
+    maps = _maps(batch, teacher, seq, seed=800 + teacher)
+    circuits = _factored_circuits(batch, teacher, kv_heads, seq, head_dim, width)
+    norms = (maps.double() @ circuits.dense().double()).square().sum((-2, -1)).sqrt()
+    expected = (norms / norms.sum(1, keepdim=True)).float()
+    importance = head_importance(maps, circuits)
+    assert importance.shape == (batch, teacher) and importance.dtype == torch.float32
+    torch.testing.assert_close(importance, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(head_importance(maps, circuits.dense()), expected, rtol=1e-5, atol=1e-7)
+    assert importance.max() / importance.min() > 2
+    with pytest.raises(ValueError, match=r"maps \(3, 7, 7\)"):
+        head_importance(maps[:, 0], circuits)
+
+
+def test_select_heads_ranks_the_mean_and_breaks_ties_by_index() -> None:
+    importance = torch.tensor([[0.4, 0.1, 0.2, 0.3], [0.0, 0.5, 0.2, 0.3]])  # mean (0.2, 0.3, 0.2, 0.3)
+    assert select_heads(importance, 2) == [1, 3]
+    assert select_heads(importance, 3) == [0, 1, 3]
+    assert select_heads(importance, 4) == [0, 1, 2, 3]
+    assert select_heads(torch.full((4,), 0.25), 2) == [0, 1]
+    with pytest.raises(ValueError, match=r"num_student_heads=5: expected an int in \[1, 4\]"):
+        select_heads(importance, 5)
+    with pytest.raises(ValueError, match="num_student_heads=0"):
+        select_heads(importance, 0)
+    with pytest.raises(ValueError, match=r"importance \(1, 2, 4\): expected \[N, H_t\] or \[H_t\]"):
+        select_heads(importance[None], 2)
+    with pytest.raises(ValueError, match=r"importance \(0, 4\)"):
+        select_heads(importance[:0], 2)
 
 
 # ------------------------------------------------------------------------------------------------ layer map
