@@ -5,7 +5,10 @@ and the student's probabilities with their autograd graph at training time. tran
 only from eager attention, so instead of copying model code we register one attention function,
 ``CAPTURE_ATTENTION``: layers inside an ``AttentionCapture`` block are computed eagerly (fp32 softmax) and recorded,
 every other layer — and every layer outside a block — is delegated to transformers' SDPA function unchanged, so a
-teacher forward costs what an SDPA forward costs plus the captured layers.
+teacher forward costs what an SDPA forward costs plus the captured layers. A capture with ``eager=False`` (students
+in training) keeps SDPA for the captured layers too and records only what the attention function was given — the
+post-RoPE queries and keys, the values and the score scale — so that a loss can recompute the scores blockwise
+(``pipeline.map_losses``) without the [B, H, T, T] maps ever existing in the forward pass.
 
 Layer identity is ``module.layer_idx``; a capture finds attention modules by walking ``model.modules()``, so it
 works on a model wrapped by another module (a DeepSpeed engine, a DDP wrapper).
@@ -30,6 +33,22 @@ CAPTURE_ATTENTION = "shd_capture"
 
 _CAPTURE_ATTR = "_shd_capture"
 _LLAMA_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+class ScoreInputs(NamedTuple):
+    """What one layer's attention function was given, recorded by a non-eager capture (with autograd graph).
+
+    The layer's maps are softmax(query keyᵀ · scale) under the causal mask (``map_losses.student_log_probs``).
+    """
+
+    query: Tensor
+    """``[B, H, T, dh]`` post-RoPE queries, in the model's dtype."""
+    key: Tensor
+    """``[B, H_kv, T, dh]`` post-RoPE keys, once per KV head (query head h reads KV head h // (H / H_kv))."""
+    value: Tensor
+    """``[B, H_kv, T, dh]`` values, once per KV head."""
+    scale: float
+    """The score scaling the layer uses (1/√dh, times GPT-2's inverse-layer-index factor where configured)."""
 
 
 class QKV(NamedTuple):
@@ -157,10 +176,14 @@ def capture_attention_forward(
     ``[B, Tq, H, dh]`` in the value dtype and, for a captured layer, the fp32 probabilities ``[B, H, Tq, Tk]``.
     """
     capture: AttentionCapture | None = getattr(module, _CAPTURE_ATTR, None)
-    if capture is None:
-        return sdpa_attention_forward(
+    if capture is None or not capture.eager:
+        output = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
+        if capture is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            capture.inputs[module.layer_idx] = ScoreInputs(query, key, value, scale)
+        return output
     num_key_value_groups = getattr(module, "num_key_value_groups", 1)
     key_states = repeat_kv(key, num_key_value_groups)
     value_states = repeat_kv(value, num_key_value_groups)
@@ -175,7 +198,7 @@ def capture_attention_forward(
     probs = torch.softmax(scores, dim=-1)
     weights = nn.functional.dropout(probs, p=dropout, training=module.training).to(value_states.dtype)
     attn_output = torch.matmul(weights, value_states).transpose(1, 2).contiguous()
-    capture._record(module, query, key_states, value, value_states, scores, probs)
+    capture._record(module, query, key_states, value, value_states, probs)
     return attn_output, probs
 
 
@@ -193,13 +216,14 @@ class AttentionCapture:
     capture.maps[3]  # [B, H, T, T] float32
     ```
 
-    Recorded per captured layer (dicts keyed by layer index; H = query heads, GQA already expanded):
+    With ``eager=False`` the captured layers keep SDPA and record only ``inputs``: a ``ScoreInputs`` (post-RoPE
+    queries, keys and values as the attention function received them, and the score scale), with their autograd
+    graph — what a student needs for a loss from scores. The options below need ``eager=True`` (the default).
+
+    Recorded per captured layer by an eager capture (dicts keyed by layer index; H = query heads, GQA expanded):
 
     - ``maps``: attention probabilities ``[B, H, T, T]`` float32, causal, padding keys at 0, rows summing to 1
       (before attention dropout). They keep their autograd graph when grad is enabled.
-    - ``scores`` (``scores=True``): the masked pre-softmax scores ``[B, H, T, T]`` float32 (scaled; masked entries at
-      finfo.min), so that a temperature can be applied as ``softmax(scores / τ)`` (τ ≥ 1 keeps masked entries
-      finite; for τ < 1 re-mask after dividing).
     - ``circuits`` (``circuits=True``): value–output circuits ``X_h = V_h W_O^h`` as their factors, a
       ``shd.Circuits`` of the values ``[B, H_kv, T, dh]`` float32 (each KV head once), the per-head output projections
       ``[H, dh, d_model]`` float32 (bias excluded) and the KV head of each query head; ``.dense()`` gives
@@ -216,20 +240,22 @@ class AttentionCapture:
         model: nn.Module,
         layers: Iterable[int],
         *,
+        eager: bool = True,
         circuits: bool = False,
         qkv: bool = False,
-        scores: bool = False,
     ) -> None:
+        if not eager and (circuits or qkv):
+            raise ValueError("circuits and qkv are recorded by eager captures only (eager=True)")
         self.layers = sorted(set(layers))
+        self.eager = eager
         self._model = model
         self._record_circuits = circuits
         self._record_qkv = qkv
-        self._record_scores = scores
         self._modules: list[nn.Module] = []
         self.maps: dict[int, Tensor] = {}
-        self.scores: dict[int, Tensor] = {}
         self.circuits: dict[int, Circuits] = {}
         self.qkv: dict[int, QKV] = {}
+        self.inputs: dict[int, ScoreInputs] = {}
 
     def __enter__(self) -> "AttentionCapture":
         modules = find_attention_modules(self._model)
@@ -246,7 +272,7 @@ class AttentionCapture:
                 )
             if getattr(module, _CAPTURE_ATTR, None) is not None:
                 raise RuntimeError(f"layer {module.layer_idx} is already inside another AttentionCapture")
-        self.maps, self.scores, self.circuits, self.qkv = {}, {}, {}, {}
+        self.maps, self.circuits, self.qkv, self.inputs = {}, {}, {}, {}
         for module in selected:
             setattr(module, _CAPTURE_ATTR, self)
         self._modules = selected
@@ -269,15 +295,12 @@ class AttentionCapture:
         key: Tensor,
         kv_values: Tensor,
         value: Tensor,
-        scores: Tensor,
         probs: Tensor,
     ) -> None:
         """Store one layer's tensors; query ``[B, H, T, dh]``, key/value repeated to ``[B, H, T, dh]``, ``kv_values``
         the values per KV head ``[B, H_kv, T, dh]``."""
         layer = module.layer_idx
         self.maps[layer] = probs
-        if self._record_scores:
-            self.scores[layer] = scores
         if self._record_qkv:
             self.qkv[layer] = QKV(query.float(), key.float(), value.float())
         if self._record_circuits:

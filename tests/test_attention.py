@@ -16,6 +16,7 @@ from pipeline.attention import (
     attention_dims,
     find_attention_modules,
 )
+from pipeline.map_losses import student_maps
 from pipeline.models import build_student, load_teacher, load_tokenizer
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A spider has eight legs."]
@@ -172,7 +173,7 @@ def test_only_requested_layers_inside_with_are_recorded(tiny_llama_dir: Path, mo
         teacher(input_ids=input_ids)
     assert sdpa_calls == [0, 1, 3]
     assert set(capture.maps) == {2}
-    assert capture.circuits == {} and capture.qkv == {} and capture.scores == {}
+    assert capture.circuits == {} and capture.qkv == {} and capture.inputs == {}
     recorded = capture.maps[2]
     sdpa_calls.clear()
     with torch.no_grad():
@@ -181,15 +182,35 @@ def test_only_requested_layers_inside_with_are_recorded(tiny_llama_dir: Path, mo
     assert capture.maps[2] is recorded and set(capture.maps) == {2}
 
 
-def test_scores_soften_to_the_maps(tiny_llama_dir: Path) -> None:
-    teacher = load_teacher(tiny_llama_dir)
-    batch = _batch(tiny_llama_dir, "right")
-    with torch.no_grad(), AttentionCapture(teacher, [1], scores=True) as capture:
-        teacher(**batch)
-    torch.testing.assert_close(capture.scores[1].softmax(-1), capture.maps[1], rtol=0, atol=0)
-    softened = (capture.scores[1] / 2.0).softmax(-1)
-    assert torch.isfinite(softened).all()
-    torch.testing.assert_close(softened.sum(-1), torch.ones_like(softened[..., 0]))
+@pytest.mark.parametrize("fixture", FAMILIES)
+def test_score_inputs_keep_sdpa_and_give_the_eager_maps(fixture: str, request: pytest.FixtureRequest) -> None:
+    """A non-eager capture runs SDPA (same logits), records post-RoPE q/k per KV head with their graph, and the maps
+    recomputed from them equal the eager capture's maps (GPT-2 with inverse-layer-index scaling included)."""
+    directory: Path = request.getfixturevalue(fixture)
+    model = load_teacher(directory)
+    values = {**model.config.to_dict(), "scale_attn_by_inverse_layer_idx": True} if fixture == "tiny_gpt2_dir" else None
+    if values is not None:
+        scaled = AutoModelForCausalLM.from_config(
+            type(model.config).from_dict(values), attn_implementation=CAPTURE_ATTENTION
+        )
+        scaled.load_state_dict(model.state_dict())
+        model = scaled.eval()
+    input_ids = torch.arange(5, 25)[None]
+    with torch.no_grad(), AttentionCapture(model, [1, 3]) as eager:
+        eager_logits = model(input_ids=input_ids).logits
+    model.requires_grad_(True)
+    with AttentionCapture(model, [1, 3], eager=False) as capture:
+        logits = model(input_ids=input_ids).logits
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    assert capture.maps == {} and set(capture.inputs) == {1, 3}
+    dims = attention_dims(model.config)
+    for layer in (1, 3):
+        inputs = capture.inputs[layer]
+        assert inputs.key.shape == (1, dims.num_kv_heads, 20, dims.head_dim) and inputs.query.requires_grad
+        maps = student_maps(inputs.query.detach(), inputs.key.detach(), inputs.scale)
+        torch.testing.assert_close(maps, eager.maps[layer], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eager captures only"):
+        AttentionCapture(model, [1], eager=False, circuits=True)
 
 
 @pytest.mark.parametrize("fixture", FAMILIES)
