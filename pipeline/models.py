@@ -5,6 +5,7 @@ are loaded with ``CAPTURE_ATTENTION`` by default, so ``AttentionCapture`` works 
 SDPA.
 """
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPT2Config,
@@ -25,6 +27,7 @@ from transformers import (
 )
 
 from pipeline.attention import CAPTURE_ATTENTION, model_family
+from pipeline.errors import PipelineError
 
 PathLike = str | os.PathLike[str]
 
@@ -80,17 +83,93 @@ def _seeded(seed: int | None) -> Iterator[None]:
         yield
 
 
-def _require_directory(path: PathLike, what: str, markers: tuple[str, ...]) -> Path:
+class ModelDirectoryError(PipelineError, FileNotFoundError):
+    """A teacher, student or tokenizer directory is missing or holds no model; the message names the path."""
+
+
+class TeacherConfigError(PipelineError):
+    """A teacher's config.json is unreadable, of an unsupported family, or too short for the data; names the field."""
+
+
+TEACHER_IMPORT_HINT = (
+    "run `distill teacher import CONFIG` (it writes teacher.path), or set teacher.path to an HF model directory"
+)
+
+
+def _require_directory(path: PathLike, what: str, markers: tuple[str, ...], hint: str = "") -> Path:
     """Resolve ``path`` and check it holds one of ``markers``, so errors name the path instead of a hub lookup."""
     directory = Path(path)
+    fix = f"; {hint}" if hint else ""
     if not directory.is_dir():
-        raise FileNotFoundError(f"{what} directory {str(directory)!r} does not exist")
+        raise ModelDirectoryError(f"{what} directory {str(directory)!r} does not exist{fix}")
     if not any((directory / marker).is_file() for marker in markers):
-        raise FileNotFoundError(
+        raise ModelDirectoryError(
             f"{str(directory)!r} is not a {what} directory: expected one of {', '.join(markers)} "
-            "(a save_pretrained output)"
+            f"(a save_pretrained output){fix}"
         )
     return directory
+
+
+def load_teacher_config(path: PathLike) -> PretrainedConfig:
+    """The teacher's config from ``path/config.json``, checked before anything else reads it.
+
+    Every problem is a ``PipelineError`` naming the file and field: a missing directory or file (with the hint to
+    run ``distill teacher import``), invalid JSON, no ``model_type``, a family transformers does not know, or one the
+    pipeline cannot distil (neither GPT-2 nor LLaMA-like).
+    """
+    directory = _require_directory(path, "teacher", ("config.json",), TEACHER_IMPORT_HINT)
+    config_file = directory / "config.json"
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TeacherConfigError(
+            f"{config_file}: not a readable JSON file ({error}); expected the config.json written by "
+            f"save_pretrained — {TEACHER_IMPORT_HINT}"
+        ) from error
+    if not isinstance(values, dict):
+        raise TeacherConfigError(
+            f"{config_file}: expected a JSON object, found a JSON {type(values).__name__}; {TEACHER_IMPORT_HINT}"
+        )
+    if not isinstance(values.get("model_type"), str):
+        found = "missing" if "model_type" not in values else repr(values["model_type"])
+        raise TeacherConfigError(
+            f"{config_file}: field 'model_type' is {found}, expected a model type such as 'llama' or 'gpt2'; "
+            f"{TEACHER_IMPORT_HINT}"
+        )
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TeacherConfigError(
+            f"{config_file}: model_type {values['model_type']!r} cannot be read by transformers ({error}); expected "
+            "a LLaMA-like or GPT-2 config"
+        ) from error
+    try:
+        model_family(config)
+    except ValueError as error:
+        raise TeacherConfigError(f"{config_file}: {error}") from error
+    return config
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover (LLaMA ``max_position_embeddings``, GPT-2
+    ``n_positions``), or None when the config sets no limit."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config: PretrainedConfig, seq_len: int, key: str = "data.seq_len") -> None:
+    """Refuse sequences longer than the teacher's positions (GPT-2 would index past its table, LLaMA would run
+    outside the context it was trained for), naming ``key``."""
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        field = "n_positions" if getattr(config, "model_type", "") == "gpt2" else "max_position_embeddings"
+        raise TeacherConfigError(
+            f"{key} = {seq_len} is longer than the teacher's context ({field} = {limit} in its config.json); "
+            f"set {key} to at most {limit}"
+        )
 
 
 def load_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
@@ -99,7 +178,7 @@ def load_tokenizer(path: PathLike) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer in {str(directory)!r} has neither a pad_token nor an eos_token to pad with")
+            raise PipelineError(f"tokenizer in {str(directory)!r} has neither a pad_token nor an eos_token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -110,18 +189,25 @@ def load_teacher(
     attn_implementation: str = CAPTURE_ATTENTION,
     device: torch.device | str | None = None,
 ) -> PreTrainedModel:
-    """Load a frozen causal-LM teacher (any ``AutoModelForCausalLM`` family) from a local directory.
+    """Load a frozen causal-LM teacher (GPT-2 or LLaMA-like) from a local directory.
 
-    ``dtype=None`` keeps the checkpoint's dtype. The model is in eval mode (GPT-2 has dropout on by default) with
-    ``requires_grad`` off, so it never collects gradients or optimizer state.
+    The config is checked first (``load_teacher_config``), so a missing or broken teacher is a ``PipelineError``
+    naming the file. ``dtype=None`` keeps the checkpoint's dtype. The model is in eval mode (GPT-2 has dropout on
+    by default) with ``requires_grad`` off, so it never collects gradients or optimizer state.
     """
-    directory = _require_directory(path, "model", ("config.json",))
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        dtype=dtype if dtype is not None else "auto",
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-    )
+    config = load_teacher_config(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            Path(path),
+            config=config,
+            dtype=dtype if dtype is not None else "auto",
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+        )
+    except OSError as error:
+        raise ModelDirectoryError(
+            f"teacher directory {str(path)!r}: cannot load its weights ({error}); {TEACHER_IMPORT_HINT}"
+        ) from error
     model.eval()
     model.requires_grad_(False)
     if device is not None:
@@ -149,12 +235,14 @@ def make_student_config(
     num_heads: int,
     num_kv_heads: int | None = None,
     intermediate_size: int | None = None,
+    head_dim: int | None = None,
 ) -> PretrainedConfig:
     """The teacher's config with the student's shape: same family, vocabulary, special tokens and tying.
 
     ``num_kv_heads=None`` gives multi-head attention (as many KV heads as query heads). ``intermediate_size=None``
-    keeps the teacher's MLP-to-hidden ratio (LLaMA-like) or GPT-2's default 4×hidden. Every dropout is 0 so that
-    distillation is deterministic.
+    keeps the teacher's MLP-to-hidden ratio (LLaMA-like) or GPT-2's default 4×hidden. ``head_dim=None`` is
+    hidden_size // num_heads; LLaMA-like students may set another (a student carved from the teacher keeps the
+    teacher's head dim whatever its width). Every dropout is 0 so that distillation is deterministic.
     """
     family = model_family(teacher_config)
     if num_layers < 1:
@@ -165,7 +253,9 @@ def make_student_config(
         if (key.endswith("dropout") or key.endswith("_pdrop")) and isinstance(value, float):
             values[key] = 0.0
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    _check_heads(family, hidden_size, num_heads, kv_heads)
+    if family == "gpt2" and head_dim is not None and head_dim * num_heads != hidden_size:
+        raise ValueError(f"head_dim={head_dim}: GPT-2's head dim is hidden_size={hidden_size} // num_heads={num_heads}")
+    _check_heads(family, hidden_size if head_dim is None else head_dim * num_heads, num_heads, kv_heads)
     if family == "gpt2":
         values.update(n_layer=num_layers, n_embd=hidden_size, n_head=num_heads, n_inner=intermediate_size)
     else:
@@ -176,7 +266,7 @@ def make_student_config(
             hidden_size=hidden_size,
             num_attention_heads=num_heads,
             num_key_value_heads=kv_heads,
-            head_dim=hidden_size // num_heads,
+            head_dim=hidden_size // num_heads if head_dim is None else head_dim,
             intermediate_size=intermediate_size,
         )
         layer_types = values.get("layer_types")
