@@ -1,26 +1,97 @@
 """Publishing outputs atomically: a reader sees the old file or directory, or the complete new one, never a part.
 
-Every stage writes this way, so a job killed at any moment leaves nothing half-written under a final name.
+Every stage writes this way, so a job killed at any moment leaves nothing half-written under a final name. A write
+that fails (full disk, quota, permissions) removes its temporary and raises a `StorageError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+"""What libraries that drop the errno (pyarrow, torch's stream writer) still put in their messages."""
+
+
+class StorageError(PipelineError):
+    """An output could not be written (full disk, quota, permissions); the message names the file and the fix."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is ENOSPC or EDQUOT, by errno or, where a library kept only the text, by its message."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    return any(text in str(error) for text in _DISK_FULL_TEXTS)
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds `path` (or its nearest existing parent); None if unknown."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            with suppress(OSError):
+                return shutil.disk_usage(candidate).free
+            return None
+    return None
+
+
+def storage_error(error: BaseException, path: Path) -> StorageError:
+    """The user-facing error for a failed write of `path`: disk full (with the free space found) or the OS reason."""
+    if is_disk_full(error):
+        free = free_bytes(path)
+        found = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        return StorageError(
+            f"{path}: no space left on the device while writing it ({found} free there); free some space (delete "
+            "old runs or caches, lower train.keep_checkpoints) or point the output directory at another disk, then "
+            "run the command again"
+        )
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return StorageError(
+        f"{path}: cannot write it ({reason}); expected a writable directory — check the path and its permissions, "
+        "then run the command again"
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing/the old file or the whole new file."""
+    """Write `data` to `path` so that readers see either nothing/the old file or the whole new file.
+
+    On failure the temporary is removed, the old file stays as it was, and a `StorageError` names `path`.
+    """
+    path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        with suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        raise storage_error(error, path) from error
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode())
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable; filesystems that cannot fsync a directory are left alone."""
+    with suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 @contextmanager
@@ -28,16 +99,24 @@ def staged_directory(target: Path) -> Iterator[Path]:
     """An empty directory next to `target` that replaces `target` only when the `with` block completes.
 
     Readers see the old `target` or the complete new one, never a half-written one; an exception removes the
-    staging directory and leaves `target` untouched. The staging directory sits in `target`'s parent so the final
-    rename stays on one filesystem and is atomic.
+    staging directory and leaves `target` untouched (a full disk inside the block becomes a `StorageError` naming
+    `target`). The staging directory sits in `target`'s parent so the final rename stays on one filesystem and is
+    atomic.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's mode
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's mode
+    except OSError as error:
+        raise storage_error(error, target) from error
     try:
         yield staging
         _replace_directory(staging, target)
+    except OSError as error:
+        if is_disk_full(error):
+            raise storage_error(error, target) from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -46,6 +125,7 @@ def _replace_directory(staging: Path, target: Path) -> None:
     """Rename `staging` to `target`; an existing `target` is moved aside first and restored if the rename fails."""
     if not target.exists():
         os.rename(staging, target)
+        fsync_directory(target.parent)
         return
     retired = target.with_name(f".{target.name}.retired-{uuid.uuid4().hex[:8]}")
     os.rename(target, retired)
@@ -54,4 +134,5 @@ def _replace_directory(staging: Path, target: Path) -> None:
     except BaseException:
         os.rename(retired, target)
         raise
+    fsync_directory(target.parent)
     shutil.rmtree(retired, ignore_errors=True)
