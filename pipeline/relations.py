@@ -1,83 +1,93 @@
-"""MiniLMv2 self-attention relation distillation: the baseline SHD is compared against.
+"""MiniLMv2 self-attention relations: the head-count-free baseline SHD is compared against.
 
 MiniLMv2 sidesteps head-count mismatch differently from SHD: it concatenates all heads' queries (keys, values) into
 one ``[T, H·dh]`` matrix, re-splits it into R *relation heads* chosen independently of both models' head counts, and
-matches the scaled dot-product self-relations ``softmax(X_r X_rᵀ / √d_r)`` of teacher and student with a KL.
+matches the scaled dot-product self-relations ``softmax(X_r X_rᵀ / √d_r)`` of teacher and student with a KL. Under
+a causal mask each relation is a row-stochastic causal T × T map, exactly like an attention map, so the teacher's
+relation maps are cached with the attention encodings (dense triangle or top-m rows) and the student's are compared
+from its scores with `pipeline.map_losses` (row blocks, log_softmax, no T × T student map).
 """
 
-from collections.abc import Sequence
-from typing import Literal
+from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 from torch import Tensor
 
+from pipeline.map_losses import MapTarget, map_loss_sum, student_log_probs
 
-def _relation_log_probs(states: Tensor, num_relation_heads: int, key_mask: Tensor) -> Tensor:
-    """Log relation distributions ``[B, R, T, T]`` (fp32) of per-head states ``[B, H, T, dh]``.
+RELATIONS = ("q", "k", "v")
+"""The three self-relations, in cache-key order (`rel.L<l>.R<r>.q` …)."""
 
-    Heads are concatenated to ``[B, T, H·dh]`` then split into R relation heads of width ``d_r = H·dh / R``;
-    ``key_mask`` ``[B, 1, T, T]`` (True = may attend) applies causality and padding. Masked logits use finfo.min
-    rather than -inf so that fully masked (padding) rows stay finite.
+
+def relation_states(states: Tensor, num_relation_heads: int) -> Tensor:
+    """Per-head states ``[B, H, T, dh]`` as R relation heads ``[B, R, T, H·dh / R]`` (heads concatenated, re-split).
+
+    Under GQA, pass keys and values repeated per query head (as attention sees them), so the width is H·dh for all
+    three relations.
     """
     batch, heads, length, head_dim = states.shape
     width = heads * head_dim
-    if width % num_relation_heads != 0:
+    if num_relation_heads < 1 or width % num_relation_heads != 0:
         raise ValueError(
             f"num_relation_heads={num_relation_heads} does not divide the concatenated head width "
             f"{heads}×{head_dim}={width}"
         )
-    relation_dim = width // num_relation_heads
-    concatenated = states.float().transpose(1, 2).reshape(batch, length, num_relation_heads, relation_dim)
-    relation_states = concatenated.transpose(1, 2)
-    logits = torch.matmul(relation_states, relation_states.transpose(-1, -2)) * relation_dim**-0.5
-    logits = logits.masked_fill(~key_mask, torch.finfo(torch.float32).min)
-    return torch.log_softmax(logits, dim=-1)
+    concatenated = states.transpose(1, 2).reshape(batch, length, num_relation_heads, width // num_relation_heads)
+    return concatenated.transpose(1, 2)
 
 
-def relation_loss(
+def relation_scale(relation_states: Tensor) -> float:
+    """The MiniLMv2 scaling 1/√d_r of relation heads ``[B, R, T, d_r]``."""
+    return relation_states.shape[-1] ** -0.5
+
+
+def relation_maps(states: Tensor, num_relation_heads: int, key_mask: Tensor | None = None) -> Tensor:
+    """Teacher relation maps ``softmax(X_r X_rᵀ / √d_r)`` under the causal mask: ``[B, R, T, T]`` fp32 probabilities,
+    exact zeros at masked keys (the same form as attention maps, so the cache encodes them alike)."""
+    relation = relation_states(states.float(), num_relation_heads)
+    length = relation.shape[2]
+    log_probs = student_log_probs(relation, relation, relation_scale(relation), 0, length, key_mask=key_mask)
+    return log_probs.exp()
+
+
+def relation_loss_sum(
     student_qkv: Sequence[Tensor],
-    teacher_qkv: Sequence[Tensor],
+    targets: Sequence[MapTarget],
     num_relation_heads: int,
     query_mask: Tensor | None = None,
-    reduction: Literal["mean", "sum"] = "mean",
+    key_mask: Tensor | None = None,
 ) -> Tensor:
-    """MiniLMv2 Q-Q, K-K and V-V relation loss between a student and a teacher layer.
+    """Σ over valid query rows of KL(teacher relation ‖ student relation), averaged over the R relation heads and the
+    three relations → fp32 scalar with graph into the student states.
 
-    Args:
-        student_qkv: (queries, keys, values), each ``[B, H_s, T, dh_s]`` (e.g. ``AttentionCapture.qkv[layer]``).
-        teacher_qkv: (queries, keys, values), each ``[B, H_t, T, dh_t]``; pass tensors without grad.
-        num_relation_heads: R; must divide ``H_t·dh_t`` and ``H_s·dh_s`` for each of q, k, v.
-        query_mask: ``[B, T]``, nonzero for real tokens. Padding tokens are masked as keys and their query rows
-            contribute exactly 0. None means every token is real.
-        reduction: ``mean`` over valid query rows, or ``sum`` over them.
-
-    Returns:
-        Scalar fp32: per query row, ``KL(teacher relation ‖ student relation)`` summed over keys (causal: a row sees
-        itself and earlier tokens), averaged over the R relation heads and the three relations; then reduced.
+    `student_qkv`: (queries, keys, values), each ``[B, H_s, T, dh_s]`` (keys and values repeated per query head);
+    `targets`: the teacher's q, k and v relation maps for the same R (dense or top-m, τ = 1; see `relation_maps`).
+    R must divide H_s·dh_s (and the teacher's width, which the cache checked).
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
-    if len(student_qkv) != 3 or len(teacher_qkv) != 3:
-        raise ValueError("student_qkv and teacher_qkv must each hold (queries, keys, values)")
-    batch, _, length, _ = teacher_qkv[0].shape
-    device = teacher_qkv[0].device
-    for name, student, teacher in zip(("queries", "keys", "values"), student_qkv, teacher_qkv, strict=True):
-        if student.shape[0] != teacher.shape[0] or student.shape[2] != teacher.shape[2] or teacher.shape[2] != length:
-            raise ValueError(
-                f"student {name} {tuple(student.shape)} and teacher {name} {tuple(teacher.shape)} must share batch "
-                f"and sequence length ([B, H, T, dh])"
-            )
-    valid = torch.ones(batch, length, dtype=torch.bool, device=device) if query_mask is None else query_mask.bool()
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    key_mask = (causal[None] & valid[:, None, :])[:, None]
-    per_row = torch.zeros(batch, length, device=device)
-    for student, teacher in zip(student_qkv, teacher_qkv, strict=True):
-        student_log_probs = _relation_log_probs(student, num_relation_heads, key_mask)
-        teacher_log_probs = _relation_log_probs(teacher, num_relation_heads, key_mask)
-        # Zero masked entries before the product: p_t is 0 there, but their log-probs are ~finfo.min.
-        log_ratio = torch.where(key_mask, teacher_log_probs - student_log_probs, 0.0)
-        per_row = per_row + (teacher_log_probs.exp() * log_ratio).sum(-1).mean(1)
-    per_row = torch.where(valid, per_row / len(student_qkv), 0.0)
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row.sum() / valid.sum().clamp(min=1)
+    if len(student_qkv) != 3 or len(targets) != 3:
+        raise ValueError("student_qkv and targets must each hold the (queries, keys, values) relations")
+    total = None
+    for states, target in zip(student_qkv, targets, strict=True):
+        relation = relation_states(states, num_relation_heads)
+        part = map_loss_sum(
+            relation,
+            relation,
+            relation_scale(relation),
+            target,
+            query_mask=query_mask,
+            key_mask=key_mask,
+        )
+        total = part if total is None else total + part
+    return total / len(RELATIONS)
+
+
+def repeat_kv(states: Tensor, num_heads: int) -> Tensor:
+    """Keys or values ``[B, H_kv, T, dh]`` repeated per query head → ``[B, H, T, dh]`` (GQA as attention sees it)."""
+    return states if states.shape[1] == num_heads else states.repeat_interleave(num_heads // states.shape[1], dim=1)
+
+
+def states_for_relations(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(queries, keys, values) ``[B, H, T, dh]`` each, keys and values repeated per query head."""
+    heads = query.shape[1]
+    return query, repeat_kv(key, heads), repeat_kv(value, heads)

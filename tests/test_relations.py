@@ -1,4 +1,5 @@
-"""MiniLMv2 relation loss: against a loop-by-loop reference, head-count independence, masking, errors."""
+"""MiniLMv2 relations: teacher maps cached like attention targets, the student loss from scores against a
+loop-by-loop reference, head-count independence, masking, errors."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.relations import relation_loss
+from pipeline.map_losses import DenseTarget, SparseTarget
+from pipeline.relations import relation_loss_sum, relation_maps
+from pipeline.targets.layout import pack_triangle
 
 
 def _qkv(batch: int, heads: int, length: int, head_dim: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,6 +46,20 @@ def _reference(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], relatio
     return total / rows
 
 
+def _dense(teacher: tuple[Tensor, ...], relations: int, mask: Tensor | None) -> list[DenseTarget]:
+    """The teacher's relation maps as the cache stores them (packed triangle)."""
+    key_mask = None if mask is None else mask.bool()
+    return [DenseTarget(pack_triangle(relation_maps(states, relations, key_mask))) for states in teacher]
+
+
+def relation_loss(student, teacher, relations, mask=None):
+    """Mean over valid query rows of our relation loss, against dense cached teacher maps."""
+    key_mask = None if mask is None else mask.bool()
+    total = relation_loss_sum(student, _dense(teacher, relations, mask), relations, key_mask, key_mask)
+    rows = teacher[0].shape[0] * teacher[0].shape[2] if mask is None else int(mask.sum())
+    return total / max(rows, 1)
+
+
 def test_matches_reference_with_different_head_counts_and_padding() -> None:
     student = _qkv(2, 3, 6, 8, seed=0)  # 3 heads × 8 = 24 = 4 relation heads of 6
     teacher = _qkv(2, 9, 6, 8, seed=1)  # 9 heads × 8 = 72 = 4 relation heads of 18
@@ -50,7 +67,19 @@ def test_matches_reference_with_different_head_counts_and_padding() -> None:
     loss = relation_loss(student, teacher, 4, mask)
     assert loss > 0
     torch.testing.assert_close(loss, _reference(student, teacher, 4, mask), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(relation_loss(student, teacher, 4, mask, reduction="sum"), loss * mask.sum())
+
+
+def test_top_m_relation_targets_with_m_equal_to_t_give_the_dense_loss() -> None:
+    student = _qkv(2, 3, 6, 8, seed=11)
+    teacher = _qkv(2, 9, 6, 8, seed=12)
+    sparse = []
+    for states in teacher:
+        maps = relation_maps(states, 4)
+        values, indices = maps.topk(6, dim=-1)
+        sparse.append(SparseTarget(values, indices, maps.scatter(-1, indices, 0.0).sum(-1)))
+    dense = relation_loss_sum(student, _dense(teacher, 4, None), 4)
+    torch.testing.assert_close(relation_loss_sum(student, sparse, 4), dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense / 12, _reference(student, teacher, 4, torch.ones(2, 6)), rtol=1e-5, atol=1e-6)
 
 
 def test_zero_for_identical_states_whatever_the_head_split() -> None:
@@ -93,10 +122,10 @@ def test_errors_name_the_argument() -> None:
     student = _qkv(1, 3, 4, 8, seed=8)
     teacher = _qkv(1, 9, 4, 8, seed=9)
     with pytest.raises(ValueError, match="num_relation_heads=5"):
-        relation_loss(student, teacher, 5)
+        relation_maps(teacher[0], 5)
     with pytest.raises(ValueError, match="num_relation_heads=9"):
-        relation_loss(student, teacher, 9)  # divides 72 but not 24
-    with pytest.raises(ValueError, match="reduction"):
-        relation_loss(student, teacher, 4, reduction="max")
-    with pytest.raises(ValueError, match="sequence length"):
-        relation_loss(student, _qkv(1, 9, 5, 8, seed=10), 4)
+        relation_loss_sum(student, _dense(teacher, 9, None), 9)  # divides 72 but not 24
+    with pytest.raises(ValueError, match=r"dense target \(1, 4, 10\): expected .* = \(1, 4, 15\)"):
+        relation_loss_sum(_qkv(1, 3, 5, 8, seed=10), _dense(teacher, 4, None), 4)
+    with pytest.raises(ValueError, match="relations"):
+        relation_loss_sum(student[:2], _dense(teacher, 4, None), 4)
