@@ -268,9 +268,10 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
 
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
+    from pipeline.figures import attention_heatmap_figure
     from pipeline.targets.fingerprint import training_requirements
     from pipeline.targets.manifest import read_manifest
-    from pipeline.tracking import attention_heatmap_figure, create_tracker, default_run_name
+    from pipeline.tracking import create_tracker, default_run_name
     from pipeline.train import teacher_sha256
 
     dist.init_cpu_group()

@@ -1,4 +1,4 @@
-"""Experiment tracking: one `Tracker` with the same methods on every rank, and the figures the stages log.
+"""Experiment tracking: one `Tracker` with the same methods on every rank (figures are drawn in `pipeline.figures`).
 
 Rank 0 (with `mlflow.enabled`) gets an `MLflowTracker`; every other rank, or a run with tracking off, gets the base
 `Tracker`, whose methods do nothing and which never imports mlflow or touches the store. Stage drivers therefore call
@@ -18,23 +18,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures are only ever written to files
-
 from matplotlib import pyplot as plt
 
 from pipeline.config import Config, MLflowConfig
 
 if TYPE_CHECKING:
-    import torch
     from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-HEATMAP_MAX_TOKENS = 64
-"""Heat maps show at most the first this many query and key positions, so cells stay readable at long contexts."""
 
 
 def resolve_tracking_uri(settings: MLflowConfig) -> str:
@@ -189,54 +182,3 @@ def create_tracker(config: Config, *, rank: int, run_id: str | None = None, run_
         run_id=run_id,
         artifact_location=default_artifact_location(uri, settings.artifact_location),
     )
-
-
-def alpha_figure(alpha_stats: Mapping[str, Mapping[str, Any]]) -> Figure:
-    """α of every cached (layer, head count): histogram over [0, 1] (left) and mean per teacher head (right).
-
-    `alpha_stats` is a manifest's `alpha_stats`: key `L<layer>.H<heads>` → `histogram` (counts of equal bins over
-    [0, 1]), `per_teacher_head_mean`, `mean`, `std`.
-    """
-    keys = sorted(alpha_stats, key=lambda key: tuple(int(part[1:]) for part in key.split(".")))
-    figure, axes = plt.subplots(max(len(keys), 1), 2, figsize=(9, 2.2 * max(len(keys), 1)), squeeze=False)
-    for row, key in enumerate(keys):
-        stats = alpha_stats[key]
-        counts = stats["histogram"]
-        width = 1 / len(counts)
-        axes[row, 0].bar([i * width for i in range(len(counts))], counts, width=width, align="edge")
-        axes[row, 0].set_xlim(0, 1)
-        axes[row, 0].set_title(f"{key}: α histogram (mean {stats['mean']:.3f}, std {stats['std']:.3f})", fontsize=9)
-        means = stats["per_teacher_head_mean"]
-        axes[row, 1].bar(range(len(means)), means)
-        axes[row, 1].set_ylim(0, 1)
-        axes[row, 1].set_xticks(range(len(means)))
-        axes[row, 1].set_title(f"{key}: mean α per teacher head", fontsize=9)
-    if not keys:
-        axes[0, 0].set_title("no α statistics in the manifest")
-    figure.tight_layout()
-    return figure
-
-
-def attention_heatmap_figure(
-    student_maps: Mapping[int, torch.Tensor], target_maps: Mapping[int, torch.Tensor], teacher_layers: Mapping[int, int]
-) -> Figure:
-    """One row per matched student layer j: its heads, then the squeezed teacher targets of layer m(j).
-
-    `student_maps[j]`, `target_maps[j]`: [H, T, T] probabilities of one sample (any float dtype, any device);
-    `teacher_layers[j]` = m(j). Only the first `HEATMAP_MAX_TOKENS` positions are drawn.
-    """
-    layers = sorted(student_maps)
-    heads = student_maps[layers[0]].shape[0]
-    figure, axes = plt.subplots(len(layers), 2 * heads, figsize=(2.1 * 2 * heads, 2.5 * len(layers)), squeeze=False)
-    for row, layer in enumerate(layers):
-        panels = [("student", student_maps[layer]), (f"target L{teacher_layers[layer]}", target_maps[layer])]
-        for side, (name, maps) in enumerate(panels):
-            maps = maps.detach().float().cpu()[:, :HEATMAP_MAX_TOKENS, :HEATMAP_MAX_TOKENS]
-            for head in range(heads):
-                axis = axes[row, side * heads + head]
-                axis.imshow(maps[head].numpy(), cmap="viridis", vmin=0, interpolation="nearest")
-                axis.set_title(f"L{layer} {name} h{head}", fontsize=8)
-                axis.set_xticks([])
-                axis.set_yticks([])
-    figure.tight_layout()
-    return figure

@@ -418,7 +418,7 @@ class Trainer:
         self.tracker.log_metrics(result.metrics, step=self.state.step)
         self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
         if result.heatmap is not None and self.tracker.active:
-            from pipeline.tracking import attention_heatmap_figure
+            from pipeline.figures import attention_heatmap_figure
 
             figure = attention_heatmap_figure(*result.heatmap, dict(enumerate(self.plan.teacher_layers)))
             self.tracker.log_figure(figure, f"heatmaps/step-{self.state.step:08d}.png")
@@ -510,8 +510,8 @@ def _log_run_inputs(
     tracker.log_text(config.dump(), "config.yaml")
     tracker.log_text(json.dumps(ds_config, indent=2), "deepspeed.json")
     if manifest_dir is not None:
+        from pipeline.figures import alpha_figure
         from pipeline.targets.manifest import MANIFEST_NAME, read_manifest
-        from pipeline.tracking import alpha_figure
 
         tracker.log_artifact(manifest_dir / MANIFEST_NAME, "cache")
         tracker.log_figure(alpha_figure(read_manifest(manifest_dir).alpha_stats), "alpha_histograms.png")

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict
+from pipeline.figures import alpha_figure, attention_heatmap_figure
 from pipeline.tracking import (
     DEFAULT_TRACKING_URI,
     MLflowTracker,
     Tracker,
-    alpha_figure,
-    attention_heatmap_figure,
     create_tracker,
     default_run_name,
     resolve_tracking_uri,
@@ -128,12 +127,3 @@ def test_tracking_uri_comes_from_the_config_then_the_environment_then_sqlite(mon
     assert resolve_tracking_uri(config_from_dict({}).mlflow) == "http://mlflow:5000"
     configured = config_from_dict({"mlflow": {"tracking_uri": "sqlite:///x.db"}})
     assert resolve_tracking_uri(configured.mlflow) == "sqlite:///x.db"
-
-
-def test_heatmap_puts_student_heads_beside_the_squeezed_targets() -> None:
-    student = {layer: torch.rand(2, 100, 100) for layer in (0, 1)}
-    figure = attention_heatmap_figure(student, student, {0: 2, 1: 5})
-    assert len(figure.axes) == 2 * 2 * 2
-    titles = [axis.get_title() for axis in figure.axes]
-    assert titles[:4] == ["L0 student h0", "L0 student h1", "L0 target L2 h0", "L0 target L2 h1"]
-    assert figure.axes[0].get_images()[0].get_array().shape == (64, 64)  # long contexts are cropped
