@@ -19,6 +19,8 @@ from pipeline.errors import PipelineError
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
 """What libraries that drop the errno (pyarrow, torch's stream writer) still put in their messages."""
+_WRITE_FAILURES = ("file write failed", "basic_ios::clear", "PytorchStreamWriter failed")
+"""What torch's C++ stream writer raises (a RuntimeError without an errno) when a write fails."""
 
 
 class StorageError(PipelineError):
@@ -32,6 +34,11 @@ def is_disk_full(error: BaseException) -> bool:
     return any(text in str(error) for text in _DISK_FULL_TEXTS)
 
 
+def is_write_failure(error: BaseException) -> bool:
+    """Whether `error` is a failed write: an OSError, or torch's C++ writer failing (a RuntimeError, no errno)."""
+    return isinstance(error, OSError) or is_disk_full(error) or any(text in str(error) for text in _WRITE_FAILURES)
+
+
 def free_bytes(path: Path) -> int | None:
     """Free bytes on the filesystem that holds `path` (or its nearest existing parent); None if unknown."""
     for candidate in (Path(path), *Path(path).parents):
@@ -43,19 +50,25 @@ def free_bytes(path: Path) -> int | None:
 
 
 def storage_error(error: BaseException, path: Path) -> StorageError:
-    """The user-facing error for a failed write of `path`: disk full (with the free space found) or the OS reason."""
+    """The user-facing error for a failed write of `path`: disk full (with the free space found), the OS reason, or
+    a library's write failure (with the free space, since a full disk is its usual cause)."""
+    free = free_bytes(path)
+    found = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
     if is_disk_full(error):
-        free = free_bytes(path)
-        found = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
         return StorageError(
             f"{path}: no space left on the device while writing it ({found} free there); free some space (delete "
             "old runs or caches, lower train.keep_checkpoints) or point the output directory at another disk, then "
             "run the command again"
         )
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    if isinstance(error, OSError):
+        return StorageError(
+            f"{path}: cannot write it ({error.strerror or error}); expected a writable directory — check the path and "
+            "its permissions, then run the command again"
+        )
     return StorageError(
-        f"{path}: cannot write it ({reason}); expected a writable directory — check the path and its permissions, "
-        "then run the command again"
+        f"{path}: writing it failed ({str(error).strip().splitlines()[-1]}; {found} free there); a full disk or "
+        "quota is the usual cause — free some space or point the output directory at another disk, then run the "
+        "command again"
     )
 
 

@@ -23,7 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import dist
-from pipeline.checkpoints import CHECKPOINTS, STUDENT, TRAINER_STATE, find_checkpoint, read_trainer_state
+from pipeline.checkpoints import (
+    CHECKPOINTS,
+    STUDENT,
+    TRAINER_STATE,
+    find_checkpoint,
+    load_checkpoint_weights,
+    read_trainer_state,
+)
 from pipeline.config import Config
 from pipeline.targets.reader import SparseAttention
 from pipeline.train import (
@@ -187,19 +194,6 @@ def _first(target: Tensor | SparseAttention) -> Tensor | SparseAttention:
 
 # --------------------------------------------------------------------------------------------------------------------
 # `distill eval`
-
-
-def load_checkpoint_weights(save_dir: Path, tag: str) -> dict[str, Tensor]:
-    """Full fp32 weights of a training checkpoint: consolidated from ZeRO shards, or read from a ZeRO-0 file."""
-    directory = save_dir / tag
-    if any(directory.glob("*optim_states.pt")):  # ZeRO ≥ 1 or bf16: fp32 weights live in the optimizer shards
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
-    states = directory / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise TrainError(f"{directory}: not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
-    return torch.load(states, map_location="cpu", weights_only=False)["module"]
 
 
 def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Path | None) -> tuple[nn.Module, int]:
