@@ -41,19 +41,57 @@ class TeacherConfig:
 
 
 @dataclass
-class StudentConfig:
-    """The student architecture: same family and vocabulary as the teacher, any depth, width and head count."""
+class LoraSection:
+    """LoRA adapters on the student (the `peft` library), applied after it is built or carved; only they train."""
 
-    num_layers: int = 4
-    """Transformer layers."""
-    hidden_size: int = 384
-    """Model width; must be divisible by `num_heads`."""
-    num_heads: int = 3
-    """Query heads."""
+    r: int = 0
+    """Adapter rank; 0 turns LoRA off (every student parameter trains)."""
+    alpha: float | None = None
+    """LoRA scaling numerator (the update is scaled by alpha / r); `null` means 2 × r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: str | list[str] = "all-linear"
+    """`all-linear` (every linear / GPT-2 Conv1D layer of the blocks, not the LM head) or module names such as
+    `[q_proj, v_proj]` (GPT-2: `c_attn`, `c_proj`, `c_fc`)."""
+
+
+@dataclass
+class StudentConfig:
+    """The student: where its weights start (`init`) and its shape (same family and vocabulary as the teacher, any
+    depth, width and head count); unset shape keys are resolved from `init` before any stage uses them."""
+
+    init: str = "scratch"
+    """`scratch` (random weights), `teacher` (carved from the teacher: its layers, heads and channels by the
+    layer map or importance), or a local HF directory of a pretrained student with the teacher's family and
+    tokenizer (its own shape; set shape keys must agree with it)."""
+    num_layers: int | None = None
+    """Transformer layers; `null`: 4 (scratch), the directory's (pretrained), the length of an explicit
+    `distill.layer_map` list (teacher)."""
+    hidden_size: int | None = None
+    """Model width; `null`: 384 (scratch), the directory's, the teacher's (teacher; GPT-2: num_heads × the
+    teacher's head dim). Scratch students need a multiple of `num_heads`."""
+    num_heads: int | None = None
+    """Query heads; `null`: 3 (scratch), the directory's, the teacher's (teacher)."""
     num_kv_heads: int | None = None
-    """Key/value heads (GQA); `null` means as many as `num_heads`. Must divide `num_heads`."""
+    """Key/value heads (GQA); `null` means as many as `num_heads` (scratch), the directory's, or the teacher's
+    lowered to the largest divisor of `num_heads` not above it (teacher). Must divide `num_heads`."""
     intermediate_size: int | None = None
-    """MLP width; `null` means 4 × hidden_size (GPT-2) or the teacher's ratio (LLaMA)."""
+    """MLP width; `null`: 4 × hidden_size (GPT-2) or the teacher's ratio (LLaMA) for scratch, the directory's, the
+    teacher's (teacher). Smaller than the teacher's with `init: teacher`: the channels with the largest mean
+    |activation| on the calibration batches are kept."""
+    carve_layers: Literal["layer_map", "importance"] = "layer_map"
+    """`init: teacher`: student layer j copies teacher layer m(j) of `distill.layer_map`, or (`importance`) the
+    `num_layers` teacher layers with the largest block importance 1 − cos(input, output) on the calibration
+    batches, in order; the layer map then follows the kept layers (resolved into an explicit `distill.layer_map`;
+    an explicit list given with `importance` must name the layers importance keeps)."""
+    head_init: Literal["prune", "merge"] = "prune"
+    """`init: teacher`: each student head keeps the most important head of its teacher head group (`prune`) or the
+    α-weighted average of the group's q/k/v slices with the group's o slices summed (`merge`, α from the cache's
+    α statistics)."""
+    calibration_samples: int = 32
+    """`init: teacher`: the first N packed train sequences on which layer, head and channel importance is measured."""
+    lora: LoraSection = field(default_factory=LoraSection)
+    """LoRA adapters (`student.lora.r=16` …)."""
 
 
 @dataclass
@@ -341,33 +379,56 @@ def _require(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
 
 
-def validate(config: Config) -> None:
-    """Cross-field and range checks; each error names the key, the value and what is allowed."""
-    s, d, c, t, data = config.student, config.distill, config.cache, config.train, config.data
-    _require(s.num_layers >= 1, "student.num_layers", s.num_layers, "an integer ≥ 1")
-    _require(s.num_heads >= 1, "student.num_heads", s.num_heads, "an integer ≥ 1")
+SCRATCH_STUDENT = {"num_layers": 4, "hidden_size": 384, "num_heads": 3}
+"""The shape of a `student.init: scratch` student where the config leaves it unset (the defaults before `init`)."""
+
+
+def _validate_student(s: StudentConfig, d: DistillConfig) -> None:
+    """The student checks that need no teacher: ranges of the keys that are set, and for a scratch student the
+    shape with `SCRATCH_STUDENT` filled in. The whole resolved shape is checked by `students.resolve_student`."""
+    _require(bool(s.init.strip()), "student.init", s.init, "'scratch', 'teacher' or a pretrained HF directory")
+    for key in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size"):
+        value = getattr(s, key)
+        _require(value is None or value >= 1, f"student.{key}", value, "an integer ≥ 1 or null")
+    _require(s.calibration_samples >= 1, "student.calibration_samples", s.calibration_samples, "an integer ≥ 1")
+    lora = s.lora
+    _require(lora.r >= 0, "student.lora.r", lora.r, "an adapter rank ≥ 0 (0: no LoRA)")
+    _require(lora.alpha is None or lora.alpha > 0, "student.lora.alpha", lora.alpha, "a number > 0 or null (2 × r)")
+    _require(0 <= lora.dropout < 1, "student.lora.dropout", lora.dropout, "a dropout probability in [0, 1)")
+    targets = lora.target_modules
     _require(
-        s.hidden_size >= 1 and s.hidden_size % s.num_heads == 0,
-        "student.hidden_size",
-        s.hidden_size,
-        f"a positive multiple of student.num_heads ({s.num_heads})",
+        bool(targets) and (isinstance(targets, str) or all(targets)),
+        "student.lora.target_modules",
+        targets,
+        "'all-linear' or a non-empty list of module names",
     )
-    if s.num_kv_heads is not None:
+    explicit_map = d.layer_map if isinstance(d.layer_map, list) else None
+    num_layers = s.num_layers if s.num_layers is not None or s.init != "scratch" else SCRATCH_STUDENT["num_layers"]
+    if explicit_map is not None and num_layers is not None:
         _require(
-            s.num_kv_heads >= 1 and s.num_heads % s.num_kv_heads == 0,
+            len(explicit_map) == num_layers,
+            "distill.layer_map",
+            explicit_map,
+            f"'uniform', 'last' or a list of {num_layers} teacher layer indices (one per student layer)",
+        )
+    if s.init == "scratch":
+        heads = s.num_heads if s.num_heads is not None else SCRATCH_STUDENT["num_heads"]
+        hidden = s.hidden_size if s.hidden_size is not None else SCRATCH_STUDENT["hidden_size"]
+        _require(hidden % heads == 0, "student.hidden_size", hidden, f"a multiple of student.num_heads ({heads})")
+    if s.num_kv_heads is not None and s.num_heads is not None:
+        _require(
+            s.num_heads % s.num_kv_heads == 0,
             "student.num_kv_heads",
             s.num_kv_heads,
             f"a divisor of student.num_heads ({s.num_heads})",
         )
-    if s.intermediate_size is not None:
-        _require(s.intermediate_size >= 1, "student.intermediate_size", s.intermediate_size, "an integer ≥ 1 or null")
+
+
+def validate(config: Config) -> None:
+    """Cross-field and range checks; each error names the key, the value and what is allowed."""
+    s, d, c, t, data = config.student, config.distill, config.cache, config.train, config.data
+    _validate_student(s, d)
     if isinstance(d.layer_map, list):
-        _require(
-            len(d.layer_map) == s.num_layers,
-            "distill.layer_map",
-            d.layer_map,
-            f"'uniform', 'last' or a list of {s.num_layers} teacher layer indices (one per student layer)",
-        )
         for index, layer in enumerate(d.layer_map):
             _require(layer >= 0, f"distill.layer_map[{index}]", layer, "a teacher layer index ≥ 0")
     for key, value in (("distill.attn_temperature", d.attn_temperature), ("distill.kd_temperature", d.kd_temperature)):
@@ -414,12 +475,15 @@ def validate(config: Config) -> None:
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` (or a nested key, `student.lora.r=16`) → (the dotted path as a list, the YAML value)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
     dotted, raw = text.split("=", 1)
     path = dotted.strip().split(".")
-    if len(path) != 2 or not all(path):
-        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. student.num_heads=3)")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(
+            f"override {text!r}: expected section.key=value (e.g. student.num_heads=3, student.lora.r=16)"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
@@ -427,15 +491,27 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _assign(values: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `values[path[0]][path[1]]… = value`, copying the mappings on the way (the caller's stay untouched)."""
+    *parents, key = path
+    node = values
+    for depth, name in enumerate(parents):
+        child = node.get(name)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: depth + 1])}: expected a mapping of keys, got {child!r}")
+        node[name] = child = dict(child)
+        node = child
+    node[key] = value
+
+
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Build and validate a `Config` from a nested dict plus `section.key=value` overrides."""
     merged = {section: dict(content or {}) for section, content in (values or {}).items()}
     for text in overrides or []:
-        (section, key), value = _parse_override(text)
-        merged.setdefault(section, {})
-        if not isinstance(merged[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {merged[section]!r}")
-        merged[section][key] = value
+        path, value = _parse_override(text)
+        _assign(merged, path, value)
     config = _build(Config, merged, "")
     validate(config)
     return config
@@ -481,11 +557,21 @@ def reference_markdown() -> str:
     for section in dataclasses.fields(Config):
         cls = typing.get_type_hints(Config)[section.name]
         lines += [f"#### `{section.name}` — {cls.__doc__}", "", "| key | default | meaning |", "|---|---|---|"]
-        docs = _field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for item in dataclasses.fields(cls):
-            default = getattr(getattr(defaults, section.name), item.name)
-            allowed = _type_name(hints[item.name]).replace("|", "\\|")
-            lines.append(f"| `{item.name}` ({allowed}) | `{json.dumps(default)}` | {docs.get(item.name, '')} |")
+        lines += _reference_rows(cls, getattr(defaults, section.name), "")
         lines.append("")
     return "\n".join(lines)
+
+
+def _reference_rows(cls: type, defaults: Any, prefix: str) -> list[str]:
+    """Table rows of a config dataclass's keys; a nested dataclass (e.g. `student.lora`) as `lora.r` … rows."""
+    rows: list[str] = []
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        default = getattr(defaults, item.name)
+        if dataclasses.is_dataclass(hints[item.name]):
+            rows += _reference_rows(hints[item.name], default, f"{prefix}{item.name}.")
+            continue
+        allowed = _type_name(hints[item.name]).replace("|", "\\|")
+        rows.append(f"| `{prefix}{item.name}` ({allowed}) | `{json.dumps(default)}` | {docs.get(item.name, '')} |")
+    return rows
