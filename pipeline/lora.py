@@ -111,4 +111,4 @@ def save_adapter(module: nn.Module, state_dict: dict[str, Tensor], directory: Pa
         base_path = published_at.resolve() / ADAPTER_BASE_DIR
         _fresh_copy(module, state_dict).unload().save_pretrained(directory / ADAPTER_BASE_DIR, safe_serialization=True)
     copied.peft_config["default"].base_model_name_or_path = str(base_path)
-    copied.save_pretrained(directory, safe_serialization=True)
+    copied.save_pretrained(directory, safe_serialization=True, save_embedding_layers=False)
