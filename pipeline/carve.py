@@ -5,7 +5,7 @@ one teacher forward with hooks, no T × T maps held):
 
 - depth: the teacher layer each student layer copies, from the layer map or by block importance
   1 − cos(block input, block output) averaged over tokens (ShortGPT / Minitron), the largest kept in order;
-- heads: each student head reduces its teacher head group (`shd.head_groups`, the grouping of the squeeze) by
+- heads: each student head reduces its teacher head group (`shd.squeeze_groups`, the grouping of the squeeze) by
   `prune` (the group's most important head, importance = the head's share ‖A_h X_h‖_F / Σ_h' ‖A_h' X_h'‖_F of the
   layer's attention output) or `merge` (q/k/v slices averaged with the group's α, o slices summed: for heads on one
   KV head the merged head then applies its map to SHD's S = Σ_i X_i);
@@ -25,7 +25,7 @@ carved student with the teacher's own shape computes exactly the teacher's funct
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -92,7 +92,9 @@ def _mlp_output_projection(layer: nn.Module) -> nn.Module:
 def head_output_norms(head_outputs: Tensor, output_maps: Tensor) -> Tensor:
     """‖A_h X_h‖_F per sample and head → [B, H] fp32, from the heads' attention outputs A_h V_h [B, T, H, dh] (the
     output projection's input) and their output maps W_O^h [H, dh, d]: ‖(A_h V_h) W_O^h‖² = ⟨G_h, W_O^h W_O^hᵀ⟩
-    with G_h = (A_h V_h)ᵀ (A_h V_h), so no [B, T, d] product is formed per head."""
+    with G_h = (A_h V_h)ᵀ (A_h V_h), so no [B, T, d] product is formed per head. The same quantity as
+    `shd.head_importance`, read from a hook instead of captured maps: no T × T map is ever held, so calibration
+    costs what a plain forward costs at any context length."""
     values = head_outputs.float()
     gram = torch.einsum("bthk,bthl->bhkl", values, values)
     output_gram = output_maps @ output_maps.transpose(1, 2)
@@ -149,9 +151,9 @@ def measure_importance(teacher: PreTrainedModel, input_ids: Tensor, batch_size: 
             norms = head_output_norms(
                 outputs.reshape(*outputs.shape[:2], dims.num_heads, dims.head_dim), output_maps[index]
             )
-            heads[index] += (norms / norms.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)).sum(
-                0, dtype=torch.float64
-            )
+            total = norms.sum(-1, keepdim=True)
+            shares = torch.where(total > 0, norms / torch.where(total > 0, total, 1.0), 1 / dims.num_heads)
+            heads[index] += shares.sum(0, dtype=torch.float64)
 
         return hook
 
@@ -295,12 +297,13 @@ def plan_carve(
     layers: list[int],
     importance: Importance,
     head_init: HeadInit,
-    groups: list[list[int]],
-    alphas: dict[int, Tensor] | None = None,
+    groups: Mapping[int, list[list[int]]],
+    alphas: Mapping[int, Tensor] | None = None,
 ) -> CarvePlan:
     """The `CarvePlan` of `student_config` (a `models.make_student_config` of the teacher with its head dim) whose
-    layer j copies teacher layer `layers[j]`; `groups` the teacher heads of each student head; `alphas` the merge
-    weights [H_t] per teacher layer (a missing layer merges uniformly)."""
+    layer j copies teacher layer `layers[j]`; `groups[layer]` the teacher heads of each student head (the grouping
+    its attention targets use, e.g. `shd.squeeze_groups`); `alphas` the merge weights [H_t] per teacher layer (a
+    missing layer merges uniformly)."""
     teacher, student = attention_dims(teacher_config), attention_dims(student_config)
     if student.head_dim != teacher.head_dim:
         raise CarveError(f"student head dim {student.head_dim} differs from the teacher's {teacher.head_dim}")
@@ -316,7 +319,9 @@ def plan_carve(
     for layer in layers:
         alpha = None if alphas is None else alphas.get(layer)
         heads.append(
-            plan_heads(groups, importance.heads[layer], teacher.num_kv_heads, student.num_kv_heads, head_init, alpha)
+            plan_heads(
+                groups[layer], importance.heads[layer], teacher.num_kv_heads, student.num_kv_heads, head_init, alpha
+            )
         )
         mlp.append(top_channels(importance.mlp[layer], intermediate))
     hidden_importance = importance.hidden[sorted(set(layers))].sum(0) + importance.hidden[-1]

@@ -20,7 +20,7 @@ from pipeline.carve import (
     select_layers,
 )
 from pipeline.models import load_teacher, make_student_config, write_tiny_teacher
-from pipeline.shd import head_groups
+from pipeline.shd import head_groups, head_importance, squeeze_groups
 
 
 def calibration(seed: int = 0, samples: int = 6, tokens: int = 24) -> torch.Tensor:
@@ -52,8 +52,8 @@ def carve(
     alphas: dict[int, torch.Tensor] | None = None,
 ) -> tuple[PreTrainedModel, CarvePlan]:
     importance = importance or measure_importance(teacher, calibration(), batch_size=4)
-    groups = head_groups(attention_dims(teacher.config).num_heads, attention_dims(config).num_heads)
-    plan = plan_carve(teacher.config, config, layers, importance, method, groups, alphas)
+    groups = squeeze_groups(attention_dims(teacher.config).num_heads, attention_dims(config).num_heads)
+    plan = plan_carve(teacher.config, config, layers, importance, method, dict.fromkeys(layers, groups), alphas)
     return carve_student(teacher, config, plan).eval(), plan
 
 
@@ -214,6 +214,8 @@ def test_head_importance_is_the_share_of_the_attention_output(fixture: str, requ
         norms = contributions.square().sum((-2, -1)).sqrt()
         shares = (norms / norms.sum(1, keepdim=True)).mean(0)
         torch.testing.assert_close(importance.heads[layer], shares, rtol=1e-5, atol=1e-7)
+        from_maps = head_importance(capture.maps[layer], capture.circuits[layer]).double().mean(0)
+        torch.testing.assert_close(importance.heads[layer], from_maps, rtol=1e-5, atol=1e-7)
 
 
 def test_hidden_channels_without_activation_are_pruned_first(tmp_path: Path) -> None:
