@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: figures are only ever written to files
 
 import numpy as np
-from matplotlib import colors
+from matplotlib import colors, ticker
 from matplotlib import image as mpimg
 from matplotlib import pyplot as plt
 
@@ -60,13 +60,19 @@ def save_figure(figure: Figure, path: Path) -> Path:
     return path
 
 
+def _alpha_order(key: str) -> tuple[int, int, str]:
+    """Sort key of an α statistics key `L<layer>.H<heads>.<squeeze>`."""
+    layer, heads, *squeeze = key.split(".")
+    return int(layer[1:]), int(heads[1:]), ".".join(squeeze)
+
+
 def alpha_figure(alpha_stats: Mapping[str, Mapping[str, Any]]) -> Figure:
     """α of every cached (layer, head count): histogram over [0, 1] (left) and mean per teacher head (right).
 
-    `alpha_stats` is a manifest's `alpha_stats`: key `L<layer>.H<heads>` → `histogram` (counts of equal bins over
-    [0, 1]), `per_teacher_head_mean`, `mean`, `std`.
+    `alpha_stats` is a manifest's `alpha_stats`: key `L<layer>.H<heads>.<squeeze>` → `histogram` (counts of equal
+    bins over [0, 1]), `per_teacher_head_mean`, `mean`, `std`; rows sorted by layer, head count, squeeze.
     """
-    keys = sorted(alpha_stats, key=lambda key: tuple(int(part[1:]) for part in key.split(".")))
+    keys = sorted(alpha_stats, key=_alpha_order)
     figure, axes = plt.subplots(max(len(keys), 1), 2, figsize=(9, 2.2 * max(len(keys), 1)), squeeze=False)
     for row, key in enumerate(keys):
         stats = alpha_stats[key]
@@ -217,8 +223,9 @@ def curve_figure(key: str, curves: Sequence[Curve], *, x_label: str, log_y: bool
     """
     figure, axis = plt.subplots(figsize=(8, 4.2))
     smoothed_window = 0
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
     for index, curve in enumerate(curves):
-        color = f"C{index % 10}"
+        color = palette[index % len(palette)]
         x = np.asarray(curve.x, dtype=float)
         y = np.asarray(curve.y, dtype=float)
         if curve.lower is not None and curve.upper is not None:
@@ -233,6 +240,9 @@ def curve_figure(key: str, curves: Sequence[Curve], *, x_label: str, log_y: bool
             )
     if log_y:
         axis.set_yscale("log")
+        # plain numbers at the decades and, over spans of up to two decades, at some steps between them
+        axis.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+        axis.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     title = key + (f" ({note})" if note else "")
     if smoothed_window:
         title += "; faint: raw, solid: moving mean"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import json
+import math
+import re
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 import pytest
+import torch
 import yaml
-
-matplotlib.use("Agg")
-
 from matplotlib import image as mpimg
 from matplotlib import pyplot as plt
 
@@ -22,10 +23,24 @@ from pipeline.compare import (
     CompareReport,
     RunSummary,
     compare_runs,
+    comparison_table,
     latest_images,
+    metric_bands,
+    plot_metric_bands,
     resolve_target,
+    seed_variants,
+    variants_table,
 )
 from pipeline.config import config_from_dict
+from pipeline.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
+from pipeline.mlflow_ui import (
+    EXPERIMENT_KIND_TAG,
+    MACHINE_LEARNING_KIND,
+    PRIMARY_METRIC_TAG,
+    SAVED_VIEW_TAG_PREFIX,
+    VIEW_ID,
+    tag_experiment,
+)
 
 EXPERIMENT = "sweep"
 CONSTANT_PARAMS = {"train.lr": "0.001", "data.seq_len": "32", "teacher.source": "tiny-random-llama"}
@@ -197,7 +212,15 @@ def test_summary_run_holds_the_report_and_is_excluded_next_time(store: dict, rep
     assert summary.data.tags[SUMMARY_TAG] == "true"
     assert summary.info.status == "FINISHED"
     top = {entry.path for entry in client.list_artifacts(report.summary_run_id)}
-    assert {"runs.md", "runs.csv", "step", "tokens", "alpha_histograms.png", "attention_heatmaps.png"} <= top
+    assert {
+        "index.md",
+        "runs.md",
+        "runs.csv",
+        "step",
+        "tokens",
+        "alpha_histograms.png",
+        "attention_heatmaps.png",
+    } <= top
     before = len(_summary_runs(store))
     again = compare_runs(store["uri"], EXPERIMENT, output=store["root"] / "reports")
     assert [row[0] for row in again.rows] == list(RUNS)
@@ -243,3 +266,213 @@ def test_cli_prints_the_table(
     assert "| h3-uniform |" in capsys.readouterr().out
     assert main(["compare", "--experiment", "nope", "--tracking-uri", store["uri"]]) == 2
     assert "no experiment 'nope'" in caplog.text
+
+
+def _summary(label: str, histories: dict, params: dict | None = None) -> RunSummary:
+    return RunSummary(label, label, params or {}, histories)
+
+
+def test_table_columns_follow_the_logged_metrics_in_a_stable_order() -> None:
+    point = [(1, 1.0)]
+    logged = [
+        "eval/attn_kl",
+        "train/loss_rel",
+        "eval/loss_kd",
+        "train/grad_norm",
+        "eval/top1_agreement",
+        "train/lr",
+        "train/tokens",
+        "train/loss_ce",
+        "eval/ppl",
+        "train/loss",
+        "system/cpu",
+    ]
+    with_terms = _summary("terms", {key: point for key in logged})
+    plain = _summary("plain", {"train/loss": [(1, 2.0), (2, 1.5)]})
+    columns, rows = comparison_table([with_terms, plain])
+    assert columns == [
+        "run",
+        "train/loss",
+        "train/loss_ce",
+        "train/loss_rel",
+        "train/lr",
+        "train/grad_norm",
+        "eval/ppl",
+        "eval/top1_agreement",
+        "eval/loss_kd",
+        "eval/attn_kl",
+        BEST_PPL_COLUMN,
+    ]
+    assert rows[1] == ["plain", 1.5] + [None] * (len(columns) - 2)
+    assert comparison_table([plain]) == (["run", "train/loss"], [["plain", 1.5]])  # no terms logged, no term columns
+
+
+def test_latest_heatmap_set_gives_one_figure_per_layer() -> None:
+    paths = [
+        "alpha_histograms.png",
+        "heatmaps/step-00000005.png",
+        "heatmaps/step-00000010/layer-0.png",
+        "heatmaps/step-00000010/layer-1.png",
+        "heatmaps/step-00000020/layer-0.png",
+        "heatmaps/step-00000020/layer-1.png",
+        "heatmaps/eval-step-00000020/layer-0.png",
+    ]
+    assert latest_images(paths) == {
+        "alpha_histograms": "alpha_histograms.png",
+        "attention_heatmaps_layer-0": "heatmaps/step-00000020/layer-0.png",
+        "attention_heatmaps_layer-1": "heatmaps/step-00000020/layer-1.png",
+    }
+
+
+def test_index_embeds_every_figure_of_the_report(report: CompareReport) -> None:
+    index = (report.directory / "index.md").read_text()
+    written = sorted(path.relative_to(report.directory) for path in report.directory.rglob("*.png"))
+    assert written and sorted(report.figures) == written
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index)
+    assert sorted(Path(link) for link in linked) == written  # each figure once, by a relative link
+    assert report.markdown in index and "[runs.csv](runs.csv)" in index
+    assert "variants" not in index  # no two runs share settings but their seed
+
+
+SEEDS = {
+    # variant → seed → final train/loss; every run logs eval/ppl at steps 2 and 4, seed 2 of kd also at step 3
+    "kd": {0: [10.0, 6.0], 1: [12.0, 7.0], 2: [11.0, 8.5]},
+    "shd": {0: [9.0, 5.5], 1: [13.0, 6.5]},
+}
+
+
+def _seeded_histories(variant: str, seed: int) -> dict[str, list[tuple[int, float]]]:
+    first, last = SEEDS[variant][seed]
+    eval_ppl = [(2, first), (4, last)] + ([(3, 99.0)] if (variant, seed) == ("kd", 2) else [])
+    return {"train/loss": [(1, first / 2), (4, last / 2)], "eval/ppl": sorted(eval_ppl)}
+
+
+def test_seed_bands_are_the_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+    groups = {
+        variant: [_summary(f"{variant}-seed{seed}", _seeded_histories(variant, seed)) for seed in seeds]
+        for variant, seeds in SEEDS.items()
+    }
+    bands = metric_bands(groups, "eval/ppl")
+    for variant, seeds in SEEDS.items():
+        values = np.array(list(seeds.values()))  # [seeds, steps 2 and 4]; step 3 is not logged by every seed
+        assert bands[variant].steps.tolist() == [2.0, 4.0] and bands[variant].runs == len(seeds)
+        np.testing.assert_allclose(bands[variant].mean, values.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(bands[variant].std, values.std(axis=0, ddof=1), rtol=1e-12)
+    assert metric_bands({"one": groups["kd"][:1]}, "eval/ppl")["one"].std.tolist() == [0.0, 0.0]
+    assert metric_bands(groups, "eval/attn_kl") == {}
+    path = plot_metric_bands(groups, "eval/ppl", tmp_path / "bands" / "eval_ppl.png")
+    assert path is not None and mpimg.imread(path).ndim == 3
+    assert plot_metric_bands(groups, "eval/attn_kl", tmp_path / "none.png") is None
+    columns, rows = variants_table(groups)
+    assert columns == ["variant", "seeds", "train/loss", "eval/ppl", BEST_PPL_COLUMN]
+    finals = np.array([last for _, last in SEEDS["kd"].values()])
+    assert rows[0][:2] == ["kd", "3"]
+    assert rows[0][3] == f"{finals.mean():.4g} ± {finals.std(ddof=1):.2g}"
+
+
+def test_runs_differing_only_in_seeds_form_named_variants() -> None:
+    def run(name: str, seed: str, w_attn: str) -> RunSummary:
+        params = {"train.seed": seed, "data.seed": seed, "distill.w_attn": w_attn, "train.output_dir": f"runs/{name}"}
+        return _summary(name, {}, params)
+
+    runs = [
+        run("kd-seed0", "0", "0"),
+        run("kd-seed1", "1", "0"),
+        run("shd_seed0", "0", "1"),
+        run("shd_seed1", "1", "1"),
+    ]
+    assert {name: [member.label for member in members] for name, members in seed_variants(runs).items()} == {
+        "kd": ["kd-seed0", "kd-seed1"],
+        "shd": ["shd_seed0", "shd_seed1"],
+    }
+    unnamed = [run("a", "0", "0"), run("b", "1", "0"), run("c", "0", "1")]
+    assert {name: len(members) for name, members in seed_variants(unnamed).items()} == {
+        "distill.w_attn=0": 2,
+        "distill.w_attn=1": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Experiment `seeds`: two variants × seeds, each run with per-layer heat maps logged at steps 2 and 4."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("seeds", artifact_location=(root / "artifacts").as_uri())
+    maps = {layer: torch.rand(2, 8, 8).tril().softmax(-1) for layer in (0, 1)}
+    for variant, seeds in SEEDS.items():
+        for seed in seeds:
+            name = f"{variant}-seed{seed}"
+            run_id = client.create_run(experiment_id, run_name=name).info.run_id
+            params = {"train.seed": str(seed), "distill.w_attn": "1" if variant == "shd" else "0"}
+            histories = _seeded_histories(variant, seed)
+            points = [Metric(key, value, 0, step) for key, history in histories.items() for step, value in history]
+            client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()], metrics=points)
+            for step in (2, 4):
+                staging = root / "png" / name / f"step-{step:08d}"
+                for figure_name, figure in attention_heatmap_figures(maps, maps, {0: 6, 1: 29}).items():
+                    save_figure(figure, staging / f"{figure_name}.png")
+                client.log_artifacts(run_id, str(staging), f"heatmaps/step-{step:08d}")
+            client.set_terminated(run_id)
+    report = compare_runs(uri, "seeds", output=root / "reports")
+    return {"client": client, "experiment_id": experiment_id, "report": report, "uri": uri}
+
+
+def test_seeded_runs_get_variants_bands_and_per_layer_heatmaps(seeded_store: dict) -> None:
+    report: CompareReport = seeded_store["report"]
+    variants = (report.directory / "variants.md").read_text()
+    assert "| kd | 3 |" in variants and "| shd | 2 |" in variants
+    names = {str(path) for path in report.figures}
+    assert {"bands/eval_ppl.png", "bands/train_loss.png"} <= names
+    assert {"attention_heatmaps_layer-0.png", "attention_heatmaps_layer-1.png"} <= names
+    index = (report.directory / "index.md").read_text()
+    assert variants in index
+    linked = sorted(Path(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index))
+    assert linked == sorted(path.relative_to(report.directory) for path in report.directory.rglob("*.png"))
+    stacked = mpimg.imread(report.directory / "attention_heatmaps_layer-0.png")
+    single = mpimg.imread(next((report.directory.parent.parent / "png" / "kd-seed0").rglob("layer-0.png")))
+    per_row = max(1, MONTAGE_MAX_WIDTH // single.shape[1])  # wide heat maps: few runs per row, the rest below
+    assert stacked.shape[0] >= math.ceil(5 / per_row) * single.shape[0] and stacked.shape[1] <= MONTAGE_MAX_WIDTH
+
+
+def _view(client, experiment_id: str) -> tuple[dict, dict, dict]:
+    tags = client.get_experiment(experiment_id).tags
+    envelope = json.loads(tags[SAVED_VIEW_TAG_PREFIX + VIEW_ID])
+    return tags, envelope, json.loads(envelope["state"])
+
+
+def test_compare_tags_the_experiment_for_the_mlflow_ui(seeded_store: dict) -> None:
+    client, experiment_id = seeded_store["client"], seeded_store["experiment_id"]
+    tags, envelope, state = _view(client, experiment_id)
+    assert tags[EXPERIMENT_KIND_TAG] == MACHINE_LEARNING_KIND == "custom_model_development"
+    assert tags[PRIMARY_METRIC_TAG] == "eval/ppl"
+    # what the UI's saved-view parser requires: a string name, a number createdAt, the state as a JSON string
+    assert isinstance(envelope["name"], str) and isinstance(envelope["createdAt"], int)
+    assert state["selectedColumns"] == [
+        "metrics.`train/loss`",
+        "metrics.`eval/ppl`",
+        "params.`distill.w_attn`",
+        "params.`train.seed`",
+    ]
+    assert state["orderByKey"] == "metrics.`eval/ppl`" and state["orderByAsc"] is True
+    report: CompareReport = seeded_store["report"]
+    index = (report.directory / "index.md").read_text()
+    assert f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_ID}" in index
+
+
+def test_tagging_a_new_experiment_and_again_keeps_one_view(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = client.create_experiment("fresh", artifact_location=(tmp_path / "artifacts").as_uri())
+    tag_experiment(client, experiment_id)
+    _, first, state = _view(client, experiment_id)
+    assert state["selectedColumns"] == ["metrics.`eval/ppl`", "metrics.`eval/top1_agreement`", "metrics.`train/loss`"]
+    tag_experiment(client, experiment_id, ["train/loss"], ["distill.squeeze"])
+    tags, again, state = _view(client, experiment_id)
+    assert again["createdAt"] == first["createdAt"] and again["updatedAt"] >= first["updatedAt"]
+    assert state == {"selectedColumns": ["metrics.`train/loss`", "params.`distill.squeeze`"]}  # no eval/ppl to sort by
+    assert sum(key.startswith(SAVED_VIEW_TAG_PREFIX) for key in tags) == 1
