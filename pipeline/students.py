@@ -324,9 +324,10 @@ carves: one teacher pass)."""
 
 def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -> tuple[carve.Importance, float]:
     """(`carve.Importance` of the teacher on the calibration batches, seconds the measurement took), measured once
-    per process and inputs; loads the teacher (`teacher.dtype` on the default device) unless given."""
+    per process and inputs; loads the teacher unless given (in its checkpoint's dtype, like the carve: copying
+    weights from a teacher cast to `teacher.dtype` would round the student's fp32 weights)."""
     from pipeline.models import load_teacher
-    from pipeline.runtime import default_device, resolve_dtype
+    from pipeline.runtime import default_device
 
     key = json.dumps(_calibration_key(config), sort_keys=True)
     if key in _MEMO:
@@ -334,7 +335,7 @@ def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -
     started = time.perf_counter()
     if teacher is None:
         device = default_device()
-        teacher = load_teacher(config.teacher.path, dtype=resolve_dtype(config.teacher.dtype, device), device=device)
+        teacher = load_teacher(config.teacher.path, device=device)
     ids = calibration_ids(config)
     importance = carve.measure_importance(teacher, ids, config.cache.batch_size)
     seconds = time.perf_counter() - started
@@ -431,12 +432,12 @@ def _carve(
     """The carved student (see `pipeline.carve`), logged and recorded in `train.output_dir/student_init.json`."""
     from pipeline.atomic import atomic_write_text
     from pipeline.models import load_teacher
-    from pipeline.runtime import default_device, resolve_dtype
+    from pipeline.runtime import default_device
 
     student = config.student
     device = default_device()
     started = time.perf_counter()
-    teacher = load_teacher(config.teacher.path, dtype=resolve_dtype(config.teacher.dtype, device), device=device)
+    teacher = load_teacher(config.teacher.path, device=device)
     load_seconds = time.perf_counter() - started
     importance, calibration_seconds = teacher_importance(config, teacher)
     started = time.perf_counter()
