@@ -96,26 +96,46 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    """How the student is matched to the teacher, and the loss weights."""
+    """How the student is matched to the teacher: the loss terms, their weights, temperatures and matching modes.
+
+    Loss = w_ce·CE + w_kd·KD + w_attn(step)·attention + w_rel(step)·relations, each term a sum over its units
+    divided once by their global count. The seed guide's combined weighting (1 − w)·L_out + w·L_att is
+    w_ce = w_kd = 1 − w and w_attn = w."""
 
     layer_map: Literal["uniform", "last"] | list[int] = "uniform"
     """Student layer j → teacher layer: `uniform` (evenly spaced, last to last), `last`, or an explicit list."""
-    squeeze: Literal["shd", "uniform"] = "shd"
-    """How teacher heads are merged into student heads: SHD α (per sample) or the uniform-α baseline."""
+    attn_match: Literal["headwise", "global", "selective"] = "headwise"
+    """What the attention term matches: `headwise` (each student head ↔ its teacher head group squeezed by
+    `squeeze`), `global` (the mean of all teacher heads ↔ the mean of all student heads, one map per layer), or
+    `selective` (the H_s teacher heads with the largest output share ‖A_h X_h‖, chosen once per cache, each ↔ one
+    student head: the "hard head selection" baseline)."""
+    squeeze: Literal["shd", "shd_pairwise", "uniform"] = "shd"
+    """`headwise` targets: SHD α solved exactly per group (`shd`), the SHD paper's progressive pairwise merge of
+    adjacent heads (`shd_pairwise`), or the uniform-α baseline (`uniform`)."""
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
-    """Attention loss between squeezed teacher maps and student maps."""
+    """Attention loss per query row: KL(teacher ‖ student), squared error, or 1 − cosine (top-m targets: kl only)."""
     attn_temperature: float = 1.0
-    """Temperature τ applied to both attention maps before comparison."""
+    """Temperature τ applied to both attention maps before comparison (top-m targets: must be in
+    `cache.temperatures`)."""
     kd_temperature: float = 1.0
-    """Temperature of the logit KD term (the term is scaled by τ²)."""
+    """Temperature of the logit KD term, scaled by τ²; must be in `cache.temperatures` (the cached tail sums)."""
     top_k: int = 64
-    """Teacher logits kept per token (top-k log-probs plus the tail mass)."""
+    """Teacher logits kept per token (top-k log-probs plus the tail sums)."""
     w_ce: float = 1.0
     """Weight of the task cross-entropy."""
     w_kd: float = 1.0
     """Weight of the logit KD term."""
     w_attn: float = 1.0
-    """Weight of the SHD attention term."""
+    """Weight of the attention term (see `attn_match`)."""
+    w_rel: float = 0.0
+    """Weight of the MiniLMv2 Q-Q/K-K/V-V relation term (0: off); its teacher maps are cached like attention."""
+    rel_heads: int = 4
+    """MiniLMv2 relation heads R: must divide the teacher's and the student's H·head_dim."""
+    attn_schedule: Literal["constant", "linear"] = "constant"
+    """Weight schedule of the attention and relation terms: `constant`, or `linear` decay to 0 over
+    `attn_decay_steps` optimizer steps (attention transfer matters most early)."""
+    attn_decay_steps: int | None = None
+    """Steps of the `linear` schedule; `null` means `train.max_steps`."""
 
 
 @dataclass
@@ -148,6 +168,15 @@ class CacheConfig:
     """Student head counts to squeeze for in one teacher pass; empty means `[student.num_heads]`."""
     layers: list[int] = field(default_factory=list)
     """Teacher layers to cache; empty means the layers the student's layer map needs."""
+    attn_targets: list[Literal["shd", "shd_pairwise", "uniform", "selective", "global", "relations"]] = field(
+        default_factory=list
+    )
+    """Target maps to cache in one teacher pass: headwise squeezes (`shd`, `shd_pairwise`, `uniform`), `selective`,
+    `global`, `relations`; empty means what the config's own student needs (its `attn_match`/`squeeze`, plus
+    `relations` when `w_rel` > 0). One cache can serve every variant of a comparison."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0])
+    """Temperatures whose tail sums R_τ = Σ_tail p^{1/τ} are cached (τ = 1 always is): KD and top-m attention are
+    then exact at each of them; training at another τ is refused."""
     encoding: Literal["dense", "topk"] = "dense"
     """Attention targets: `dense` (exact causal triangle) or `topk` (m per row plus tail; constant bytes per token)."""
     attn_top_m: int = 32
@@ -280,6 +309,20 @@ class Config:
     def cache_head_counts(self) -> list[int]:
         """Student head counts the cache serves (the configured list, or the student's own)."""
         return list(self.cache.head_counts) or [self.student.num_heads]
+
+    def attention_kind(self) -> str:
+        """The target map kind the attention term matches: the squeeze (headwise), `global` or `selective`."""
+        return self.distill.squeeze if self.distill.attn_match == "headwise" else self.distill.attn_match
+
+    def cache_attn_targets(self) -> list[str]:
+        """Target map kinds the cache holds (the configured list, or what this config's student needs)."""
+        if self.cache.attn_targets:
+            return sorted(self.cache.attn_targets)
+        return sorted({self.attention_kind(), *(["relations"] if self.distill.w_rel > 0 else [])})
+
+    def cache_temperatures(self) -> list[float]:
+        """Temperatures whose tail sums the cache holds: `cache.temperatures` and τ = 1, sorted."""
+        return sorted({1.0, *self.cache.temperatures})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for YAML dumps and MLflow params)."""
@@ -435,7 +478,21 @@ def validate(config: Config) -> None:
         _require(value > 0, key, value, "a temperature > 0")
     for key, value in (("distill.w_ce", d.w_ce), ("distill.w_kd", d.w_kd), ("distill.w_attn", d.w_attn)):
         _require(value >= 0, key, value, "a loss weight ≥ 0")
-    _require(d.w_ce + d.w_kd + d.w_attn > 0, "distill.w_ce", d.w_ce, "at least one of w_ce, w_kd, w_attn > 0")
+    _require(d.w_rel >= 0, "distill.w_rel", d.w_rel, "a loss weight ≥ 0")
+    _require(
+        d.w_ce + d.w_kd + d.w_attn + d.w_rel > 0,
+        "distill.w_ce",
+        d.w_ce,
+        "at least one of w_ce, w_kd, w_attn, w_rel > 0",
+    )
+    _require(d.rel_heads >= 1, "distill.rel_heads", d.rel_heads, "an integer ≥ 1")
+    if d.attn_decay_steps is not None:
+        _require(d.attn_decay_steps >= 1, "distill.attn_decay_steps", d.attn_decay_steps, "an integer ≥ 1 or null")
+    for index, temperature in enumerate(c.temperatures):
+        _require(temperature > 0, f"cache.temperatures[{index}]", temperature, "a temperature > 0")
+    _require(
+        len(set(c.attn_targets)) == len(c.attn_targets), "cache.attn_targets", c.attn_targets, "distinct target kinds"
+    )
     _require(d.top_k >= 1, "distill.top_k", d.top_k, "an integer ≥ 1")
     _require(data.seq_len >= 2, "data.seq_len", data.seq_len, "an integer ≥ 2")
     _require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "a fraction in [0, 1)")

@@ -1,5 +1,6 @@
-"""Squeezing-Heads Distillation (SHD): merge a teacher's H_t attention maps into H_s student targets, and the
-attention losses that compare student maps with them.
+"""Squeezing-Heads Distillation (SHD): merge a teacher's H_t attention maps into H_s student targets (exact group
+solve, the paper's pairwise merge, or uniform), each head's output share, and the student ↔ teacher layer map. The
+losses that compare student maps with these targets are in `pipeline.map_losses`.
 
 Pure tensor maths in fp32 (the tiny per-group Gram systems in fp64); nothing here knows about ranks or models.
 Shapes: B batch, H heads, T tokens, d model width, dh head width. Attention maps are row-stochastic and causal:
@@ -12,18 +13,10 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from pipeline.kd import (
-    PROB_FLOOR,
-    Reduction,
-    check_sparse_target_shapes,
-    masked_reduce,
-    soften_topk,
-    sparse_kl_with_tail,
-)
+from pipeline.kd import PROB_FLOOR
 
 SqueezeMethod = Literal["shd", "shd_pairwise", "uniform"]
 SQUEEZE_METHODS: tuple[str, ...] = get_args(SqueezeMethod)
-AttentionLossKind = Literal["kl", "mse", "cosine"]
 
 MAX_EXACT_GROUP_SIZE = 10
 """Largest group solved exactly by enumerating the 2^r − 1 supports of the simplex QP; larger groups fall back to
@@ -495,122 +488,3 @@ def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list
                 f"layer map entry {j} is {layer} < entry {j - 1} ({mapping[j - 1]}): must be non-decreasing"
             )
     return mapping
-
-
-def soften(probs: Tensor, temperature: float) -> Tensor:
-    """Temperature on stored probabilities [..., K]: renormalised A^{1/τ} per row, computed in log space.
-
-    Equals softmax(S/τ) when A = softmax(S). Exact zeros (causal, padding) stay exactly 0 and rows of zeros stay
-    zeros; no log(0) is formed, so gradients are finite. τ = 1 returns `probs` (as fp32) untouched.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r}: expected a positive number")
-    probs = probs.float()
-    if temperature == 1.0:
-        return probs
-    positive = probs > 0
-    scaled = torch.where(positive, probs.clamp_min(PROB_FLOOR).log() / temperature, torch.finfo(torch.float32).min)
-    return torch.where(positive, torch.softmax(scaled, dim=-1), 0.0)
-
-
-def _row_kl(target: Tensor, student: Tensor) -> Tensor:
-    """KL(target ‖ student) per row [...] of probabilities [..., K]: 0·log 0 = 0, student clamped at PROB_FLOOR."""
-    present = target > 0
-    log_ratio = target.clamp_min(PROB_FLOOR).log() - student.clamp_min(PROB_FLOOR).log()
-    return torch.where(present, target * log_ratio, 0.0).sum(-1)
-
-
-def _unit_rows(rows: Tensor) -> Tensor:
-    """Rows [..., K] scaled to unit L2 norm; all-zero rows stay 0 with a finite gradient."""
-    return rows / rows.square().sum(-1, keepdim=True).clamp_min(PROB_FLOOR).sqrt()
-
-
-def attention_loss(
-    student_maps: Tensor,
-    target_maps: Tensor,
-    query_mask: Tensor | None = None,
-    kind: AttentionLossKind = "kl",
-    temperature: float = 1.0,
-    reduction: Reduction = "mean",
-) -> Tensor:
-    """Attention distillation loss of ONE matched layer; the caller averages layers.
-
-    `student_maps`, `target_maps` [B, H, T, T] probabilities (both softened by `soften` with the same τ; no τ²
-    factor); `query_mask` [B, T] bool, True = a real query row (None = all). Per query row:
-    "kl" KL(target ‖ student) summed over keys; "mse" Σ_keys (student − target)² (a sum, so it does not shrink with
-    T); "cosine" 1 − cos(target, student), computed as ½‖t/‖t‖ − s/‖s‖‖² (exactly 0 for equal rows). Rows are
-    averaged over heads, then summed ("sum") or averaged ("mean") over valid query rows; padding rows contribute 0.
-    """
-    if kind not in ("kl", "mse", "cosine"):
-        raise ValueError(f"kind={kind!r}: expected 'kl', 'mse' or 'cosine'")
-    if student_maps.shape != target_maps.shape or student_maps.dim() != 4:
-        raise ValueError(
-            f"student maps {tuple(student_maps.shape)}, target {tuple(target_maps.shape)}: expected equal [B, H, T, T]"
-        )
-    student = soften(student_maps, temperature)
-    target = soften(target_maps, temperature)
-    if kind == "kl":
-        per_row = _row_kl(target, student)
-    elif kind == "mse":
-        per_row = (student - target).square().sum(-1)
-    else:
-        per_row = 0.5 * (_unit_rows(student) - _unit_rows(target)).square().sum(-1)
-    return masked_reduce(per_row.mean(1), query_mask, reduction)
-
-
-def topk_rows(maps: Tensor, m: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The cacheable sparse form of attention targets [B, H, T, T]: the m largest entries of every row.
-
-    Returns (`values` [B, H, T, m] fp32 probabilities, descending; `indices` [B, H, T, m] int64; `tail` [B, H, T]
-    fp32, the mass outside the top m, summed directly over the complement so it is exactly 0 when the top m hold
-    every non-zero key). A query row shorter than m picks some causal zeros: they carry exactly 0 mass.
-    """
-    num_keys = maps.shape[-1]
-    if not 1 <= m <= num_keys:
-        raise ValueError(f"m={m}: expected 1 <= m <= number of keys {num_keys}")
-    maps = maps.float()
-    values, indices = maps.topk(m, dim=-1)
-    tail = maps.scatter(-1, indices, 0.0).sum(-1)
-    return values, indices, tail
-
-
-def attention_kl_topk(
-    student_maps: Tensor,
-    target_values: Tensor,
-    target_indices: Tensor,
-    target_tail: Tensor,
-    query_mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: Reduction = "mean",
-) -> Tensor:
-    """`attention_loss(kind="kl")` against sparse targets from `topk_rows`, with the tail as one more bucket.
-
-    `student_maps` [B, H, T, T]; `target_values` [B, H, T, m] probabilities; `target_indices` [B, H, T, m] (any int
-    dtype); `target_tail` [B, H, T]; `query_mask` [B, T]. The target is softened by `kd.soften_topk` with
-    (i + 1) − m tail slots for query i (its causal keys not kept; <= 0 means no tail); the student by `soften`,
-    gathered at the indices, its tail summed over the complement. Equals the dense KL when m = T.
-    """
-    check_sparse_target_shapes(
-        student_maps,
-        target_values,
-        target_indices,
-        target_tail,
-        ("student maps", "target values", "indices", "target tail"),
-        "[B, H, T, T], [B, H, T, m], [B, H, T, m]",
-    )
-    num_queries, m = student_maps.shape[-2], target_indices.shape[-1]
-    indices = target_indices.long()
-    values = target_values.float()
-    target_logprobs = torch.where(values > 0, values.clamp_min(PROB_FLOOR).log(), -math.inf)
-    tail_slots = torch.arange(1, num_queries + 1, device=values.device) - m
-    target_logprobs, target_log_tail = soften_topk(target_logprobs, target_tail, temperature, tail_slots)
-    student = soften(student_maps, temperature)
-    student_kept = student.gather(-1, indices)
-    student_tail = student.scatter(-1, indices, 0.0).sum(-1)
-    per_row = sparse_kl_with_tail(
-        target_logprobs,
-        target_log_tail,
-        student_kept.clamp_min(PROB_FLOOR).log(),
-        student_tail.clamp_min(PROB_FLOOR).log(),
-    )
-    return masked_reduce(per_row.mean(1), query_mask, reduction)

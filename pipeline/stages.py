@@ -6,6 +6,7 @@ does. Multi-process stages are started by the DeepSpeed launcher; the driver onl
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,18 +23,32 @@ TINY_TEACHERS = {"tiny-random-llama": "llama", "tiny-random-gpt2": "gpt2"}
 """Teacher sources generated on the spot: 4 layers, 6 heads (LLaMA: 2 KV heads), width 96, for tests and CI."""
 
 
-def teacher_stage(config: Config) -> Path:
-    """`distill teacher import`: make `teacher.path` a plain HF directory of the configured teacher."""
+def teacher_stage(config: Config, *, overwrite: bool = False) -> Path:
+    """`distill teacher import`: make `teacher.path` a plain HF directory of the configured teacher; a directory
+    holding another teacher is replaced only with `overwrite`, one that holds no teacher never."""
     output = Path(config.teacher.path)
     family = TINY_TEACHERS.get(config.teacher.source)
     if family is None:
         from pipeline.teacher_import import import_teacher
 
-        return import_teacher(config.teacher.source, output)
+        return import_teacher(config.teacher.source, output, overwrite=overwrite)
+    from pipeline.models import TeacherConfigError, write_tiny_teacher
+
     if (output / "config.json").is_file():
-        logger.info("%s: tiny %s teacher already there", output, family)
-        return output
-    from pipeline.models import write_tiny_teacher
+        found = _model_type(output / "config.json")
+        if found == family:
+            logger.info("%s: tiny %s teacher already there", output, family)
+            return output
+        if not overwrite:
+            raise TeacherConfigError(
+                f"teacher.path {str(output)!r} holds a {found!r} teacher, teacher.source is "
+                f"{config.teacher.source!r} ({family}); pass --overwrite to replace it, or choose another teacher.path"
+            )
+    elif output.is_dir() and any(output.iterdir()):
+        raise TeacherConfigError(
+            f"teacher.path {str(output)!r} is not empty and holds no config.json: it is no teacher; remove it or "
+            "choose another teacher.path"
+        )
 
     with staged_directory(output) as staging:
         write_tiny_teacher(
@@ -43,10 +58,22 @@ def teacher_stage(config: Config) -> Path:
     return output
 
 
-def prepare_stage(config: Config) -> dict[str, Any]:
-    """`distill prepare`: tokenize and pack the corpus with the teacher's tokenizer."""
-    from pipeline.data import fetch_shakespeare, prepare_dataset
+def _model_type(config_file: Path) -> str | None:
+    """`model_type` of an HF config.json, None where it is unreadable."""
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return values.get("model_type") if isinstance(values, dict) else None
 
+
+def prepare_stage(config: Config, *, overwrite: bool = False) -> dict[str, Any]:
+    """`distill prepare`: tokenize and pack the corpus with the teacher's tokenizer; refuses a `data.seq_len` longer
+    than the teacher's positions, and output prepared from other inputs unless `overwrite`."""
+    from pipeline.data import fetch_shakespeare, prepare_dataset
+    from pipeline.models import check_seq_len, load_teacher_config
+
+    check_seq_len(load_teacher_config(config.teacher.path), config.data.seq_len)
     sources = []
     for source in config.data.sources:
         if source == "shakespeare":
@@ -62,11 +89,13 @@ def prepare_stage(config: Config) -> dict[str, Any]:
         num_proc=config.data.num_proc,
         seed=config.data.seed,
         text_field=config.data.text_field,
+        overwrite=overwrite,
     )
 
 
 def cache_stage(config: Config) -> None:
-    """`distill cache`: one teacher pass → squeezed attention targets for every head count + sparse logits."""
+    """`distill cache`: one teacher pass → every target map kind of `cache.attn_targets` for every head count, plus
+    sparse logits with their tail sums per temperature."""
     import torch
 
     from pipeline.attention import attention_dims
@@ -74,7 +103,13 @@ def cache_stage(config: Config) -> None:
     from pipeline.models import load_teacher
     from pipeline.runtime import default_device, resolve_dtype
     from pipeline.targets.fingerprint import cache_fingerprint, cached_layers
-    from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
+    from pipeline.targets.writer import (
+        SELECTION_SAMPLES,
+        TargetSettings,
+        select_teacher_heads,
+        weights_sha256,
+        write_cache_split,
+    )
 
     dist.init_cpu_group()
     device = default_device()
@@ -82,25 +117,32 @@ def cache_stage(config: Config) -> None:
     teacher = load_teacher(teacher_dir, dtype=resolve_dtype(config.teacher.dtype, device), device=device)
     dims = attention_dims(teacher.config)
     layers = cached_layers(config, dims.num_layers)
-    settings = TargetSettings(
-        layers=tuple(layers),
-        head_counts=tuple(config.cache_head_counts()),
-        squeeze=config.distill.squeeze,
-        encoding=config.cache.encoding,
-        attn_top_m=config.cache.attn_top_m,
-        top_k=config.distill.top_k,
-        dtype=getattr(torch, config.cache.dtype),
+    splits, meta = load_prepared(Path(config.data.output_dir))
+    teacher_sha = weights_sha256(teacher_dir)
+    fingerprints = {
+        split: cache_fingerprint(config, meta, split, teacher_sha, dims, teacher.config.vocab_size, layers)
+        for split in splits
+    }
+    selected, importance = None, None
+    if "selective" in config.cache_attn_targets():
+        calibration = splits["train"].with_format("torch", columns=["input_ids"])[:SELECTION_SAMPLES]["input_ids"]
+        selected, importance = select_teacher_heads(
+            teacher, calibration.long(), tuple(layers), tuple(config.cache_head_counts())
+        )
+        logger.info("selective targets: teacher heads %s (by mean output share)", selected)
+    settings = TargetSettings.from_fingerprint(
+        fingerprints["train"], getattr(torch, config.cache.dtype), selected_heads=selected
     )
     logger.info(
-        "caching teacher layers %s for student head counts %s (%d teacher heads, %s squeeze, %s encoding)",
+        "caching teacher layers %s for student head counts %s (%d teacher heads): %s targets, %s encoding, "
+        "tail sums at τ %s",
         layers,
         list(settings.head_counts),
         dims.num_heads,
-        settings.squeeze,
+        ", ".join(settings.kinds),
         settings.encoding,
+        list(settings.temperatures),
     )
-    splits, meta = load_prepared(Path(config.data.output_dir))
-    teacher_sha = weights_sha256(teacher_dir)
     for split, rows in splits.items():
         if config.cache.max_samples is not None and len(rows) > config.cache.max_samples:
             logger.info("%s: caching the first %d of %d samples", split, config.cache.max_samples, len(rows))
@@ -110,9 +152,10 @@ def cache_stage(config: Config) -> None:
             rows.with_format("torch", columns=["sample_id", "input_ids"]),
             Path(config.cache.output_dir) / split,
             settings,
-            cache_fingerprint(config, meta, split, teacher_sha, dims, teacher.config.vocab_size, layers),
+            fingerprints[split],
             shard_size=config.cache.shard_size,
             batch_size=config.cache.batch_size,
+            head_importance=importance,
         )
 
 

@@ -12,10 +12,9 @@ import torch
 
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
-    alpha_key,
-    attn_key,
-    index_dtype,
-    pack_triangle,
+    alpha_name,
+    encode_maps,
+    map_name,
     shard_bytes,
     shard_file_name,
     vocab_index_dtype,
@@ -79,15 +78,17 @@ def shard_tensors(
         maps = _causal_maps(generator, num_rows, teacher_heads, seq_len)
         for heads in head_counts:
             squeezed, alphas = _squeeze(maps, heads, generator)
-            key = attn_key(layer, heads)
-            tensors[alpha_key(layer, heads)] = alphas
-            if encoding == "dense":
-                tensors[key] = pack_triangle(squeezed).to(dtype)
-            else:
-                values, indices = squeezed.topk(m, dim=-1)
-                tensors[f"{key}.values"] = values.to(dtype)
-                tensors[f"{key}.indices"] = indices.to(index_dtype(seq_len))
-                tensors[f"{key}.tail"] = (1 - values.sum(dim=-1)).clamp_min(0)
+            tensors[alpha_name(layer, heads, "shd")] = alphas
+            tensors.update(
+                encode_maps(
+                    map_name(layer, "shd", heads),
+                    squeezed,
+                    encoding=encoding,
+                    attn_top_m=m,
+                    dtype=dtype,
+                    temperatures=(1.0,),
+                )
+            )
     return tensors
 
 
@@ -114,10 +115,12 @@ def synthetic_fingerprint(
         "seq_len": seq_len,
         "student_head_counts": sorted(head_counts),
         "cached_layers": sorted(layers),
-        "squeeze": "shd",
+        "attn_targets": ["shd"],
+        "rel_heads": None,
         "encoding": encoding,
         "attn_top_m": m if encoding == "topk" else None,
         "top_k": k,
+        "temperatures": [1.0],
         "dtype": dtype,
     }
 

@@ -22,9 +22,11 @@ from pipeline.attention import AttentionCapture
 from pipeline.config import Config, load_config
 from pipeline.data import load_prepared
 from pipeline.kd import topk_targets
+from pipeline.map_losses import DenseTarget, SparseTarget, map_loss_sum
 from pipeline.models import load_teacher
-from pipeline.shd import attention_kl_topk, attention_loss, squeeze_heads
-from pipeline.targets.layout import attn_key, unpack_triangle
+from pipeline.relations import relation_maps
+from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.targets.layout import map_name, relation_name, unpack_triangle
 from pipeline.targets.manifest import CacheError, read_manifest
 from pipeline.targets.reader import open_cache, verify_cache
 
@@ -78,7 +80,8 @@ def _fresh_targets(config: Config, sample_rows: torch.Tensor, layer: int, heads:
         logits = teacher(input_ids=sample_rows).logits
     # Dense circuits: the writer's factored α path is checked against the direct one.
     squeezed, _ = squeeze_heads(capture.maps[layer], capture.circuits[layer].dense(), heads, method="shd")
-    return (squeezed, *topk_targets(logits, config.distill.top_k))
+    values, indices, tails = topk_targets(logits, config.distill.top_k)
+    return squeezed, values, indices, tails[..., 0]
 
 
 def test_dense_round_trip_two_head_counts_in_one_pass(prepared: Path, tmp_path: Path) -> None:
@@ -94,7 +97,7 @@ def test_dense_round_trip_two_head_counts_in_one_pass(prepared: Path, tmp_path: 
         assert torch.equal(shard.get_tensor("input_ids").long(), input_ids)
         for layer in manifest.fingerprint["cached_layers"]:
             for heads in (2, 3):
-                cached = unpack_triangle(shard.get_tensor(attn_key(layer, heads)).float(), seq_len)
+                cached = unpack_triangle(shard.get_tensor(map_name(layer, "shd", heads)).float(), seq_len)
                 squeezed, values, indices, tail = _fresh_targets(config, input_ids, layer, heads)
                 assert cached.shape == (entry.num_samples, heads, seq_len, seq_len)
                 torch.testing.assert_close(cached, squeezed, atol=1e-3, rtol=1e-2)
@@ -110,31 +113,88 @@ def test_dense_round_trip_two_head_counts_in_one_pass(prepared: Path, tmp_path: 
 
 
 def test_topk_encoding_matches_dense_when_m_is_seq_len(prepared: Path, tmp_path: Path) -> None:
+    """With m = T and tail sums cached for τ ∈ {1, 2}, the student's loss from top-m targets equals the dense one."""
     seq_len = tiny_config(prepared).data.seq_len
     _cache_into(prepared, tmp_path / "dense")
-    _cache_into(prepared, tmp_path / "topk", "cache.encoding=topk", f"cache.attn_top_m={seq_len}")
-    dense_manifest = open_cache(tmp_path / "dense" / "train")
-    entry = dense_manifest.shards[0]
-    student = torch.softmax(
-        torch.randn(entry.num_samples, 3, seq_len, seq_len).masked_fill(
-            ~torch.ones(seq_len, seq_len, dtype=torch.bool).tril(), float("-inf")
-        ),
-        dim=-1,
+    _cache_into(
+        prepared, tmp_path / "topk", "cache.encoding=topk", f"cache.attn_top_m={seq_len}", "cache.temperatures=[2.0]"
     )
+    dense_manifest = open_cache(tmp_path / "dense" / "train")
+    assert open_cache(tmp_path / "topk" / "train").fingerprint["temperatures"] == [1.0, 2.0]
+    entry = dense_manifest.shards[0]
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(entry.num_samples, 3, seq_len, 8, generator=generator)
+    key = torch.randn(entry.num_samples, 1, seq_len, 8, generator=generator)
     layer = dense_manifest.fingerprint["cached_layers"][0]
-    key = attn_key(layer, 3)
+    name = map_name(layer, "shd", 3)
     with safe_open(tmp_path / "dense" / "train" / entry.file, framework="pt") as dense_shard:
-        dense = unpack_triangle(dense_shard.get_tensor(key).float(), seq_len)
+        dense = DenseTarget(dense_shard.get_tensor(name).float())
     with safe_open(tmp_path / "topk" / "train" / entry.file, framework="pt") as topk_shard:
-        values = topk_shard.get_tensor(f"{key}.values").float()
-        indices = topk_shard.get_tensor(f"{key}.indices")
-        tail = topk_shard.get_tensor(f"{key}.tail")
+        values = topk_shard.get_tensor(f"{name}.values").float()
+        indices = topk_shard.get_tensor(f"{name}.indices")
+        tails = {1.0: topk_shard.get_tensor(f"{name}.tail"), 2.0: topk_shard.get_tensor(f"{name}.tail.tau2")}
     assert indices.dtype == torch.int16
-    torch.testing.assert_close(values.sum(-1) + tail, torch.ones_like(tail), atol=3e-3, rtol=0)
-    for temperature in (1.0, 2.0):
-        dense_kl = attention_loss(student, dense, temperature=temperature)
-        topk_kl = attention_kl_topk(student, values, indices, tail, temperature=temperature)
+    torch.testing.assert_close(values.sum(-1) + tails[1.0], torch.ones_like(tails[1.0]), atol=3e-3, rtol=0)
+    for temperature, tail in tails.items():
+        dense_kl = map_loss_sum(query, key, 8**-0.5, dense, temperature=temperature)
+        sparse = SparseTarget(values, indices.long(), tail)
+        topk_kl = map_loss_sum(query, key, 8**-0.5, sparse, temperature=temperature)
         assert topk_kl.item() == pytest.approx(dense_kl.item(), rel=1e-3)
+
+
+def test_one_pass_caches_every_target_kind_each_equal_to_a_fresh_computation(prepared: Path, tmp_path: Path) -> None:
+    """shd, shd_pairwise, uniform, selective, global and relations targets and tail sums at τ ∈ {1, 2} from one
+    teacher pass; each equals the teacher's maps recomputed here; the selective heads are the same in both splits and
+    are the heads of largest mean output share on the first train samples."""
+    kinds = "[shd, shd_pairwise, uniform, selective, global, relations]"
+    config = _cache_into(
+        prepared, tmp_path / "all", f"cache.attn_targets={kinds}", "cache.temperatures=[2.0]", "distill.rel_heads=4"
+    )
+    manifests = {split: verify_cache(tmp_path / "all" / split) for split in ("train", "validation")}
+    fingerprint = manifests["train"].fingerprint
+    assert fingerprint["attn_targets"] == sorted(["shd", "shd_pairwise", "uniform", "selective", "global", "relations"])
+    assert manifests["train"].selected_heads == manifests["validation"].selected_heads
+    assert set(manifests["train"].alpha_stats) == {
+        f"L{layer}.H{heads}.{squeeze}"
+        for layer in fingerprint["cached_layers"]
+        for heads in (2, 3)
+        for squeeze in ("shd", "shd_pairwise", "uniform")
+    }
+    rows, _ = load_prepared(Path(config.data.output_dir))
+    train = rows["train"].with_format("torch")
+    teacher = load_teacher(Path(config.teacher.path), dtype=torch.float32)
+    calibration = train[:16]["input_ids"].long()
+    entry = manifests["train"].shards[0]
+    input_ids = train[: entry.num_samples]["input_ids"].long()
+    layers = fingerprint["cached_layers"]
+    with torch.no_grad(), AttentionCapture(teacher, layers, circuits=True) as capture:
+        teacher(input_ids=calibration)
+    shares = {layer: head_importance(capture.maps[layer], capture.circuits[layer]).mean(0) for layer in layers}
+    with torch.no_grad(), AttentionCapture(teacher, layers, circuits=True, qkv=True) as capture:
+        teacher(input_ids=input_ids)
+    seq_len = config.data.seq_len
+    with safe_open(tmp_path / "all" / "train" / entry.file, framework="pt") as shard:
+
+        def cached(name: str) -> torch.Tensor:
+            return unpack_triangle(shard.get_tensor(name).float(), seq_len)
+
+        for layer in layers:
+            maps = capture.maps[layer]
+            torch.testing.assert_close(cached(map_name(layer, "global")), maps.mean(1, keepdim=True), atol=1e-3, rtol=0)
+            for heads in (2, 3):
+                chosen = manifests["train"].selected_heads[f"L{layer}.H{heads}"]
+                assert chosen == select_heads(shares[layer], heads)
+                torch.testing.assert_close(
+                    cached(map_name(layer, "selective", heads)), maps[:, chosen], atol=1e-3, rtol=0
+                )
+                for squeeze in ("shd_pairwise", "uniform"):
+                    expected, _ = squeeze_heads(maps, capture.circuits[layer], heads, method=squeeze)
+                    torch.testing.assert_close(cached(map_name(layer, squeeze, heads)), expected, atol=1e-3, rtol=0)
+            for relation, states in zip("qkv", capture.qkv[layer], strict=True):
+                expected = relation_maps(states, 4)
+                torch.testing.assert_close(cached(relation_name(layer, 4, relation)), expected, atol=1e-3, rtol=0)
+        tails = topk_targets(teacher(input_ids=input_ids).logits, config.distill.top_k, (1.0, 2.0))[2]
+        torch.testing.assert_close(shard.get_tensor("tail_mass.tau2"), tails[..., 1], rtol=1e-4, atol=0)
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -225,8 +285,10 @@ def test_a_cache_of_other_inputs_is_refused_not_overwritten(prepared: Path, tmp_
     before = _digests(directory)
     with pytest.raises(CacheError, match=r"fingerprint field 'student_head_counts'"):
         _cache_into(prepared, directory, "cache.head_counts=[2]")
-    with pytest.raises(CacheError, match=r"fingerprint field 'squeeze'"):
+    with pytest.raises(CacheError, match=r"fingerprint field 'attn_targets'"):
         _cache_into(prepared, directory, "distill.squeeze=uniform")
+    with pytest.raises(CacheError, match=r"fingerprint field 'temperatures'"):
+        _cache_into(prepared, directory, "cache.temperatures=[2.0]")
     with pytest.raises(CacheError, match=r"fingerprint field 'top_k'"):
         _cache_into(prepared, directory, "distill.top_k=8")
     assert _digests(directory) == before

@@ -4,6 +4,7 @@ exploded."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -250,3 +251,36 @@ def test_malformed_targets_are_refused() -> None:
         map_loss_sum(query.float(), key.float(), SCALE, sparse._replace(tail=sparse.tail[..., :8]))
     with pytest.raises(ValueError, match="key heads must divide"):
         map_loss_sum(query.float(), key[:, :1].expand(-1, 3, -1, -1).float(), SCALE, DenseTarget(pack_triangle(target)))
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse", "cosine"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_loss_is_zero_when_the_target_is_the_students_own_map(kind: str, temperature: float) -> None:
+    query, key = _qk(10)
+    own = _reference_student(query, key, 1.0)
+    loss = map_loss_sum(
+        query.float(),
+        key.float(),
+        SCALE,
+        DenseTarget(pack_triangle(own).float()),
+        kind=kind,
+        temperature=temperature,
+        query_mask=_valid(),
+        key_mask=_valid(),
+    )
+    assert abs(loss.item()) < 1e-5
+
+
+def test_sparse_loss_grows_with_m_up_to_the_dense_kl() -> None:
+    """At τ = 1 merging keys into the tail bucket can only lose information (data-processing inequality): the loss
+    grows with m and reaches the dense KL at m = T; short rows (i + 1 < m) keep only exact zeros beyond their keys."""
+    query, key = _qk(11)
+    target = _targets(12)
+    kwargs = {"query_mask": _valid(), "key_mask": _valid()}
+    losses = [
+        map_loss_sum(query.float(), key.float(), SCALE, _sparse(target, m, 1.0), **kwargs).item()
+        for m in range(1, SEQ + 1)
+    ]
+    dense = map_loss_sum(query.float(), key.float(), SCALE, DenseTarget(pack_triangle(target).float()), **kwargs)
+    assert all(later >= earlier - 1e-5 for earlier, later in itertools.pairwise(losses))
+    assert losses[-1] == pytest.approx(dense.item(), rel=1e-5) and losses[0] < 0.9 * losses[-1]

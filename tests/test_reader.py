@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from pipeline.map_losses import DenseTarget, SparseTarget
 from pipeline.targets import reader
-from pipeline.targets.layout import read_header, shard_bytes, shard_file_name
+from pipeline.targets.layout import TargetRequest, map_name, read_header, shard_bytes, shard_file_name, unpack_triangle
 from pipeline.targets.manifest import (
     FINGERPRINT_FIELDS,
     CacheError,
@@ -23,7 +24,7 @@ from pipeline.targets.manifest import (
     sha256_bytes,
     write_manifest,
 )
-from pipeline.targets.reader import SparseAttention, TargetStream, open_cache, unpack_attention, verify_cache
+from pipeline.targets.reader import TargetStream, open_cache, verify_cache
 from tests.cache_fixtures import SAMPLE_ID_OFFSET, write_synthetic_cache
 
 NUM_SAMPLES = 37
@@ -57,8 +58,13 @@ def fresh_cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def make_stream(directory: Path, **overrides: Any) -> TargetStream:
-    options: dict[str, Any] = {"layers": [1, 3], "heads": 2, "batch_size": BATCH, **overrides}
+def request(layers: list[int], heads: int) -> TargetRequest:
+    """The shd targets of `layers` for `heads` student heads, at τ = 1."""
+    return TargetRequest(tuple((map_name(layer, "shd", heads), 1.0) for layer in layers))
+
+
+def make_stream(directory: Path, layers: tuple[int, ...] = (1, 3), heads: int = 2, **overrides: Any) -> TargetStream:
+    options: dict[str, Any] = {"request": request(list(layers), heads), "batch_size": BATCH, **overrides}
     return TargetStream(directory=directory, **options)
 
 
@@ -214,38 +220,42 @@ def test_dense_batches_hold_the_shard_contents(dense_cache: Path) -> None:
             assert torch.equal(batch["input_ids"][slot], stored["input_ids"].long())
             assert torch.equal(batch["topk_values"][slot], stored["topk_values"].float())
             assert torch.equal(batch["topk_indices"][slot], stored["topk_indices"].long())
-            assert torch.equal(batch["tail_mass"][slot], stored["tail_mass"])
+            assert torch.equal(batch["topk_tail"][slot], stored["tail_mass"])
             for layer in (1, 3):
-                assert torch.equal(batch["attn"][layer][slot], stored[f"attn.L{layer}.H3"].float())
-        maps = unpack_attention(batch["attn"], "dense", SEQ_LEN)
+                target = batch["maps"][f"attn.L{layer}.H3.shd"]
+                assert isinstance(target, DenseTarget)
+                assert torch.equal(target.packed[slot], stored[f"attn.L{layer}.H3.shd"].float())
         for layer in (1, 3):
-            assert maps[layer].shape == (4, 3, SEQ_LEN, SEQ_LEN) and maps[layer].dtype == torch.float32
-            torch.testing.assert_close(maps[layer].sum(-1), torch.ones(4, 3, SEQ_LEN), atol=2e-3, rtol=0)
-            assert (maps[layer].triu(diagonal=1) == 0).all()
+            maps = unpack_triangle(batch["maps"][f"attn.L{layer}.H3.shd"].packed, SEQ_LEN)
+            assert maps.shape == (4, 3, SEQ_LEN, SEQ_LEN) and maps.dtype == torch.float32
+            torch.testing.assert_close(maps.sum(-1), torch.ones(4, 3, SEQ_LEN), atol=2e-3, rtol=0)
+            assert (maps.triu(diagonal=1) == 0).all()
 
 
 def test_topk_batches_hold_the_shard_contents(topk_cache: Path) -> None:
     expected = shard_rows(topk_cache)
     for batch in collect(make_stream(topk_cache, layers=[3], heads=2, batch_size=5, num_batches=8)):
-        passed = unpack_attention(batch["attn"], "topk", SEQ_LEN)
-        assert list(passed) == [3] and passed[3] is batch["attn"][3]
-        values, indices, tail = batch["attn"][3]
-        assert isinstance(batch["attn"][3], SparseAttention)
+        assert list(batch["maps"]) == ["attn.L3.H2.shd"]
+        values, indices, tail = batch["maps"]["attn.L3.H2.shd"]
+        assert isinstance(batch["maps"]["attn.L3.H2.shd"], SparseTarget)
         assert values.dtype == tail.dtype == torch.float32 and indices.dtype == torch.int64
         assert values.shape == indices.shape == (5, 2, SEQ_LEN, 3) and tail.shape == (5, 2, SEQ_LEN)
         torch.testing.assert_close(values.sum(-1) + tail, torch.ones(5, 2, SEQ_LEN), atol=2e-2, rtol=0)
         for slot, sample_id in enumerate(batch["sample_ids"].tolist()):
             stored = expected[sample_id]
-            assert torch.equal(values[slot], stored["attn.L3.H2.values"].float())
-            assert torch.equal(indices[slot], stored["attn.L3.H2.indices"].long())
-            assert torch.equal(tail[slot], stored["attn.L3.H2.tail"])
+            assert torch.equal(values[slot], stored["attn.L3.H2.shd.values"].float())
+            assert torch.equal(indices[slot], stored["attn.L3.H2.shd.indices"].long())
+            assert torch.equal(tail[slot], stored["attn.L3.H2.shd.tail"])
             assert torch.equal(batch["topk_values"][slot], stored["topk_values"].float())
 
 
 def test_prefetch_does_not_change_the_batches_and_stops_its_thread(dense_cache: Path) -> None:
     with_thread = collect(make_stream(dense_cache, num_batches=6))
     without = collect(make_stream(dense_cache, num_batches=6, prefetch=False))
-    assert all(torch.equal(a["attn"][1], b["attn"][1]) for a, b in zip(with_thread, without, strict=True))
+    name = "attn.L1.H2.shd"
+    assert all(
+        torch.equal(a["maps"][name].packed, b["maps"][name].packed) for a, b in zip(with_thread, without, strict=True)
+    )
     batches = iter(make_stream(dense_cache))
     next(batches)
     batches.close()
@@ -283,7 +293,7 @@ def test_only_the_requested_tensors_are_read(
     monkeypatch.setattr(reader, "safe_open", spy_safe_open)
     stream = make_stream(dense_cache, layers=[3], heads=2, num_batches=13)
     collect(stream)
-    assert sliced == {"sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass", "attn.L3.H2"}
+    assert sliced == {"sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass", "attn.L3.H2.shd"}
     assert loaded == set()
     monkeypatch.undo()
 
@@ -293,11 +303,13 @@ def test_only_the_requested_tensors_are_read(
     for index in range(NUM_SHARDS):
         path = damaged / shard_file_name(index)
         for layer in (1, 3):
-            overwrite_tensor_bytes(path, f"attn.L{layer}.H3", b"\xff")
+            overwrite_tensor_bytes(path, f"attn.L{layer}.H3.shd", b"\xff")
     clean = collect(make_stream(dense_cache, num_batches=13))
     unchecked = collect(make_stream(damaged, num_batches=13, verify_checksums=False))
     for a, b in zip(clean, unchecked, strict=True):
-        assert torch.equal(a["attn"][1], b["attn"][1]) and torch.equal(a["attn"][3], b["attn"][3])
+        for layer in (1, 3):
+            name = f"attn.L{layer}.H2.shd"
+            assert torch.equal(a["maps"][name].packed, b["maps"][name].packed)
 
 
 # ---------------------------------------------------------------- bad caches
@@ -327,7 +339,7 @@ def rewrite_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor])
 
 def test_corrupt_byte_is_caught_by_verify_and_while_streaming(fresh_cache: Path) -> None:
     overwrite_tensor_bytes(fresh_cache / shard_file_name(3), "topk_values")
-    overwrite_tensor_bytes(fresh_cache / shard_file_name(1), "attn.L1.H2")
+    overwrite_tensor_bytes(fresh_cache / shard_file_name(1), "attn.L1.H2.shd")
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256"):
         verify_cache(fresh_cache)
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256"):
@@ -375,6 +387,10 @@ def changed(field: str, value: Any) -> Any:
         return 5
     if field == "cached_layers":
         return [0, 1]
+    if field == "attn_targets":
+        return ["global"]
+    if field == "temperatures":
+        return {"distill.kd_temperature": 3.0}
     if isinstance(value, str):
         return value + "-other"
     return 7 if value is None else value + 1
@@ -393,10 +409,12 @@ def test_matching_expectations_and_uncached_requests(dense_cache: Path) -> None:
     found = open_cache(dense_cache).fingerprint
     expected = {**found, "student_head_counts": 3, "cached_layers": [3]}
     assert len(make_stream(dense_cache, heads=3, expected=expected, num_batches=1)) == 1
-    with pytest.raises(CacheError, match=r"'student_head_counts' is \[2, 3\], but the student has 4 heads"):
+    with pytest.raises(CacheError, match=r"holds no tensor 'attn\.L1\.H4\.shd' .*student_head_counts \[2, 3\]"):
         make_stream(dense_cache, heads=4)
-    with pytest.raises(CacheError, match=r"'cached_layers' is \[1, 3\], .* needs teacher layer 2"):
+    with pytest.raises(CacheError, match=r"holds no tensor 'attn\.L2\.H2\.shd' .*cached_layers \[1, 3\]"):
         make_stream(dense_cache, layers=[1, 2])
+    with pytest.raises(CacheError, match=r"holds no tensor 'tail_mass\.tau2' .*temperatures \[1\.0\]"):
+        TargetStream(directory=dense_cache, request=TargetRequest((), kd_temperature=2.0), batch_size=BATCH)
 
 
 def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) -> None:
@@ -407,12 +425,12 @@ def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) ->
             **original,
             "tail_mass": original["tail_mass"].half(),
         },
-        r"tensor 'attn.L3.H2' is F16 \[8, 2, 20\], .* needs F16 \[8, 2, 21\]": {
+        r"tensor 'attn.L3.H2.shd' is F16 \[8, 2, 20\], .* needs F16 \[8, 2, 21\]": {
             **original,
-            "attn.L3.H2": original["attn.L3.H2"][..., :-1].contiguous(),
+            "attn.L3.H2.shd": original["attn.L3.H2.shd"][..., :-1].contiguous(),
         },
-        "tensor 'alpha.L1.H3' is missing": {name: t for name, t in original.items() if name != "alpha.L1.H3"},
-        "tensor 'attn.L2.H2' is not part of": {**original, "attn.L2.H2": original["attn.L3.H2"].clone()},
+        "tensor 'alpha.L1.H3.shd' is missing": {name: t for name, t in original.items() if name != "alpha.L1.H3.shd"},
+        "tensor 'attn.L2.H2.shd' is not part of": {**original, "attn.L2.H2.shd": original["attn.L3.H2.shd"].clone()},
         "sample id 1016 is already held": {**original, "sample_ids": original["sample_ids"][[0, 0, 2, 3, 4, 5, 6, 7]]},
         "sample id 1008 is already held": {**original, "sample_ids": original["sample_ids"] - SHARD_SIZE},
     }
@@ -420,6 +438,6 @@ def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) ->
         rewrite_shard(fresh_cache, 2, tensors)
         with pytest.raises(CacheError, match=rf"shard-00002\.safetensors: {message}"):
             verify_cache(fresh_cache)
-    rewrite_shard(fresh_cache, 2, {**original, "attn.L3.H2": original["attn.L3.H2"][..., :-1].contiguous()})
-    with pytest.raises(CacheError, match=r"shard-00002\.safetensors: tensor 'attn.L3.H2' is F16 \[8, 2, 20\]"):
+    rewrite_shard(fresh_cache, 2, {**original, "attn.L3.H2.shd": original["attn.L3.H2.shd"][..., :-1].contiguous()})
+    with pytest.raises(CacheError, match=r"shard-00002\.safetensors: tensor 'attn.L3.H2.shd' is F16 \[8, 2, 20\]"):
         collect(make_stream(fresh_cache, shuffle=False, num_batches=13))

@@ -5,12 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.shd import (
     Circuits,
-    attention_kl_topk,
-    attention_loss,
     group_alphas,
     head_groups,
     head_importance,
@@ -19,10 +16,8 @@ from pipeline.shd import (
     pairwise_alphas,
     reconstruction_error,
     select_heads,
-    soften,
     squeeze_groups,
     squeeze_heads,
-    topk_rows,
 )
 
 
@@ -546,165 +541,3 @@ def test_layer_map_rejects_bad_specs(spec: list | str, message: str) -> None:
 def test_layer_map_uniform_needs_fewer_student_layers() -> None:
     with pytest.raises(ValueError, match="explicit list"):
         layer_map(4, 2, "uniform")
-
-
-# ---------------------------------------------------------------------------------------------- temperature
-
-
-def test_soften_matches_scaled_softmax_and_keeps_zeros() -> None:
-    scores = _scores(2, 3, 6, seed=70)
-    maps = torch.softmax(scores, -1)
-    assert torch.equal(soften(maps, 1.0), maps)
-    for temperature in (0.5, 2.0, 7.0):
-        softened = soften(maps, temperature)
-        torch.testing.assert_close(softened, torch.softmax(scores / temperature, -1), atol=1e-6, rtol=1e-5)
-        assert torch.all(softened[..., ~_causal(6)] == 0)
-    assert torch.all(soften(torch.zeros(2, 4), 3.0) == 0)
-
-
-def test_large_temperature_flattens_rows_and_kl() -> None:
-    """Softened rows tend to uniform over each query's i + 1 keys; KL between two maps falls toward 0 with τ."""
-    seq = 8
-    student, target = _maps(2, 3, seq, seed=71), _maps(2, 3, seq, seed=72)
-    uniform = _causal(seq).float() / torch.arange(1, seq + 1)[:, None]
-    torch.testing.assert_close(soften(target, 1e5), uniform.expand_as(target), atol=1e-4, rtol=0)
-    losses = [attention_loss(student, target, temperature=t).item() for t in (1, 2, 4, 16, 64, 256)]
-    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
-    assert losses[-1] < 1e-3 * losses[0]
-
-
-# --------------------------------------------------------------------------------------------- dense losses
-
-
-def _student_scores_with_holes(batch: int, heads: int, seq: int, seed: int) -> torch.Tensor:
-    """Student scores that also mask key 0 for later queries: exact zeros where the target is positive."""
-    scores = _scores(batch, heads, seq, seed).clone()
-    scores[..., 2:, 0] = -math.inf
-    return scores
-
-
-def _padding_mask(batch: int, seq: int) -> torch.Tensor:
-    lengths = torch.tensor([seq, seq - 3])[:batch]
-    return torch.arange(seq)[None] < lengths[:, None]
-
-
-def test_dense_losses_match_reference_formulas() -> None:
-    student, target = _maps(2, 3, 6, seed=80), _maps(2, 3, 6, seed=81)
-    causal = _causal(6)
-    kl = torch.where(causal, target * (target / student).log(), 0.0).sum(-1)
-    mse = (student - target).square().sum(-1)
-    cosine = 1 - F.cosine_similarity(student, target, dim=-1)
-    for kind, per_row in (("kl", kl), ("mse", mse), ("cosine", cosine)):
-        loss = attention_loss(student, target, kind=kind)
-        assert loss.item() == pytest.approx(per_row.mean().item(), rel=1e-5)
-        assert loss.item() > 1e-3
-
-
-@pytest.mark.parametrize("kind", ["kl", "mse", "cosine"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_dense_loss_is_zero_for_identical_maps(kind: str, temperature: float) -> None:
-    maps = _maps(2, 3, 7, seed=82)
-    assert attention_loss(maps, maps.clone(), _padding_mask(2, 7), kind, temperature).item() < 1e-7
-
-
-@pytest.mark.parametrize("kind", ["kl", "mse", "cosine"])
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
-def test_dense_loss_masks_padding_and_has_finite_gradients(kind: str, temperature: float) -> None:
-    batch, heads, seq = 2, 3, 7
-    mask = _padding_mask(batch, seq)
-    target = _maps(batch, heads, seq, seed=83)
-    target.transpose(1, 2)[~mask] = 0.0
-    student_scores = _student_scores_with_holes(batch, heads, seq, seed=84).requires_grad_()
-    student = torch.softmax(student_scores, -1)
-    loss = attention_loss(student, target, mask, kind, temperature)
-    loss.backward()
-    assert torch.isfinite(loss) and loss.item() > 1e-3
-    assert torch.isfinite(student_scores.grad).all()
-    assert torch.all(student_scores.grad.transpose(1, 2)[~mask] == 0)
-
-    changed_student, changed_target = student.detach().clone(), target.clone()
-    changed_student.transpose(1, 2)[~mask] = torch.rand(int((~mask).sum()), heads, seq)
-    changed_target.transpose(1, 2)[~mask] = 1.0
-    assert attention_loss(changed_student, changed_target, mask, kind, temperature).item() == loss.item()
-
-    summed = attention_loss(student, target, mask, kind, temperature, reduction="sum")
-    assert summed.item() == pytest.approx(loss.item() * int(mask.sum()), rel=1e-6)
-
-
-# -------------------------------------------------------------------------------------------- sparse targets
-
-
-def test_topk_rows_tail() -> None:
-    seq, m = 8, 3
-    maps = _maps(2, 3, seq, seed=90)
-    values, indices, tail = topk_rows(maps, m)
-    assert values.shape == indices.shape == (2, 3, seq, m) and indices.dtype == torch.int64
-    assert torch.equal(values, maps.gather(-1, indices))
-    torch.testing.assert_close(values.sum(-1) + tail, torch.ones(2, 3, seq), atol=1e-6, rtol=0)
-    assert torch.all(tail[..., :m] == 0) and torch.all(tail[..., m:] > 0)
-    with pytest.raises(ValueError, match="m=9"):
-        topk_rows(maps, 9)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
-def test_sparse_attention_kl_equals_dense_when_m_is_seq(temperature: float) -> None:
-    batch, heads, seq = 2, 3, 7
-    mask = _padding_mask(batch, seq)
-    target = _maps(batch, heads, seq, seed=91)
-    dense_scores = _student_scores_with_holes(batch, heads, seq, seed=92).requires_grad_()
-    sparse_scores = dense_scores.detach().clone().requires_grad_()
-    dense = attention_loss(torch.softmax(dense_scores, -1), target, mask, "kl", temperature)
-    sparse = attention_kl_topk(torch.softmax(sparse_scores, -1), *topk_rows(target, seq), mask, temperature)
-    dense.backward()
-    sparse.backward()
-    assert abs(sparse.item() - dense.item()) <= 1e-5 and dense.item() > 0.1
-    torch.testing.assert_close(sparse_scores.grad, dense_scores.grad, atol=1e-6, rtol=1e-4)
-
-
-def test_sparse_attention_kl_short_rows_and_lower_bound() -> None:
-    """Small m: rows shorter than m pick causal zeros (exactly 0 mass), values and gradients stay finite, padding
-    rows of zeros are harmless, and at τ = 1 the loss grows with m up to the dense KL."""
-    batch, heads, seq = 2, 3, 8
-    mask = _padding_mask(batch, seq)
-    target = _maps(batch, heads, seq, seed=93)
-    target.transpose(1, 2)[~mask] = 0.0
-    student_scores = _student_scores_with_holes(batch, heads, seq, seed=94).requires_grad_()
-    for temperature in (1.0, 0.5, 2.0):
-        loss = attention_kl_topk(torch.softmax(student_scores, -1), *topk_rows(target, 3), mask, temperature)
-        (grad,) = torch.autograd.grad(loss, student_scores)
-        assert torch.isfinite(loss) and torch.isfinite(grad).all()
-        assert torch.all(grad.transpose(1, 2)[~mask] == 0)
-    student = torch.softmax(student_scores.detach(), -1)
-    dense = attention_loss(student, target, mask).item()
-    losses = [attention_kl_topk(student, *topk_rows(target, m), mask).item() for m in range(1, seq + 1)]
-    assert all(later >= earlier - 1e-6 for earlier, later in itertools.pairwise(losses))
-    assert losses[-1] == pytest.approx(dense, abs=1e-5) and losses[0] < 0.9 * dense
-
-
-@pytest.mark.parametrize("temperature", [0.5, 2.0])
-def test_sparse_attention_temperature_is_exact_for_uniform_tails(temperature: float) -> None:
-    """The tail rule spreads query i's tail over its (i + 1) − m unkept causal keys. When target and student are
-    both uniform there, merging the tail into one bucket loses nothing, so the softened sparse KL must equal the dense
-    one, although the tail holds a large share of the mass."""
-    batch, heads, seq, m = 2, 3, 9, 3
-
-    def head_heavy_maps(seed: int) -> torch.Tensor:
-        scores = torch.zeros(batch, heads, seq, seq)
-        scores[..., :m] = 2.0 + torch.rand(batch, heads, seq, m, generator=_generator(seed))
-        return torch.softmax(scores.masked_fill(~_causal(seq), -math.inf), -1)
-
-    target, student = head_heavy_maps(95), head_heavy_maps(96)
-    values, indices, tail = topk_rows(target, m)
-    assert tail[..., -1].min() > 0.05
-    dense = attention_loss(student, target, temperature=temperature).item()
-    sparse = attention_kl_topk(student, values, indices, tail, temperature=temperature).item()
-    assert abs(sparse - dense) <= 1e-5 * dense and dense > 1e-3
-
-
-def test_sparse_attention_targets_of_the_wrong_shape_are_refused() -> None:
-    student = _maps(2, 3, 5, seed=80)
-    values, indices, tail = topk_rows(_maps(2, 3, 5, seed=81), 2)
-    with pytest.raises(ValueError, match=r"student maps \(2, 3, 5, 5\).*expected \[B, H, T, T\], \[B, H, T, m\]"):
-        attention_kl_topk(student, values, indices[..., :1], tail)
-    with pytest.raises(ValueError, match=r"target tail \(2, 3, 4\): expected \(2, 3, 5\)"):
-        attention_kl_topk(student, values, indices, tail[..., :4])

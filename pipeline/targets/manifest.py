@@ -17,7 +17,7 @@ from typing import Any
 from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import PipelineError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FINGERPRINT_FIELDS = (
     "layout_version",
@@ -30,10 +30,12 @@ FINGERPRINT_FIELDS = (
     "seq_len",
     "student_head_counts",
     "cached_layers",
-    "squeeze",
+    "attn_targets",
+    "rel_heads",
     "encoding",
     "attn_top_m",
     "top_k",
+    "temperatures",
     "dtype",
 )
 
@@ -62,6 +64,11 @@ class Manifest:
     shard_size: int
     shards: list[ShardEntry] = field(default_factory=list)
     alpha_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """`L<layer>.H<heads>.<squeeze>` → summary of the squeeze weights α (mean, std, histogram, per teacher head)."""
+    selected_heads: dict[str, list[int]] = field(default_factory=dict)
+    """`L<layer>.H<heads>` → the teacher heads behind the `selective` targets (chosen once per cache)."""
+    head_importance: dict[str, list[float]] = field(default_factory=dict)
+    """`L<layer>` → each teacher head's mean output share on the calibration samples the selection used."""
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
 
@@ -101,7 +108,10 @@ def read_manifest(directory: Path) -> Manifest:
     except json.JSONDecodeError as error:
         raise CacheError(f"{path}: not valid JSON ({error})") from error
     if raw.get("schema_version") != SCHEMA_VERSION:
-        raise CacheError(f"{path}: schema_version {raw.get('schema_version')!r}, this reader expects {SCHEMA_VERSION}")
+        raise CacheError(
+            f"{path}: schema_version {raw.get('schema_version')!r}, this reader expects {SCHEMA_VERSION} (a cache "
+            "written by another version of shd-distill); re-run `distill cache` into a new cache.output_dir"
+        )
     for key in ("fingerprint", "num_samples", "shard_size", "shards"):
         if key not in raw:
             raise CacheError(f"{path}: missing field '{key}'")
@@ -118,6 +128,8 @@ def read_manifest(directory: Path) -> Manifest:
         shard_size=raw["shard_size"],
         shards=shards,
         alpha_stats=raw.get("alpha_stats", {}),
+        selected_heads=raw.get("selected_heads", {}),
+        head_importance=raw.get("head_importance", {}),
         complete=raw.get("complete", False),
     )
 
@@ -125,9 +137,10 @@ def read_manifest(directory: Path) -> Manifest:
 def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
     """Refuse a cache whose provenance differs from what the caller needs, naming the first differing field.
 
-    `expected` holds a subset of the fingerprint fields. `student_head_counts` and `cached_layers` are requirements
-    of membership (the student's head count and every layer its layer map needs must be cached); every other field
-    must be equal.
+    `expected` holds a subset of the fingerprint fields. Membership requirements: `student_head_counts` (the
+    student's head count), `cached_layers` (every layer its layer map needs), `attn_targets` (every target map kind
+    its loss terms read) and `temperatures` (config key → τ, or a list of τ: the tail sums of each temperature; the
+    attention's only against top-m targets). Every other field must be equal.
     """
     for key, wanted in expected.items():
         have = found.get(key)
@@ -144,6 +157,26 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: Pa
                     f"{source}: fingerprint field 'cached_layers' is {have}, but the student's layer map needs "
                     f"teacher layer {missing[0]}; cache it (cache.layers) or change distill.layer_map"
                 )
+        elif key == "attn_targets":
+            missing = [kind for kind in wanted if kind not in (have or [])]
+            if missing:
+                raise CacheError(
+                    f"{source}: fingerprint field 'attn_targets' is {have}, but the run needs {missing[0]!r} targets "
+                    f"(distill.attn_match / distill.squeeze / distill.w_rel); add it to cache.attn_targets and "
+                    "re-run `distill cache` into a new cache.output_dir"
+                )
+        elif key == "temperatures":
+            named = wanted if isinstance(wanted, dict) else {f"temperature {value:g}": value for value in wanted}
+            for config_key, temperature in named.items():
+                if config_key == "distill.attn_temperature" and found.get("encoding") != "topk":
+                    continue
+                if not any(abs(temperature - cached) <= 1e-9 for cached in have or []):
+                    raise CacheError(
+                        f"{source}: {config_key} is {temperature:g}, but the cache holds tail sums only for τ in "
+                        f"{have} (fingerprint field 'temperatures'), so the sparse targets cannot be softened "
+                        f"exactly; use one of those or add {temperature:g} to cache.temperatures and re-run "
+                        "`distill cache` into a new cache.output_dir"
+                    )
         elif have != wanted:
             raise CacheError(
                 f"{source}: fingerprint field '{key}' is {have!r} in the cache, the config needs {wanted!r}"

@@ -24,22 +24,23 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from pipeline.map_losses import DenseTarget, MapTarget, SparseTarget
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
-    alpha_key,
-    attn_key,
-    index_dtype,
+    VALUE_DTYPES,
+    TargetRequest,
+    TensorSpec,
+    expected_tensors,
     read_header,
-    triangle_size,
-    unpack_triangle,
-    vocab_index_dtype,
+    requested_tensors,
+    tail_name,
 )
 from pipeline.targets.manifest import (
     MANIFEST_NAME,
@@ -56,28 +57,11 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 """Label of positions without a next token (the loss skips them)."""
 
-_VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
-_INDEX_DTYPES = {torch.int16: "I16", torch.uint16: "U16", torch.int32: "I32"}
 _ENCODINGS = ("dense", "topk")
 _OPEN_SHARDS = 4
-_SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass")
-
-TensorSpec = tuple[str, tuple[int | None, ...]]
-"""A tensor's safetensors dtype and shape; None leaves an extent open."""
 
 _verified_shards: set[tuple[str, str, int, int]] = set()
 """(path, sha256, size, mtime) of shards this process has checksummed; a rewritten file is checked again."""
-
-
-class SparseAttention(NamedTuple):
-    """Top-m attention targets of one layer, as the `topk` encoding stores them."""
-
-    values: torch.Tensor
-    """[B, H, T, m] float32 probabilities."""
-    indices: torch.Tensor
-    """[B, H, T, m] int64 key positions."""
-    tail: torch.Tensor
-    """[B, H, T] float32 mass outside the top m."""
 
 
 def _shard_path(directory: Path, entry: ShardEntry) -> Path:
@@ -95,9 +79,9 @@ def _check_readable(fingerprint: dict[str, Any], source: Path) -> None:
         raise CacheError(
             f"{source}: fingerprint field 'encoding' is {fingerprint['encoding']!r}, expected {_ENCODINGS}"
         )
-    if fingerprint["dtype"] not in _VALUE_DTYPES:
+    if fingerprint["dtype"] not in VALUE_DTYPES:
         raise CacheError(
-            f"{source}: fingerprint field 'dtype' is {fingerprint['dtype']!r}, expected one of {list(_VALUE_DTYPES)}"
+            f"{source}: fingerprint field 'dtype' is {fingerprint['dtype']!r}, expected one of {list(VALUE_DTYPES)}"
         )
 
 
@@ -144,36 +128,6 @@ def open_cache(directory: Path | str, expected: dict[str, Any] | None = None) ->
                 f"{path}: shard file is missing (listed in {source}); re-run `distill cache` to rewrite it"
             )
     return manifest
-
-
-def attention_tensors(fingerprint: dict[str, Any], layer: int, heads: int, num_rows: int) -> dict[str, TensorSpec]:
-    """Name → spec of the attention targets of teacher layer `layer` squeezed to `heads` heads, per the encoding."""
-    seq_len, value_dtype, key = fingerprint["seq_len"], _VALUE_DTYPES[fingerprint["dtype"]], attn_key(layer, heads)
-    if fingerprint["encoding"] == "dense":
-        return {key: (value_dtype, (num_rows, heads, triangle_size(seq_len)))}
-    rows = (num_rows, heads, seq_len, fingerprint["attn_top_m"])
-    return {
-        f"{key}.values": (value_dtype, rows),
-        f"{key}.indices": (_INDEX_DTYPES[index_dtype(seq_len)], rows),
-        f"{key}.tail": ("F32", rows[:-1]),
-    }
-
-
-def expected_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
-    """Name → spec of every tensor a shard of `num_rows` samples must hold."""
-    seq_len, top_k, value_dtype = fingerprint["seq_len"], fingerprint["top_k"], _VALUE_DTYPES[fingerprint["dtype"]]
-    specs: dict[str, TensorSpec] = {
-        "sample_ids": ("I64", (num_rows,)),
-        "input_ids": ("I32", (num_rows, seq_len)),
-        "topk_values": (value_dtype, (num_rows, seq_len, top_k)),
-        "topk_indices": (_INDEX_DTYPES[vocab_index_dtype(fingerprint["vocab_size"])], (num_rows, seq_len, top_k)),
-        "tail_mass": ("F32", (num_rows, seq_len)),
-    }
-    for layer in fingerprint["cached_layers"]:
-        for heads in fingerprint["student_head_counts"]:
-            specs.update(attention_tensors(fingerprint, layer, heads, num_rows))
-            specs[alpha_key(layer, heads)] = ("F32", (num_rows, fingerprint["teacher_num_heads"]))
-    return specs
 
 
 def _check_tensor(path: Path, name: str, dtype: str, shape: list[int], spec: TensorSpec) -> None:
@@ -248,18 +202,6 @@ def verify_cache(directory: Path | str) -> Manifest:
             seen_sample_ids.add(sample_id)
     logger.info("%s: %d shards, %d samples verified", directory, len(manifest.shards), manifest.num_samples)
     return manifest
-
-
-def unpack_attention(
-    batch_attn: dict[int, torch.Tensor | SparseAttention], encoding: str, seq_len: int
-) -> dict[int, torch.Tensor | SparseAttention]:
-    """Expand dense targets [B, H, T(T+1)/2] to maps [B, H, T, T]; `topk` targets pass through.
-
-    Kept apart from the stream so the expansion (T/2 times the bytes) happens on the consumer's device.
-    """
-    if encoding == "dense":
-        return {layer: unpack_triangle(packed, seq_len) for layer, packed in batch_attn.items()}
-    return dict(batch_attn)
 
 
 def _seeded_generator(*parts: int | str) -> torch.Generator:
@@ -420,22 +362,24 @@ def _prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
 
 
 def training_batch(
-    raw: dict[str, torch.Tensor], positions: torch.Tensor, layers: list[int], heads: int, encoding: str
+    raw: dict[str, torch.Tensor], positions: torch.Tensor, request: TargetRequest, encoding: str
 ) -> dict[str, Any]:
     """Shard tensors of a batch (on-disk names and dtypes) → the batch the trainer consumes: int64 ids, next-token
-    labels, float32 targets, attention targets of `layers` for `heads` student heads. The online mode builds its
-    batches here too, so both modes feed the trainer the same form."""
+    labels, float32 logit targets with the tail sums at the KD temperature (`topk_tail`), and `maps`: each requested
+    target map as a `DenseTarget` (packed triangle) or `SparseTarget` (tail sums at its temperature). The online mode
+    builds its batches here too, so both modes feed the trainer the same form."""
     input_ids = raw["input_ids"].long()
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
-    attn: dict[int, torch.Tensor | SparseAttention] = {}
-    for layer in layers:
-        key = attn_key(layer, heads)
+    maps: dict[str, MapTarget] = {}
+    for name, temperature in request.maps:
         if encoding == "dense":
-            attn[layer] = raw[key].float()
+            maps[name] = DenseTarget(raw[name].float())
         else:
-            attn[layer] = SparseAttention(
-                raw[f"{key}.values"].float(), raw[f"{key}.indices"].long(), raw[f"{key}.tail"].float()
+            maps[name] = SparseTarget(
+                raw[f"{name}.values"].float(),
+                raw[f"{name}.indices"].long(),
+                raw[tail_name(f"{name}.tail", temperature)].float(),
             )
     return {
         "sample_ids": raw["sample_ids"].long(),
@@ -444,8 +388,8 @@ def training_batch(
         "labels": labels,
         "topk_values": raw["topk_values"].float(),
         "topk_indices": raw["topk_indices"].long(),
-        "tail_mass": raw["tail_mass"].float(),
-        "attn": attn,
+        "topk_tail": raw[tail_name("tail_mass", request.kd_temperature)].float(),
+        "maps": maps,
     }
 
 
@@ -456,8 +400,9 @@ class TargetStream(IterableDataset[dict[str, Any]]):
     loader's round-robin yields the same sequence for any K. Each batch (B samples, T = seq_len) holds:
     `sample_ids` int64 [B], `positions` int64 [B] (global positions), `input_ids` int64 [B, T], `labels` int64 [B, T]
     (next token, -100 at the last position), `topk_values` float32 [B, T, k] (teacher log-probs), `topk_indices`
-    int64 [B, T, k], `tail_mass` float32 [B, T], and `attn`: layer → float32 [B, H, T(T+1)/2] for `dense` (see
-    `unpack_attention`) or a `SparseAttention` for `topk`.
+    int64 [B, T, k], `topk_tail` float32 [B, T] (tail sums at `request.kd_temperature`), and `maps`: each map of
+    `request` by name → `DenseTarget` (float32 [B, H, T(T+1)/2], unpacked block by block by the loss on the
+    consumer's device) or `SparseTarget` (tail sums at the map's temperature). See `training_batch`.
 
     `num_batches` bounds this rank's micro-steps (None: endless over epochs). `one_pass` stops once every sample from
     `start_position` on was served once; the last batches may then be short, and a rank with nothing left yields
@@ -469,8 +414,7 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         self,
         *,
         directory: Path | str,
-        layers: list[int],
-        heads: int,
+        request: TargetRequest,
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
@@ -495,11 +439,19 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         self.directory = Path(directory)
         self.manifest = open_cache(self.directory, expected)
         source = self.directory / MANIFEST_NAME
-        check_compatible(self.manifest.fingerprint, {"student_head_counts": heads, "cached_layers": layers}, source)
         if self.manifest.num_samples == 0:
             raise CacheError(f"{source}: the cache holds no samples")
-        self.layers = list(layers)
-        self.heads = heads
+        self.request = request
+        try:
+            self.tensor_names = list(self.tensor_specs(0))
+        except KeyError as error:
+            raise CacheError(
+                f"{source}: the cache holds no tensor {error.args[0]!r} (fingerprint: attn_targets "
+                f"{self.manifest.fingerprint['attn_targets']}, student_head_counts "
+                f"{self.manifest.fingerprint['student_head_counts']}, cached_layers "
+                f"{self.manifest.fingerprint['cached_layers']}, temperatures "
+                f"{self.manifest.fingerprint['temperatures']})"
+            ) from None
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -512,16 +464,10 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         self.prefetch = prefetch
         self.encoding: str = self.manifest.fingerprint["encoding"]
         self.seq_len: int = self.manifest.fingerprint["seq_len"]
-        self.tensor_names = list(self.tensor_specs(0))
 
     def tensor_specs(self, num_rows: int) -> dict[str, TensorSpec]:
         """Spec of every tensor this stream reads from a shard of `num_rows` samples; no other tensor is touched."""
-        fingerprint = self.manifest.fingerprint
-        every_tensor = expected_tensors(fingerprint, num_rows)
-        specs = {name: every_tensor[name] for name in _SAMPLE_TENSORS}
-        for layer in self.layers:
-            specs.update(attention_tensors(fingerprint, layer, self.heads, num_rows))
-        return specs
+        return requested_tensors(self.manifest.fingerprint, self.request, num_rows)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -572,7 +518,7 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         return self._to_batch(raw, torch.arange(first, stop))
 
     def _to_batch(self, raw: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, Any]:
-        return training_batch(raw, positions, self.layers, self.heads, self.encoding)
+        return training_batch(raw, positions, self.request, self.encoding)
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         order = SampleOrder([entry.num_samples for entry in self.manifest.shards], self.seed, self.shuffle)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,17 +26,23 @@ from pipeline import dist
 from pipeline.atomic import atomic_write_bytes
 from pipeline.attention import AttentionCapture
 from pipeline.kd import topk_targets
-from pipeline.shd import squeeze_heads, topk_rows
+from pipeline.relations import relation_maps
+from pipeline.shd import head_importance, select_heads, squeeze_heads
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
-    alpha_key,
-    attn_key,
+    RELATIONS,
+    SQUEEZES,
+    STORED_DTYPES,
+    alpha_name,
     declared_file_size,
-    index_dtype,
-    pack_triangle,
+    encode_maps,
+    expected_tensors,
+    map_name,
     read_header,
+    relation_name,
     shard_bytes,
     shard_file_name,
+    tail_name,
     vocab_index_dtype,
 )
 from pipeline.targets.manifest import (
@@ -61,17 +68,43 @@ class SampleRows(Protocol):
     def __getitem__(self, rows: slice) -> dict[str, Any]: ...
 
 
+SELECTION_SAMPLES = 16
+"""Train samples on which the `selective` targets' teacher heads are chosen (by mean output share), once per cache."""
+
+
 @dataclass(frozen=True)
 class TargetSettings:
     """What to compute for every sample."""
 
     layers: tuple[int, ...]
     head_counts: tuple[int, ...]
-    squeeze: str
+    kinds: tuple[str, ...]
+    """Target map kinds (`layout.MAP_KINDS`)."""
     encoding: str
     attn_top_m: int
     top_k: int
+    temperatures: tuple[float, ...]
+    """Temperatures of the cached tail sums (τ = 1 among them)."""
     dtype: torch.dtype
+    rel_heads: int | None = None
+    selected_heads: dict[str, list[int]] | None = None
+    """`L<layer>.H<heads>` → teacher heads of the `selective` targets (see `select_teacher_heads`)."""
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict[str, Any], dtype: torch.dtype, **extra: Any) -> TargetSettings:
+        """The settings that write a cache with this fingerprint."""
+        return cls(
+            layers=tuple(fingerprint["cached_layers"]),
+            head_counts=tuple(fingerprint["student_head_counts"]),
+            kinds=tuple(fingerprint["attn_targets"]),
+            encoding=fingerprint["encoding"],
+            attn_top_m=fingerprint["attn_top_m"] or 1,
+            top_k=fingerprint["top_k"],
+            temperatures=tuple(fingerprint["temperatures"]),
+            dtype=dtype,
+            rel_heads=fingerprint["rel_heads"],
+            **extra,
+        )
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -92,41 +125,74 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
+def select_teacher_heads(
+    teacher: PreTrainedModel, input_ids: torch.Tensor, layers: tuple[int, ...], head_counts: tuple[int, ...]
+) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
+    """The `selective` targets' teacher heads: for every layer and student head count H, the H heads with the largest
+    mean output share ‖A_h X_h‖ / Σ‖A X‖ over `input_ids` [N, T] (calibration samples; every rank passes the same).
+
+    Returns (`L<layer>.H<heads>` → heads sorted by index, `L<layer>` → mean share per teacher head), as recorded in the
+    manifest.
+    """
+    device = next(teacher.parameters()).device
+    with AttentionCapture(teacher, layers, circuits=True) as capture:
+        teacher(input_ids=input_ids.to(device))
+    selected, importance = {}, {}
+    for layer in layers:
+        shares = head_importance(capture.maps[layer], capture.circuits[layer]).double().mean(0).cpu()
+        importance[f"L{layer}"] = [round(value, 6) for value in shares.tolist()]
+        for heads in head_counts:
+            selected[f"L{layer}.H{heads}"] = select_heads(shares, heads)
+    return selected, importance
+
+
+@torch.no_grad()
 def compute_targets(
     teacher: PreTrainedModel, input_ids: torch.Tensor, settings: TargetSettings
 ) -> dict[str, torch.Tensor]:
     """The cached tensors of one batch, on the CPU in their on-disk dtypes (converted on the teacher's device).
 
-    input_ids: [B, T] (packed sequences, no padding). Returns `topk_values` [B,T,k], `topk_indices` [B,T,k],
-    `tail_mass` [B,T] and, per layer and head count, the encoded squeezed maps and the α of every teacher head.
+    input_ids: [B, T] (packed sequences, no padding). Returns the tensors `layout.expected_tensors` names except the
+    sample ids and tokens: top-k logits with their tail sums per temperature and, per cached layer, every target map
+    of `settings.kinds` (per student head count where the kind has heads), encoded, plus the squeeze weights α.
     """
     device = next(teacher.parameters()).device
-    with AttentionCapture(teacher, settings.layers, circuits=settings.squeeze == "shd") as capture:
+    circuits = any(kind in ("shd", "shd_pairwise") for kind in settings.kinds)
+    with AttentionCapture(teacher, settings.layers, circuits=circuits, qkv="relations" in settings.kinds) as capture:
         logits = teacher(input_ids=input_ids.to(device)).logits
     vocab_size = logits.shape[-1]
-    values, indices, tail_mass = topk_targets(logits, settings.top_k)
+    values, indices, tail_sums = topk_targets(logits, settings.top_k, settings.temperatures)
     del logits
-    targets = {
-        "topk_values": values.to(settings.dtype),
-        "topk_indices": indices.to(vocab_index_dtype(vocab_size)),
-        "tail_mass": tail_mass.float(),
-    }
-    seq_len = input_ids.shape[1]
+    targets = {"topk_values": values.to(settings.dtype), "topk_indices": indices.to(vocab_index_dtype(vocab_size))}
+    for position, temperature in enumerate(settings.temperatures):
+        targets[tail_name("tail_mass", temperature)] = tail_sums[..., position].contiguous()
+    encode = partial(
+        encode_maps,
+        encoding=settings.encoding,
+        attn_top_m=settings.attn_top_m,
+        dtype=settings.dtype,
+        temperatures=settings.temperatures,
+    )
     for layer in settings.layers:
         maps = capture.maps.pop(layer)
-        circuits = capture.circuits.pop(layer, None)
-        for heads in settings.head_counts:
-            squeezed, alphas = squeeze_heads(maps, circuits, heads, method=settings.squeeze)
-            key = attn_key(layer, heads)
-            targets[alpha_key(layer, heads)] = alphas.float()
-            if settings.encoding == "dense":
-                targets[key] = pack_triangle(squeezed).to(settings.dtype)
+        layer_circuits = capture.circuits.pop(layer, None)
+        for kind in settings.kinds:
+            if kind in SQUEEZES:
+                for heads in settings.head_counts:
+                    squeezed, alphas = squeeze_heads(maps, layer_circuits, heads, method=kind)
+                    targets.update(encode(map_name(layer, kind, heads), squeezed))
+                    targets[alpha_name(layer, heads, kind)] = alphas.float()
+            elif kind == "selective":
+                for heads in settings.head_counts:
+                    chosen = settings.selected_heads[f"L{layer}.H{heads}"]
+                    targets.update(encode(map_name(layer, kind, heads), maps[:, chosen]))
+            elif kind == "global":
+                targets.update(encode(map_name(layer, kind), maps.mean(1, keepdim=True)))
             else:
-                row_values, row_indices, row_tail = topk_rows(squeezed, settings.attn_top_m)
-                targets[f"{key}.values"] = row_values.to(settings.dtype)
-                targets[f"{key}.indices"] = row_indices.to(index_dtype(seq_len))
-                targets[f"{key}.tail"] = row_tail.float()
-        del maps, circuits
+                for relation, states in zip(RELATIONS, capture.qkv.pop(layer), strict=True):
+                    relation_targets = relation_maps(states, settings.rel_heads)
+                    targets.update(encode(relation_name(layer, settings.rel_heads, relation), relation_targets))
+        del maps, layer_circuits
     return _to_host(targets)
 
 
@@ -151,9 +217,11 @@ def _shard_metadata(
         "seq_len": fingerprint["seq_len"],
         "head_counts": json.dumps(list(settings.head_counts)),
         "cached_layers": json.dumps(list(settings.layers)),
+        "attn_targets": json.dumps(list(settings.kinds)),
         "encoding": settings.encoding,
         "attn_top_m": settings.attn_top_m,
         "top_k": settings.top_k,
+        "temperatures": json.dumps(list(settings.temperatures)),
         "first_sample": first_sample,
         "num_samples": num_samples,
         "fingerprint_sha256": fingerprint_digest(fingerprint),
@@ -177,31 +245,47 @@ def _existing_shard(path: Path, fingerprint: dict[str, Any], first_sample: int, 
     )
 
 
+def _check_schema(tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], path: Path) -> None:
+    """The writer produces exactly the tensors, dtypes and shapes the shared schema (`layout.expected_tensors`)
+    names for this fingerprint: what the reader and `cache verify` will require."""
+    specs = expected_tensors(fingerprint, len(tensors["sample_ids"]))
+    if set(tensors) != set(specs):
+        raise CacheError(
+            f"{path}: the writer produced tensors {sorted(set(tensors) ^ set(specs))} that differ from the layout "
+            "schema (a bug: the writer and layout.expected_tensors disagree)"
+        )
+    for name, (dtype, shape) in specs.items():
+        found = (STORED_DTYPES.get(tensors[name].dtype, str(tensors[name].dtype)), tuple(tensors[name].shape))
+        if found != (dtype, shape):
+            raise CacheError(f"{path}: tensor '{name}' is {found}, the layout schema needs {(dtype, shape)} (a bug)")
+
+
 def _remove_stale_temporaries(directory: Path, file_name: str) -> None:
     for stale in directory.glob(f".{file_name}.tmp-*"):
         stale.unlink(missing_ok=True)
 
 
 def _alpha_statistics(directory: Path, shards: list[ShardEntry], settings: TargetSettings) -> dict[str, dict]:
-    """Summary of the squeeze weights per cached layer and head count (the distribution the paper plots)."""
+    """Summary of the squeeze weights per cached layer, head count and squeeze (the distribution the paper plots)."""
     statistics: dict[str, dict] = {}
     for layer in settings.layers:
-        for heads in settings.head_counts:
-            alphas = []
-            for entry in shards:
-                with safe_open(directory / entry.file, framework="pt") as shard:
-                    alphas.append(shard.get_tensor(alpha_key(layer, heads)))
-            values = torch.cat(alphas).double()
-            histogram = torch.histc(values.flatten(), bins=ALPHA_HISTOGRAM_BINS, min=0.0, max=1.0)
-            statistics[f"L{layer}.H{heads}"] = {
-                "mean": round(values.mean().item(), 6),
-                "std": round(values.std(unbiased=False).item(), 6),
-                "min": round(values.min().item(), 6),
-                "max": round(values.max().item(), 6),
-                "per_teacher_head_mean": [round(v, 6) for v in values.mean(0).tolist()],
-                "histogram_bins": ALPHA_HISTOGRAM_BINS,
-                "histogram": [int(v) for v in histogram.tolist()],
-            }
+        for squeeze in (kind for kind in settings.kinds if kind in SQUEEZES):
+            for heads in settings.head_counts:
+                alphas = []
+                for entry in shards:
+                    with safe_open(directory / entry.file, framework="pt") as shard:
+                        alphas.append(shard.get_tensor(alpha_name(layer, heads, squeeze)))
+                values = torch.cat(alphas).double()
+                histogram = torch.histc(values.flatten(), bins=ALPHA_HISTOGRAM_BINS, min=0.0, max=1.0)
+                statistics[f"L{layer}.H{heads}.{squeeze}"] = {
+                    "mean": round(values.mean().item(), 6),
+                    "std": round(values.std(unbiased=False).item(), 6),
+                    "min": round(values.min().item(), 6),
+                    "max": round(values.max().item(), 6),
+                    "per_teacher_head_mean": [round(v, 6) for v in values.mean(0).tolist()],
+                    "histogram_bins": ALPHA_HISTOGRAM_BINS,
+                    "histogram": [int(v) for v in histogram.tolist()],
+                }
     return statistics
 
 
@@ -243,15 +327,24 @@ def write_cache_split(
     *,
     shard_size: int,
     batch_size: int,
+    head_importance: dict[str, list[float]] | None = None,
 ) -> Manifest:
     """Cache one split into `directory`; call on every rank. Returns the final manifest (on every rank).
+
+    `head_importance` (from `select_teacher_heads`) is recorded in the manifest beside the selected heads.
 
     `rows[a:b]` must give `{"input_ids": LongTensor [b-a, T], "sample_id": LongTensor [b-a]}`, e.g. a prepared
     `datasets.Dataset` in torch format (memory-mapped, so a split larger than memory is fine).
     """
     directory.mkdir(parents=True, exist_ok=True)
     num_samples = len(rows)
-    manifest = Manifest(fingerprint=fingerprint, num_samples=num_samples, shard_size=shard_size)
+    manifest = Manifest(
+        fingerprint=fingerprint,
+        num_samples=num_samples,
+        shard_size=shard_size,
+        selected_heads=dict(settings.selected_heads or {}),
+        head_importance=dict(head_importance or {}),
+    )
     if _up_to_date(directory, fingerprint, num_samples):
         logger.info(
             "%s: cache up to date (%d shards); `distill cache verify` re-checks checksums",
@@ -296,6 +389,7 @@ def write_cache_split(
             tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
             tensors["sample_ids"] = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
             tensors["input_ids"] = shard_input_ids.to(torch.int32)
+            _check_schema(tensors, fingerprint, path)
             data = shard_bytes(tensors, _shard_metadata(settings, fingerprint, first, count))
             atomic_write_bytes(path, data)
             entries.append(ShardEntry(name, first, count, len(data), sha256_bytes(data)))
