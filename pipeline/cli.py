@@ -1,4 +1,9 @@
-"""`distill`: the command line of the pipeline. Parses arguments, loads the config, calls one stage driver."""
+"""`distill`: the command line of the pipeline. Parses arguments, loads the config, calls one stage driver.
+
+Options, the config file and `section.key=value` overrides may come in any order after the sub-command. A user's
+mistake (a `PipelineError`, or a full disk) ends with exit code 2 and one message naming the file, key or field and
+the fix, without a traceback unless `--debug`; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.atomic import is_disk_full, storage_error
 from pipeline.config import Config, ConfigError, load_config, reference_markdown
 from pipeline.errors import PipelineError
 from pipeline.runtime import configure_logging
@@ -14,11 +20,25 @@ from pipeline.runtime import configure_logging
 logger = logging.getLogger("pipeline")
 
 OVERRIDES_HELP = "config overrides as section.key=value (e.g. student.num_heads=2 cache.encoding=topk)"
+OVERWRITE_HELP = "replace output made from other inputs (without it the stage refuses, naming the differing field)"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _common_arguments() -> argparse.ArgumentParser:
+    """--debug and --log-level, accepted before or after the sub-command (SUPPRESS: a sub-command's default must
+    not reset what was given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="tracebacks for every error")
+    common.add_argument("--log-level", default=argparse.SUPPRESS, help="DEBUG, INFO, WARNING (default INFO)")
+    return common
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, overwrite: bool = False) -> None:
     parser.add_argument("config", type=Path, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _launcher_arguments() -> argparse.ArgumentParser:
@@ -36,30 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
         "of any head count trained with DeepSpeed, tracked in MLflow.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of every error, not only of bugs")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_arguments()
     launcher = _launcher_arguments()
 
-    show = commands.add_parser("config", help="print the resolved config (file + overrides, validated)")
+    show = commands.add_parser(
+        "config", parents=[common], help="print the resolved config (file + overrides, validated)"
+    )
     show.add_argument("config", type=Path, nargs="?", help="YAML config file (see configs/)")
     show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.add_argument("--reference", action="store_true", help="print the reference of every key as markdown")
 
-    teacher = commands.add_parser("teacher", help="teacher utilities")
+    teacher = commands.add_parser("teacher", parents=[common], help="teacher utilities")
     teacher_commands = teacher.add_subparsers(dest="teacher_command", required=True, metavar="ACTION")
     teacher_import = teacher_commands.add_parser(
         "import",
+        parents=[common],
         help="turn teacher.source (smollm2, a .gguf file, an HF directory, tiny-random-*) into the HF directory "
         "teacher.path",
     )
-    _add_config_arguments(teacher_import)
+    _add_config_arguments(teacher_import, overwrite=True)
 
-    prepare = commands.add_parser("prepare", help="tokenize and pack data.sources into data.output_dir")
-    _add_config_arguments(prepare)
+    prepare = commands.add_parser(
+        "prepare", parents=[common], help="tokenize and pack data.sources into data.output_dir"
+    )
+    _add_config_arguments(prepare, overwrite=True)
 
     cache = commands.add_parser(
         "cache",
-        parents=[launcher],
+        parents=[common, launcher],
         help="run the teacher once and cache squeezed attention targets + sparse logits (one process per rank "
         "under the DeepSpeed launcher); `distill cache verify DIR` checks a cache",
         description="distill cache CONFIG [overrides]  |  distill cache verify DIR",
@@ -69,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        parents=[launcher],
+        parents=[common, launcher],
         help="train the student with DeepSpeed on the cached (or live, train.mode=online) teacher targets; run as "
         "one process or under the DeepSpeed launcher",
     )
@@ -77,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        parents=[launcher],
+        parents=[common, launcher],
         help="evaluate the exported student (train.output_dir/student), another HF directory or a training "
         "checkpoint on the cached validation targets",
     )
@@ -86,11 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", type=Path, default=None, help="an exported HF student directory")
     source.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (or their parent)")
 
-    run = commands.add_parser("run", parents=[launcher], help="every stage in order, skipping completed ones")
+    run = commands.add_parser("run", parents=[common, launcher], help="every stage in order, skipping completed ones")
     _add_config_arguments(run)
 
     compare = commands.add_parser(
         "compare",
+        parents=[common],
         help="compare the MLflow runs of one experiment: table of differing params and final metrics, curves, "
         "α histograms and attention heat maps side by side, in OUTPUT/<experiment>/ and a summary run",
     )
@@ -107,7 +135,40 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow store (default: config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
     )
+
+    mlflow = commands.add_parser("mlflow", parents=[common], help="MLflow utilities")
+    mlflow_commands = mlflow.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
+    sync = mlflow_commands.add_parser(
+        "sync",
+        parents=[common],
+        help="copy the runs a job logged to its local fallback store (RUN_DIR/mlflow-local.db, used while the "
+        "tracking store could not be reached) to the tracking store",
+    )
+    sync.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run's train.output_dir")
+    sync.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="where to copy them (default: the store each run was meant for, else MLFLOW_TRACKING_URI)",
+    )
     return parser
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` with options, config and overrides in any order after the sub-command.
+
+    argparse fills the positionals from the first run of plain words; words after a later option come back unknown
+    and are overrides (a config file not given yet comes first). Unknown options are still errors.
+    """
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    unknown = [word for word in extras if word.startswith("-")]
+    if unknown or (extras and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
+    if extras and getattr(args, "config", None) is None:
+        args.config = Path(extras.pop(0)) if args.command != "cache" else extras.pop(0)
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -126,9 +187,9 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise ConfigError("usage: distill config CONFIG [overrides] | distill config --reference")
         print(_load(args).dump(), end="")
     elif args.command == "teacher":
-        stages.teacher_stage(_load(args))
+        stages.teacher_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "prepare":
-        stages.prepare_stage(_load(args))
+        stages.prepare_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "cache" and args.config == "verify":
         if len(args.overrides) != 1:
             raise ConfigError("usage: distill cache verify DIR")
@@ -148,17 +209,32 @@ def _dispatch(args: argparse.Namespace) -> None:
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
         print(report.markdown, end="")
+    elif args.command == "mlflow":
+        from pipeline.tracking import sync_local_runs
+
+        for local_id, copy_id in sync_local_runs(args.run_dir, args.tracking_uri).items():
+            print(f"{local_id} -> {copy_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `distill` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `distill` console script; returns the process exit code (2: a mistake to fix, 130:
+    interrupted)."""
+    args = parse_arguments(argv)
     configure_logging(args.log_level)
     try:
         _dispatch(args)
     except PipelineError as error:
-        logger.error("%s", error)
-        return 2
+        logger.error("%s", error, exc_info=error if args.debug else None)
+        return EXIT_USER_ERROR
+    except (OSError, RuntimeError) as error:
+        if not is_disk_full(error):
+            raise
+        where = Path(getattr(error, "filename", None) or Path.cwd())
+        logger.error("%s", storage_error(error, where), exc_info=error if args.debug else None)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        logger.error("interrupted; a re-run continues from the last complete output")
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -11,8 +11,9 @@ stored: they are the next-token targets of `input_ids`, derived by the trainer.
 - The split is by sample id: each id gets a fixed hash of (seed, id) and the `round(N·val_fraction)` smallest
   hashes are validation. The hash is ours (splitmix64), so the split survives numpy and datasets upgrades.
 - Re-running on the same inputs is a no-op ("up to date"). Different inputs never silently reuse old output: the
-  run refuses with an error naming the fields that differ, unless `overwrite=True`, and then rebuilds in a staging
-  directory that atomically replaces the old one.
+  run refuses with an error naming the fields that differ, unless `overwrite=True` (`distill prepare --overwrite`),
+  and then rebuilds in a staging directory that atomically replaces the old one. A full disk leaves the old output
+  as it was and names the directory.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def prepare_dataset(
         ] or ["the train/validation directories are incomplete"]
         raise DataError(
             f"{output_dir / META_NAME} was prepared from different inputs: {', '.join(changed)}; "
-            "pass overwrite=True (`--overwrite`) to rebuild it"
+            "rebuild it with `distill prepare CONFIG --overwrite`, or choose another data.output_dir"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
@@ -352,7 +353,8 @@ def _resolve_source(source: str, file_format: str | None) -> _Source:
         if builder is None:
             raise DataError(
                 f"data source {str(file)!r}: unknown file type; expected one of {', '.join(sorted(BUILDERS))} "
-                "or set file_format"
+                f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}); rename the file with one of these "
+                "extensions"
             )
         builders.append(builder)
     return _Source(name=source, files=tuple(files), builders=tuple(builders))
@@ -466,7 +468,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta["schema_version"] != SCHEMA_VERSION:
         raise DataError(
             f"{path}: field 'schema_version' is {meta['schema_version']}, this version reads {SCHEMA_VERSION}; "
-            "run `distill prepare --overwrite`"
+            "run `distill prepare CONFIG --overwrite`"
         )
     for split in SPLITS:
         counts = meta["splits"].get(split)
