@@ -32,6 +32,9 @@ HEATMAP_ZOOM_TOKENS = 32
 """The zoom shows the first this many positions, where the attention sink and the local diagonal live."""
 HEATMAP_GAMMA = 0.3
 """Power of the colour scale: the first-token sink (≈ 1) would otherwise paint every other cell (≈ 1e-2) black."""
+HEATMAP_FULL_INCHES = 3.6
+"""Side of a full-view panel: at `DPI`, 360 pixels for up to 256 positions."""
+HEATMAP_ZOOM_INCHES = 2.7
 HEATMAP_HEADS_PER_FIGURE = 4
 """Heads per heat-map figure; a layer with more heads is split into head groups, so a figure stays one screen."""
 HEATMAP_TICKS = (0.0, 0.001, 0.01, 0.05, 0.2, 0.5, 1.0)
@@ -142,29 +145,46 @@ def attention_heatmap_figure(
     vmax = max(float(np.nanmax(view)) for view in maps.values())
     norm = heatmap_norm(vmax if vmax > 0 else 1.0)
     cmap = plt.get_cmap(HEATMAP_CMAP).with_extremes(bad=FUTURE_COLOR)
-    figure, axes = plt.subplots(
+    widths = [HEATMAP_FULL_INCHES if size == tokens else HEATMAP_ZOOM_INCHES for size, _, _ in columns]
+    # A fixed grid in inches (constrained layout would double the drawing time of these figures).
+    left, right, top, bottom, gap_x, gap_y = 0.95, 1.15, 0.95, 0.6, 0.45, 0.25
+    width = left + sum(widths) + gap_x * (len(columns) - 1) + right
+    height = top + HEATMAP_FULL_INCHES * len(rows) + gap_y * (len(rows) - 1) + bottom
+    figure = plt.figure(figsize=(width, height))
+    grid = figure.add_gridspec(
         len(rows),
         len(columns),
-        figsize=(sum(3.6 if size == tokens else 2.7 for size, _, _ in columns) + 1.2, 3.5 * len(rows) + 0.8),
-        squeeze=False,
-        layout="constrained",
-        gridspec_kw={"width_ratios": [1.33 if size == tokens else 1.0 for size, _, _ in columns]},
+        width_ratios=widths,
+        left=left / width,
+        right=1 - right / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        wspace=gap_x / np.mean(widths),
+        hspace=gap_y / HEATMAP_FULL_INCHES,
     )
     image = None
     for row, (layer, head) in enumerate(rows):
         for column, (size, name, side) in enumerate(columns):
-            axis = axes[row, column]
+            axis = figure.add_subplot(grid[row, column])
             image = axis.imshow(maps[layer, side, size][head], cmap=cmap, norm=norm, interpolation="nearest")
             _position_ticks(axis, size)
             axis.tick_params(labelbottom=row == len(rows) - 1, labelleft=side == "target")
             if row == 0:
-                who = f"teacher target (L{teacher_layers[layer]})" if side == "target" else "student"
+                who = (
+                    "student"
+                    if side == "student"
+                    else "teacher target" + (f" (L{teacher_layers[layer]})" if len(layers) == 1 else "")
+                )
                 axis.set_title(f"{who}\n{name} {size} tokens", fontsize=9)
             if column == 0:
-                axis.set_ylabel(f"L{layer} head {head}\nquery position", fontsize=9)
+                axis.set_ylabel(f"student L{layer} head {head}\nquery position", fontsize=9)
             if row == len(rows) - 1:
                 axis.set_xlabel("key position", fontsize=8)
-    bar = figure.colorbar(image, ax=axes, shrink=0.6, aspect=30, pad=0.01)
+    plot_height = 1 - (top + bottom) / height
+    bar_axis = figure.add_axes(
+        (1 - (right - 0.2) / width, bottom / height + 0.2 * plot_height, 0.15 / width, 0.6 * plot_height)
+    )
+    bar = figure.colorbar(image, cax=bar_axis)
     bar.set_ticks([tick for tick in HEATMAP_TICKS if tick <= norm.vmax])
     bar.ax.yaxis.set_major_formatter("{x:g}")
     bar.set_label(f"attention probability (power scale, γ = {HEATMAP_GAMMA:g})", fontsize=8)

@@ -63,7 +63,11 @@ def test_heatmap_puts_targets_beside_the_student_with_a_zoom_on_a_shared_power_s
         f"teacher target (L14)\nfirst {HEATMAP_ZOOM_TOKENS} tokens",
         f"student\nfirst {HEATMAP_ZOOM_TOKENS} tokens",
     ]
-    assert [axis.get_ylabel().splitlines()[0] for axis in panels[::4]] == ["L1 head 0", "L1 head 1", "L1 head 2"]
+    assert [axis.get_ylabel().splitlines()[0] for axis in panels[::4]] == [
+        "student L1 head 0",
+        "student L1 head 1",
+        "student L1 head 2",
+    ]
     images = [axis.get_images()[0] for axis in panels]
     assert {image.get_array().shape for image in images[0::4]} == {(HEATMAP_MAX_TOKENS, HEATMAP_MAX_TOKENS)}
     assert {image.get_array().shape for image in images[2::4]} == {(HEATMAP_ZOOM_TOKENS, HEATMAP_ZOOM_TOKENS)}
@@ -91,12 +95,27 @@ def test_one_head_per_layer_and_short_contexts_need_no_zoom(tmp_path: Path) -> N
     assert _is_png(save_figure(figure, tmp_path / "global.png"))
 
 
+def test_several_layers_in_one_figure_name_the_teacher_layer_per_row_in_the_title() -> None:
+    maps = _maps(2, 40)
+    figure = attention_heatmap_figure(maps, maps, {0: 6, 1: 29})
+    panels = _panels(figure)
+    assert len(panels) == 2 * 2 * 4
+    assert panels[0].get_title().startswith("teacher target\n")  # the teacher layer differs between rows
+    assert [axis.get_ylabel().splitlines()[0] for axis in panels[::4]] == [
+        "student L0 head 0",
+        "student L0 head 1",
+        "student L1 head 0",
+        "student L1 head 1",
+    ]
+    assert "student L0 ← teacher L6, student L1 ← teacher L29" in figure.get_suptitle()
+
+
 def test_heatmaps_split_into_one_figure_per_layer_or_head_group() -> None:
     maps = {0: _maps(3, 40)[0], 3: _maps(6, 40)[0]}
     figures = attention_heatmap_figures(maps, maps, {0: 6, 3: 29}, heads_per_figure=4)
     assert list(figures) == ["layer-0", "layer-3-heads-0-3", "layer-3-heads-4-5"]
     assert [len(_panels(figure)) for figure in figures.values()] == [3 * 4, 4 * 4, 2 * 4]
-    assert _panels(figures["layer-3-heads-4-5"])[0].get_ylabel().startswith("L3 head 4")
+    assert _panels(figures["layer-3-heads-4-5"])[0].get_ylabel().startswith("student L3 head 4")
 
 
 def test_alpha_figure_has_two_panels_per_cached_layer() -> None:
