@@ -403,6 +403,9 @@ def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     client = MlflowClient(tracking_uri=uri)
     experiment_id = client.create_experiment("seeds", artifact_location=(root / "artifacts").as_uri())
     maps = {layer: torch.rand(2, 8, 8).tril().softmax(-1) for layer in (0, 1)}
+    heatmaps = root / "png" / "heatmaps"  # drawn once, logged by every run at every step
+    for figure_name, figure in attention_heatmap_figures(maps, maps, {0: 6, 1: 29}).items():
+        save_figure(figure, heatmaps / f"{figure_name}.png")
     for variant, seeds in SEEDS.items():
         for seed in seeds:
             name = f"{variant}-seed{seed}"
@@ -412,10 +415,7 @@ def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
             points = [Metric(key, value, 0, step) for key, history in histories.items() for step, value in history]
             client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()], metrics=points)
             for step in (2, 4):
-                staging = root / "png" / name / f"step-{step:08d}"
-                for figure_name, figure in attention_heatmap_figures(maps, maps, {0: 6, 1: 29}).items():
-                    save_figure(figure, staging / f"{figure_name}.png")
-                client.log_artifacts(run_id, str(staging), f"heatmaps/step-{step:08d}")
+                client.log_artifacts(run_id, str(heatmaps), f"heatmaps/step-{step:08d}")
             client.set_terminated(run_id)
     report = compare_runs(uri, "seeds", output=root / "reports")
     return {"client": client, "experiment_id": experiment_id, "report": report, "uri": uri}
@@ -433,7 +433,7 @@ def test_seeded_runs_get_variants_bands_and_per_layer_heatmaps(seeded_store: dic
     linked = sorted(Path(link) for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", index))
     assert linked == sorted(path.relative_to(report.directory) for path in report.directory.rglob("*.png"))
     stacked = mpimg.imread(report.directory / "attention_heatmaps_layer-0.png")
-    single = mpimg.imread(next((report.directory.parent.parent / "png" / "kd-seed0").rglob("layer-0.png")))
+    single = mpimg.imread(report.directory.parent.parent / "png" / "heatmaps" / "layer-0.png")
     per_row = max(1, MONTAGE_MAX_WIDTH // single.shape[1])  # wide heat maps: few runs per row, the rest below
     assert stacked.shape[0] >= math.ceil(5 / per_row) * single.shape[0] and stacked.shape[1] <= MONTAGE_MAX_WIDTH
 
@@ -463,10 +463,8 @@ def test_compare_tags_the_experiment_for_the_mlflow_ui(seeded_store: dict) -> No
     assert f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_ID}" in index
 
 
-def test_tagging_a_new_experiment_and_again_keeps_one_view(tmp_path: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+def test_tagging_a_new_experiment_and_again_keeps_one_view(seeded_store: dict, tmp_path: Path) -> None:
+    client = seeded_store["client"]
     experiment_id = client.create_experiment("fresh", artifact_location=(tmp_path / "artifacts").as_uri())
     tag_experiment(client, experiment_id)
     _, first, state = _view(client, experiment_id)
