@@ -9,11 +9,14 @@
 #
 # Every host needs the same code, config, teacher, prepared data and cache paths (a shared filesystem), and an
 # MLflow server reachable from rank 0 (launch/mlflow-server.sh; set mlflow.tracking_uri or MLFLOW_TRACKING_URI).
+# Works from any directory without activating .venv; relative paths inside configs are read from the repository root.
 # env: STAGE (train | cache, default train), NODE_RANK, MASTER_ADDR, MASTER_PORT (default 29500), DISTILL.
 set -euo pipefail
-hostfile=${1:?usage: launch/multinode.sh HOSTFILE CONFIG [overrides]}; shift
-stage=${STAGE:-train}
-distill=${DISTILL:-$(command -v distill || echo .venv/bin/distill)}
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+hostfile=$(absolute "${1:?usage: launch/multinode.sh HOSTFILE CONFIG [overrides]}")
+config=$(absolute "${2:?usage: launch/multinode.sh HOSTFILE CONFIG [overrides]}"); shift 2
+need deepspeed; need "${DISTILL:-distill}"
+cd "$repo"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 args=(--hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}")
 if [ -n "${NODE_RANK:-}" ]; then
@@ -21,4 +24,4 @@ if [ -n "${NODE_RANK:-}" ]; then
 elif [ -n "${MASTER_ADDR:-}" ]; then
   args+=(--master_addr "$MASTER_ADDR")
 fi
-exec deepspeed "${args[@]}" "$distill" "$stage" "$@"
+exec deepspeed "${args[@]}" "$(command -v "${DISTILL:-distill}")" "${STAGE:-train}" "$config" "$@"

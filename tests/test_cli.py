@@ -188,3 +188,28 @@ def test_mlflow_sync_command_copies_a_fallback_run(tmp_path: Path, capsys: pytes
     history = MlflowClient(tracking_uri=target).get_metric_history(copy_id, "train/loss")
     assert [(point.step, point.value) for point in history] == [(7, 1.5)]
     assert cli.main(["mlflow", "sync", str(tmp_path / "nothing-here")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_local_launcher_finds_the_venv_from_any_directory(tmp_path: Path) -> None:
+    """Right after `launch/setup-env.sh`: no activated venv (a bare PATH), another working directory, a config path
+    relative to the caller (absolutised) or to the repository; DeepSpeed's launcher starts `distill` in the venv."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "mine.yaml").write_text((REPO / "configs" / "tiny.yaml").read_text())
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "STAGE": "config", "MASTER_PORT": str(port)}
+    for config in ("mine.yaml", "configs/tiny.yaml"):
+        launched = subprocess.run(
+            ["bash", str(REPO / "launch" / "local.sh"), "1", config, "train.max_steps=7"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+        assert "max_steps: 7" in launched.stdout and "[rank 0]" in launched.stderr
