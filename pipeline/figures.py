@@ -132,8 +132,10 @@ def attention_heatmap_figure(
     """
     layers = sorted(student_maps) if layers is None else list(layers)
     heads = range(student_maps[layers[0]].shape[0]) if heads is None else heads
-    tokens = min(student_maps[layers[0]].shape[-1], HEATMAP_MAX_TOKENS)
-    views = [(tokens, "all")] + ([(HEATMAP_ZOOM_TOKENS, "first")] if tokens > HEATMAP_ZOOM_TOKENS else [])
+    length = student_maps[layers[0]].shape[-1]
+    tokens = min(length, HEATMAP_MAX_TOKENS)
+    views = [(tokens, "all" if tokens == length else "first")]
+    views += [(HEATMAP_ZOOM_TOKENS, "first")] if tokens > HEATMAP_ZOOM_TOKENS else []
     rows = [(layer, head) for layer in layers for head in heads]
     columns = [(size, name, side) for size, name in views for side in ("target", "student")]
     maps = {

@@ -58,8 +58,8 @@ def test_heatmap_puts_targets_beside_the_student_with_a_zoom_on_a_shared_power_s
     assert len(panels) == 3 * 4  # one row per head: target, student, target zoom, student zoom
     titles = [axis.get_title() for axis in panels[:4]]
     assert titles == [
-        f"teacher target (L14)\nall {HEATMAP_MAX_TOKENS} tokens",
-        f"student\nall {HEATMAP_MAX_TOKENS} tokens",
+        f"teacher target (L14)\nfirst {HEATMAP_MAX_TOKENS} tokens",  # of 300
+        f"student\nfirst {HEATMAP_MAX_TOKENS} tokens",
         f"teacher target (L14)\nfirst {HEATMAP_ZOOM_TOKENS} tokens",
         f"student\nfirst {HEATMAP_ZOOM_TOKENS} tokens",
     ]
@@ -92,6 +92,7 @@ def test_one_head_per_layer_and_short_contexts_need_no_zoom(tmp_path: Path) -> N
     panels = _panels(figure)
     assert len(panels) == 2  # target and student; 16 tokens fit the full view, no zoom
     assert panels[0].get_images()[0].get_array().shape == (16, 16)
+    assert panels[0].get_title() == "teacher target (L29)\nall 16 tokens"
     assert _is_png(save_figure(figure, tmp_path / "global.png"))
 
 
