@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STUDENT = "student"
+RUN_ID_FILE = "mlflow_run_id"
+"""The MLflow run a resumed job (and `distill eval` of its export) continues, in `train.output_dir`."""
 TRAINER_STATE = "trainer_state.json"
 UNIVERSAL_SUFFIX = "_universal"
 LATEST = "latest"

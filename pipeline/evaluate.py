@@ -2,11 +2,13 @@
 
 Metrics, each a global mean over every rank's share of the validation cache:
 - `eval/ppl`: exp of the next-token cross-entropy (labels ≠ -100);
-- `eval/loss_ce`, `eval/loss_kd`: the training terms (KD at `distill.kd_temperature`);
+- `eval/loss_<term>`: every loss term of the objective (`pipeline.objective`) at its configured kind and
+  temperature, whatever its training weight (CE, KD, attention; relations when configured);
 - `eval/top1_agreement`: share of positions where the student's argmax is the teacher's top-1 token
   (`topk_indices[..., 0]` of the cache);
-- `eval/attn_kl`: KL(squeezed teacher ‖ student) per query row at τ = 1, averaged over heads and matched layers —
-  a fixed yardstick, whatever attention loss and temperature the run trained with.
+- `eval/attn_kl`: KL(teacher target ‖ student) per query row at τ = 1 against the run's own attention targets,
+  averaged over heads and matched layers — a fixed yardstick, whatever attention loss and temperature the run
+  trained with.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from pipeline import dist
 from pipeline.checkpoints import (
     CHECKPOINTS,
+    RUN_ID_FILE,
     STUDENT,
     TRAINER_STATE,
     find_checkpoint,
@@ -32,20 +35,20 @@ from pipeline.checkpoints import (
     read_trainer_state,
 )
 from pipeline.config import Config
-from pipeline.targets.reader import SparseAttention
-from pipeline.train import (
-    RUN_ID_FILE,
-    LossPlan,
-    TrainError,
-    all_reduce,
-    student_pass,
-    to_device,
-    unit_counts,
-)
+from pipeline.errors import PipelineError
+from pipeline.map_losses import DenseTarget, MapTarget, student_maps
+from pipeline.objective import AttentionKD, Objective, attention_yardstick, build_objective
+from pipeline.runtime import to_device
+from pipeline.targets.layout import unpack_triangle
 
 logger = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
+YARDSTICK = "attn_kl"
+
+
+class EvalError(PipelineError):
+    """A student or a validation cache cannot be evaluated as configured; the message names the path or key."""
 
 
 @dataclass
@@ -56,12 +59,22 @@ class EvalResult:
     heatmap: tuple[dict[int, Tensor], dict[int, Tensor]] | None = None
 
 
-def dense_target(target: Tensor | SparseAttention) -> Tensor:
-    """A target map of one sample as dense [H, T, T] (top-m targets scattered back, the tail left out)."""
-    if isinstance(target, SparseAttention):
-        maps = target.values.new_zeros(*target.values.shape[:-1], target.values.shape[-2])
-        return maps.scatter(-1, target.indices, target.values)
-    return target
+def dense_target(target: MapTarget, seq_len: int) -> Tensor:
+    """The target maps of sample 0 of a batch as dense [H, T, T] (top-m targets scattered back, the tail left out)."""
+    if isinstance(target, DenseTarget):
+        return unpack_triangle(target.packed[0], seq_len)
+    values, indices = target.values[0], target.indices[0]
+    return values.new_zeros(*values.shape[:-1], seq_len).scatter(-1, indices, values)
+
+
+def evaluation_objective(config: Config, teacher_layers: list[int]) -> Objective:
+    """Every term of the run at its configured settings, plus the τ = 1 attention-KL yardstick where the attention
+    term is not already exactly that."""
+    objective = build_objective(config, teacher_layers, evaluation=True)
+    attention = next(term for term in objective.terms if isinstance(term, AttentionKD))
+    if (attention.kind, attention.temperature) == ("kl", 1.0):
+        return objective
+    return Objective([*objective.terms, attention_yardstick(config, teacher_layers)], objective.schedule)
 
 
 class Evaluator:
@@ -70,17 +83,14 @@ class Evaluator:
     def __init__(
         self,
         directory: Path,
-        plan: LossPlan,
+        objective: Objective,
         *,
-        heads: int,
         batch_size: int,
         max_batches: int | None,
         expected: dict[str, Any],
     ) -> None:
         self.directory = directory
-        # Fixed yardstick: attention KL at τ = 1, every term computed whatever its training weight.
-        self.plan = dataclasses.replace(plan, weights=(1.0, 1.0, 1.0), attn_kind="kl", attn_temperature=1.0)
-        self.heads = heads
+        self.objective = objective
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.expected = expected
@@ -89,7 +99,7 @@ class Evaluator:
     def from_config(
         cls,
         config: Config,
-        plan: LossPlan,
+        teacher_layers: list[int],
         meta: dict[str, Any],
         teacher_sha: str,
         num_teacher_layers: int,
@@ -97,7 +107,7 @@ class Evaluator:
     ) -> Evaluator | None:
         """The evaluator of `cache.output_dir/validation` (None, with a warning, when that cache is missing).
 
-        `max_batches=-1` means `train.eval_batches`; None means the whole split.
+        `max_batches=-1` means `train.eval_batches`; None means every cached validation sample.
         """
         from pipeline.targets.fingerprint import training_requirements
         from pipeline.targets.manifest import MANIFEST_NAME
@@ -111,12 +121,23 @@ class Evaluator:
         open_cache(directory, expected)  # refuse an incompatible validation cache now, not at the first evaluation
         return cls(
             directory,
-            plan,
-            heads=config.student.num_heads,
+            evaluation_objective(config, teacher_layers),
             batch_size=config.train.micro_batch_size,
             max_batches=config.train.eval_batches if max_batches == -1 else max_batches,
             expected=expected,
         )
+
+    def _heatmap_sample(self, forward: Any, batch: dict[str, Any]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Student maps and targets of sample 0 per matched student layer, from the attention term's inputs."""
+        attention = next(term for term in self.objective.terms if isinstance(term, AttentionKD))
+        seq_len = batch["input_ids"].shape[1]
+        students, targets = {}, {}
+        for layer, name in enumerate(attention.targets):
+            inputs = forward.inputs[layer]
+            query, key = inputs.query[:1].detach().float(), inputs.key[:1].detach().float()
+            students[layer] = student_maps(query, key, inputs.scale, head_mean=attention.head_mean)[0].cpu()
+            targets[layer] = dense_target(batch["maps"][name], seq_len).cpu()
+        return students, targets
 
     def run(
         self, model: nn.Module, module: nn.Module, *, heatmap: bool = False, device: torch.device | None = None
@@ -126,14 +147,12 @@ class Evaluator:
         Ranks may hold different numbers of validation batches; the shorter ones run dummy forwards so that every
         rank makes the same number of forward calls (ZeRO-3 gathers parameters collectively in each).
         """
-        from pipeline.attention import AttentionCapture
         from pipeline.targets.reader import TargetStream
 
         device = device or next(module.parameters()).device
         stream = TargetStream(
             directory=self.directory,
-            layers=sorted(set(self.plan.teacher_layers)),
-            heads=self.heads,
+            request=self.objective.request(),
             batch_size=self.batch_size,
             rank=dist.rank(),
             world_size=dist.world_size(),
@@ -143,9 +162,11 @@ class Evaluator:
             expected=self.expected,
             prefetch=False,
         )
-        num_calls = int(all_reduce(torch.tensor([len(stream)], dtype=torch.float64), op="max").item())
-        student_layers = list(range(len(self.plan.teacher_layers)))
-        sums = torch.zeros(8, dtype=torch.float64)  # ce, n_ce, kd, n_kd, agree, n_positions, attn_kl, n_rows
+        num_calls = int(dist.all_reduce(torch.tensor([len(stream)], dtype=torch.float64), op="max").item())
+        names = self.objective.names
+        sums = torch.zeros(len(names), dtype=torch.float64)
+        counts = torch.zeros(len(names), dtype=torch.float64)
+        agreement = torch.zeros(2, dtype=torch.float64)  # agreeing positions, positions
         sample = None
         batches = iter(stream)
         was_training = module.training
@@ -154,42 +175,28 @@ class Evaluator:
             for _ in range(num_calls):
                 batch = next(batches, None)
                 if batch is None:
-                    model(input_ids=torch.zeros(1, self.plan.seq_len, dtype=torch.long, device=device), use_cache=False)
+                    model(input_ids=torch.zeros(1, stream.seq_len, dtype=torch.long, device=device), use_cache=False)
                     continue
                 batch = to_device(batch, device)
-                with AttentionCapture(module, student_layers) as capture:
-                    result = student_pass(model, batch, self.plan, capture)
-                counts = unit_counts(batch)
-                agree = (result.logits.argmax(-1) == batch["topk_indices"][..., 0]).sum().item()
-                ce, kd, attn = result.sums.double().cpu().tolist()
-                sums += torch.tensor([ce, counts[0], kd, counts[1], agree, counts[1], attn, counts[2]])
-                if heatmap and sample is None and dist.is_main():
-                    sample = (
-                        {layer: capture.maps[layer][0].cpu() for layer in student_layers},
-                        {
-                            layer: dense_target(_first(result.targets[self.plan.teacher_layers[layer]])).cpu()
-                            for layer in student_layers
-                        },
-                    )
+                with self.objective.forward(model, module, batch) as forward:
+                    sums += self.objective.sums(forward).double().cpu()
+                    counts += self.objective.counts(batch)
+                    agree = (forward.logits.argmax(-1) == batch["topk_indices"][..., 0]).sum().item()
+                    agreement += torch.tensor([agree, batch["labels"].numel()], dtype=torch.float64)
+                    if heatmap and sample is None and dist.is_main():
+                        sample = self._heatmap_sample(forward, batch)
         if was_training:
             model.train()
-        total = all_reduce(sums)
-        ce, n_ce, kd, n_kd, agree, n_positions, attn, n_rows = total.tolist()
+        means = dist.term_means(sums, dist.all_reduce(counts))
+        agreed, positions = dist.all_reduce(agreement).tolist()
+        by_name = dict(zip(names, means.tolist(), strict=True))
         metrics = {
-            "eval/ppl": math.exp(ce / max(n_ce, 1)),
-            "eval/loss_ce": ce / max(n_ce, 1),
-            "eval/loss_kd": kd / max(n_kd, 1),
-            "eval/top1_agreement": agree / max(n_positions, 1),
-            "eval/attn_kl": attn / max(n_rows, 1),
+            "eval/ppl": math.exp(by_name["ce"]),
+            **{f"eval/loss_{name}": value for name, value in by_name.items() if name != YARDSTICK},
+            "eval/top1_agreement": agreed / max(positions, 1),
+            "eval/attn_kl": by_name.get(YARDSTICK, by_name["attn"]),
         }
         return EvalResult(metrics, sample)
-
-
-def _first(target: Tensor | SparseAttention) -> Tensor | SparseAttention:
-    """Sample 0 of a batch of targets."""
-    if isinstance(target, SparseAttention):
-        return SparseAttention(*(part[0] for part in target))
-    return target[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -224,7 +231,7 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
         tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
         missing = [key for key in missing if key not in tied]
         if missing or unexpected:
-            raise TrainError(
+            raise EvalError(
                 f"{save_dir / tag}: weights do not fit the configured student (missing {missing[:3]}, unexpected "
                 f"{unexpected[:3]}); check student.* against the run that wrote the checkpoint"
             )
@@ -233,13 +240,13 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
     else:
         directory = Path(model_dir) if model_dir is not None else output_dir / STUDENT
         if not (directory / "config.json").is_file():
-            raise TrainError(f"{directory}: no exported student here (run `distill train`, or pass --checkpoint)")
+            raise EvalError(f"{directory}: no exported student here (run `distill train`, or pass --checkpoint)")
         student = AutoModelForCausalLM.from_pretrained(
             directory, attn_implementation=CAPTURE_ATTENTION, local_files_only=True
         )
         heads = student.config.num_attention_heads
         if heads != config.student.num_heads:
-            raise TrainError(
+            raise EvalError(
                 f"{directory}: the student has {heads} heads, student.num_heads is {config.student.num_heads}; the "
                 "cached targets are read for student.num_heads"
             )
@@ -253,33 +260,29 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
 
 
 def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Path | None = None) -> dict[str, float]:
-    """`distill eval`: metrics of a trained student on the whole cached validation split (every rank's share).
+    """`distill eval`: metrics of a trained student on every sample of the cached validation split (each rank's
+    share; `cache.max_samples` bounds what was cached).
 
-    Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` and logs them with a heat map to
+    Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` and logs them with heat maps to
     MLflow — into the training run when `train.output_dir` names one, else into a new run.
     """
-    from transformers import AutoConfig
-
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
-    from pipeline.figures import attention_heatmap_figure
-    from pipeline.targets.fingerprint import training_requirements
-    from pipeline.targets.manifest import read_manifest
+    from pipeline.figures import attention_heatmap_figures
+    from pipeline.models import load_teacher_config
+    from pipeline.targets.fingerprint import student_layers, teacher_weights_digest
     from pipeline.tracking import create_tracker, default_run_name
-    from pipeline.train import teacher_sha256
 
     dist.init_cpu_group()
-    teacher_config = AutoConfig.from_pretrained(config.teacher.path, local_files_only=True)
+    teacher_config = load_teacher_config(Path(config.teacher.path))
     dims = attention_dims(teacher_config)
     _, meta = load_prepared(Path(config.data.output_dir))
-    teacher_sha = teacher_sha256(Path(config.teacher.path))
-    requirements = training_requirements(config, meta, "validation", teacher_sha, dims.num_layers)
-    directory = Path(config.cache.output_dir) / "validation"
-    encoding = read_manifest(directory).fingerprint["encoding"]
-    plan = LossPlan.from_config(config, list(requirements["cached_layers"]), encoding, meta["seq_len"])
-    evaluator = Evaluator.from_config(config, plan, meta, teacher_sha, dims.num_layers, max_batches=None)
+    teacher_sha = teacher_weights_digest(Path(config.teacher.path))
+    teacher_layers = student_layers(config, dims.num_layers)
+    evaluator = Evaluator.from_config(config, teacher_layers, meta, teacher_sha, dims.num_layers, max_batches=None)
     if evaluator is None:
-        raise TrainError(f"{directory}: no validation cache to evaluate on (run `distill cache`)")
+        directory = Path(config.cache.output_dir) / "validation"
+        raise EvalError(f"{directory}: no validation cache to evaluate on (run `distill cache`)")
     model, step = load_student_for_eval(config, model_dir, checkpoint)
     result = evaluator.run(model, model, heatmap=True)
     if dist.is_main():
@@ -298,8 +301,9 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
             tracker = create_tracker(config, rank=0, run_name=f"{default_run_name(config)}-eval")
         tracker.log_metrics(result.metrics, step=step)
         if result.heatmap is not None:
-            figure = attention_heatmap_figure(*result.heatmap, dict(enumerate(plan.teacher_layers)))
-            tracker.log_figure(figure, f"heatmaps/eval-step-{step:08d}.png")
+            figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(teacher_layers)))
+            for name, figure in figures.items():
+                tracker.log_figure(figure, f"heatmaps/eval-step-{step:08d}/{name}.png")
         tracker.finish()
     dist.barrier()
     return result.metrics

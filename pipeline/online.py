@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from pipeline.config import Config
+from pipeline.targets.layout import TargetRequest
 from pipeline.targets.reader import SampleOrder, training_batch
 
 if TYPE_CHECKING:
@@ -42,8 +44,8 @@ class OnlineTargets:
         teacher: nn.Module,
         rows: Any,
         settings: TargetSettings,
+        request: TargetRequest,
         *,
-        heads: int,
         batch_size: int,
         shard_size: int,
         seed: int,
@@ -54,7 +56,7 @@ class OnlineTargets:
         self.teacher = teacher
         self.rows = rows
         self.settings = settings
-        self.heads = heads
+        self.request = request
         self.batch_size = batch_size
         self.shard_size = shard_size
         self.rank = rank
@@ -72,8 +74,38 @@ class OnlineTargets:
         input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
         targets = compute_targets(self.teacher, input_ids, self.settings)
         raw = {**targets, "sample_ids": torch.as_tensor(chunk["sample_id"]), "input_ids": input_ids}
-        return training_batch(raw, positions, list(self.settings.layers), self.heads, self.settings.encoding)
+        return training_batch(raw, positions, self.request, self.settings.encoding)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for step in count():
             yield self.batch_at(self.start_position + (step * self.world_size + self.rank) * self.batch_size)
+
+
+def online_settings(
+    config: Config, teacher_layers: list[int], request: TargetRequest, teacher: nn.Module, train_rows: Any
+) -> TargetSettings:
+    """What the live teacher computes for `request`: only the target kinds the run's terms read, for the student's
+    head count, with the tail sums of the temperatures they use; `selective` heads are chosen as `distill cache`
+    chooses them (on the first train samples), so online and cached selective targets agree."""
+    from pipeline.targets.writer import SELECTION_SAMPLES, TargetSettings, select_teacher_heads
+
+    kinds = sorted({config.attention_kind(), *(["relations"] if config.distill.w_rel > 0 else [])})
+    layers = tuple(sorted(set(teacher_layers)))
+    heads = (config.student.num_heads,)
+    selected = None
+    if "selective" in kinds:
+        calibration = train_rows.with_format("torch", columns=["input_ids"])[:SELECTION_SAMPLES]["input_ids"]
+        selected, _ = select_teacher_heads(teacher, calibration.long(), layers, heads)
+    temperatures = sorted({1.0, request.kd_temperature, *(temperature for _, temperature in request.maps)})
+    return TargetSettings(
+        layers=layers,
+        head_counts=heads,
+        kinds=tuple(kinds),
+        encoding=config.cache.encoding,
+        attn_top_m=config.cache.attn_top_m,
+        top_k=config.distill.top_k,
+        temperatures=tuple(temperatures),
+        dtype=torch.float32,
+        rel_heads=config.distill.rel_heads if "relations" in kinds else None,
+        selected_heads=selected,
+    )

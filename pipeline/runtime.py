@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from functools import cache
+from typing import Any
 
 import torch
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -63,3 +65,18 @@ def configure_logging(level: str = "INFO") -> None:
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A reader batch with every tensor (including those inside target-map tuples) moved to `device`."""
+
+    def move(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(move(part) for part in value))
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        return value
+
+    return move(batch)

@@ -59,7 +59,15 @@ TRAIN_METRICS = (
     "train/tokens_per_s",
     "train/loader_wait_frac",
 )
-EVAL_METRICS = ("eval/ppl", "eval/top1_agreement", "eval/attn_kl")
+EVAL_METRICS = ("eval/ppl", "eval/top1_agreement", "eval/attn_kl", "eval/loss_ce", "eval/loss_kd", "eval/loss_attn")
+MODES = {
+    "global": ("distill.attn_match=global",),
+    "selective": ("distill.attn_match=selective",),
+    "pairwise": ("distill.squeeze=shd_pairwise",),
+    "relations": ("distill.w_rel=1.0", "distill.attn_loss=mse"),
+    "tau2": ("distill.kd_temperature=2.0", "distill.attn_temperature=2.0", "distill.attn_schedule=linear"),
+}
+"""Matching modes and objective settings, each checked for the same loss and update on 1 rank and on 2."""
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +87,10 @@ def two_rank_runs(tiny_cache: TinyCache, tmp_path_factory: pytest.TempPathFactor
         "zero3": [*long, "deepspeed.zero_stage=3", "mlflow.run_name=zero3"],
         "norm_ga1": [*FAST_TRAIN, *NORMALISATION, "train.micro_batch_size=4", "train.grad_accum=1"],
         "norm_ga2": [*FAST_TRAIN, *NORMALISATION, "train.micro_batch_size=2", "train.grad_accum=2"],
+        **{
+            f"mode_{mode}": [*FAST_TRAIN, *NORMALISATION, "train.micro_batch_size=2", "train.grad_accum=2", *extra]
+            for mode, extra in MODES.items()
+        },
     }
     directories = {name: root / name for name in runs}
     directories["resume_second_half"] = directories["resume_first_half"]  # the second half resumes the first
@@ -141,17 +153,18 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("distill.layer_map=[0, 3]", "needs teacher layer 0"),
+        ("distill.layer_map=[0,3]", "needs teacher layer 0"),
         ("student.num_heads=4", "the student has 4 heads"),
         ("distill.top_k=8", "fingerprint field 'top_k'"),
-        ("distill.squeeze=uniform", "fingerprint field 'squeeze'"),
+        ("distill.kd_temperature=3.0", r"distill\.kd_temperature is 3, .* τ in \[1\.0, 2\.0\]"),
+        ("distill.rel_heads=3 distill.w_rel=1", "fingerprint field 'rel_heads'"),
     ],
 )
 def test_incompatible_cache_is_refused_naming_the_field(
     tiny_cache: TinyCache, tmp_path: Path, override: str, message: str
 ) -> None:
     with pytest.raises(PipelineError, match=message):
-        train(tiny_cache.config(tmp_path, override, "mlflow.enabled=false"))
+        train(tiny_cache.config(tmp_path, *override.split(), "mlflow.enabled=false"))
 
 
 @pytest.mark.slow
@@ -184,21 +197,26 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_cache: TinyCache, t
 
 @pytest.mark.slow
 def test_online_targets_come_in_the_cache_order_and_form(tiny_cache: TinyCache) -> None:
-    """Rank 1 of 2 from position 5: the live teacher's batch is the cached batch, up to the cache's fp16."""
+    """Rank 1 of 2 from position 5: the live teacher's batch is the cached batch, up to the cache's fp16 — for the
+    attention maps, the selective heads (chosen alike) and the relation maps, with tail sums at τ = 2."""
     from pipeline.data import load_prepared
     from pipeline.models import load_teacher
-    from pipeline.online import OnlineTargets
-    from pipeline.targets.reader import TargetStream, unpack_attention
-    from pipeline.targets.writer import TargetSettings
+    from pipeline.objective import build_objective
+    from pipeline.online import OnlineTargets, online_settings
+    from pipeline.targets.reader import TargetStream
 
-    config = tiny_cache.config(tiny_cache.root / "unused")
+    config = tiny_cache.config(
+        tiny_cache.root / "unused", "distill.attn_match=selective", "distill.w_rel=1", "distill.kd_temperature=2"
+    )
     splits, _ = load_prepared(Path(config.data.output_dir))
-    settings = TargetSettings((1, 3), (3,), "shd", "dense", 32, config.distill.top_k, torch.float32)
+    teacher = load_teacher(config.teacher.path)
+    request = build_objective(config, [1, 3]).request()
+    assert request.kd_temperature == 2.0 and len(request.maps) == 2 + 2 * 3
     online = OnlineTargets(
-        load_teacher(config.teacher.path),
+        teacher,
         splits["train"].with_format("torch", columns=["sample_id", "input_ids"]),
-        settings,
-        heads=3,
+        online_settings(config, [1, 3], request, teacher, splits["train"]),
+        request,
         batch_size=4,
         shard_size=config.cache.shard_size,
         seed=config.train.seed,
@@ -208,8 +226,7 @@ def test_online_targets_come_in_the_cache_order_and_form(tiny_cache: TinyCache) 
     )
     stream = TargetStream(
         directory=Path(config.cache.output_dir) / "train",
-        layers=[1, 3],
-        heads=3,
+        request=request,
         batch_size=4,
         rank=1,
         world_size=2,
@@ -217,14 +234,14 @@ def test_online_targets_come_in_the_cache_order_and_form(tiny_cache: TinyCache) 
         start_position=5,
     )
     for live, cached in zip(online, stream, strict=False):
-        assert live.keys() == cached.keys()
+        assert live.keys() == cached.keys() and live["maps"].keys() == cached["maps"].keys()
         for key in ("sample_ids", "positions", "input_ids", "labels"):
             assert torch.equal(live[key], cached[key]), key
         assert torch.allclose(live["topk_values"], cached["topk_values"], atol=1e-2)
+        assert torch.allclose(live["topk_tail"], cached["topk_tail"], rtol=1e-4, atol=1e-6)
         assert (live["topk_indices"] == cached["topk_indices"]).float().mean() > 0.99
-        live_maps, cached_maps = (unpack_attention(batch["attn"], "dense", 32) for batch in (live, cached))
-        for layer in (1, 3):
-            assert torch.allclose(live_maps[layer], cached_maps[layer], atol=2e-3)
+        for name in live["maps"]:
+            assert torch.allclose(live["maps"][name].packed, cached["maps"][name].packed, atol=2e-3), name
         if live["positions"][0] > 40:
             break
 
@@ -295,7 +312,7 @@ def test_two_ranks_train_and_track_in_mlflow(two_rank_runs: dict[str, Path], tin
     from mlflow.tracking import MlflowClient
 
     records, evaluation = read_metrics(two_rank_runs[run])
-    assert sorted(records) == list(range(1, 13)) and sorted(evaluation) == [6, 12]
+    assert sorted(records) == list(range(1, 13)) and sorted(evaluation) == [0, 6, 12]
     losses = _losses(records, range(1, 13))
     assert all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses  # about 10.8 → 8.3 on the tiny data
@@ -318,7 +335,10 @@ def test_two_ranks_train_and_track_in_mlflow(two_rank_runs: dict[str, Path], tin
     artifacts = {item.path for item in client.list_artifacts(found.info.run_id)}
     assert {"config.yaml", "deepspeed.json", "alpha_histograms.png", "cache", "heatmaps"} <= artifacts
     heatmaps = {item.path for item in client.list_artifacts(found.info.run_id, "heatmaps")}
-    assert {"heatmaps/step-00000006.png", "heatmaps/step-00000012.png"} <= heatmaps
+    assert {"heatmaps/step-00000000", "heatmaps/step-00000006", "heatmaps/step-00000012"} <= heatmaps
+    layers = {item.path for item in client.list_artifacts(found.info.run_id, "heatmaps/step-00000012")}
+    assert layers == {"heatmaps/step-00000012/layer-0.png", "heatmaps/step-00000012/layer-1.png"}
+    assert client.get_metric_history(found.info.run_id, "eval/ppl")[0].step == 0  # where the run started
 
 
 @pytest.mark.slow
@@ -396,6 +416,31 @@ def test_loss_is_normalised_once_over_ranks_and_micro_batches(
             update = tensor - initial[tensor_name]
             expected = weights["ws1_ga1"][tensor_name] - initial[tensor_name]
             assert (update - expected).abs().max() <= 1e-4 * expected.abs().max(), (name, tensor_name)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_matching_mode_gives_one_rank_the_loss_and_update_of_two(
+    two_rank_runs: dict[str, Path], tiny_cache: TinyCache, tmp_path: Path, mode: str
+) -> None:
+    """global, selective, pairwise-squeezed, relation (with MSE attention) and τ = 2 (sparse logits softened
+    exactly, linear attention schedule) objectives: one SGD step on 8 samples as 1 × 8 and as 2 × (2 × 2)."""
+    train(tiny_cache.config(tmp_path, *FAST_TRAIN, *NORMALISATION, "train.micro_batch_size=8", *MODES[mode]))
+    one, _ = read_metrics(tmp_path)
+    two, _ = read_metrics(two_rank_runs[f"mode_{mode}"])
+    terms = [key for key in one[1] if key.startswith("train/loss_")]
+    assert len(terms) >= 3 and all(one[1][key] > 0 for key in terms), one[1]
+    for key in ("train/loss", *terms):
+        assert two[1][key] == pytest.approx(one[1][key], rel=1e-6), key
+    if mode == "relations":
+        assert "train/loss_rel" in terms
+    single = load_file(tmp_path / "student" / "model.safetensors")
+    double = load_file(two_rank_runs[f"mode_{mode}"] / "student" / "model.safetensors")
+    initial = _initial_weights(tiny_cache)
+    for name, tensor in single.items():
+        expected = tensor - initial[name]
+        assert (double[name] - initial[name] - expected).abs().max() <= 1e-4 * expected.abs().max(), name
 
 
 def _initial_weights(tiny_cache: TinyCache) -> dict[str, torch.Tensor]:

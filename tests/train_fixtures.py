@@ -60,13 +60,20 @@ class TinyCache:
         return load_config(TINY_CONFIG, self.overrides(output_dir, *extra))
 
 
+ALL_TARGETS = (
+    "cache.attn_targets=[shd, shd_pairwise, uniform, selective, global, relations]",
+    "cache.temperatures=[2.0]",
+)
+"""Every target map kind, and tail sums at τ = 2 besides τ = 1: one cache serves every matching mode's tests."""
+
+
 def build_tiny_cache(root: Path) -> TinyCache:
     """Teacher (4 layers, 6 heads on 2 KV heads) → packed data (77 train, 9 validation samples of 32 tokens) →
-    dense cache of teacher layers [1, 3] for 2- and 3-head students."""
+    dense cache of teacher layers [1, 3] for 2- and 3-head students, every target kind (`ALL_TARGETS`)."""
     from pipeline import stages
 
     cache = TinyCache(root)
-    config = cache.config(root / "runs")
+    config = cache.config(root / "runs", *ALL_TARGETS)
     stages.teacher_stage(config)
     stages.prepare_stage(config)
     stages.cache_stage(config)

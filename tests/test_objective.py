@@ -1,0 +1,157 @@
+"""The objective as a list of terms: which terms a config makes, what they read, their weights over steps, and their
+sums on a real (tiny) student against independent references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.attention import AttentionCapture
+from pipeline.config import load_config
+from pipeline.kd import IGNORE_INDEX, cross_entropy, kd_loss_topk, topk_targets
+from pipeline.map_losses import DenseTarget, SparseTarget
+from pipeline.models import build_student, load_teacher
+from pipeline.objective import AttentionKD, Objective, RelationKD, build_objective
+from pipeline.relations import relation_maps
+from pipeline.targets.layout import pack_triangle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(*overrides: str):
+    return load_config(ROOT / "configs" / "tiny.yaml", list(overrides))
+
+
+def test_terms_follow_the_config() -> None:
+    assert build_objective(_config(), [1, 3]).names == ["ce", "kd", "attn"]
+    assert build_objective(_config("distill.w_attn=0"), [1, 3]).names == ["ce", "kd"]
+    evaluation = build_objective(_config("distill.w_attn=0"), [1, 3], evaluation=True)
+    assert evaluation.names == ["ce", "kd", "attn"]
+    with_relations = build_objective(_config("distill.w_rel=0.5", "distill.rel_heads=4"), [1, 3])
+    assert with_relations.names == ["ce", "kd", "attn", "rel"]
+    relation = with_relations.terms[-1]
+    assert isinstance(relation, RelationKD) and relation.targets[1] == ("rel.L3.R4.q", "rel.L3.R4.k", "rel.L3.R4.v")
+    attention = build_objective(_config("distill.attn_match=global"), [1, 3]).terms[-1]
+    assert isinstance(attention, AttentionKD) and attention.targets == ("attn.L1.global", "attn.L3.global")
+    assert attention.head_mean
+    selective = build_objective(_config("distill.attn_match=selective"), [2, 3]).terms[-1]
+    assert selective.targets == ("attn.L2.H3.selective", "attn.L3.H3.selective")
+    pairwise = build_objective(_config("distill.squeeze=shd_pairwise"), [1, 3]).terms[-1]
+    assert pairwise.targets == ("attn.L1.H3.shd_pairwise", "attn.L3.H3.shd_pairwise")
+
+
+def test_request_names_every_map_once_with_its_temperature() -> None:
+    objective = build_objective(
+        _config("distill.w_rel=1", "distill.attn_temperature=2", "distill.kd_temperature=4"), [1, 3]
+    )
+    request = objective.request()
+    assert request.kd_temperature == 4.0
+    assert request.maps[:2] == (("attn.L1.H3.shd", 2.0), ("attn.L3.H3.shd", 2.0))
+    assert ("rel.L3.R4.v", 1.0) in request.maps and len(request.maps) == 2 + 6
+    assert objective.capture_layers() == [0, 1]
+    assert build_objective(_config("distill.w_attn=0"), [1, 3]).capture_layers() == []
+
+
+def test_linear_schedule_decays_the_attention_terms_only() -> None:
+    objective = build_objective(
+        _config("distill.attn_schedule=linear", "distill.attn_decay_steps=4", "distill.w_attn=2", "distill.w_rel=1"),
+        [1, 3],
+    )
+    weights = [objective.weights(step).tolist() for step in (0, 1, 2, 4, 9)]
+    assert weights == [[1, 1, 2, 1], [1, 1, 1.5, 0.75], [1, 1, 1, 0.5], [1, 1, 0, 0], [1, 1, 0, 0]]
+    constant = build_objective(_config(), [1, 3])
+    assert constant.weights(0).tolist() == constant.weights(50).tolist() == [1.0, 1.0, 1.0]
+    assert (
+        build_objective(_config("distill.attn_schedule=linear", "train.max_steps=10"), [1]).schedule.decay_steps == 10
+    )
+
+
+@pytest.mark.parametrize("match", ["headwise", "global"])
+def test_term_sums_on_a_student_equal_independent_references(tiny_llama_dir: Path, match: str) -> None:
+    """A 2-layer GQA student (3 heads on 1 KV head): the objective's sums against the teacher's own targets equal
+    F.cross_entropy, kd_loss_topk and fp64 KL / relation KL formulas on the student's eager attention maps."""
+    teacher = load_teacher(tiny_llama_dir)
+    student = build_student(teacher.config, num_layers=2, hidden_size=48, num_heads=3, num_kv_heads=1, seed=3)
+    config = _config(f"distill.attn_match={match}", "distill.w_rel=1", "distill.rel_heads=4")
+    objective = build_objective(config, [1, 3])
+    input_ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), AttentionCapture(teacher, [1, 3], qkv=True) as teacher_capture:
+        teacher_logits = teacher(input_ids=input_ids).logits
+    values, indices, tails = topk_targets(teacher_logits, 16)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    maps = {}
+    for student_layer, teacher_layer in enumerate((1, 3)):
+        teacher_maps = teacher_capture.maps[teacher_layer]
+        target = teacher_maps.mean(1, keepdim=True) if match == "global" else teacher_maps[:, ::2]
+        name = objective.terms[2].targets[student_layer]
+        maps[name] = DenseTarget(pack_triangle(target))
+        for relation, states in zip("qkv", teacher_capture.qkv[teacher_layer], strict=True):
+            maps[f"rel.L{teacher_layer}.R4.{relation}"] = DenseTarget(pack_triangle(relation_maps(states, 4)))
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "topk_values": values,
+        "topk_indices": indices,
+        "topk_tail": tails[..., 0],
+        "maps": maps,
+    }
+    with objective.forward(student, student, batch) as forward:
+        sums = dict(zip(objective.names, objective.sums(forward).tolist(), strict=True))
+    counts = dict(zip(objective.names, objective.counts(batch).tolist(), strict=True))
+    assert counts == {"ce": 22.0, "kd": 24.0, "attn": 24.0, "rel": 24.0}
+
+    with torch.no_grad(), AttentionCapture(student, [0, 1], qkv=True) as eager:
+        logits = student(input_ids=input_ids).logits
+    assert sums["ce"] == pytest.approx(cross_entropy(logits, labels, "sum").item(), rel=1e-5)
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    assert sums["kd"] == pytest.approx(
+        kd_loss_topk(logits, values, indices, tails[..., 0], mask, 1.0, "sum").item(), rel=1e-5
+    )
+    attention = 0.0
+    relations = 0.0
+    for student_layer, teacher_layer in enumerate((1, 3)):
+        student_maps = eager.maps[student_layer].double()
+        if match == "global":
+            student_maps = student_maps.mean(1, keepdim=True)
+        target = teacher_capture.maps[teacher_layer].double()
+        target = target.mean(1, keepdim=True) if match == "global" else target[:, ::2]
+        kl = torch.where(target > 0, target * (target.clamp_min(1e-300).log() - student_maps.log()), 0.0)
+        attention += kl.sum(-1).mean(1).sum().item() / 2
+        for teacher_states, student_states in zip(
+            teacher_capture.qkv[teacher_layer], eager.qkv[student_layer], strict=True
+        ):
+            teacher_rel = relation_maps(teacher_states.double(), 4)
+            student_rel = relation_maps(student_states.double(), 4)
+            terms = torch.where(teacher_rel > 0, teacher_rel * (teacher_rel.log() - student_rel.log()), 0.0)
+            relations += terms.sum(-1).mean(1).sum().item() / 2 / 3
+    assert sums["attn"] == pytest.approx(attention, rel=1e-4)
+    assert sums["rel"] == pytest.approx(relations, rel=1e-4)
+    assert all(math.isfinite(value) and value > 0 for value in sums.values())
+
+
+def test_sparse_attention_targets_use_the_tail_sums_of_their_temperature(tiny_llama_dir: Path) -> None:
+    """The attention term at τ = 2 against top-m targets with R_2 equals the dense loss when m = T."""
+    teacher = load_teacher(tiny_llama_dir)
+    student = build_student(teacher.config, num_layers=1, hidden_size=48, num_heads=3, num_kv_heads=1, seed=4)
+    input_ids = torch.randint(4, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), AttentionCapture(teacher, [2]) as capture:
+        teacher(input_ids=input_ids)
+    target = capture.maps[2][:, :3]
+    values, order = target.topk(10, dim=-1)
+    dense_term = AttentionKD(1.0, ("dense",), temperature=2.0)
+    sparse_term = AttentionKD(1.0, ("sparse",), temperature=2.0)
+    batch = {
+        "input_ids": input_ids,
+        "maps": {
+            "dense": DenseTarget(pack_triangle(target)),
+            "sparse": SparseTarget(values, order, torch.zeros(2, 3, 10)),
+        },
+    }
+    with Objective([dense_term]).forward(student, student, batch) as forward:
+        dense = dense_term.loss_sum(forward)
+        sparse = sparse_term.loss_sum(forward)
+    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5) and dense.item() > 0.1
