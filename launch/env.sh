@@ -1,3 +1,5 @@
+# usage: source "$(dirname "${BASH_SOURCE[0]}")/env.sh"   (from the other launch scripts)
+#
 # Sourced by the launch scripts: the repository's .venv comes first on PATH (no need to activate it; without one,
 # e.g. in the cluster image, PATH is used as it is), and `absolute P` prints P made absolute against the caller's
 # directory when it exists there (else P unchanged: the scripts cd to the repository root, so it is read from there).
