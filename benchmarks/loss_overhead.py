@@ -1,27 +1,59 @@
-"""What the distillation losses cost on top of plain language-model training, measured side by side.
+"""What the distillation losses cost on top of plain language-model training: step time and peak memory, side by side.
 
-Times forward + backward of a student step with (CE + sparse top-k KD + SHD attention KL on every matched layer)
-against the same step with CE alone, on the same batch, alternating the two so that machine noise hits both alike.
-Prints the medians and their ratio (issue target: ≤ 1.25).
+For every context length T (batch = --batch-tokens ÷ T, so every batch holds about the same tokens), forward +
+backward of the student on one batch with
 
-    .venv/bin/python benchmarks/loss_overhead.py            # student 4 × 256, T = 256, batch 8, vocab 49152
-    .venv/bin/python benchmarks/loss_overhead.py --repeats 3 --batch 2 --seq-len 64   # a quick look
+- CE only: `kd.cross_entropy` of the logits, as plain language-model training computes it;
+- CE + KD (info): the objective's CE and top-k KD terms (`pipeline.objective`: one fused pass over the vocabulary);
+- CE + KD + attention: the same plus the attention KL of every matched layer as the trainer builds it — the student
+  keeps SDPA, its layers record post-RoPE q and k, and `map_losses.map_loss_sum` recomputes the scores in row blocks
+  (checkpointed) against the targets as the reader serves them: dense packed triangles by default, or with
+  `--encoding topk` the top m entries of every row with their tail sums.
+
+Each loss is Σ_terms w · (sum over its units ÷ its unit count), as `Trainer.train_step` forms it on one rank.
+Targets are random (costs depend on shapes, not values), encoded by `layout.encode_maps` and `kd.topk_targets` and
+converted by `reader.training_batch`, exactly the form a cached batch has.
+
+Time: the variants alternate within every repeat (`timing.time_alternately`); medians and their ratios are printed.
+Peak memory: one fresh process per (T, variant) builds the student and the batch, runs one warm-up step, then
+measures one step (`peak_memory`: the CPU's resident-set high-water mark reset right before the step, or
+`torch.cuda.max_memory_allocated`). "peak" is what the process holds at the step's peak above what it held before
+the model and batch existed (model, gradients, batch, activations, loss temporaries; the CE-only batch holds only
+tokens and labels, as plain training's does, so the targets count against distillation); "step" is the step's own
+transient memory above what was resident just before it. Issue targets at T = 2048: time ≤ 1.25×, peak ≤ 1.2×.
+
+    .venv/bin/python benchmarks/loss_overhead.py                     # demo student, T 256 / 1024 / 2048, dense
+    .venv/bin/python benchmarks/loss_overhead.py --encoding topk     # top-m attention targets (m = 32)
+    .venv/bin/python benchmarks/loss_overhead.py --device cuda --dtype bfloat16
+    .venv/bin/python benchmarks/loss_overhead.py --seq-lens 64 --batch-tokens 128 --repeats 2   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from timing import time_alternately  # benchmarks/ is on sys.path when run as a script
+from peak_memory import PeakMemory, report, run_child  # benchmarks/ is on sys.path when run as a script
+from timing import time_alternately
+from torch import nn
 from transformers import LlamaConfig
 
-from pipeline.attention import AttentionCapture
-from pipeline.kd import cross_entropy, logit_losses, topk_targets
+from pipeline.kd import cross_entropy, topk_targets
 from pipeline.models import build_student
-from pipeline.shd import attention_loss
+from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
+from pipeline.runtime import to_device
+from pipeline.shd import layer_map
+from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_index_dtype
+from pipeline.targets.reader import training_batch
+
+VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
+TEACHER_LAYERS = 30
+"""Layers of the teacher whose geometry the targets have (SmolLM2-135M); the matched layers are its uniform map."""
 
 
 def smollm2_like_config() -> LlamaConfig:
@@ -30,7 +62,7 @@ def smollm2_like_config() -> LlamaConfig:
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
-        num_hidden_layers=30,
+        num_hidden_layers=TEACHER_LAYERS,
         num_attention_heads=9,
         num_key_value_heads=3,
         max_position_embeddings=8192,
@@ -45,67 +77,227 @@ def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Ge
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
+def target_names(args: argparse.Namespace) -> tuple[str, ...]:
+    """The SHD target map of every student layer: teacher layers by the uniform layer map."""
+    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, TEACHER_LAYERS, "uniform"))
+
+
+def objectives(args: argparse.Namespace) -> dict[str, Objective]:
+    """The distillation variants as objectives of the trainer's terms (all weights 1, τ = 1)."""
+    logit_terms = [CrossEntropy(1.0, 1.0), LogitKD(1.0, 1.0)]
+    return {
+        "kd": Objective(logit_terms),
+        "full": Objective([*logit_terms, AttentionKD(1.0, target_names(args), kind="kl")]),
+    }
+
+
+def make_batch(
+    args: argparse.Namespace, seq_len: int, batch: int, device: torch.device, *, targets: bool = True
+) -> dict[str, Any]:
+    """A batch in the reader's form with random targets: top-k logits and every matched layer's target map; with
+    `targets=False` only the tokens and labels (what plain language-model training holds)."""
+    generator = torch.Generator().manual_seed(seq_len)
+    vocab = smollm2_like_config().vocab_size
+    values, indices, tails = topk_targets(torch.randn(batch, seq_len, vocab, generator=generator), args.top_k)
+    raw = {
+        "sample_ids": torch.arange(batch),
+        "input_ids": torch.randint(vocab, (batch, seq_len), generator=generator, dtype=torch.int32),
+        "topk_values": values.half(),
+        "topk_indices": indices.to(vocab_index_dtype(vocab)),
+        "tail_mass": tails[..., 0],
+    }
+    names = target_names(args)
+    for name in names:
+        maps = random_causal_maps(batch, args.heads, seq_len, generator)
+        raw.update(
+            encode_maps(
+                name,
+                maps,
+                encoding=args.encoding,
+                attn_top_m=min(args.attn_top_m, seq_len),
+                dtype=torch.float16,
+                temperatures=(1.0,),
+            )
+        )
+    request = TargetRequest(tuple((name, 1.0) for name in names))
+    converted = training_batch(raw, torch.arange(batch), request, args.encoding)
+    if not targets:
+        converted = {key: converted[key] for key in ("input_ids", "labels")}
+    return to_device(converted, device)
+
+
+def build(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The student: the demo's shape by default, on the SmolLM2 vocabulary, SDPA outside captures."""
+    student = build_student(
+        smollm2_like_config(),
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads,
+        intermediate_size=args.intermediate,
+        seed=0,
+    )
+    return student.to(device=device, dtype=getattr(torch, args.dtype)).train()
+
+
+def step_function(variant: str, student: nn.Module, batch: dict[str, Any], args: argparse.Namespace) -> Callable:
+    """Forward + backward of `variant` on `batch` (gradients accumulate into the student's `.grad`)."""
+    if variant == "ce":
+
+        def ce_only() -> None:
+            logits = student(input_ids=batch["input_ids"], use_cache=False).logits
+            cross_entropy(logits, batch["labels"]).backward()
+
+        return ce_only
+    objective = objectives(args)[variant]
+    factors = (objective.weights(0) / objective.counts(batch).clamp_min(1)).float().to(batch["input_ids"].device)
+
+    def distil() -> None:
+        with objective.forward(student, student, batch) as forward:
+            (objective.sums(forward) * factors).sum().backward()
+
+    return distil
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: build one (T, variant), warm up, measure one step's peak, report it."""
+    seq_len, variant = args.memory_of.split(":")
+    seq_len = int(seq_len)
+    device = torch.device(args.device)
+    meter = PeakMemory(device)
+    meter.start()
+    student = build(args, device)
+    batch = make_batch(args, seq_len, max(1, args.batch_tokens // seq_len), device, targets=variant != "ce")
+    step = step_function(variant, student, batch, args)
+    step()
+    student.zero_grad(set_to_none=True)
+    meter.reset()
+    step()
+    report(meter.figures())
+
+
+def measure_memory(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, int]]:
+    """(T, variant) → figures of a fresh child process each, one at a time."""
+    figures = {}
+    for seq_len in args.seq_lens:
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, *sys.argv[1:], "--memory-of", f"{seq_len}:{variant}"]
+            figures[seq_len, variant] = run_child(command, args.child_timeout)
+    return figures
+
+
+def measure_time(args: argparse.Namespace, device: torch.device) -> dict[int, dict[str, list[float]]]:
+    """T → variant name → seconds per repeat, the variants alternating on one student and one batch per T."""
+    student = build(args, device)
+    times = {}
+    for seq_len in args.seq_lens:
+        batch = make_batch(args, seq_len, max(1, args.batch_tokens // seq_len), device)
+        variants = {name: step_function(variant, student, batch, args) for variant, name in VARIANTS.items()}
+        times[seq_len] = time_alternately(
+            variants, args.repeats, device, after_each=lambda: student.zero_grad(set_to_none=True)
+        )
+        del batch, variants
+    return times
+
+
+def mb(value: float) -> str:
+    return f"{value / 2**20:9.1f}"
+
+
+def print_tables(
+    args: argparse.Namespace,
+    times: dict[int, dict[str, list[float]]] | None,
+    memory: dict[tuple[int, str], dict[str, int]] | None,
+) -> None:
+    """The requested table (CE only vs CE + KD + attention), then CE + KD and the memory details (info)."""
+    ce, full, kd = VARIANTS["ce"], VARIANTS["full"], VARIANTS["kd"]
+
+    def median_ms(seq_len: int, name: str) -> float:
+        return statistics.median(times[seq_len][name]) * 1000
+
+    def peak(seq_len: int, variant: str, over: str = "baseline") -> int:
+        figures = memory[seq_len, variant]
+        return figures["peak"] - figures[over]
+
+    print(
+        f"{'T':>6s} {'batch':>5s} | {'CE ms':>9s} {'full ms':>9s} {'ratio':>6s} | {'CE MB':>9s} {'full MB':>9s} "
+        f"{'ratio':>6s}"
+    )
+    for seq_len in args.seq_lens:
+        cells = [f"{seq_len:6d} {max(1, args.batch_tokens // seq_len):5d}"]
+        if times is not None:
+            ce_ms, full_ms = median_ms(seq_len, ce), median_ms(seq_len, full)
+            cells.append(f"{ce_ms:9.1f} {full_ms:9.1f} {full_ms / ce_ms:6.3f}")
+        else:
+            cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s}")
+        if memory is not None:
+            ce_mb, full_mb = peak(seq_len, "ce"), peak(seq_len, "full")
+            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f}")
+        print(" | ".join(cells))
+    print("targets at T = 2048: time ratio ≤ 1.25, peak memory ratio ≤ 1.2")
+    if times is not None:
+        print(f"time, median of {args.repeats} (min in brackets); same-repeat ratio median:")
+        for seq_len in args.seq_lens:
+            parts = []
+            for name in VARIANTS.values():
+                values = times[seq_len][name]
+                parts.append(f"{name} {statistics.median(values) * 1000:.1f} ({min(values) * 1000:.1f}) ms")
+            paired = [f / c for f, c in zip(times[seq_len][full], times[seq_len][ce], strict=True)]
+            kd_ratio = median_ms(seq_len, kd) / median_ms(seq_len, ce)
+            print(
+                f"  T {seq_len:5d}: {'; '.join(parts)}; full ÷ CE {statistics.median(paired):.3f} (same-repeat), "
+                f"CE + KD ÷ CE {kd_ratio:.3f}"
+            )
+    if memory is not None:
+        print("memory, MB (peak: above the process before model and batch; step: above the RSS just before the step):")
+        for seq_len in args.seq_lens:
+            parts = [
+                f"{name} peak {mb(peak(seq_len, variant)).strip()} step {mb(peak(seq_len, variant, 'before')).strip()}"
+                for variant, name in VARIANTS.items()
+            ]
+            step_ratio = peak(seq_len, "full", "before") / peak(seq_len, "ce", "before")
+            print(f"  T {seq_len:5d}: {'; '.join(parts)}; step full ÷ CE {step_ratio:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="student layers, all matched (default 4)")
-    parser.add_argument("--hidden", type=int, default=256, help="student width (default 256)")
-    parser.add_argument("--heads", type=int, default=4, help="student heads (default 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="sequence length (default 256)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--hidden", type=int, default=384, help="student width (default 384)")
+    parser.add_argument("--heads", type=int, default=3, help="student heads (default 3)")
+    parser.add_argument("--kv-heads", type=int, default=1, help="student KV heads (default 1)")
+    parser.add_argument("--intermediate", type=int, default=1024, help="student MLP width (default 1024)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048], help="context lengths T")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per batch: batch = this ÷ T")
     parser.add_argument("--top-k", type=int, default=64, help="cached teacher logits per token (default 64)")
+    parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="attention target encoding")
+    parser.add_argument("--attn-top-m", type=int, default=32, help="kept entries per row with topk (default 32)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of each variant (default 7)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="student precision")
+    parser.add_argument("--measure", nargs="+", choices=("time", "memory"), default=["time", "memory"])
+    parser.add_argument("--child-timeout", type=float, default=900, help="seconds per memory child (default 900)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_of is not None:
+        memory_child(args)
+        return
+
+    began = time.perf_counter()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    teacher_config = smollm2_like_config()
-    student = (
-        build_student(teacher_config, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads, seed=0)
-        .to(device=device, dtype=dtype)
-        .train()
-    )
-    vocab = teacher_config.vocab_size
-    input_ids = torch.randint(vocab, (args.batch, args.seq_len), generator=generator)
-    labels = torch.cat([input_ids[:, 1:], torch.full((args.batch, 1), -100)], dim=1)
-    mask = torch.ones(args.batch, args.seq_len, dtype=torch.bool)
-    topk_values, topk_indices, tail_mass = topk_targets(torch.randn(args.batch, args.seq_len, vocab), args.top_k)
-    input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
-    topk_values, topk_indices, tail_mass = topk_values.half().to(device), topk_indices.to(device), tail_mass.to(device)
-    layers = list(range(args.layers))
-    targets = {
-        layer: random_causal_maps(args.batch, args.heads, args.seq_len, generator).to(device) for layer in layers
-    }
-
-    def ce_only() -> None:
-        logits = student(input_ids=input_ids).logits
-        cross_entropy(logits, labels).backward()
-
-    def full_distillation() -> None:
-        with AttentionCapture(student, layers) as capture:
-            logits = student(input_ids=input_ids).logits
-        ce, kd = logit_losses(logits, labels, topk_values, topk_indices, tail_mass, mask)
-        attention = [attention_loss(capture.maps[layer], targets[layer], mask) for layer in layers]
-        (ce + kd + torch.stack(attention).mean()).backward()
-
-    variants: dict[str, Callable[[], None]] = {"CE only": ce_only, "CE + KD + SHD": full_distillation}
-    times = time_alternately(variants, args.repeats, device, after_each=lambda: student.zero_grad(set_to_none=True))
-
-    parameters = sum(p.numel() for p in student.parameters())
+    parameters = sum(p.numel() for p in build(args, torch.device("cpu")).parameters())
     print(
-        f"student {args.layers} layers × {args.hidden} hidden, {args.heads} heads, vocab {vocab} "
-        f"({parameters / 1e6:.1f}M parameters); batch {args.batch} × T {args.seq_len}; "
-        f"{args.layers} matched layers; top-k {args.top_k}; {args.dtype} on {device}"
-        f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}; "
-        f"median of {args.repeats}"
+        f"student {args.layers} layers × {args.hidden} hidden, {args.heads} heads on {args.kv_heads} KV, "
+        f"intermediate {args.intermediate}, vocab {smollm2_like_config().vocab_size} ({parameters / 1e6:.1f}M "
+        f"parameters); {args.layers} matched layers, {args.encoding} attention targets"
+        f"{f' (m = {args.attn_top_m})' if args.encoding == 'topk' else ''}, top-k {args.top_k}; about "
+        f"{args.batch_tokens} tokens a batch; {args.dtype} on {device}"
+        f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
     )
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    for name, value in medians.items():
-        print(f"  {name:14s} fwd+bwd {value * 1000:8.1f} ms   (min {min(times[name]) * 1000:.1f} ms)")
-    print(f"loss overhead ratio (CE + KD + SHD) / CE = {medians['CE + KD + SHD'] / medians['CE only']:.3f}")
+    times = measure_time(args, device) if "time" in args.measure else None
+    memory = measure_memory(args) if "memory" in args.measure else None
+    print_tables(args, times, memory)
+    print(f"whole benchmark {time.perf_counter() - began:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Peak memory of one training step, for the benchmarks: measured in a fresh process per configuration.
+
+On CUDA the figure is the allocator's own: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. On the
+CPU torch allocates through glibc, so the figure is the process's resident set: the kernel's high-water mark VmHWM is
+reset to the current RSS by writing 5 to /proc/self/clear_refs (Linux ≥ 4.0), and read back after the step.
+`tracemalloc` sees none of torch's allocations, and `ru_maxrss` cannot be reset (it would hold the warm-up's peak and
+the imports'), hence one process per configuration and the explicit reset.
+
+For the RSS to follow the tensors that are alive, a child runs with `MALLOC_MMAP_THRESHOLD_` fixed at 1 MiB
+(`CHILD_ENV`): every larger block is its own mapping, returned to the system when freed. glibc's default raises that
+threshold after the first large free and then keeps freed tensors in its heap, so RSS would remember earlier steps.
+Linux with glibc only (clear_refs, malloc_trim).
+
+Figures, all in bytes: `baseline` (the process before the model and batch exist: interpreter, libraries; 0 on CUDA),
+`before` (just before the measured step: model, batch, warm-up leftovers), `peak` (the high-water mark during the
+step). A benchmark reports `peak − baseline` (what the step's process holds at its peak, as
+`max_memory_allocated` does on CUDA) and `peak − before` (the step's own transient memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONUNBUFFERED": "1"}
+"""Environment of a measuring child (on top of the parent's)."""
+
+RESULT_PREFIX = "PEAK_MEMORY_RESULT "
+"""Marks the child's output line that carries its figures (JSON)."""
+
+
+def _status_bytes(field: str) -> int:
+    """A `VmRSS`-style field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"/proc/self/status has no field {field!r}")
+
+
+def _release_freed() -> None:
+    """Collect garbage and hand glibc's free heap pages back, so that RSS is the memory in use."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """The memory figures of one step on `device`: call `start()` before building anything, `reset()` right before
+    the step, `peak()` right after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+        self.before = 0
+
+    def current(self) -> int:
+        """Memory in use now: allocated tensors on CUDA, the resident set on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        _release_freed()
+        return _status_bytes("VmRSS")
+
+    def start(self) -> None:
+        self.baseline = 0 if self.device.type == "cuda" else self.current()
+
+    def reset(self) -> None:
+        """Mark the start of the measured span: the high-water mark becomes what is in use now."""
+        self.before = self.current()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        """The high-water mark since `reset()`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_bytes("VmHWM")
+
+    def figures(self) -> dict[str, int]:
+        """`baseline`, `before` and `peak` in bytes (call right after the measured step)."""
+        return {"baseline": self.baseline, "before": self.before, "peak": self.peak()}
+
+
+def report(figures: dict[str, Any]) -> None:
+    """Print a child's figures on the line the parent reads."""
+    print(RESULT_PREFIX + json.dumps(figures), flush=True)
+
+
+def run_child(command: list[str], timeout: float) -> dict[str, Any]:
+    """Run a measuring child (`command`, with `CHILD_ENV`) and return the figures it `report`ed."""
+    result = subprocess.run(
+        command, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if result.returncode != 0 or not lines:
+        sys.exit(
+            f"memory child {' '.join(command)} exited {result.returncode} without figures:\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1].removeprefix(RESULT_PREFIX))
