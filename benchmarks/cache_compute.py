@@ -1,5 +1,6 @@
-"""The cache stage's compute on any device: `compute_targets` (teacher forward with capture, top-k logits, SHD squeeze,
-encoding, copy to the host) ÷ a bare eager teacher forward over the same batches, at several context lengths.
+"""The cache stage's compute on any device: `compute_targets` (teacher forward with capture, top-k logits with their
+tail sums, the SHD squeeze — or any `--kinds` of target maps — encoding, copy to the host) ÷ a bare eager teacher
+forward over the same batches, at several context lengths.
 
 The teacher is a random model with SmolLM2-135M's shape (30 layers, 9 heads on 3 KV heads, vocab 49152), so the
 script runs where the real weights are not available (a GPU node without the imported teacher); throughput does not
@@ -22,7 +23,17 @@ from timing import time_alternately
 from transformers import LlamaForCausalLM
 
 from pipeline.attention import CAPTURE_ATTENTION
+from pipeline.targets.layout import MAP_KINDS
 from pipeline.targets.writer import TargetSettings, compute_targets
+
+RELATION_HEADS = 4
+"""MiniLMv2 relation heads when `relations` is among the kinds (`distill.rel_heads`' default)."""
+
+
+def selected_heads(layers: list[int], head_counts: tuple[int, ...]) -> dict[str, list[int]]:
+    """Teacher heads of the `selective` targets: the first H of each layer (which heads does not change the cost;
+    `distill cache` chooses them once per cache by output share)."""
+    return {f"L{layer}.H{heads}": list(range(heads)) for layer in layers for heads in head_counts}
 
 
 def main() -> None:
@@ -32,6 +43,17 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048], help="context lengths T")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this ÷ T)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 14, 21, 29], help="cached teacher layers")
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        default=["shd"],
+        choices=MAP_KINDS,
+        help="target map kinds computed in the pass (cache.attn_targets; default shd)",
+    )
+    parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="target map encoding")
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", default=[1.0], help="cached tail-sum temperatures (default 1)"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each variant (default 5)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -44,12 +66,28 @@ def main() -> None:
     stage_teacher.load_state_dict(eager.state_dict())
     stage_teacher.set_attn_implementation(CAPTURE_ATTENTION)
 
-    print(f"random SmolLM2-shaped teacher, {args.dtype} on {device}; cached layers {args.layers}; dense fp16, top-k 64")
+    temperatures = tuple(sorted({1.0, *args.temperatures}))
+    print(
+        f"random SmolLM2-shaped teacher, {args.dtype} on {device}; cached layers {args.layers}; kinds {args.kinds}, "
+        f"{args.encoding} fp16{' (m = 32)' if args.encoding == 'topk' else ''}, top-k 64, temperatures "
+        f"{list(temperatures)}"
+    )
     for seq_len in args.lengths:
         batch = max(1, args.batch_tokens // seq_len)
         input_ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
         for head_counts in ((3,), (3, 2)):
-            settings = TargetSettings(tuple(args.layers), head_counts, "shd", "dense", 32, 64, torch.float16)
+            settings = TargetSettings(
+                layers=tuple(args.layers),
+                head_counts=head_counts,
+                kinds=tuple(args.kinds),
+                encoding=args.encoding,
+                attn_top_m=32,
+                top_k=64,
+                temperatures=temperatures,
+                dtype=torch.float16,
+                rel_heads=RELATION_HEADS if "relations" in args.kinds else None,
+                selected_heads=selected_heads(args.layers, head_counts) if "selective" in args.kinds else None,
+            )
 
             def bare_forward(input_ids: torch.Tensor = input_ids) -> None:
                 with torch.no_grad():
