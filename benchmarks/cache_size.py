@@ -9,11 +9,14 @@ Every figure comes from the safetensors headers (`data_offsets`) and file sizes 
 - `topk`, m = 32, 9 → 3 heads at T = 256, 1024, 4096: bytes of `attn.L*.H3.{values,indices,tail}` per token per layer
   (must stay flat in T) and, beside it, the retained probability mass 1 − tail of the stored rows (mean over query
   rows, heads and samples), per cached layer, and over the layers for all rows and for rows i ≥ m only (rows i < m
-  keep everything by construction). Longer samples are consecutive 256-token packed samples (consecutive
+  keep everything by construction; mass at τ = 1). Longer samples are consecutive 256-token packed samples (consecutive
   sample ids, i.e. contiguous text) concatenated; the writer is called once per layer (one captured layer per
   forward, batch 1) to bound memory: one [1, 9, 4096, 4096] fp32 map is 600 MB.
-- logits at k = 64: `topk_values` + `topk_indices` + `tail_mass` per token (target ≤ 300 B), and the whole shard
+- logits at k = 64: `topk_values` + `topk_indices` + the tail sums per token (target ≤ 300 B), and the whole shard
   file per token for the demo settings (4 cached layers, head counts [3, 2], dense fp16, top-k 64).
+
+Every shard holds the tail sums of the `--temperatures` (τ = 1 always): 4 bytes per token (logits) and per row and
+head (top-m maps) for each; dense maps hold none (they are exact at any τ). All maps are SHD-squeezed (`shd`).
 
     .venv/bin/python benchmarks/cache_size.py                                  # T = 256, 1024, 4096; 2 samples each
     .venv/bin/python benchmarks/cache_size.py --seq-lens 256 1024 --topk-samples 1 --dense-samples 2   # quicker
@@ -38,11 +41,10 @@ from pipeline.data import load_prepared
 from pipeline.models import load_teacher
 from pipeline.shd import layer_map
 from pipeline.targets.fingerprint import cache_fingerprint
-from pipeline.targets.layout import attn_key, read_header, shard_file_name
+from pipeline.targets.layout import map_name, read_header, shard_file_name, tail_name
 from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
 
 STUDENT_HEADS = 3
-LOGIT_TENSORS = ("topk_values", "topk_indices", "tail_mass")
 
 
 class WindowRows:
@@ -89,6 +91,9 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 4096], help="T of the topk runs")
     parser.add_argument("--topk-samples", type=int, default=2, help="samples per T for the topk runs (default 2)")
     parser.add_argument("--attn-top-m", type=int, default=32, help="kept attention entries per row (default 32)")
+    parser.add_argument(
+        "--temperatures", type=float, nargs="+", default=[1.0], help="cached tail-sum temperatures (default 1)"
+    )
     parser.add_argument("--workdir", default=None, help="where temporary caches are written (default: system tmp)")
     args = parser.parse_args()
 
@@ -106,12 +111,16 @@ def main() -> None:
     top_k = config.distill.top_k
     workdir = Path(tempfile.mkdtemp(prefix="cache-size-", dir=args.workdir))
 
-    def write_shard(
-        name: str, rows: Any, settings: TargetSettings, overrides: list[str], seq_len: int, batch: int
-    ) -> Path:
-        variant = load_config(args.config, overrides)
+    temperatures = sorted({1.0, *args.temperatures})
+    logit_tensors = ["topk_values", "topk_indices", *(tail_name("tail_mass", tau) for tau in temperatures)]
+
+    def write_shard(name: str, rows: Any, layers: list[int], overrides: list[str], seq_len: int, batch: int) -> Path:
+        """One shard of `rows` written by `write_cache_split` with the settings of the config plus `overrides`."""
+        common = ["cache.attn_targets=[shd]", f"cache.temperatures={temperatures}"]
+        variant = load_config(args.config, [*common, *overrides])
         variant_meta = {**meta, "seq_len": seq_len, "fingerprint": f"{meta['fingerprint']}+T{seq_len}"}
-        fingerprint = cache_fingerprint(variant, variant_meta, "train", teacher_sha, dims, vocab, list(settings.layers))
+        fingerprint = cache_fingerprint(variant, variant_meta, "train", teacher_sha, dims, vocab, layers)
+        settings = TargetSettings.from_fingerprint(fingerprint, torch.float16)
         directory = workdir / name
         write_cache_split(teacher, rows, directory, settings, fingerprint, shard_size=len(rows), batch_size=batch)
         return directory / shard_file_name(0)
@@ -119,34 +128,25 @@ def main() -> None:
     try:
         # Dense, demo settings: one shard of the first samples.
         dense_rows = train.select(range(args.dense_samples))
-        dense_settings = TargetSettings(
-            layers=tuple(layers),
-            head_counts=(3, 2),
-            squeeze="shd",
-            encoding="dense",
-            attn_top_m=config.cache.attn_top_m,
-            top_k=top_k,
-            dtype=torch.float16,
-        )
         dense_path = write_shard(
             "dense",
             dense_rows,
-            dense_settings,
-            ["cache.head_counts=[3, 2]", "cache.encoding=dense"],
+            layers,
+            ["cache.head_counts=[3, 2]", "cache.encoding=dense", "cache.dtype=float16"],
             base_len,
             min(args.dense_samples, config.cache.batch_size),
         )
         header, _ = read_header(str(dense_path))
         dense_tokens = args.dense_samples * base_len
-        h3_names = [attn_key(layer, STUDENT_HEADS) for layer in layers]
-        h2_names = [attn_key(layer, 2) for layer in layers]
+        h3_names = [map_name(layer, "shd", STUDENT_HEADS) for layer in layers]
+        h2_names = [map_name(layer, "shd", 2) for layer in layers]
         dense_h3 = tensor_bytes(header, h3_names) / dense_tokens / len(layers)
         dense_h2 = tensor_bytes(header, h2_names) / dense_tokens / len(layers)
         naive = dims.num_heads * base_len * 4
         bound = (dims.num_heads / STUDENT_HEADS) * 2 * (2 * base_len / (base_len + 1))
-        logit_bytes = tensor_bytes(header, list(LOGIT_TENSORS)) / dense_tokens
+        logit_bytes = tensor_bytes(header, logit_tensors) / dense_tokens
         shard_size_bytes = dense_path.stat().st_size
-        logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in LOGIT_TENSORS)
+        logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in logit_tensors)
 
         # Top-k at several T: windows of consecutive samples, one writer call (one captured layer) per layer.
         longest = max(args.seq_lens)
@@ -163,27 +163,19 @@ def main() -> None:
             rows = WindowRows(input_ids, first_ids)
             per_layer_bytes, per_layer_mass, late_mass, per_layer_seconds = [], [], [], []
             for layer in layers:
-                settings = TargetSettings(
-                    layers=(layer,),
-                    head_counts=(STUDENT_HEADS,),
-                    squeeze="shd",
-                    encoding="topk",
-                    attn_top_m=args.attn_top_m,
-                    top_k=top_k,
-                    dtype=torch.float16,
-                )
                 overrides = [
                     f"cache.head_counts=[{STUDENT_HEADS}]",
                     "cache.encoding=topk",
+                    "cache.dtype=float16",
                     f"cache.attn_top_m={args.attn_top_m}",
                     f"cache.layers=[{layer}]",
                 ]
                 start = time.perf_counter()
-                path = write_shard(f"topk-T{seq_len}-L{layer}", rows, settings, overrides, seq_len, 1)
+                path = write_shard(f"topk-T{seq_len}-L{layer}", rows, [layer], overrides, seq_len, 1)
                 per_layer_seconds.append(time.perf_counter() - start)
                 header_t, _ = read_header(str(path))
-                key = attn_key(layer, STUDENT_HEADS)
-                names = [f"{key}.values", f"{key}.indices", f"{key}.tail"]
+                key = map_name(layer, "shd", STUDENT_HEADS)
+                names = [f"{key}.values", f"{key}.indices", *(tail_name(f"{key}.tail", tau) for tau in temperatures)]
                 per_layer_bytes.append(tensor_bytes(header_t, names) / (len(rows) * seq_len))
                 with safe_open(str(path), framework="pt") as shard:
                     tail = shard.get_tensor(f"{key}.tail").double()
@@ -197,22 +189,23 @@ def main() -> None:
 
     print(
         f"teacher {teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads, vocab {vocab}), fp32 forward; "
-        f"cached layers {layers}; shards written by write_cache_split, sizes read from their safetensors headers"
+        f"cached layers {layers}; SHD-squeezed maps; tail sums at τ {temperatures}; shards written by "
+        "write_cache_split, sizes read from their safetensors headers"
     )
     print(f"dense, {dims.num_heads} → {STUDENT_HEADS} heads, fp16, T {base_len} ({args.dense_samples} samples):")
     print(f"  naive fp32 full maps of all {dims.num_heads} teacher heads   {naive:9.1f} B/token/layer")
     print(
-        f"  attn.L*.H{STUDENT_HEADS} measured                          {dense_h3:9.1f} B/token/layer   "
+        f"  attn.L*.H{STUDENT_HEADS}.shd measured                      {dense_h3:9.1f} B/token/layer   "
         f"{naive / dense_h3:6.2f}× smaller  (bound 3 · 2 · 2T/(T+1) = {bound:.2f}×)"
     )
-    print(f"  (attn.L*.H2 measured                          {dense_h2:9.1f} B/token/layer   {naive / dense_h2:6.2f}×)")
+    print(f"  (attn.L*.H2.shd measured                      {dense_h2:9.1f} B/token/layer   {naive / dense_h2:6.2f}×)")
     print(
         f"topk, m = {args.attn_top_m}, {dims.num_heads} → {STUDENT_HEADS} heads "
         f"({args.topk_samples} samples per T, batch 1, one captured layer per writer call):"
     )
     layer_columns = "".join(f"{'L' + str(layer):>8s}" for layer in layers)
     print(
-        f"  {'':5s} {'attn.L*.H3.*':>14s} {'naive':>7s} {'':9s} | retained mass 1 − tail per row, mean over rows, "
+        f"  {'':5s} {'attn.L*.H3.shd.*':>14s} {'naive':>7s} {'':9s} | retained mass 1 − tail per row, mean over rows, "
         "heads, samples"
     )
     print(
