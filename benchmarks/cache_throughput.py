@@ -12,9 +12,9 @@ medians are printed, with the median of the ratios taken within each repeat and 
 least disturbed on a shared machine) beside them (issue target: cache tokens/s ÷ eager tokens/s ≥ 0.85).
 
 Where the cache-stage time goes is measured in the same runs by timing the writer's own calls (teacher forward
-including capture, logit top-k, squeeze + α, triangle packing, serialisation, sha256, write + fsync, manifest, α
-statistics); "other" is the rest of `write_cache_split` (casts to the on-disk dtypes, copies to the CPU, concatenation
-of the batches, reading the rows).
+including capture, logit top-k with tail sums, squeeze + α, map encoding (triangle packing and fp16 cast),
+serialisation, sha256, write + fsync, manifest, α statistics); "other" is the rest of `write_cache_split` (casts of
+the logits to the on-disk dtypes, copies to the CPU, concatenation of the batches, reading the rows).
 
     .venv/bin/python benchmarks/cache_throughput.py                     # SmolLM2 teacher, batch 8 × 256, fp32
     .venv/bin/python benchmarks/cache_throughput.py --dtype bfloat16    # the teacher in bf16 (demo's `auto` here)
@@ -51,7 +51,7 @@ HEAD_COUNT_VARIANTS = ((3,), (3, 2))
 TIMED_WRITER_CALLS = {
     "topk_targets": "logit top-k (block maxima, top-k, exp sums)",
     "squeeze_heads": "squeeze + SHD α",
-    "pack_triangle": "pack causal triangle",
+    "encode_maps": "encode maps (pack triangle, cast to fp16)",
     "shard_bytes": "serialise shard (safetensors)",
     "sha256_bytes": "sha256 of the shard",
     "atomic_write_bytes": "write + fsync + rename",
@@ -158,19 +158,20 @@ def main() -> None:
             cache_teacher(input_ids=batch)
 
     def cache_stage(head_counts: tuple[int, ...]) -> Callable[[], None]:
-        settings = TargetSettings(
-            layers=tuple(layers),
-            head_counts=head_counts,
-            squeeze="shd",
-            encoding="dense",
-            attn_top_m=config.cache.attn_top_m,
-            top_k=config.distill.top_k,
-            dtype=torch.float16,
+        variant_config = load_config(
+            args.config,
+            [
+                f"cache.head_counts={list(head_counts)}",
+                "cache.encoding=dense",
+                "cache.dtype=float16",
+                "cache.attn_targets=[shd]",
+                "cache.temperatures=[1.0]",
+            ],
         )
-        variant_config = load_config(args.config, [f"cache.head_counts={list(head_counts)}", "cache.encoding=dense"])
         fingerprint = cache_fingerprint(
             variant_config, meta, "train", teacher_sha, dims, cache_teacher.config.vocab_size, layers
         )
+        settings = TargetSettings.from_fingerprint(fingerprint, torch.float16)
         name = f"cache stage H{list(head_counts)}"
 
         def run() -> None:
