@@ -38,7 +38,8 @@ def _tree(directory: Path) -> dict[str, int]:
 def test_tiny_pipeline_end_to_end_then_a_no_op(tmp_path: Path) -> None:
     first = _distill_run(tmp_path)
     report = tmp_path / "reports" / "tiny"
-    for name in ("runs.md", "runs.csv", "alpha_histograms.png", "attention_heatmaps.png", "step/train_loss.png"):
+    names = ("index.md", "runs.md", "runs.csv", "alpha_histograms.png", "attention_heatmaps_layer-0.png")
+    for name in (*names, "attention_heatmaps_layer-1.png", "step/train_loss.png", "step/eval_ppl.png"):
         assert (report / name).is_file(), name
     table = (report / "runs.md").read_text()
     assert "| shd |" in table and "| ce_only |" in table
