@@ -1,21 +1,23 @@
 """How fast the target-cache reader serves training batches, against how fast a demo student step consumes them.
 
-Builds a dense cache of the demo's shape — synthetic shards with exactly the tensor names, dtypes and shapes the
-writer produces for the demo (4 cached layers, head counts [3, 2] of a 9-head teacher, T 256, fp16 packed triangles,
-top-k 64 over a 49152 vocabulary with uint16 indices; 320 samples in shards of 64, like `cache.max_samples`), filled
-with random row-stochastic maps: the reader's cost depends on shapes and bytes, not values. Then times
-`TargetStream` (heads 3, the 4 layers, batch 8, shuffled, checksums on) through a `DataLoader(batch_size=None)` with
-and without its prefetch thread and with 0 and 2 workers, each batch followed by `unpack_attention` (the expansion of
-the triangles the consumer does on its device), in two states:
+Builds a cache of the demo's shape — synthetic shards with exactly the tensors the layout schema
+(`layout.expected_tensors`) names for the demo (4 cached layers, SHD targets for head counts [3, 2] of a 9-head
+teacher with their α, T 256, fp16 packed triangles — or with `--encoding topk` top-m rows with their tail sums —,
+top-k 64 over a 49152 vocabulary with uint16 indices and the tail mass; 320 samples in shards of 64, like
+`cache.max_samples`), filled with random row-stochastic maps: the reader's cost depends on shapes and bytes, not
+values. Then times `TargetStream` (the request of a 3-head student matched to the 4 layers: its SHD maps and the
+logits at τ = 1; batch 8, shuffled, checksums on) through a `DataLoader(batch_size=None)` with and without its
+prefetch thread and with 0 and 2 workers, in two states (a batch is then final: the loss expands dense triangles block
+by block on the consumer's device, inside the student step below):
 
 - first epoch: the process has not checksummed any shard yet (every shard is hashed once per process, per worker),
 - steady: every shard already verified (what an endless training stream sees after its first pass).
 
 Beside it, one forward + backward of the demo student (pipeline.models.build_student from the teacher's config: 4
 layers × 384 hidden, 3 heads on 1 KV head, intermediate 1024, tied 49152 vocabulary) on a batch from the stream with
-CE + top-k KD + SHD attention KL: its samples/s is what training consumes. Runs alternate, medians are printed, and
-the ratio reader ÷ consumption (the reader must be far faster). Shards are read right after being written, so from
-the page cache: the figures are those of a warm cache, not of a cold disk.
+the trainer's terms CE + top-k KD + attention KL (`pipeline.objective`): its samples/s is what training consumes.
+Runs alternate, medians are printed, and the ratio reader ÷ consumption (the reader must be far faster). Shards are
+read right after being written, so from the page cache: the figures are those of a warm cache, not of a cold disk.
 
     .venv/bin/python benchmarks/reader_throughput.py                   # demo shape, 7 repeats
     .venv/bin/python benchmarks/reader_throughput.py --samples 64 --shard-size 32 --repeats 1   # a quick look
@@ -36,36 +38,31 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from pipeline.attention import AttentionCapture
-from pipeline.kd import logit_losses
 from pipeline.models import build_student
-from pipeline.shd import attention_loss
+from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
 from pipeline.targets import reader
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
-    alpha_key,
-    attn_key,
-    pack_triangle,
+    STORED_DTYPES,
+    TargetRequest,
+    alpha_name,
+    cached_maps,
+    encode_maps,
+    expected_tensors,
+    map_name,
     shard_bytes,
     shard_file_name,
+    tail_name,
     vocab_index_dtype,
 )
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
-from pipeline.targets.reader import TargetStream, unpack_attention
+from pipeline.targets.reader import TargetStream
 
 
-def synthetic_shard(
-    first: int,
-    rows: int,
-    seq_len: int,
-    layers: list[int],
-    head_counts: list[int],
-    teacher_heads: int,
-    vocab: int,
-    top_k: int,
-    generator: torch.Generator,
-) -> dict[str, torch.Tensor]:
-    """Every tensor of one dense shard, in the writer's on-disk names, dtypes and shapes (random values)."""
+def synthetic_shard(first: int, rows: int, fingerprint: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every tensor of one shard of a cache with `fingerprint`, in the writer's on-disk names, dtypes and shapes
+    (random values); checked against the layout schema."""
+    seq_len, vocab, top_k = fingerprint["seq_len"], fingerprint["vocab_size"], fingerprint["top_k"]
     logprobs = -torch.rand(rows, seq_len, top_k, generator=generator).mul(10).sort(dim=-1).values
     tensors = {
         "sample_ids": torch.arange(first, first + rows, dtype=torch.int64),
@@ -74,15 +71,33 @@ def synthetic_shard(
         "topk_indices": torch.randint(0, vocab, (rows, seq_len, top_k), generator=generator).to(
             vocab_index_dtype(vocab)
         ),
-        "tail_mass": torch.rand(rows, seq_len, generator=generator) * 0.1,
     }
+    for temperature in fingerprint["temperatures"]:
+        tensors[tail_name("tail_mass", temperature)] = torch.rand(rows, seq_len, generator=generator) * 0.1
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    for layer in layers:
-        for heads in head_counts:
-            scores = torch.randn(rows, heads, seq_len, seq_len, generator=generator)
-            maps = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            tensors[attn_key(layer, heads)] = pack_triangle(maps).half()
-            tensors[alpha_key(layer, heads)] = torch.rand(rows, teacher_heads, generator=generator)
+    for spec in cached_maps(fingerprint):
+        scores = torch.randn(rows, spec.heads, seq_len, seq_len, generator=generator)
+        maps = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        tensors.update(
+            encode_maps(
+                spec.name,
+                maps,
+                encoding=fingerprint["encoding"],
+                attn_top_m=fingerprint["attn_top_m"] or 1,
+                dtype=torch.float16,
+                temperatures=tuple(fingerprint["temperatures"]),
+            )
+        )
+    for layer in fingerprint["cached_layers"]:
+        for heads in fingerprint["student_head_counts"]:
+            alphas = torch.rand(rows, fingerprint["teacher_num_heads"], generator=generator)
+            tensors[alpha_name(layer, heads, "shd")] = alphas
+    specs = expected_tensors(fingerprint, rows)
+    found = {name: (STORED_DTYPES[tensor.dtype], tuple(tensor.shape)) for name, tensor in tensors.items()}
+    if found != specs:
+        raise RuntimeError(
+            f"synthetic shard differs from the layout schema: {sorted(set(found.items()) ^ set(specs.items()))}"
+        )
     return tensors
 
 
@@ -100,19 +115,19 @@ def write_demo_cache(directory: Path, args: argparse.Namespace, teacher_heads: i
         "seq_len": args.seq_len,
         "student_head_counts": sorted(args.head_counts),
         "cached_layers": sorted(args.layers),
-        "squeeze": "shd",
-        "encoding": "dense",
-        "attn_top_m": None,
+        "attn_targets": ["shd"],
+        "rel_heads": None,
+        "encoding": args.encoding,
+        "attn_top_m": args.attn_top_m if args.encoding == "topk" else None,
         "top_k": args.top_k,
+        "temperatures": [1.0],
         "dtype": "float16",
     }
     manifest = Manifest(fingerprint=fingerprint, num_samples=args.samples, shard_size=args.shard_size, complete=True)
     generator = torch.Generator().manual_seed(0)
     for index, first in enumerate(range(0, args.samples, args.shard_size)):
         rows = min(args.shard_size, args.samples - first)
-        tensors = synthetic_shard(
-            first, rows, args.seq_len, args.layers, args.head_counts, teacher_heads, vocab, args.top_k, generator
-        )
+        tensors = synthetic_shard(first, rows, fingerprint, generator)
         data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": first, "num_samples": rows})
         (directory / shard_file_name(index)).write_bytes(data)
         manifest.shards.append(ShardEntry(shard_file_name(index), first, rows, len(data), sha256_bytes(data)))
@@ -130,6 +145,8 @@ def main() -> None:
     parser.add_argument("--head-counts", type=int, nargs="+", default=[3, 2], help="cached student head counts")
     parser.add_argument("--heads", type=int, default=3, help="student heads read by the stream (default 3)")
     parser.add_argument("--top-k", type=int, default=64, help="cached logits per token (default 64)")
+    parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="target map encoding")
+    parser.add_argument("--attn-top-m", type=int, default=32, help="kept entries per row with topk (default 32)")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch (default 8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every variant (default 7)")
     parser.add_argument("--workdir", default=None, help="where the cache is written (default: system tmp)")
@@ -146,11 +163,13 @@ def main() -> None:
     batches_per_epoch = -(-args.samples // args.batch)
     shard_paths = [directory / shard_file_name(index) for index in range(-(-args.samples // args.shard_size))]
 
+    names = tuple(map_name(layer, "shd", args.heads) for layer in args.layers)
+    request = TargetRequest(tuple((name, 1.0) for name in names))
+
     def stream(prefetch: bool) -> TargetStream:
         return TargetStream(
             directory=directory,
-            layers=args.layers,
-            heads=args.heads,
+            request=request,
             batch_size=args.batch,
             num_batches=batches_per_epoch,
             verify_checksums=True,
@@ -158,7 +177,7 @@ def main() -> None:
         )
 
     def read_epoch(prefetch: bool, workers: int, verified: bool) -> float:
-        """Seconds to read and unpack one epoch of batches from a fresh stream."""
+        """Seconds to read one epoch of batches from a fresh stream."""
         reader._verified_shards.clear()
         if verified:  # in this process, so forked workers inherit it too
             manifest = reader.open_cache(directory)
@@ -168,7 +187,6 @@ def main() -> None:
         start = time.perf_counter()
         served = 0
         for batch in loader:
-            unpack_attention(batch["attn"], "dense", args.seq_len)
             served += len(batch["sample_ids"])
         seconds = time.perf_counter() - start
         if served != args.samples:
@@ -184,27 +202,14 @@ def main() -> None:
         intermediate_size=1024,
         seed=0,
     ).train()
-    student_layers = list(range(len(args.layers)))
     sample_batch = next(iter(stream(prefetch=False)))
-    targets = unpack_attention(sample_batch["attn"], "dense", args.seq_len)
-    query_mask = torch.ones(args.batch, args.seq_len, dtype=torch.bool)
+    objective = Objective([CrossEntropy(1.0, 1.0), LogitKD(1.0, 1.0), AttentionKD(1.0, names)])
+    factors = (objective.weights(0) / objective.counts(sample_batch).clamp_min(1)).float()
 
     def student_step() -> float:
         start = time.perf_counter()
-        with AttentionCapture(student, student_layers) as capture:
-            logits = student(input_ids=sample_batch["input_ids"]).logits
-        ce, kd = logit_losses(
-            logits,
-            sample_batch["labels"],
-            sample_batch["topk_values"],
-            sample_batch["topk_indices"],
-            sample_batch["tail_mass"],
-            query_mask,
-        )
-        attention = [
-            attention_loss(capture.maps[index], targets[layer], query_mask) for index, layer in enumerate(args.layers)
-        ]
-        (ce + kd + torch.stack(attention).mean()).backward()
+        with objective.forward(student, student, sample_batch) as forward:
+            (objective.sums(forward) * factors).sum().backward()
         seconds = time.perf_counter() - start
         student.zero_grad(set_to_none=True)
         return seconds
@@ -231,18 +236,20 @@ def main() -> None:
     consumed = args.batch / step
     parameters = sum(p.numel() for p in student.parameters())
     print(
-        f"synthetic dense cache of the demo shape: {args.samples} samples in shards of {args.shard_size}, T "
+        f"synthetic {args.encoding} cache of the demo shape: {args.samples} samples in shards of {args.shard_size}, T "
         f"{args.seq_len}, layers {args.layers}, head counts {args.head_counts} of {teacher_heads} teacher heads, "
-        f"fp16, top-k {args.top_k} (vocab {vocab}); {cache_bytes / 2**20:.0f} MiB written in {build_seconds:.1f} s "
+        f"fp16{f' (m = {args.attn_top_m})' if args.encoding == 'topk' else ''}, top-k {args.top_k} (vocab {vocab}); "
+        f"{cache_bytes / 2**20:.0f} MiB written in {build_seconds:.1f} s "
         f"(page cache warm)"
     )
     print(
-        f"stream: heads {args.heads}, batch {args.batch}, shuffled, checksums on, one epoch = {batches_per_epoch} "
-        f"batches per timed run, each followed by unpack_attention; {torch.get_num_threads()} threads; "
+        f"stream: the maps of a {args.heads}-head student, batch {args.batch}, shuffled, checksums on, one epoch = "
+        f"{batches_per_epoch} batches per timed run; {torch.get_num_threads()} threads; "
         f"median of {args.repeats}"
     )
     print(
-        f"student: {parameters / 1e6:.1f}M parameters, fwd+bwd (CE + top-k KD + SHD KL on {len(args.layers)} layers) "
+        f"student: {parameters / 1e6:.1f}M parameters, fwd+bwd (CE + top-k KD + attention KL on {len(args.layers)} "
+        "layers) "
         f"on {args.batch} × {args.seq_len}: {step:.2f} s (min {min(times['student fwd+bwd']):.2f} s) "
         f"→ training consumes {consumed:.3f} samples/s"
     )
