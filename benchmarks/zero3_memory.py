@@ -124,8 +124,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from pipeline.config import load_config
     from pipeline.deepspeed_config import deepspeed_config
+    from pipeline.dist import init_distributed
     from pipeline.runtime import configure_logging
-    from pipeline.train import build_engine, init_distributed
+    from pipeline.train import build_engine
 
     configure_logging("WARNING")
     init_distributed()
