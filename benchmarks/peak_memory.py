@@ -33,6 +33,9 @@ import torch
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONUNBUFFERED": "1"}
 """Environment of a measuring child (on top of the parent's)."""
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""Left out of a child's environment: a child sets up its own world of one, never its parent's process group."""
+
 RESULT_PREFIX = "PEAK_MEMORY_RESULT "
 """Marks the child's output line that carries its figures (JSON)."""
 
@@ -97,9 +100,11 @@ def report(figures: dict[str, Any]) -> None:
 
 
 def run_child(command: list[str], timeout: float) -> dict[str, Any]:
-    """Run a measuring child (`command`, with `CHILD_ENV`) and return the figures it `report`ed."""
+    """Run a measuring child (`command`, with `CHILD_ENV`, without `LAUNCHER_VARIABLES`) and return the figures it
+    `report`ed."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     result = subprocess.run(
-        command, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout, check=False
+        command, env={**env, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout, check=False
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if result.returncode != 0 or not lines:

@@ -2,32 +2,42 @@
 
 Three figures, each a ratio of two things measured in the same run:
 
-(a) loss overhead: the step time of CE + KD + SHD on cached targets ÷ the step time of CE only (issue target
-    ≤ 1.25). Both are `Trainer.train_step` on one DeepSpeed engine (the config's ZeRO stage, fp32, one process,
-    gloo world of one) holding the demo student, over the same batches read beforehand from a real cache, so that
-    only the loss differs: CE only is `distill.w_kd = distill.w_attn = 0`, which the trainer runs without attention
-    capture (but still through the fused CE + top-k KD kernel, whose KD term it weights by 0). A third line, a plain
-    `cross_entropy` step on the same engine and batches, shows what the fused kernel costs over pure CE (info).
-(b) cached ÷ online: `Trainer.train_step` fed by the real cache (`TargetStream` through a DataLoader, checksums on,
-    the read made inside the step: prefetch off, so its whole cost is counted) ÷ the same step fed by
+(a) loss overhead, at every `--seq-lens` T (batch = --batch-tokens ÷ T): the step time and the peak memory of
+    CE + KD + attention on cached targets ÷ those of CE only (issue targets at T = 2048: ≤ 1.25× time, ≤ 1.2×
+    peak memory). Both are `Trainer.train_step` on one DeepSpeed engine (the config's ZeRO stage, fp32, one
+    process, gloo world of one) holding the demo student, over the same batches read beforehand from a real cache
+    of that T, so that only the loss differs: CE + KD + attention is the config's objective (`build_objective`: the
+    attention term recomputes the student's scores from the captured q, k in row blocks), CE only is
+    `distill.w_kd = distill.w_attn = distill.w_rel = 0`, which the trainer runs without attention capture (but still
+    through the fused CE + top-k KD kernel, whose KD term it weights by 0) on batches without target maps. A third
+    line, a plain `cross_entropy` step on the same engine and batches, shows what the fused kernel costs over pure
+    CE (info). Peak memory: one fresh process per (T, variant) builds the engine as `distill train` does, reads its
+    batch from the same cache, runs one warm-up step and measures the next (`peak_memory`: the resident-set
+    high-water mark reset right before the step on the CPU, `torch.cuda.max_memory_allocated` on CUDA). "peak" is
+    what the process holds at the step's peak above what it held before the engine existed (model, gradients,
+    optimizer state, batch, activations); "step" is the step's transient memory above what was resident before it.
+(b) cached ÷ online, at the data's T: `Trainer.train_step` fed by the real cache (`TargetStream` through a DataLoader,
+    checksums on, the read made inside the step: prefetch off, so its whole cost is counted) ÷ the same step fed by
     `OnlineTargets` (the live teacher: forward with capture + `compute_targets` + `reader.training_batch`, as
-    `distill train train.mode=online` does), both with the CE + KD + SHD loss (issue target ≤ 0.5).
-(c) loader wait share: the real `pipeline.train.train` on the cache (prefetch on, checksums on, the demo's
+    `distill train train.mode=online` does), both with the CE + KD + attention objective (issue target ≤ 0.5).
+(c) loader wait share: the real `pipeline.train.train` on the cache (prefetch on, checksums on, the config's
     `num_workers`), a few steps; the trainer logs `train/loader_wait_frac` per step in `metrics.jsonl`, and this
     script measures the same thing from outside (time in `next()` of the iterator `training_batches` returned ÷ the
     time of each `Trainer.train_step` call) to cross-check it (issue target < 5 %).
 
-The cache is built first, with the real teacher, into a temporary directory: the demo's matched teacher layers
-(the uniform map of the student's layers), the student's head count, SHD squeeze, dense fp16 triangles, top-k from
-the config, the first `--cache-samples` packed training samples. The teacher runs in the config's `teacher.dtype`
-(the demo's: float32; on this machine's CPU `auto` would pick bf16, which measured no faster for the SmolLM2
-forward); the student always trains in fp32.
+The caches are built first, with the real teacher, into a temporary directory: the config's matched teacher layers
+and target kinds for the student's head count, `--encoding` (dense fp16 triangles by default, or top-m rows), top-k
+from the config. At the data's T they hold the first `--cache-samples` packed training samples (what `distill cache`
+would cache); at another T, `--batches` batches of samples made of consecutive packed samples (contiguous text),
+concatenated and cut to T. The teacher runs in the config's `teacher.dtype` (the demo's: float32); the student
+always trains in fp32.
 
-Variants alternate within each repeat so that noise from a shared machine hits both alike; medians are printed,
-with the median of the same-repeat ratios beside the ratio of medians.
+Variants alternate within each repeat (`timing.time_alternately`) so that noise from a shared machine hits both
+alike; medians are printed, with the median of the same-repeat ratios beside the ratio of medians.
 
-    .venv/bin/python benchmarks/train_step.py                    # demo student, SmolLM2 teacher, batch 8 × 256
-    .venv/bin/python benchmarks/train_step.py --parts a --repeats 3 --batch 2 --seq-len 64   # a quick look
+    .venv/bin/python benchmarks/train_step.py                   # demo student, SmolLM2 teacher, T 256/1024/2048
+    .venv/bin/python benchmarks/train_step.py --encoding topk   # top-m attention targets
+    .venv/bin/python benchmarks/train_step.py --parts a --seq-lens 64 --batch-tokens 128 --repeats 2 --batches 1
 """
 
 from __future__ import annotations
@@ -39,13 +49,18 @@ import itertools
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from cache_size import WindowRows, contiguous_windows  # benchmarks/ is on sys.path when run as a script
+from peak_memory import PeakMemory, report, run_child
+from timing import time_alternately
 
 from pipeline import train as train_module
 from pipeline.attention import attention_dims
@@ -53,29 +68,29 @@ from pipeline.checkpoints import TrainState
 from pipeline.config import Config, load_config
 from pipeline.data import load_prepared
 from pipeline.deepspeed_config import deepspeed_config
+from pipeline.dist import init_distributed, launcher_environment
 from pipeline.kd import cross_entropy
-from pipeline.models import load_teacher
-from pipeline.online import OnlineTargets
+from pipeline.models import load_teacher, load_teacher_config
+from pipeline.objective import Objective, build_objective
+from pipeline.online import OnlineTargets, online_settings
 from pipeline.runtime import configure_logging, resolve_dtype
 from pipeline.targets.fingerprint import cache_fingerprint, cached_layers, student_layers
 from pipeline.targets.reader import TargetStream
-from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
-from pipeline.train import LossPlan, Trainer, build_engine, init_distributed, launcher_environment
+from pipeline.targets.writer import (
+    SELECTION_SAMPLES,
+    TargetSettings,
+    select_teacher_heads,
+    weights_sha256,
+    write_cache_split,
+)
+from pipeline.train import Trainer, build_engine
 
-
-class TruncatedRows:
-    """Packed rows with `input_ids` cut to the first `seq_len` tokens (for `--seq-len` below the data's)."""
-
-    def __init__(self, rows: Any, seq_len: int) -> None:
-        self.rows = rows
-        self.seq_len = seq_len
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: Any) -> dict[str, Any]:
-        chunk = self.rows[index]
-        return {**chunk, "input_ids": torch.as_tensor(chunk["input_ids"])[..., : self.seq_len]}
+NAMES = {
+    "ce": "CE only (trainer, w_kd = w_attn = 0, no capture)",
+    "full": "CE + KD + attention (trainer, config's objective)",
+    "plain": "plain CE (cross_entropy only, no KD kernel; info)",
+}
+MEMORY_VARIANTS = ("ce", "full")
 
 
 class TimedIterator:
@@ -96,23 +111,90 @@ class TimedIterator:
             self.waits.append(time.perf_counter() - start)
 
 
-def make_trainer(config: Config, engine: Any, plan: LossPlan, batches: Iterator[dict[str, Any]]) -> Trainer:
+def benchmark_config(args: argparse.Namespace, workdir: Path, batch: int) -> Config:
+    """The config the benchmark trains with: `--config` with a temporary cache and run directory, fp32, no MLflow."""
+    base = load_config(args.config)
+    return load_config(
+        args.config,
+        [
+            f"train.micro_batch_size={batch}",
+            "train.precision=fp32",
+            "train.resume=never",
+            f"cache.head_counts=[{base.student.num_heads}]",
+            f"cache.encoding={args.encoding}",
+            f"cache.output_dir={workdir / 'targets'}",
+            f"cache.shard_size={args.shard_size}",
+            f"cache.max_samples={args.cache_samples}",
+            f"train.output_dir={workdir / 'runs'}",
+            "mlflow.enabled=false",
+        ],
+    )
+
+
+def ce_only_objective(config: Config, teacher_layers: list[int]) -> Objective:
+    """The trainer's objective with every distillation weight 0: CE (and the fused KD pass, weighted 0)."""
+    distill = dataclasses.replace(config.distill, w_kd=0.0, w_attn=0.0, w_rel=0.0)
+    return build_objective(dataclasses.replace(config, distill=distill), teacher_layers)
+
+
+def make_trainer(
+    config: Config, engine: Any, objective: Objective, batches: Iterator[dict[str, Any]], teacher_layers: list[int]
+) -> Trainer:
     """A `Trainer` of `engine` for calling `train_step` directly (no tracker, no evaluator)."""
     state = TrainState(world_size=1, zero_stage=engine.zero_optimization_stage())
-    return Trainer(config, engine, plan, batches, state, tracker=None, evaluator=None)
+    return Trainer(config, engine, objective, batches, state, None, None, teacher_layers)
 
 
-def alternate(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """One warm-up call of each variant, then `repeats` rounds calling each once in turn; seconds per call."""
-    for run in variants.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
+def cache_directory(workdir: Path, seq_len: int, base_len: int) -> Path:
+    """Where the cache of context length `seq_len` goes: the config's cache directory at the data's T."""
+    if seq_len == base_len:
+        return workdir / "targets" / "train"
+    return workdir / f"targets-T{seq_len}" / "train"
+
+
+def read_batches(directory: Path, objective: Objective, batch: int, count: int, seed: int) -> list[dict[str, Any]]:
+    """The first `count` batches of a cache as the trainer's DataLoader serves them, with what `objective` reads."""
+    stream = TargetStream(directory=directory, request=objective.request(), batch_size=batch, seed=seed, prefetch=False)
+    return list(itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)), count))
+
+
+def window_rows(splits: Any, base_len: int, seq_len: int, count: int) -> WindowRows:
+    """`count` samples of `seq_len` tokens, each made of consecutive packed samples (contiguous text) cut to T."""
+    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
+    parts = -(-seq_len // base_len)
+    starts = contiguous_windows(np.asarray(train["sample_id"][:]), parts, count)
+    windows = [train[start : start + parts] for start in starts]
+    input_ids = torch.stack([window["input_ids"].reshape(-1)[:seq_len] for window in windows]).long()
+    return WindowRows(input_ids, torch.stack([window["sample_id"][0] for window in windows]))
+
+
+def write_cache(
+    config: Config,
+    teacher: Any,
+    rows: Any,
+    directory: Path,
+    meta: dict[str, Any],
+    seq_len: int,
+    args: argparse.Namespace,
+    calibration: torch.Tensor,
+) -> float:
+    """Cache `rows` (T = `seq_len`) with the config's targets into `directory`; returns the seconds it took."""
+    dims = attention_dims(teacher.config)
+    layers = cached_layers(config, dims.num_layers)
+    fingerprint = cache_fingerprint(
+        config, meta, "train", weights_sha256(Path(config.teacher.path)), dims, teacher.config.vocab_size, layers
+    )
+    fingerprint["seq_len"] = seq_len
+    selected = None
+    if "selective" in fingerprint["attn_targets"]:
+        selected, _ = select_teacher_heads(
+            teacher, calibration, tuple(layers), tuple(fingerprint["student_head_counts"])
+        )
+    settings = TargetSettings.from_fingerprint(fingerprint, getattr(torch, config.cache.dtype), selected_heads=selected)
+    batch = max(1, config.cache.batch_size * meta["seq_len"] // seq_len)
+    start = time.perf_counter()
+    write_cache_split(teacher, rows, directory, settings, fingerprint, shard_size=args.shard_size, batch_size=batch)
+    return time.perf_counter() - start
 
 
 def ratio_line(label: str, times: dict[str, list[float]], numerator: str, denominator: str, target: str) -> str:
@@ -132,11 +214,17 @@ def time_line(name: str, values: list[float], extra: str = "") -> str:
     )
 
 
-def part_a(config: Config, engine: Any, plan: LossPlan, batches: list[dict[str, Any]], repeats: int) -> None:
-    ce_plan = dataclasses.replace(plan, weights=(plan.weights[0], 0.0, 0.0))
-    full = make_trainer(config, engine, plan, itertools.cycle(batches))
-    ce_only = make_trainer(config, engine, ce_plan, itertools.cycle(batches))
-    plain_batches = itertools.cycle(batches)
+def batch_for(args: argparse.Namespace, seq_len: int) -> int:
+    return max(1, args.batch_tokens // seq_len)
+
+
+def step_variants(
+    config: Config, engine: Any, batches: list[dict[str, Any]], teacher_layers: list[int]
+) -> dict[str, Callable[[], Any]]:
+    """The (a) variants on `engine`, each cycling over `batches` (CE only and plain CE without their target maps)."""
+    full = build_objective(config, teacher_layers)
+    bare = [{**batch, "maps": {}} for batch in batches]
+    plain_batches = itertools.cycle(bare)
 
     def plain_ce_step() -> None:
         batch = next(plain_batches)
@@ -145,38 +233,150 @@ def part_a(config: Config, engine: Any, plan: LossPlan, batches: list[dict[str, 
         engine.backward(cross_entropy(logits, batch["labels"]))
         engine.step()
 
-    names = {
-        "ce": "CE only (trainer, w_kd = w_attn = 0, no capture)",
-        "full": f"CE + KD + SHD (trainer, {len(plan.student_layers)} layers captured)",
-        "plain": "plain CE (cross_entropy only, no KD kernel; info)",
+    return {
+        "ce": make_trainer(
+            config, engine, ce_only_objective(config, teacher_layers), itertools.cycle(bare), teacher_layers
+        ).train_step,
+        "full": make_trainer(config, engine, full, itertools.cycle(batches), teacher_layers).train_step,
+        "plain": plain_ce_step,
     }
-    times = alternate(
-        {names["ce"]: ce_only.train_step, names["full"]: full.train_step, names["plain"]: plain_ce_step}, repeats
+
+
+def part_a_time(
+    args: argparse.Namespace, config: Config, engine: Any, base_len: int, workdir: Path, teacher_layers: list[int]
+) -> dict[int, dict[str, list[float]]]:
+    """T → variant → seconds per repeat, alternating on the one engine."""
+    full = build_objective(config, teacher_layers)
+    times = {}
+    for seq_len in args.seq_lens:
+        directory = cache_directory(workdir, seq_len, base_len)
+        batches = read_batches(directory, full, batch_for(args, seq_len), args.batches, config.train.seed)
+        variants = step_variants(config, engine, batches, teacher_layers)
+        timed = time_alternately(variants, args.repeats, engine.device)
+        times[seq_len] = timed
+        print(f"(a) T {seq_len}: timed ({len(batches)} batches cycled)", flush=True)
+    return times
+
+
+def part_a_memory_child(args: argparse.Namespace) -> None:
+    """In a fresh process: the engine as `distill train` builds it, one warm-up step and one measured step."""
+    seq_len, variant = args.memory_of.split(":")
+    seq_len = int(seq_len)
+    workdir = Path(args.memory_workdir)
+    with launcher_environment():
+        init_distributed()
+        batch = batch_for(args, seq_len)
+        config = benchmark_config(args, workdir, batch)
+        teacher_config = load_teacher_config(Path(config.teacher.path))
+        teacher_layers = student_layers(config, attention_dims(teacher_config).num_layers)
+        objective = (
+            build_objective(config, teacher_layers) if variant == "full" else ce_only_objective(config, teacher_layers)
+        )
+        _, meta = load_prepared(Path(config.data.output_dir))
+        directory = cache_directory(workdir, seq_len, meta["seq_len"])
+        meter = PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        meter.start()
+        engine = build_engine(config, teacher_config, deepspeed_config(config, torch.float32))
+        batches = read_batches(directory, objective, batch, 1, config.train.seed)
+        trainer = make_trainer(config, engine, objective, itertools.cycle(batches), teacher_layers)
+        trainer.train_step()
+        meter.reset()
+        trainer.train_step()
+        report(meter.figures())
+
+
+def part_a_memory(args: argparse.Namespace, workdir: Path) -> dict[tuple[int, str], dict[str, int]]:
+    """(T, variant) → figures of a fresh child process each, one at a time."""
+    figures = {}
+    for seq_len in args.seq_lens:
+        for variant in MEMORY_VARIANTS:
+            command = [
+                sys.executable,
+                __file__,
+                *sys.argv[1:],
+                "--memory-of",
+                f"{seq_len}:{variant}",
+                "--memory-workdir",
+                str(workdir),
+            ]
+            figures[seq_len, variant] = run_child(command, args.child_timeout)
+            print(f"(a) T {seq_len}: memory of {variant} measured", flush=True)
+    return figures
+
+
+def mb(value: float) -> str:
+    return f"{value / 2**20:9.1f}"
+
+
+def print_part_a(
+    args: argparse.Namespace,
+    times: dict[int, dict[str, list[float]]] | None,
+    memory: dict[tuple[int, str], dict[str, int]] | None,
+) -> None:
+    print(
+        f"(a) trainer step, CE + KD + attention (full) ÷ CE only, about {args.batch_tokens} tokens a batch, "
+        f"{args.encoding} attention targets; time: median of {args.repeats}; memory: one fresh process per cell"
     )
-    print(f"(a) step time on cached targets ({len(batches)} batches read beforehand, cycled), median of {repeats}:")
-    for name, values in times.items():
-        print(time_line(name, values))
-    print(ratio_line("    (CE + KD + SHD) ÷ CE only", times, names["full"], names["ce"], "≤ 1.25"))
-    print(ratio_line("    CE only (trainer) ÷ plain CE (info)", times, names["ce"], names["plain"], "-"))
+    print(
+        f"  {'T':>6s} {'batch':>5s} | {'CE ms':>9s} {'full ms':>9s} {'ratio':>6s} | {'CE MB':>9s} {'full MB':>9s} "
+        f"{'ratio':>6s}"
+    )
+
+    def peak(seq_len: int, variant: str, over: str = "baseline") -> int:
+        figures = memory[seq_len, variant]
+        return figures["peak"] - figures[over]
+
+    for seq_len in args.seq_lens:
+        cells = [f"  {seq_len:6d} {batch_for(args, seq_len):5d}"]
+        if times is not None:
+            ce_ms, full_ms = (statistics.median(times[seq_len][variant]) * 1000 for variant in ("ce", "full"))
+            cells.append(f"{ce_ms:9.1f} {full_ms:9.1f} {full_ms / ce_ms:6.3f}")
+        else:
+            cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s}")
+        if memory is not None:
+            ce_mb, full_mb = peak(seq_len, "ce"), peak(seq_len, "full")
+            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f}")
+        print(" | ".join(cells))
+    print("  targets at T = 2048: time ratio ≤ 1.25, peak memory ratio ≤ 1.2")
+    if times is not None:
+        for seq_len in args.seq_lens:
+            print(f"  T {seq_len}:")
+            for variant, name in NAMES.items():
+                print(time_line(name, times[seq_len][variant]))
+            print(ratio_line("    full ÷ CE only", times[seq_len], "full", "ce", "≤ 1.25"))
+            print(ratio_line("    CE only (trainer) ÷ plain CE (info)", times[seq_len], "ce", "plain", "-"))
+    if memory is not None:
+        print("  memory, MB (peak: above the process before the engine; step: above the RSS just before the step):")
+        for seq_len in args.seq_lens:
+            parts = [
+                f"{NAMES[variant].split(' (')[0]} peak {mb(peak(seq_len, variant)).strip()} "
+                f"step {mb(peak(seq_len, variant, 'before')).strip()}"
+                for variant in MEMORY_VARIANTS
+            ]
+            ratio = peak(seq_len, "full", "before") / peak(seq_len, "ce", "before")
+            print(f"  T {seq_len:5d}: {'; '.join(parts)}; step full ÷ CE {ratio:.3f}")
 
 
 def part_b(
+    args: argparse.Namespace,
     config: Config,
     engine: Any,
-    plan: LossPlan,
     online_batches: Iterator[dict[str, Any]],
     cached_batches: Iterator[dict[str, Any]],
-    repeats: int,
+    teacher_layers: list[int],
 ) -> None:
+    objective = build_objective(config, teacher_layers)
     online_source, cached_source = TimedIterator(online_batches), TimedIterator(cached_batches)
-    online = make_trainer(config, engine, plan, online_source)
-    cached = make_trainer(config, engine, plan, cached_source)
+    online = make_trainer(config, engine, objective, online_source, teacher_layers)
+    cached = make_trainer(config, engine, objective, cached_source, teacher_layers)
     names = {
         "cached": "cached: TargetStream read (in the step) + trainer step",
         "online": "online: teacher forward + compute_targets + trainer step",
     }
-    times = alternate({names["cached"]: cached.train_step, names["online"]: online.train_step}, repeats)
-    print(f"(b) cached vs online step time, CE + KD + SHD, median of {repeats}:")
+    times = time_alternately(
+        {names["cached"]: cached.train_step, names["online"]: online.train_step}, args.repeats, engine.device
+    )
+    print(f"(b) cached vs online step time, CE + KD + attention, median of {args.repeats}:")
     for name, source in ((names["cached"], cached_source), (names["online"], online_source)):
         waits = source.waits[1:]  # the warm-up call's batch is not timed
         print(time_line(name, times[name], f"; of which the batch {statistics.median(waits) * 1000:.0f} ms"))
@@ -246,10 +446,11 @@ def part_c(config: Config, steps: int, workdir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml", help="config giving student, teacher, data, cache")
-    parser.add_argument("--batch", type=int, default=8, help="micro-batch size (default 8)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the data's, 256)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048], help="context lengths T of (a)")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per micro-batch: batch = this ÷ T")
+    parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="attention target encoding")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each variant in (a), (b) (default 5)")
-    parser.add_argument("--cache-samples", type=int, default=64, help="samples cached for the run (default 64)")
+    parser.add_argument("--cache-samples", type=int, default=64, help="samples cached at the data's T (default 64)")
     parser.add_argument("--shard-size", type=int, default=32, help="samples per cache shard (default 32)")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches cycled in (a) (default 4)")
     parser.add_argument("--train-steps", type=int, default=10, help="steps of the real run in (c) (default 10)")
@@ -257,123 +458,110 @@ def main() -> None:
         "--teacher-dtype", choices=("auto", "float32", "bfloat16"), default=None, help="default: the config's"
     )
     parser.add_argument("--parts", nargs="+", choices=("a", "b", "c"), default=["a", "b", "c"], help="figures")
-    parser.add_argument("--workdir", default=None, help="where the temporary cache goes (default: system tmp)")
+    parser.add_argument("--measure", nargs="+", choices=("time", "memory"), default=["time", "memory"], help="(a)")
+    parser.add_argument("--child-timeout", type=float, default=900, help="seconds per memory child (default 900)")
+    parser.add_argument("--workdir", default=None, help="where the temporary caches go (default: system tmp)")
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     configure_logging("WARNING")
+    if args.memory_of is not None:
+        part_a_memory_child(args)
+        return
     began = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="train-step-", dir=args.workdir))
-    base = load_config(args.config)
-    splits, meta = load_prepared(Path(base.data.output_dir))
-    seq_len = args.seq_len or meta["seq_len"]
-    if seq_len > meta["seq_len"]:
-        parser.error(f"--seq-len {seq_len}: the prepared data has {meta['seq_len']} tokens per sample")
-    config = load_config(
-        args.config,
-        [
-            f"train.micro_batch_size={args.batch}",
-            "train.precision=fp32",
-            "train.resume=never",
-            f"cache.head_counts=[{base.student.num_heads}]",
-            f"cache.output_dir={workdir / 'targets'}",
-            f"cache.shard_size={args.shard_size}",
-            f"cache.max_samples={args.cache_samples}",
-            f"train.output_dir={workdir / 'runs'}",
-            "mlflow.enabled=false",
-        ],
-    )
     try:
         with launcher_environment():
             init_distributed()
-            run(args, config, splits, meta, seq_len, workdir)
+            run(args, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"whole benchmark {time.perf_counter() - began:.0f} s")
 
 
-def run(args: argparse.Namespace, config: Config, splits: Any, meta: dict, seq_len: int, workdir: Path) -> None:
-    """Build the cache, then measure the parts asked for."""
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    """Build the caches, then measure the parts asked for."""
     torch.manual_seed(0)
-    batch = args.batch
+    base = load_config(args.config)
+    splits, meta = load_prepared(Path(base.data.output_dir))
+    base_len = meta["seq_len"]
+    config = benchmark_config(args, workdir, batch_for(args, base_len))
     teacher_dir = Path(config.teacher.path)
     teacher_dtype = resolve_dtype(args.teacher_dtype or config.teacher.dtype, torch.device("cpu"))
     teacher = load_teacher(teacher_dir, dtype=teacher_dtype)
-    dtype_name = str(teacher_dtype).removeprefix("torch.")
     dims = attention_dims(teacher.config)
-    layers = cached_layers(config, dims.num_layers)
-    heads = config.student.num_heads
+    teacher_layers = student_layers(config, dims.num_layers)
+    calibration = splits["train"].with_format("torch", columns=["input_ids"])[:SELECTION_SAMPLES]["input_ids"].long()
+
     rows = splits["train"].select(range(args.cache_samples)).with_format("torch", columns=["sample_id", "input_ids"])
-    if seq_len < meta["seq_len"]:
-        rows = TruncatedRows(rows, seq_len)
-    fingerprint = cache_fingerprint(
-        config, meta, "train", weights_sha256(teacher_dir), dims, teacher.config.vocab_size, layers
-    )
-    fingerprint["seq_len"] = seq_len
-    cache_dir = Path(config.cache.output_dir) / "train"
-    settings = TargetSettings(
-        layers=tuple(layers),
-        head_counts=(heads,),
-        squeeze=config.distill.squeeze,
-        encoding=config.cache.encoding,
-        attn_top_m=config.cache.attn_top_m,
-        top_k=config.distill.top_k,
-        dtype=getattr(torch, config.cache.dtype),
-    )
-    start = time.perf_counter()
-    write_cache_split(
-        teacher, rows, cache_dir, settings, fingerprint, shard_size=args.shard_size, batch_size=config.cache.batch_size
-    )
-    cache_seconds = time.perf_counter() - start
-    cache_bytes = sum(path.stat().st_size for path in cache_dir.glob("*.safetensors"))
+    base_directory = cache_directory(workdir, base_len, base_len)
+    cache_seconds = {base_len: write_cache(config, teacher, rows, base_directory, meta, base_len, args, calibration)}
+    if "a" in args.parts:
+        for seq_len in args.seq_lens:
+            if seq_len in cache_seconds:
+                continue
+            windows = window_rows(splits, base_len, seq_len, args.batches * batch_for(args, seq_len))
+            directory = cache_directory(workdir, seq_len, base_len)
+            cache_seconds[seq_len] = write_cache(config, teacher, windows, directory, meta, seq_len, args, calibration)
 
     engine = build_engine(config, teacher.config, deepspeed_config(config, torch.float32))
-    plan = LossPlan.from_config(config, student_layers(config, dims.num_layers), config.cache.encoding, seq_len)
     student_params = sum(param.numel() for param in engine.module.parameters())
     teacher_params = sum(param.numel() for param in teacher.parameters())
     print(
         f"student {config.student.num_layers} layers × {config.student.hidden_size} hidden, "
-        f"{heads} heads / {config.student.num_kv_heads} KV, intermediate {config.student.intermediate_size}, vocab "
-        f"{teacher.config.vocab_size} ({student_params / 1e6:.1f}M parameters, fp32); DeepSpeed engine in one "
-        f"process (ZeRO-{engine.zero_optimization_stage()}, torch AdamW, gloo world of one); batch {batch} × T "
-        f"{seq_len}; {torch.get_num_threads()} threads"
+        f"{config.student.num_heads} heads / {config.student.num_kv_heads} KV, intermediate "
+        f"{config.student.intermediate_size}, vocab {teacher.config.vocab_size} ({student_params / 1e6:.1f}M "
+        f"parameters, fp32); DeepSpeed engine in one process (ZeRO-{engine.zero_optimization_stage()}, torch AdamW, "
+        f"gloo world of one); {torch.get_num_threads()} threads; objective "
+        f"{', '.join(f'{term.name} (w {term.weight:g})' for term in build_objective(config, teacher_layers).terms)}"
     )
     print(
         f"teacher {teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads / {dims.num_kv_heads} KV, "
         f"{teacher_params / 1e6:.1f}M parameters = {teacher_params / student_params:.1f}× the student, "
-        f"{dtype_name}); matched teacher layers {plan.teacher_layers}; cache: {args.cache_samples} samples "
-        f"in {len(list(cache_dir.glob('*.safetensors')))} shards, {cache_bytes / 2**20:.0f} MiB, dense "
-        f"{config.cache.dtype}, top-k {config.distill.top_k}, written in {cache_seconds:.1f} s"
+        f"{str(teacher_dtype).removeprefix('torch.')}); matched teacher layers {teacher_layers}; caches "
+        f"({config.cache.encoding} {config.cache.dtype}, kinds {config.cache_attn_targets()}, top-k "
+        f"{config.distill.top_k}) written in "
+        + ", ".join(f"{seconds:.1f} s (T {seq_len})" for seq_len, seconds in cache_seconds.items())
     )
 
-    def cached_stream(prefetch: bool) -> Iterator[dict[str, Any]]:
-        stream = TargetStream(
-            directory=cache_dir, layers=layers, heads=heads, batch_size=batch, seed=config.train.seed, prefetch=prefetch
-        )
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
-
     if "a" in args.parts:
-        start = time.perf_counter()
-        part_a(config, engine, plan, list(itertools.islice(cached_stream(False), args.batches)), args.repeats)
-        print(f"    ((a) took {time.perf_counter() - start:.0f} s)")
+        times, memory = None, None
+        if "time" in args.measure:
+            start = time.perf_counter()
+            times = part_a_time(args, config, engine, base_len, workdir, teacher_layers)
+            print(f"    ((a) timing took {time.perf_counter() - start:.0f} s)")
+        if "memory" in args.measure:
+            start = time.perf_counter()
+            memory = part_a_memory(args, workdir)
+            print(f"    ((a) memory took {time.perf_counter() - start:.0f} s)")
+        print_part_a(args, times, memory)
     if "b" in args.parts:
         start = time.perf_counter()
+        objective = build_objective(config, teacher_layers)
+        request = objective.request()
         online = OnlineTargets(
             teacher,
             rows,
-            dataclasses.replace(settings, dtype=torch.float32),  # as `training_batches` builds it: nothing stored
-            heads=heads,
-            batch_size=batch,
+            online_settings(config, teacher_layers, request, teacher, splits["train"]),
+            request,
+            batch_size=config.train.micro_batch_size,
             shard_size=args.shard_size,
             seed=config.train.seed,
         )
-        part_b(config, engine, plan, iter(online), cached_stream(False), args.repeats)
+        stream = TargetStream(
+            directory=base_directory,
+            request=request,
+            batch_size=config.train.micro_batch_size,
+            seed=config.train.seed,
+            prefetch=False,
+        )
+        cached = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
+        part_b(args, config, engine, iter(online), cached, teacher_layers)
         print(f"    ((b) took {time.perf_counter() - start:.0f} s)")
     del engine, teacher
     gc.collect()
     if "c" in args.parts:
-        if seq_len != meta["seq_len"]:
-            print(f"(c) skipped: the trainer needs the data's seq_len {meta['seq_len']}, not --seq-len {seq_len}")
-            return
         part_c(config, args.train_steps, workdir)
 
 
