@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from pipeline import carve, students
+from pipeline.attention import CAPTURE_ATTENTION
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.data import prepare_dataset
 from pipeline.models import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
@@ -132,6 +133,7 @@ def test_pretrained_directory_gives_the_shape_and_weights(tiny_gpt2_dir: Path, t
     model = students.build_student_model(config, AutoConfig.from_pretrained(tiny_gpt2_dir))
     teacher = load_teacher(tiny_gpt2_dir)
     assert model.training and model.config.attn_pdrop == 0.0  # dropout off, as for every student
+    assert model.config._attn_implementation == CAPTURE_ATTENTION
     assert all(torch.equal(value, teacher.state_dict()[key]) for key, value in model.state_dict().items())
     with pytest.raises(ConfigError, match=r"student\.num_heads: got 2, but the pretrained student .* has 4"):
         students.resolve(make_config(tiny_gpt2_dir, tmp_path, tmp_path, {"init": str(tiny_gpt2_dir), "num_heads": 2}))
@@ -187,6 +189,7 @@ def test_carved_student_of_the_teachers_shape_is_the_teacher(
         )
     )
     model = students.build_student_model(config, AutoConfig.from_pretrained(teacher_dir)).eval()
+    assert model.config._attn_implementation == CAPTURE_ATTENTION
     teacher = load_teacher(teacher_dir)
     assert torch.equal(model(input_ids=ids()).logits, teacher(input_ids=ids()).logits)
     record = json.loads((tmp_path / students.RECORD_FILE).read_text())
@@ -248,6 +251,7 @@ def test_importance_carve_sets_the_layer_map_and_resumes_without_calibration(
     monkeypatch.setattr(carve, "measure_importance", no_calibration)
     assert students.resolve(raw) == config
     structure = students.build_student_model(config, teacher_config, structure_only=True)
+    assert structure.config._attn_implementation == CAPTURE_ATTENTION
     assert {key: value.shape for key, value in structure.state_dict().items()} == {
         key: value.shape for key, value in model.state_dict().items()
     }
