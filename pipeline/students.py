@@ -407,12 +407,15 @@ def resolve(config: Config) -> Config:
 # Building
 
 
-def merge_alphas(alpha_stats: dict[str, Any] | None, layers: list[int], num_heads: int) -> dict[int, Tensor]:
+def merge_alphas(
+    alpha_stats: dict[str, Any] | None, layers: list[int], num_heads: int, squeeze: str
+) -> dict[int, Tensor]:
     """Per teacher layer, the per-teacher-head mean α [H_t] of the cache manifest's `alpha_stats`
-    (`L<layer>.H<heads>`); layers without statistics are left out (merged uniformly), with a warning."""
+    (`L<layer>.H<heads>.<squeeze>`, the squeeze whose groups the carve uses); layers without statistics are left out
+    (merged uniformly), with a warning."""
     alphas: dict[int, Tensor] = {}
     for layer in layers:
-        stats = (alpha_stats or {}).get(f"L{layer}.H{num_heads}")
+        stats = (alpha_stats or {}).get(f"L{layer}.H{num_heads}.{squeeze}")
         if stats is not None:
             alphas[layer] = torch.tensor(stats["per_teacher_head_mean"], dtype=torch.float64)
     missing = sorted(set(layers) - set(alphas))
@@ -444,7 +447,8 @@ def _carve(
     layers = carved_layers(config, importance)
     dims = attention_dims(teacher_config)
     groups = squeeze_groups(dims.num_heads, student.num_heads, config.distill.squeeze)
-    alphas = merge_alphas(alpha_stats, layers, student.num_heads) if student.head_init == "merge" else None
+    merging = student.head_init == "merge"
+    alphas = merge_alphas(alpha_stats, layers, student.num_heads, config.distill.squeeze) if merging else None
     plan = carve.plan_carve(
         teacher_config, hf_config, layers, importance, student.head_init, dict.fromkeys(layers, groups), alphas
     )

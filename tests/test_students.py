@@ -211,7 +211,8 @@ def test_merge_takes_alpha_from_the_cache_statistics(
         )
     )
     alpha = [0.9, 0.1, 0.25, 0.75, 0.5, 0.5]
-    stats = {"L1.H3": {"per_teacher_head_mean": alpha}, "L1.H2": {"per_teacher_head_mean": [0.0] * 6}}
+    decoy = {"per_teacher_head_mean": [0.0] * 6}  # another head count or squeeze: not this student's α
+    stats = {"L1.H3.shd": {"per_teacher_head_mean": alpha}, "L1.H2.shd": decoy, "L3.H3.uniform": decoy}
     with caplog.at_level(logging.WARNING, logger="pipeline.students"):
         model = students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir), alpha_stats=stats)
     assert "teacher layers [3]" in caplog.text
