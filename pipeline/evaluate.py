@@ -206,11 +206,12 @@ class Evaluator:
 def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Path | None) -> tuple[nn.Module, int]:
     """(student in eval mode on the default device, the step it was trained for) from an exported HF directory
     (`model_dir`, default `train.output_dir/student`) or a training checkpoint (`checkpoint`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from pipeline.attention import CAPTURE_ATTENTION
-    from pipeline.models import build_student
+    from pipeline.models import load_teacher_config
     from pipeline.runtime import default_device
+    from pipeline.students import build_student_model
 
     output_dir = Path(config.train.output_dir)
     device = default_device()
@@ -219,17 +220,11 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
             dataclasses.replace(config, train=dataclasses.replace(config.train, resume=str(checkpoint)))
         )
         save_dir, tag = found
-        student = build_student(
-            AutoConfig.from_pretrained(config.teacher.path, local_files_only=True),
-            num_layers=config.student.num_layers,
-            hidden_size=config.student.hidden_size,
-            num_heads=config.student.num_heads,
-            num_kv_heads=config.student.num_kv_heads,
-            intermediate_size=config.student.intermediate_size,
-        )
+        teacher_config = load_teacher_config(Path(config.teacher.path))
+        student = build_student_model(config, teacher_config, structure_only=True)
         missing, unexpected = student.load_state_dict(load_checkpoint_weights(save_dir, tag), strict=False)
         tied = {"lm_head.weight"} if student.config.tie_word_embeddings else set()
-        missing = [key for key in missing if key not in tied]
+        missing = [key for key in missing if not any(key.endswith(name) for name in tied)]
         if missing or unexpected:
             raise EvalError(
                 f"{save_dir / tag}: weights do not fit the configured student (missing {missing[:3]}, unexpected "
@@ -269,14 +264,17 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
     from pipeline.figures import attention_heatmap_figures
-    from pipeline.models import load_teacher_config
+    from pipeline.models import check_seq_len, load_teacher_config
+    from pipeline.students import resolve
     from pipeline.targets.fingerprint import student_layers, teacher_weights_digest
     from pipeline.tracking import create_tracker, default_run_name
 
     dist.init_cpu_group()
+    config = resolve(config)
     teacher_config = load_teacher_config(Path(config.teacher.path))
     dims = attention_dims(teacher_config)
     _, meta = load_prepared(Path(config.data.output_dir))
+    check_seq_len(teacher_config, meta["seq_len"])
     teacher_sha = teacher_weights_digest(Path(config.teacher.path))
     teacher_layers = student_layers(config, dims.num_layers)
     evaluator = Evaluator.from_config(config, teacher_layers, meta, teacher_sha, dims.num_layers, max_batches=None)
@@ -294,16 +292,12 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
             print(f"| {key} | {value:.6g} |")
         run_id_path = output_dir / RUN_ID_FILE
         run_id = run_id_path.read_text().strip() if run_id_path.is_file() and model_dir is None else None
-        try:
-            tracker = create_tracker(config, rank=0, run_id=run_id, run_name=f"{default_run_name(config)}-eval")
-        except Exception as error:  # the training run's store is gone: a new run
-            logger.warning("MLflow: cannot continue run %s (%s); logging to a new run", run_id, error)
-            tracker = create_tracker(config, rank=0, run_name=f"{default_run_name(config)}-eval")
-        tracker.log_metrics(result.metrics, step=step)
-        if result.heatmap is not None:
-            figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(teacher_layers)))
-            for name, figure in figures.items():
-                tracker.log_figure(figure, f"heatmaps/eval-step-{step:08d}/{name}.png")
-        tracker.finish()
+        tracker = create_tracker(config, rank=0, run_id=run_id, run_name=f"{default_run_name(config)}-eval")
+        with tracker.running():
+            tracker.log_metrics(result.metrics, step=step)
+            if result.heatmap is not None:
+                figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(teacher_layers)))
+                for name, figure in figures.items():
+                    tracker.log_figure(figure, f"heatmaps/eval-step-{step:08d}/{name}.png")
     dist.barrier()
     return result.metrics

@@ -100,8 +100,9 @@ def cache_stage(config: Config) -> None:
 
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
-    from pipeline.models import load_teacher
+    from pipeline.models import check_seq_len, load_teacher
     from pipeline.runtime import default_device, resolve_dtype
+    from pipeline.students import resolve
     from pipeline.targets.fingerprint import cache_fingerprint, cached_layers
     from pipeline.targets.writer import (
         SELECTION_SAMPLES,
@@ -112,12 +113,14 @@ def cache_stage(config: Config) -> None:
     )
 
     dist.init_cpu_group()
+    config = resolve(config)  # the student's head count and layer map decide what is cached
     device = default_device()
     teacher_dir = Path(config.teacher.path)
     teacher = load_teacher(teacher_dir, dtype=resolve_dtype(config.teacher.dtype, device), device=device)
     dims = attention_dims(teacher.config)
     layers = cached_layers(config, dims.num_layers)
     splits, meta = load_prepared(Path(config.data.output_dir))
+    check_seq_len(teacher.config, meta["seq_len"])
     teacher_sha = weights_sha256(teacher_dir)
     fingerprints = {
         split: cache_fingerprint(config, meta, split, teacher_sha, dims, teacher.config.vocab_size, layers)

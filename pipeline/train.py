@@ -55,6 +55,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.objective import Objective, build_objective
 from pipeline.runtime import to_device
+from pipeline.tracking import create_tracker, sigterm_as_keyboard_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -309,19 +310,6 @@ def _run_id_from_file(output_dir: Path) -> str | None:
     return path.read_text().strip() or None
 
 
-def _start_tracker(config: Config, run_id: str | None) -> Any:
-    """The run's tracker, continuing `run_id` when possible (a failed continue starts a new run, with a warning)."""
-    from pipeline.tracking import create_tracker
-
-    try:
-        return create_tracker(config, rank=dist.rank(), run_id=run_id)
-    except Exception as error:  # the stored run is gone or belongs to another store
-        if run_id is None:
-            raise
-        logger.warning("MLflow: cannot continue run %s (%s); starting a new run", run_id, error)
-        return create_tracker(config, rank=dist.rank())
-
-
 def _log_run_inputs(
     tracker: Any, config: Config, ds_config: dict, fingerprint: dict, manifest_dir: Path | None
 ) -> None:
@@ -347,8 +335,10 @@ def train(config: Config, *, overwrite: bool = False) -> dict[str, float]:
     a launcher the process joins a world of one, and keeps that group for its lifetime: DeepSpeed caches its
     process groups, so a second run in the same process (tests, notebooks) must find the same group.
     """
+    from pipeline.students import resolve
+
     with dist.launcher_environment():
-        return _train(config, overwrite)
+        return _train(resolve(config), overwrite)
 
 
 @dataclass
@@ -391,7 +381,7 @@ def check_inputs(config: Config) -> RunInputs:
     temperature) with an error naming the field — before any expensive set-up."""
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
-    from pipeline.models import load_teacher_config
+    from pipeline.models import check_seq_len, load_teacher_config
     from pipeline.targets.fingerprint import cache_fingerprint, teacher_weights_digest, training_requirements
     from pipeline.targets.reader import open_cache
 
@@ -399,6 +389,7 @@ def check_inputs(config: Config) -> RunInputs:
     teacher_config = load_teacher_config(teacher_dir)
     dims = attention_dims(teacher_config)
     splits, meta = load_prepared(Path(config.data.output_dir))
+    check_seq_len(teacher_config, meta["seq_len"])
     teacher_sha = teacher_weights_digest(teacher_dir)
     requirements = training_requirements(config, meta, "train", teacher_sha, dims.num_layers)
     if config.train.mode == "cached":
@@ -411,29 +402,24 @@ def check_inputs(config: Config) -> RunInputs:
     return RunInputs(teacher_config, dims.num_layers, splits, meta, teacher_sha, requirements, fingerprint, objective)
 
 
-def build_engine(config: Config, teacher_config: Any, ds_config: dict[str, Any]) -> Any:
-    """The student (same seed on every rank) wrapped by DeepSpeed with the config's LR schedule.
+def build_engine(
+    config: Config, teacher_config: Any, ds_config: dict[str, Any], *, resuming: bool, alpha_stats: dict | None
+) -> Any:
+    """The student (same seed on every rank; scratch, pretrained or carved from the teacher, with LoRA adapters where
+    configured) wrapped by DeepSpeed with the config's LR schedule. `resuming`: only the student's structure is built
+    (the checkpoint's weights replace it, so no carve runs); `alpha_stats` (the train cache's) drive a `merge` carve.
 
     The student is built whole on every rank and partitioned by `deepspeed.initialize` (ZeRO-3 included): students
     are small next to their teachers. A student too large for one device would need `deepspeed.zero.Init` here.
+    Only parameters that require grad (the adapters alone under LoRA) reach the optimizer.
     """
     import deepspeed
 
-    from pipeline.attention import CAPTURE_ATTENTION
-    from pipeline.models import build_student
+    from pipeline.students import build_student_model
 
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
-    student = build_student(
-        teacher_config,
-        num_layers=config.student.num_layers,
-        hidden_size=config.student.hidden_size,
-        num_heads=config.student.num_heads,
-        num_kv_heads=config.student.num_kv_heads,
-        intermediate_size=config.student.intermediate_size,
-        attn_implementation=CAPTURE_ATTENTION,
-        seed=config.train.seed,
-    )
+    student = build_student_model(config, teacher_config, structure_only=resuming, alpha_stats=alpha_stats)
     student.config.use_cache = False
     if config.train.gradient_checkpointing:
         # Activation checkpointing (transformers' current name for it); the loop runs backward inside the capture.
@@ -550,7 +536,14 @@ def _train(config: Config, overwrite: bool) -> dict[str, float]:
             "loss terms: %s",
             ", ".join(f"{term.name} (w {term.weight:g})" for term in inputs.objective.terms),
         )
-    engine = build_engine(config, inputs.teacher_config, ds_config)
+    alpha_stats = None
+    if train_cfg.mode == "cached":
+        from pipeline.targets.manifest import read_manifest
+
+        alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
+    engine = build_engine(
+        config, inputs.teacher_config, ds_config, resuming=resume is not None, alpha_stats=alpha_stats
+    )
     if resume is not None:
         state = load_resume_point(engine, resume, state)
     elif dist.is_main() and (output_dir / METRICS_LOG).exists():
@@ -559,28 +552,24 @@ def _train(config: Config, overwrite: bool) -> dict[str, float]:
         export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
         return {}
 
-    tracker = _start_tracker(config, state.mlflow_run_id or (_run_id_from_file(output_dir) if resume else None))
-    state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
-    if dist.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if state.mlflow_run_id:
-            (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
-    manifest_dir = Path(config.cache.output_dir) / "train" if train_cfg.mode == "cached" else None
-    _log_run_inputs(tracker, config, ds_config, inputs.fingerprint, manifest_dir)
-    tracker.set_tags(
-        {"world_size": state.world_size, "precision": str(dtype).removeprefix("torch."), "zero_stage": state.zero_stage}
-    )
-
-    batches = training_batches(config, inputs, state, teacher)
-    evaluator = Evaluator.from_config(
-        config, inputs.teacher_layers, inputs.meta, inputs.teacher_sha, inputs.num_teacher_layers
-    )
-    trainer = Trainer(config, engine, inputs.objective, batches, state, tracker, evaluator, inputs.teacher_layers)
-    status = "FAILED"
-    try:
+    run_id = state.mlflow_run_id or (_run_id_from_file(output_dir) if resume else None)
+    tracker = create_tracker(config, rank=dist.rank(), run_id=run_id)
+    # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
+    with sigterm_as_keyboard_interrupt(), tracker.running():
+        state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
+        if dist.is_main():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if state.mlflow_run_id:
+                (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
+        manifest_dir = Path(config.cache.output_dir) / "train" if train_cfg.mode == "cached" else None
+        _log_run_inputs(tracker, config, ds_config, inputs.fingerprint, manifest_dir)
+        precision = str(dtype).removeprefix("torch.")
+        tracker.set_tags({"world_size": state.world_size, "precision": precision, "zero_stage": state.zero_stage})
+        batches = training_batches(config, inputs, state, teacher)
+        evaluator = Evaluator.from_config(
+            config, inputs.teacher_layers, inputs.meta, inputs.teacher_sha, inputs.num_teacher_layers
+        )
+        trainer = Trainer(config, engine, inputs.objective, batches, state, tracker, evaluator, inputs.teacher_layers)
         metrics = trainer.run()
         export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)
     return metrics
