@@ -444,7 +444,9 @@ def _carve(
     load_seconds = time.perf_counter() - started
     importance, calibration_seconds = teacher_importance(config, teacher)
     started = time.perf_counter()
-    layers = carved_layers(config, importance)
+    # A resolved importance carve already names its kept layers (measured or read from the record by `resolve`).
+    spec = config.distill.layer_map
+    layers = list(spec) if isinstance(spec, list) else carved_layers(config, importance)
     dims = attention_dims(teacher_config)
     groups = squeeze_groups(dims.num_heads, student.num_heads, config.distill.squeeze)
     merging = student.head_init == "merge"
