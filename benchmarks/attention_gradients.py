@@ -6,7 +6,8 @@ LR schedule and gradient clipping, the cache read in the trainer's order) and re
 own batch and parameters, before the update:
 
 - the pre-clip gradient norm of the whole loss, of the logit terms alone (CE + KD) and of the attention term alone
-  (each term's own `torch.autograd.grad`), and the cosine between the logit and attention gradients;
+  (each term's own `torch.autograd.grad`), the cosine between the logit and attention gradients, and the norm of
+  the attention term's gradient with respect to the captured queries and keys (where it enters the network);
 - the attention term's gradient as the previous round computed it — the student's full maps softmax(q kᵀ · scale)
   formed in the forward and KL taken with log of the probabilities clamped at the smallest normal fp32 — and its
   relative difference from the gradient from scores (`map_losses`): if they agree, the formulation is not what
@@ -117,7 +118,8 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         intermediate_size=config.student.intermediate_size,
         seed=config.train.seed,
     )
-    parameters = [parameter for parameter in student.parameters() if parameter.requires_grad]
+    named = [(name, parameter) for name, parameter in student.named_parameters() if parameter.requires_grad]
+    parameters = [parameter for _, parameter in named]
     train = config.train
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
     factor = partial(
@@ -135,23 +137,23 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         batch = to_device(next(batches), torch.device("cpu"))
         weights = objective.weights(step)
         counts = objective.counts(batch)
-        with objective.forward(student, student, batch) as forward:
+        with objective.forward(student, student, batch) as raw:
+            forward = raw.attached()  # plain autograd through every term, for the per-term gradients below
             sums = objective.sums(forward)
             terms = dict(zip(names, (sums / counts.clamp_min(1)).unbind(), strict=True))
+            attn = names.index("attn")
             logit_loss = weights[0] * terms["ce"] + weights[1] * terms["kd"]
-            attention_loss = weights[names.index("attn")] * terms["attn"]
-            old_loss = (
-                weights[names.index("attn")]
-                * clamped_log_attention_sum(attention, forward)
-                / counts[names.index("attn")]
-            )
+            attention_loss = weights[attn] * terms["attn"]
+            old_loss = weights[attn] * clamped_log_attention_sum(attention, forward) / counts[attn]
             logit_grad = torch.autograd.grad(logit_loss, parameters, retain_graph=True, allow_unused=True)
             attention_grad = torch.autograd.grad(attention_loss, parameters, retain_graph=True, allow_unused=True)
             old_grad = torch.autograd.grad(old_loss, parameters, retain_graph=True, allow_unused=True)
             figures = sink_figures(attention, forward)
-            total = (sums * (weights / counts.clamp_min(1)).float()).sum()
+            # The update as the trainer makes it (`distill.attn_grad_clip` applied where configured).
+            factors = (weights / counts.clamp_min(1)).float()
+            loss, input_norm = objective.backward_loss(raw, objective.sums(raw), factors)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            loss.backward()
         total_norm = float(torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip or float("inf")))
         optimizer.step()
         scheduler.step()
@@ -159,10 +161,22 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         logit_flat = _flat(logit_grad, parameters)
         record = {
             "step": step + 1,
-            **{f"loss_{name}": float(value) for name, value in terms.items()},
+            **{f"loss_{name}": float(value.detach()) for name, value in terms.items()},
             "grad_norm": total_norm,
             "grad_norm_logits": _norm(list(logit_grad)),
             "grad_norm_attn": _norm(list(attention_grad)),
+            "grad_norm_attn_inputs": input_norm,
+            "attn_grad_top_params": " ".join(
+                f"{name}={norm:.3g}"
+                for norm, name in sorted(
+                    (
+                        (float(gradient.norm()), name)
+                        for (name, _), gradient in zip(named, attention_grad, strict=True)
+                        if gradient is not None
+                    ),
+                    reverse=True,
+                )[:3]
+            ),
             "cos_logits_attn": float(
                 (logit_flat @ attention_flat) / (logit_flat.norm() * attention_flat.norm()).clamp_min(1e-30)
             ),
@@ -170,7 +184,9 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
             **figures,
         }
         records.append(record)
-        print(json.dumps({key: round(value, 5) for key, value in record.items()}), flush=True)
+        print(
+            json.dumps({key: round(value, 5) if isinstance(value, float) else value for key, value in record.items()})
+        )
     return records
 
 

@@ -102,8 +102,9 @@ class DistillConfig:
     divided once by their global count. The seed guide's combined weighting (1 − w)·L_out + w·L_att is
     w_ce = w_kd = 1 − w and w_attn = w."""
 
-    layer_map: Literal["uniform", "last"] | list[int] = "uniform"
-    """Student layer j → teacher layer: `uniform` (evenly spaced, last to last), `last`, or an explicit list."""
+    layer_map: Literal["uniform", "spread", "last"] | list[int] = "uniform"
+    """Student layer j → teacher layer: `uniform` (evenly spaced, last to last), `spread` (evenly spaced, first to
+    last: what a student carved from the teacher should copy), `last`, or an explicit list."""
     attn_match: Literal["headwise", "global", "selective"] = "headwise"
     """What the attention term matches: `headwise` (each student head ↔ its teacher head group squeezed by
     `squeeze`), `global` (the mean of all teacher heads ↔ the mean of all student heads, one map per layer), or
@@ -136,6 +137,10 @@ class DistillConfig:
     `attn_decay_steps` optimizer steps (attention transfer matters most early)."""
     attn_decay_steps: int | None = None
     """Steps of the `linear` schedule; `null` means `train.max_steps`."""
+    attn_grad_clip: float | None = None
+    """Largest norm of the attention and relation terms' gradient where it enters the student (its captured queries,
+    keys and values), per micro-batch; a larger one is scaled down to it before it reaches any weight, so a spike of
+    the attention term cannot swamp the logit terms' update. `null`: not clipped (only `train.grad_clip` applies)."""
 
 
 @dataclass
@@ -486,6 +491,8 @@ def validate(config: Config) -> None:
         "at least one of w_ce, w_kd, w_attn, w_rel > 0",
     )
     _require(d.rel_heads >= 1, "distill.rel_heads", d.rel_heads, "an integer ≥ 1")
+    if d.attn_grad_clip is not None:
+        _require(d.attn_grad_clip > 0, "distill.attn_grad_clip", d.attn_grad_clip, "a norm > 0 or null (no clipping)")
     if d.attn_decay_steps is not None:
         _require(d.attn_decay_steps >= 1, "distill.attn_decay_steps", d.attn_decay_steps, "an integer ≥ 1 or null")
     for index, temperature in enumerate(c.temperatures):

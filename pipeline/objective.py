@@ -17,6 +17,7 @@ The student runs with SDPA; its matched layers record their post-RoPE queries an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,27 @@ class StudentForward:
     inputs: dict[int, ScoreInputs]
     batch: dict[str, Any]
     _logit_sums: dict[float, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    _leaves: dict[int, ScoreInputs] | None = None
+
+    def leaf_inputs(self) -> dict[int, ScoreInputs]:
+        """The captured inputs as detached leaves (requiring grad where the originals do), which the attention and
+        relation terms read: the gradient at them is then the terms' partial derivative at each layer's inputs —
+        not the total one, which would also flow through later layers — and `Objective.backward_loss` hands it to
+        the network through the originals."""
+        if self._leaves is None:
+            self._leaves = {
+                layer: ScoreInputs(
+                    *(tensor.detach().requires_grad_(tensor.requires_grad) for tensor in inputs[:3]), inputs.scale
+                )
+                for layer, inputs in self.inputs.items()
+            }
+        return self._leaves
+
+    def attached(self) -> StudentForward:
+        """This forward with the attention and relation terms reading the captured inputs themselves, so that plain
+        autograd through their sums reaches the network (for references and diagnostics; training uses
+        `Objective.backward_loss`)."""
+        return dataclasses.replace(self, _leaves=self.inputs, _logit_sums=self._logit_sums)
 
     def logit_sums(self, kd_temperature: float) -> tuple[Tensor, Tensor]:
         """(Σ CE over labels ≠ -100, Σ τ²-scaled top-k KD over positions), computed once per temperature."""
@@ -65,6 +87,9 @@ class Term(ABC):
 
     name: str
     weight: float
+    transfers_attention: bool = False
+    """Whether the term's gradient enters the student only through captured score inputs (attention, relations):
+    such terms are the ones `distill.attn_grad_clip` bounds."""
 
     def capture_layers(self) -> set[int]:
         """Student layers whose score inputs (q, k, v) this term reads."""
@@ -131,6 +156,7 @@ class AttentionKD(Term):
     temperature: float = 1.0
     head_mean: bool = False
     name: str = "attn"
+    transfers_attention: bool = True
 
     def capture_layers(self) -> set[int]:
         return set(range(len(self.targets)))
@@ -144,7 +170,7 @@ class AttentionKD(Term):
     def loss_sum(self, forward: StudentForward) -> Tensor:
         total = None
         for layer, target in enumerate(self.targets):
-            inputs = forward.inputs[layer]
+            inputs = forward.leaf_inputs()[layer]
             part = map_loss_sum(
                 inputs.query,
                 inputs.key,
@@ -168,6 +194,7 @@ class RelationKD(Term):
     """(q, k, v) relation map names of each student layer j."""
     relation_heads: int
     name: str = "rel"
+    transfers_attention: bool = True
 
     def capture_layers(self) -> set[int]:
         return set(range(len(self.targets)))
@@ -181,7 +208,7 @@ class RelationKD(Term):
     def loss_sum(self, forward: StudentForward) -> Tensor:
         total = None
         for layer, names in enumerate(self.targets):
-            inputs = forward.inputs[layer]
+            inputs = forward.leaf_inputs()[layer]
             states = states_for_relations(inputs.query, inputs.key, inputs.value)
             targets = [forward.batch["maps"][name] for name in names]
             part = relation_loss_sum(states, targets, self.relation_heads)
@@ -211,7 +238,9 @@ class WeightSchedule:
 class Objective:
     """The configured terms, in a fixed order; every per-term tensor below is in this order."""
 
-    def __init__(self, terms: Sequence[Term], schedule: WeightSchedule | None = None) -> None:
+    def __init__(
+        self, terms: Sequence[Term], schedule: WeightSchedule | None = None, attention_grad_clip: float | None = None
+    ) -> None:
         if not terms:
             raise ValueError("an objective needs at least one term")
         names = [term.name for term in terms]
@@ -219,6 +248,7 @@ class Objective:
             raise ValueError(f"term names must be distinct, got {names}")
         self.terms = list(terms)
         self.schedule = schedule or WeightSchedule()
+        self.attention_grad_clip = attention_grad_clip
 
     @property
     def names(self) -> list[str]:
@@ -255,8 +285,41 @@ class Objective:
             yield StudentForward(logits, capture.inputs, batch)
 
     def sums(self, forward: StudentForward) -> Tensor:
-        """[n_terms] fp32 sums of one batch, with autograd graph."""
+        """[n_terms] fp32 sums of one batch, with autograd graph — the attention and relation terms' only as far as
+        the captured inputs' leaves: to train, call backward on `backward_loss`, which carries them on."""
         return torch.stack([term.loss_sum(forward).float() for term in self.terms])
+
+    def backward_loss(self, forward: StudentForward, sums: Tensor, factors: Tensor) -> tuple[Tensor, float | None]:
+        """(the scalar to call backward on, the norm of the attention-transfer gradient at the student's captured
+        inputs before clipping, None without such terms) for one micro-batch with per-term `factors`.
+
+        The attention and relation terms read the captured queries, keys and values as leaves (see
+        `StudentForward.leaf_inputs`): their gradient there is computed first (a backward through the loss blocks
+        only), scaled down to `attention_grad_clip` if larger, and handed to the network through a surrogate
+        Σ ⟨input, gradient⟩ whose gradient it is. The rest of the backward runs once, as for Σ factors · sums.
+        """
+        transfer = [index for index, term in enumerate(self.terms) if term.transfers_attention]
+        direct = [index for index in range(len(self.terms)) if index not in transfer]
+        direct_loss = (sums[direct] * factors[direct]).sum()
+        if not transfer or not forward.inputs:
+            return direct_loss, None
+        pairs = [
+            (original, leaf)
+            for layer, inputs in forward.inputs.items()
+            for original, leaf in zip(inputs[:3], forward.leaf_inputs()[layer][:3], strict=True)
+            if leaf.requires_grad
+        ]
+        transfer_loss = (sums[transfer] * factors[transfer]).sum()
+        gradients = torch.autograd.grad(transfer_loss, [leaf for _, leaf in pairs], allow_unused=True)
+        used = [
+            (original, gradient)
+            for (original, _), gradient in zip(pairs, gradients, strict=True)
+            if gradient is not None
+        ]
+        norm = float(torch.stack([gradient.double().square().sum() for _, gradient in used]).sum().sqrt())
+        scale = 1.0 if self.attention_grad_clip is None else min(1.0, self.attention_grad_clip / max(norm, 1e-30))
+        surrogate = sum((original * gradient * scale).sum() for original, gradient in used)
+        return direct_loss + surrogate, norm
 
 
 def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation: bool = False) -> Objective:
@@ -296,7 +359,7 @@ def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation
             )
         )
     decay = distill.attn_decay_steps or config.train.max_steps
-    return Objective(terms, WeightSchedule(distill.attn_schedule, decay))
+    return Objective(terms, WeightSchedule(distill.attn_schedule, decay), distill.attn_grad_clip)
 
 
 def attention_yardstick(config: Config, teacher_layers: Sequence[int]) -> AttentionKD:

@@ -457,6 +457,8 @@ def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list
     """Teacher layer matched by each student layer.
 
     "uniform": evenly spaced, last to last, m(j) = floor((j + 1) · L_t / L_s) − 1 (4 of 30 → [6, 14, 21, 29]);
+    "spread": evenly spaced, first to last, m(j) = round(j · (L_t − 1) / (L_s − 1)) (4 of 30 → [0, 10, 19, 29]; one
+    student layer → the last) — for students carved from the teacher, which then keep its first layer;
     "last": the last L_s teacher layers; a list: used as given after checking it has L_s entries, each in
     [0, L_t), non-decreasing (a list is also the way to share teacher layers when L_s > L_t).
     """
@@ -465,8 +467,10 @@ def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list
             f"layer counts must be positive, got student={num_student_layers}, teacher={num_teacher_layers}"
         )
     if isinstance(spec, str):
-        if spec not in ("uniform", "last"):
-            raise ValueError(f"layer map {spec!r}: expected 'uniform', 'last' or a list of teacher layer indices")
+        if spec not in ("uniform", "spread", "last"):
+            raise ValueError(
+                f"layer map {spec!r}: expected 'uniform', 'spread', 'last' or a list of teacher layer indices"
+            )
         if num_student_layers > num_teacher_layers:
             raise ValueError(
                 f"layer map {spec!r} needs student layers ({num_student_layers}) <= teacher layers "
@@ -474,6 +478,11 @@ def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list
             )
         if spec == "last":
             return list(range(num_teacher_layers - num_student_layers, num_teacher_layers))
+        if spec == "spread":
+            if num_student_layers == 1:
+                return [num_teacher_layers - 1]
+            span = (num_teacher_layers - 1) / (num_student_layers - 1)
+            return [int(j * span + 0.5) for j in range(num_student_layers)]
         return [(j + 1) * num_teacher_layers // num_student_layers - 1 for j in range(num_student_layers)]
     mapping = list(spec)
     if len(mapping) != num_student_layers:

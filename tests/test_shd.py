@@ -518,6 +518,9 @@ def test_layer_map_specs() -> None:
     assert layer_map(4, 30, "uniform") == [6, 14, 21, 29]
     assert layer_map(30, 30, "uniform") == list(range(30))
     assert layer_map(4, 30, "last") == [26, 27, 28, 29]
+    assert layer_map(4, 30, "spread") == [0, 10, 19, 29]
+    assert layer_map(2, 4, "spread") == [0, 3] and layer_map(1, 30, "spread") == [29]
+    assert layer_map(30, 30, "spread") == list(range(30))
     assert layer_map(3, 30, [0, 0, 29]) == [0, 0, 29]
     assert layer_map(4, 2, [0, 0, 1, 1]) == [0, 0, 1, 1]
 
@@ -530,7 +533,7 @@ def test_layer_map_specs() -> None:
         ([0, -1, 2], "entry 1 is -1"),
         ([0, 5, 4], "entry 2 is 4 < entry 1 \\(5\\): must be non-decreasing"),
         ([0, 1.5, 2], "entry 1 is 1.5"),
-        ("middle", "'middle': expected 'uniform', 'last' or a list"),
+        ("middle", "'middle': expected 'uniform', 'spread', 'last' or a list"),
     ],
 )
 def test_layer_map_rejects_bad_specs(spec: list | str, message: str) -> None:
