@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group()
     source.add_argument("--model", type=Path, default=None, help="an exported HF student directory")
     source.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint directory (or their parent)")
+    evaluate.add_argument(
+        "--split",
+        default="validation",
+        choices=["validation", "test"],
+        help="the cached split to evaluate on (test: the held-out split of data.test_fraction)",
+    )
 
     run = commands.add_parser("run", parents=[common, launcher], help="every stage in order, skipping completed ones")
     _add_config_arguments(run)
@@ -200,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "train":
         stages.train_stage(_load(args))
     elif args.command == "eval":
-        stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint)
+        stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
     elif args.command == "run":
         stages.run_stage(_load(args))
     elif args.command == "compare":

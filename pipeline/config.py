@@ -157,6 +157,8 @@ class DataConfig:
     """Tokens per packed sequence."""
     val_fraction: float = 0.05
     """Share of packed sequences held out for validation."""
+    test_fraction: float = 0.0
+    """Share held out as a `test` split, never trained or tuned on (`distill eval --split test`); 0: none."""
     num_proc: int = 1
     """Processes for tokenization."""
     seed: int = 0
@@ -503,6 +505,12 @@ def validate(config: Config) -> None:
     _require(d.top_k >= 1, "distill.top_k", d.top_k, "an integer ≥ 1")
     _require(data.seq_len >= 2, "data.seq_len", data.seq_len, "an integer ≥ 2")
     _require(0 <= data.val_fraction < 1, "data.val_fraction", data.val_fraction, "a fraction in [0, 1)")
+    _require(
+        0 <= data.test_fraction < 1 - data.val_fraction,
+        "data.test_fraction",
+        data.test_fraction,
+        f"a fraction in [0, 1 − data.val_fraction = {1 - data.val_fraction:g})",
+    )
     _require(data.num_proc >= 1, "data.num_proc", data.num_proc, "an integer ≥ 1")
     for index, count in enumerate(c.head_counts):
         _require(count >= 1, f"cache.head_counts[{index}]", count, "a head count ≥ 1")

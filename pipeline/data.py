@@ -1,6 +1,7 @@
 """`distill prepare`: tokenize a corpus with the teacher's tokenizer and pack it into fixed-length sequences.
 
-Output (`output_dir`): `train/` and `validation/` (datasets Arrow, `save_to_disk`) with columns `sample_id` (int64)
+Output (`output_dir`): `train/` and `validation/` (and `test/` with `test_fraction` > 0; datasets Arrow,
+`save_to_disk`) with columns `sample_id` (int64)
 and `input_ids` (int32, exactly `seq_len` tokens), plus `meta.json` (fingerprints, counts, settings). Labels are not
 stored: they are the next-token targets of `input_ids`, derived by the trainer.
 
@@ -9,7 +10,8 @@ stored: they are the next-token targets of `input_ids`, derived by the trainer.
   the remainder dropped. Sample ids are 0..N-1 in stream order, so they do not depend on `num_proc`.
 - Text files are one document each (`sample_by="document"`): eos marks where a file ends, not every line break.
 - The split is by sample id: each id gets a fixed hash of (seed, id) and the `round(N·val_fraction)` smallest
-  hashes are validation. The hash is ours (splitmix64), so the split survives numpy and datasets upgrades.
+  hashes are validation, the next `round(N·test_fraction)` the held-out test split (for a final table that no
+  tuning has seen). The hash is ours (splitmix64), so the split survives numpy and datasets upgrades.
 - Re-running on the same inputs is a no-op ("up to date"). Different inputs never silently reuse old output: the
   run refuses with an error naming the fields that differ, unless `overwrite=True` (`distill prepare --overwrite`),
   and then rebuilds in a staging directory that atomically replaces the old one. A full disk leaves the old output
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 META_NAME = "meta.json"
 SPLITS = ("train", "validation")
+"""The splits every prepared output has; `test` is there too when `test_fraction` > 0."""
 FINGERPRINT_FIELDS = (
     "schema_version",
     "source_fingerprint",
@@ -111,6 +114,7 @@ def prepare_dataset(
     text_field: str = "text",
     file_format: str | None = None,
     overwrite: bool = False,
+    test_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Tokenize and pack `sources` into `output_dir` (see the module docstring) and return its meta dict.
 
@@ -118,6 +122,10 @@ def prepare_dataset(
     it from extensions. With `overwrite=False`, an existing output prepared from other inputs is an error.
     """
     _check_settings(sources, seq_len, val_fraction, num_proc, file_format)
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"data.test_fraction={test_fraction!r}: expected a fraction in [0, 1) with val_fraction + test_fraction < 1"
+        )
     output_dir = Path(output_dir)
     resolved = [_resolve_source(source, file_format) for source in sources]
     settings = {
@@ -129,6 +137,8 @@ def prepare_dataset(
         "seed": seed,
         "text_field": text_field,
         "file_format": file_format,
+        # Only when used: outputs prepared without a test split keep their fingerprint.
+        **({"test_fraction": test_fraction} if test_fraction > 0 else {}),
     }
     fingerprint = _digest(settings)
     existing = _existing_meta(output_dir, overwrite)
@@ -138,8 +148,8 @@ def prepare_dataset(
     if existing is not None and not overwrite:
         changed = [
             f"{key} ({_short(existing.get(key))} → {_short(settings[key])})"
-            for key in FINGERPRINT_FIELDS
-            if existing.get(key) != settings[key]
+            for key in (*FINGERPRINT_FIELDS, "test_fraction")
+            if existing.get(key) != settings.get(key)
         ] or ["the train/validation directories are incomplete"]
         raise DataError(
             f"{output_dir / META_NAME} was prepared from different inputs: {', '.join(changed)}; "
@@ -158,10 +168,14 @@ def prepare_dataset(
                 f"data.sources hold {stream_tokens} tokens (eos included), fewer than one sequence of seq_len="
                 f"{seq_len}; add text or lower seq_len"
             )
-        validation_ids = split_validation_ids(len(packed), val_fraction, seed)
-        is_validation = np.zeros(len(packed), dtype=bool)
-        is_validation[validation_ids] = True
-        split_rows = {"train": np.flatnonzero(~is_validation), "validation": np.flatnonzero(is_validation)}
+        held_out = split_validation_ids(len(packed), val_fraction + test_fraction, seed)
+        validation_count = len(split_validation_ids(len(packed), val_fraction, seed))
+        split_of = np.zeros(len(packed), dtype=np.int8)  # 0 train, 1 validation, 2 test
+        split_of[_by_key(held_out, seed)[:validation_count]] = 1
+        split_of[_by_key(held_out, seed)[validation_count:]] = 2
+        split_rows = {"train": np.flatnonzero(split_of == 0), "validation": np.flatnonzero(split_of == 1)}
+        if test_fraction > 0:
+            split_rows["test"] = np.flatnonzero(split_of == 2)
         for split, rows in split_rows.items():
             # An empty split still needs one (empty) shard, or load_from_disk cannot open it.
             packed.select(rows).save_to_disk(str(staging / split), num_shards=1 if len(rows) == 0 else None)
@@ -182,24 +196,23 @@ def prepare_dataset(
         }
         (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     logger.info(
-        "%s: %d documents → %d sequences of %d tokens (train %d, validation %d; %d tail tokens dropped)",
+        "%s: %d documents → %d sequences of %d tokens (%s; %d tail tokens dropped)",
         output_dir,
         meta["num_documents"],
         meta["num_samples"],
         seq_len,
-        meta["splits"]["train"]["samples"],
-        meta["splits"]["validation"]["samples"],
+        ", ".join(f"{split} {counts['samples']}" for split, counts in meta["splits"].items()),
         meta["dropped_tokens"],
     )
     return meta
 
 
 def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
-    """Open a `prepare` output: its `train`/`validation` datasets and its validated `meta.json`."""
+    """Open a `prepare` output: its `train`/`validation` (and `test`) datasets and its validated `meta.json`."""
     output_dir = Path(output_dir)
     meta = _read_meta(output_dir / META_NAME)
     splits = {}
-    for split in SPLITS:
+    for split in meta["splits"]:
         path = output_dir / split
         try:
             dataset = datasets.load_from_disk(str(path))
@@ -243,6 +256,11 @@ def split_validation_ids(num_samples: int, val_fraction: float, seed: int) -> np
     sample_ids = np.arange(num_samples, dtype=np.int64)
     order = np.lexsort((sample_ids, _split_keys(sample_ids, seed)))
     return np.sort(sample_ids[order[:count]])
+
+
+def _by_key(sample_ids: np.ndarray, seed: int) -> np.ndarray:
+    """`sample_ids` ordered by their split key (ties by id): the validation ids come first among the held-out ones."""
+    return sample_ids[np.lexsort((sample_ids, _split_keys(sample_ids, seed)))]
 
 
 def _split_keys(sample_ids: np.ndarray, seed: int) -> np.ndarray:
@@ -435,7 +453,9 @@ def _existing_meta(output_dir: Path, overwrite: bool) -> dict[str, Any] | None:
 
 def _splits_present(output_dir: Path) -> bool:
     """Whether every split directory was saved completely (its `state.json` is written last)."""
-    return all((output_dir / split / "state.json").is_file() for split in SPLITS)
+    meta = output_dir / META_NAME
+    splits = json.loads(meta.read_text()).get("splits", {}) if meta.is_file() else {}
+    return all((output_dir / split / "state.json").is_file() for split in (*SPLITS, *splits))
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -104,20 +104,21 @@ class Evaluator:
         teacher_sha: str,
         num_teacher_layers: int,
         max_batches: int | None = -1,
+        split: str = "validation",
     ) -> Evaluator | None:
-        """The evaluator of `cache.output_dir/validation` (None, with a warning, when that cache is missing).
+        """The evaluator of `cache.output_dir/<split>` (None, with a warning, when that cache is missing).
 
-        `max_batches=-1` means `train.eval_batches`; None means every cached validation sample.
+        `max_batches=-1` means `train.eval_batches`; None means every cached sample of the split.
         """
         from pipeline.targets.fingerprint import training_requirements
         from pipeline.targets.manifest import MANIFEST_NAME
         from pipeline.targets.reader import open_cache
 
-        directory = Path(config.cache.output_dir) / "validation"
+        directory = Path(config.cache.output_dir) / split
         if not (directory / MANIFEST_NAME).is_file():
-            logger.warning("%s: no validation cache; evaluation is skipped", directory)
+            logger.warning("%s: no %s cache; evaluation is skipped", directory, split)
             return None
-        expected = training_requirements(config, meta, "validation", teacher_sha, num_teacher_layers)
+        expected = training_requirements(config, meta, split, teacher_sha, num_teacher_layers)
         open_cache(directory, expected)  # refuse an incompatible validation cache now, not at the first evaluation
         return cls(
             directory,
@@ -254,12 +255,15 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
     return student.to(device).eval(), step
 
 
-def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Path | None = None) -> dict[str, float]:
-    """`distill eval`: metrics of a trained student on every sample of the cached validation split (each rank's
-    share; `cache.max_samples` bounds what was cached).
+def evaluate_stage(
+    config: Config, model_dir: Path | None = None, checkpoint: Path | None = None, split: str = "validation"
+) -> dict[str, float]:
+    """`distill eval`: metrics of a trained student on every sample of a cached split — `validation`, or the held-out
+    `test` split (`data.test_fraction`) — each rank's share; `cache.max_samples` bounds what was cached.
 
-    Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` and logs them with heat maps to
-    MLflow — into the training run when `train.output_dir` names one, else into a new run.
+    Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` (`eval-test.json` for the test split;
+    metric names `eval/…` or `test/…`) and logs them with heat maps to MLflow — into the training run when
+    `train.output_dir` names one, else into a new run.
     """
     from pipeline.attention import attention_dims
     from pipeline.data import load_prepared
@@ -277,16 +281,28 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
     check_seq_len(teacher_config, meta["seq_len"])
     teacher_sha = teacher_weights_digest(Path(config.teacher.path))
     teacher_layers = student_layers(config, dims.num_layers)
-    evaluator = Evaluator.from_config(config, teacher_layers, meta, teacher_sha, dims.num_layers, max_batches=None)
+    if split not in meta["splits"]:
+        raise EvalError(
+            f"{Path(config.data.output_dir)}: no {split!r} split was prepared (splits: {', '.join(meta['splits'])}); "
+            "set data.test_fraction and re-run `distill prepare` and `distill cache` into new directories"
+        )
+    evaluator = Evaluator.from_config(
+        config, teacher_layers, meta, teacher_sha, dims.num_layers, max_batches=None, split=split
+    )
     if evaluator is None:
-        directory = Path(config.cache.output_dir) / "validation"
-        raise EvalError(f"{directory}: no validation cache to evaluate on (run `distill cache`)")
+        directory = Path(config.cache.output_dir) / split
+        raise EvalError(f"{directory}: no {split} cache to evaluate on (run `distill cache`)")
     model, step = load_student_for_eval(config, model_dir, checkpoint)
     result = evaluator.run(model, model, heatmap=True)
+    if split != "validation":
+        result = EvalResult(
+            {f"{split}/{key.split('/', 1)[1]}": value for key, value in result.metrics.items()}, result.heatmap
+        )
     if dist.is_main():
         output_dir = Path(config.train.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / EVAL_FILE).write_text(json.dumps({"step": step, **result.metrics}, indent=2) + "\n")
+        name = EVAL_FILE if split == "validation" else f"eval-{split}.json"
+        (output_dir / name).write_text(json.dumps({"step": step, **result.metrics}, indent=2) + "\n")
         print("| metric | value |\n|---|---|")
         for key, value in result.metrics.items():
             print(f"| {key} | {value:.6g} |")
@@ -298,6 +314,6 @@ def evaluate_stage(config: Config, model_dir: Path | None = None, checkpoint: Pa
             if result.heatmap is not None:
                 figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(teacher_layers)))
                 for name, figure in figures.items():
-                    tracker.log_figure(figure, f"heatmaps/eval-step-{step:08d}/{name}.png")
+                    tracker.log_figure(figure, f"heatmaps/{split}-step-{step:08d}/{name}.png")
     dist.barrier()
     return result.metrics

@@ -86,6 +86,7 @@ def prepare_stage(config: Config, *, overwrite: bool = False) -> dict[str, Any]:
         Path(config.data.output_dir),
         seq_len=config.data.seq_len,
         val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
         num_proc=config.data.num_proc,
         seed=config.data.seed,
         text_field=config.data.text_field,
@@ -181,12 +182,14 @@ def train_stage(config: Config) -> dict[str, float]:
     return train(config)
 
 
-def eval_stage(config: Config, model_dir: Path | None = None, checkpoint: Path | None = None) -> dict[str, float]:
+def eval_stage(
+    config: Config, model_dir: Path | None = None, checkpoint: Path | None = None, split: str = "validation"
+) -> dict[str, float]:
     """`distill eval`: a trained student (exported, another HF directory, or a checkpoint) on the whole cached
-    validation split."""
+    validation (or held-out test) split."""
     from pipeline.evaluate import evaluate_stage
 
-    return evaluate_stage(config, model_dir=model_dir, checkpoint=checkpoint)
+    return evaluate_stage(config, model_dir=model_dir, checkpoint=checkpoint, split=split)
 
 
 def compare_stage(config: Config, report_dir: Path) -> str:

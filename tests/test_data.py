@@ -118,6 +118,28 @@ def test_split_is_deterministic_disjoint_and_complete(tiny_llama_dir: Path, corp
     assert splits["train"]["sample_id"] == sorted(train)  # each split in sample-id order
 
 
+def test_a_test_split_is_held_out_without_moving_the_validation_split(
+    tiny_llama_dir: Path, corpus_dir: Path, tmp_path: Path
+):
+    without = _prepare([str(corpus_dir)], tiny_llama_dir, tmp_path / "two", val_fraction=0.25, seed=7)
+    with_test = _prepare(
+        [str(corpus_dir)], tiny_llama_dir, tmp_path / "three", val_fraction=0.25, test_fraction=0.2, seed=7
+    )
+    two, _ = load_prepared(tmp_path / "two")
+    three, _ = load_prepared(tmp_path / "three")
+    assert set(three) == {"train", "validation", "test"} and set(two) == {"train", "validation"}
+    train, validation, test = (set(three[name]["sample_id"]) for name in ("train", "validation", "test"))
+    assert not (train & validation or train & test or validation & test)
+    assert train | validation | test == set(range(with_test["num_samples"]))
+    assert validation == set(two["validation"]["sample_id"])  # adding a test split leaves validation as it was
+    assert len(test) == round(with_test["num_samples"] * 0.45) - len(validation)
+    assert with_test["splits"]["test"]["samples"] == len(test)
+    assert without["fingerprint"] != with_test["fingerprint"]
+    assert "test_fraction" not in without  # outputs prepared before the test split keep their fingerprint
+    with pytest.raises(DataError, match=r"data\.test_fraction=0\.8"):
+        _prepare([str(corpus_dir)], tiny_llama_dir, tmp_path / "bad", val_fraction=0.25, test_fraction=0.8)
+
+
 def test_split_validation_ids_edge_cases():
     first, again = split_validation_ids(1000, 0.1, seed=0), split_validation_ids(1000, 0.1, seed=0)
     np.testing.assert_array_equal(first, again)
