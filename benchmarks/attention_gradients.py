@@ -139,7 +139,7 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         counts = objective.counts(batch)
         with objective.forward(student, student, batch) as raw:
             forward = raw.attached()  # plain autograd through every term, for the per-term gradients below
-            sums = objective.sums(forward)
+            sums = torch.stack(objective.term_sums(forward))
             terms = dict(zip(names, (sums / counts.clamp_min(1)).unbind(), strict=True))
             attn = names.index("attn")
             logit_loss = weights[0] * terms["ce"] + weights[1] * terms["kd"]
@@ -151,7 +151,7 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
             figures = sink_figures(attention, forward)
             # The update as the trainer makes it (`distill.attn_grad_clip` applied where configured).
             factors = (weights / counts.clamp_min(1)).float()
-            loss, input_norm = objective.backward_loss(raw, objective.sums(raw), factors)
+            loss, input_norm = objective.backward_loss(raw, objective.term_sums(raw), factors)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         total_norm = float(torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip or float("inf")))

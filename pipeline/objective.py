@@ -284,14 +284,20 @@ class Objective:
             logits = model(input_ids=batch["input_ids"], use_cache=False).logits
             yield StudentForward(logits, capture.inputs, batch)
 
-    def sums(self, forward: StudentForward) -> Tensor:
-        """[n_terms] fp32 sums of one batch, with autograd graph — the attention and relation terms' only as far as
-        the captured inputs' leaves: to train, call backward on `backward_loss`, which carries them on."""
-        return torch.stack([term.loss_sum(forward).float() for term in self.terms])
+    def term_sums(self, forward: StudentForward) -> list[Tensor]:
+        """Each term's fp32 sum over one batch, with autograd graph — the attention and relation terms' only as far
+        as the captured inputs' leaves: to train, call backward on `backward_loss`, which carries them on."""
+        return [term.loss_sum(forward).float() for term in self.terms]
 
-    def backward_loss(self, forward: StudentForward, sums: Tensor, factors: Tensor) -> tuple[Tensor, float | None]:
+    def sums(self, forward: StudentForward) -> Tensor:
+        """[n_terms] fp32 sums of one batch without autograd graph (for logging, checks and evaluation)."""
+        return torch.stack([value.detach() for value in self.term_sums(forward)])
+
+    def backward_loss(
+        self, forward: StudentForward, term_sums: Sequence[Tensor], factors: Tensor
+    ) -> tuple[Tensor, float | None]:
         """(the scalar to call backward on, the norm of the attention-transfer gradient at the student's captured
-        inputs before clipping, None without such terms) for one micro-batch with per-term `factors`.
+        inputs before clipping, None without such terms) for one micro-batch's `term_sums` and per-term `factors`.
 
         The attention and relation terms read the captured queries, keys and values as leaves (see
         `StudentForward.leaf_inputs`): their gradient there is computed first (a backward through the loss blocks
@@ -299,8 +305,9 @@ class Objective:
         Σ ⟨input, gradient⟩ whose gradient it is. The rest of the backward runs once, as for Σ factors · sums.
         """
         transfer = [index for index, term in enumerate(self.terms) if term.transfers_attention]
-        direct = [index for index in range(len(self.terms)) if index not in transfer]
-        direct_loss = (sums[direct] * factors[direct]).sum()
+        direct_loss = sum(
+            term_sums[index] * factors[index] for index in range(len(self.terms)) if index not in transfer
+        )
         if not transfer or not forward.inputs:
             return direct_loss, None
         pairs = [
@@ -309,7 +316,7 @@ class Objective:
             for original, leaf in zip(inputs[:3], forward.leaf_inputs()[layer][:3], strict=True)
             if leaf.requires_grad
         ]
-        transfer_loss = (sums[transfer] * factors[transfer]).sum()
+        transfer_loss = sum(term_sums[index] * factors[index] for index in transfer)
         gradients = torch.autograd.grad(transfer_loss, [leaf for _, leaf in pairs], allow_unused=True)
         used = [
             (original, gradient)

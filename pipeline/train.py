@@ -196,9 +196,10 @@ class Trainer:
             # Backward inside the forward's capture block: with activation checkpointing the recomputed forward
             # must take the same (captured) attention path as the first one.
             with self.objective.forward(self.engine, self.engine.module, batch) as forward:
-                batch_sums = self.objective.sums(forward)
+                term_sums = self.objective.term_sums(forward)
+                batch_sums = torch.stack([value.detach() for value in term_sums])
                 self._check_finite(batch_sums, batch)
-                loss, input_norm = self.objective.backward_loss(forward, batch_sums, factors)
+                loss, input_norm = self.objective.backward_loss(forward, term_sums, factors)
                 self.engine.backward(loss)
             if input_norm is not None:
                 attention_input_norm = max(attention_input_norm, input_norm)
@@ -206,7 +207,7 @@ class Trainer:
             if index == accumulation - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
-            del forward, batch_sums
+            del forward, term_sums, loss
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         means = dist.term_means(sums, counts)

@@ -185,17 +185,16 @@ def test_attention_gradient_clip_scales_only_the_attention_terms(tiny_llama_dir:
     parameters = [parameter for parameter in student.parameters()]
 
     with objective.forward(student, student, batch) as forward:
-        sums = objective.sums(forward)
-        loss, norm = objective.backward_loss(forward, sums, factors)
+        loss, norm = objective.backward_loss(forward, objective.term_sums(forward), factors)
         ours = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
         # The reference reads the captured inputs themselves (no leaves): plain autograd through the network.
-        attached_sums = objective.sums(forward.attached())
+        attached_sums = objective.term_sums(forward.attached())
         direct = attached_sums[0] * factors[0] + attached_sums[1] * factors[1]
         transfer = attached_sums[2] * factors[2] + attached_sums[3] * factors[3]
         # Partial derivatives at every layer's inputs, each layer's on its own, through fresh leaf copies.
         leaves = {layer: [t.detach().requires_grad_() for t in inputs[:3]] for layer, inputs in forward.inputs.items()}
         copies = {layer: ScoreInputs(*tensors, forward.inputs[layer].scale) for layer, tensors in leaves.items()}
-        partial_sums = objective.sums(dataclasses.replace(forward, _leaves=copies))
+        partial_sums = objective.term_sums(dataclasses.replace(forward, _leaves=copies))
         partial_transfer = partial_sums[2] * factors[2] + partial_sums[3] * factors[3]
         leaf_list = [t for tensors in leaves.values() for t in tensors]
         partial_grads = torch.autograd.grad(partial_transfer, leaf_list, allow_unused=True)
@@ -203,6 +202,12 @@ def test_attention_gradient_clip_scales_only_the_attention_terms(tiny_llama_dir:
         scale = 1.0 if clip is None else min(1.0, clip / expected_norm.item())
         reference = torch.autograd.grad(direct + scale * transfer, parameters, allow_unused=True)
     assert norm == pytest.approx(expected_norm.item(), rel=1e-5) and norm > 1e-3
+    with objective.forward(student, student, batch) as forward:  # as the trainer calls it: one plain backward
+        student.zero_grad()
+        objective.backward_loss(forward, objective.term_sums(forward), factors)[0].backward()
+    for parameter, want in zip(parameters, reference, strict=True):
+        if want is not None:
+            torch.testing.assert_close(parameter.grad, want, rtol=1e-4, atol=1e-7)
     assert (scale < 1) == (clip == 1e-4)
     for got, want in zip(ours, reference, strict=True):
         if want is None:
