@@ -287,16 +287,16 @@ def resolve_student(config: Config, teacher_config: PretrainedConfig) -> Config:
 # Calibration and the layer map of a carve by importance
 
 
-def calibration_ids(config: Config) -> Tensor:
-    """The first `student.calibration_samples` packed train sequences [N, T] int64 (fewer when the split is
-    smaller, with a warning)."""
+def calibration_ids(config: Config, count: int | None = None) -> Tensor:
+    """The first `count` (default `student.calibration_samples`) packed train sequences [N, T] int64 (fewer when the
+    split is smaller, with a warning)."""
     from pipeline.data import load_prepared
 
     splits, _ = load_prepared(Path(config.data.output_dir))
     rows = splits["train"]
-    wanted = config.student.calibration_samples
+    wanted = config.student.calibration_samples if count is None else count
     if len(rows) < wanted:
-        logger.warning("student.calibration_samples = %d, but the train split has %d sequences", wanted, len(rows))
+        logger.warning("calibration: %d samples wanted, but the train split has %d sequences", wanted, len(rows))
     rows = rows.select(range(min(wanted, len(rows)))).with_format("torch", columns=["input_ids"])
     return torch.stack(list(rows["input_ids"])).long()
 
@@ -429,8 +429,63 @@ def merge_alphas(
     return alphas
 
 
+def selective_heads(
+    config: Config, teacher: PreTrainedModel, layers: list[int], selected_heads: dict[str, list[int]] | None
+) -> tuple[dict[int, list[int]], str]:
+    """(teacher layer → the teacher heads of its `selective` targets for `student.num_heads` heads, where they came
+    from): `selected_heads` (a cache manifest's `L<layer>.H<heads>` → heads), else the train cache's manifest in
+    cached mode, else — online mode, or a manifest without them — chosen as `distill cache` and the online teacher
+    choose them (`select_teacher_heads` on the first train samples), so the carved heads are the matched ones."""
+    from pipeline.targets.manifest import CacheError, read_manifest
+    from pipeline.targets.writer import SELECTION_SAMPLES, select_teacher_heads
+
+    heads, distinct = config.student.num_heads, tuple(sorted(set(layers)))
+    source = "given"
+    if selected_heads is None and config.train.mode == "cached":
+        directory = Path(config.cache.output_dir) / "train"
+        try:
+            selected_heads, source = read_manifest(directory).selected_heads, f"the cache manifest in {directory}"
+        except CacheError:
+            source = f"no cache manifest in {directory}"
+    missing = [f"L{layer}.H{heads}" for layer in distinct if f"L{layer}.H{heads}" not in (selected_heads or {})]
+    if missing:
+        logger.warning("selective heads %s not in %s: choosing them as `distill cache` does", missing, source)
+        ids = calibration_ids(config, SELECTION_SAMPLES)
+        selected_heads, _ = select_teacher_heads(teacher, ids, distinct, (heads,))
+        source = f"chosen on the first {len(ids)} train samples as `distill cache` chooses them"
+    chosen = {layer: list(selected_heads[f"L{layer}.H{heads}"]) for layer in set(layers)}
+    for layer, teacher_heads in chosen.items():
+        if len(teacher_heads) != heads:
+            raise ConfigError(
+                f"selected_heads L{layer}.H{heads} ({source}): {teacher_heads} names {len(teacher_heads)} teacher "
+                f"heads, expected student.num_heads = {heads}"
+            )
+    return chosen, source
+
+
+def carve_groups(
+    config: Config,
+    teacher: PreTrainedModel,
+    layers: list[int],
+    selected_heads: dict[str, list[int]] | None,
+) -> tuple[dict[int, list[list[int]]], str]:
+    """(teacher layer → the teacher heads each student head is carved from, what they are): the heads its attention
+    target squeezes — the squeeze's groups (`headwise`, `global`), or under `attn_match: selective` the one teacher
+    head its target is (student head j ↔ the j-th selected head, as the selective targets are stored)."""
+    dims = attention_dims(teacher.config)
+    if config.attention_kind() == "selective":
+        chosen, source = selective_heads(config, teacher, layers, selected_heads)
+        return {layer: [[head] for head in chosen[layer]] for layer in layers}, f"selective targets' heads ({source})"
+    groups = squeeze_groups(dims.num_heads, config.student.num_heads, config.distill.squeeze)
+    return dict.fromkeys(layers, groups), f"{config.distill.squeeze} squeeze groups"
+
+
 def _carve(
-    config: Config, teacher_config: PretrainedConfig, hf_config: PretrainedConfig, alpha_stats: dict[str, Any] | None
+    config: Config,
+    teacher_config: PretrainedConfig,
+    hf_config: PretrainedConfig,
+    alpha_stats: dict[str, Any] | None,
+    selected_heads: dict[str, list[int]] | None,
 ) -> PreTrainedModel:
     """The carved student (see `pipeline.carve`), logged and recorded in `train.output_dir/student_init.json`."""
     from pipeline.atomic import atomic_write_text
@@ -448,22 +503,22 @@ def _carve(
     spec = config.distill.layer_map
     layers = list(spec) if isinstance(spec, list) else carved_layers(config, importance)
     dims = attention_dims(teacher_config)
-    groups = squeeze_groups(dims.num_heads, student.num_heads, config.distill.squeeze)
-    merging = student.head_init == "merge"
+    groups, grouping = carve_groups(config, teacher, layers, selected_heads)
+    merging = student.head_init == "merge" and config.attention_kind() != "selective"
     alphas = merge_alphas(alpha_stats, layers, student.num_heads, config.distill.squeeze) if merging else None
-    plan = carve.plan_carve(
-        teacher_config, hf_config, layers, importance, student.head_init, dict.fromkeys(layers, groups), alphas
-    )
+    plan = carve.plan_carve(teacher_config, hf_config, layers, importance, student.head_init, groups, alphas)
     model = carve.carve_student(teacher, hf_config, plan)
     seconds = time.perf_counter() - started
     kept = plan.describe()
     logger.info(
-        "carved the student from the teacher in %.2f s (teacher load %.1f s, calibration %.1f s) (%s heads, layers "
-        "by %s): teacher layers %s; heads per layer %s; KV heads %s; MLP channels %s of %d; hidden channels %d of %d",
+        "carved the student from the teacher in %.2f s (teacher load %.1f s, calibration %.1f s) (%s heads of the "
+        "%s, layers by %s): teacher layers %s; heads per layer %s; KV heads %s; MLP channels %s of %d; hidden "
+        "channels %d of %d",
         seconds,
         load_seconds,
         calibration_seconds,
         student.head_init,
+        grouping,
         student.carve_layers,
         kept["teacher_layers"],
         kept["heads"],
@@ -478,6 +533,7 @@ def _carve(
             "init": TEACHER,
             "carve_layers": student.carve_layers,
             "head_init": student.head_init,
+            "head_groups": grouping,
             "calibration": _calibration_key(config),
             **kept,
             "block_importance": [round(value, 6) for value in importance.block.tolist()],
@@ -498,6 +554,7 @@ def build_student_model(
     *,
     structure_only: bool = False,
     alpha_stats: dict[str, Any] | None = None,
+    selected_heads: dict[str, list[int]] | None = None,
     seed: int | None = None,
 ) -> nn.Module:
     """The student of a resolved `config` (see `resolve`), fp32, capture attention, train mode, with LoRA adapters
@@ -505,8 +562,9 @@ def build_student_model(
 
     `scratch`: random weights from `seed` (default `train.seed`), exactly `models.build_student`'s; a pretrained
     directory: its weights; `teacher`: carved from the teacher on calibration batches, heads merged with the cache's
-    `alpha_stats` (a manifest's `alpha_stats`; None merges uniformly). `structure_only`: the same modules with
-    random weights and no calibration, for a caller about to load a checkpoint's weights.
+    `alpha_stats` (a manifest's `alpha_stats`; None merges uniformly), or under `attn_match: selective` each head
+    from its target's teacher head (`selected_heads`, a manifest's; None: see `selective_heads`). `structure_only`:
+    the same modules with random weights and no calibration, for a caller about to load a checkpoint's weights.
     """
     from pipeline.models import build_student
 
@@ -541,7 +599,7 @@ def build_student_model(
         )
         logger.info("student: pretrained weights from %s", student.init)
     else:
-        model = _carve(config, teacher_config, hf_config, alpha_stats)
+        model = _carve(config, teacher_config, hf_config, alpha_stats, selected_heads)
     model.train()
     if student.lora.r > 0 and kind == SCRATCH:
         logger.warning(

@@ -287,3 +287,76 @@ def test_lora_on_a_carved_student(tiny_llama_dir: Path, llama_data: Path, tmp_pa
     overridden = config_from_dict(config.to_dict(), ["student.lora.r=8", "student.lora.target_modules=[q_proj]"])
     assert overridden.student.lora.r == 8 and overridden.student.lora.target_modules == ["q_proj"]
     assert overridden.student.num_heads == 3  # the rest of student is kept
+
+
+@pytest.mark.parametrize("head_init", ["prune", "merge"])
+def test_selective_matching_carves_each_head_from_its_target_head(
+    head_init: str, tiny_llama_dir: Path, llama_data: Path, tmp_path: Path
+) -> None:
+    """`attn_match: selective`: student head j is the cache's j-th selected teacher head (q and o slices copied,
+    whatever `head_init`), the one KV head the mean of the teacher KV heads those heads read (6 heads on 2 KV:
+    heads 0-2 read KV 0, 3-5 read KV 1), checked against float64 slices of the teacher."""
+    config = students.resolve(
+        make_config(
+            tiny_llama_dir,
+            llama_data,
+            tmp_path,
+            {"init": "teacher", "head_init": head_init, "num_heads": 3, "num_kv_heads": 1},
+            distill={"layer_map": [1, 3], "attn_match": "selective"},
+        )
+    )
+    selected = {"L1.H3": [0, 3, 5], "L3.H3": [1, 2, 4], "L1.H2": [0, 1]}
+    model = students.build_student_model(
+        config,
+        AutoConfig.from_pretrained(tiny_llama_dir),
+        selected_heads=selected,
+        alpha_stats={"L1.H3.shd": {"per_teacher_head_mean": [0.9, 0.1, 0.25, 0.75, 0.5, 0.5]}},
+    )
+    teacher = load_teacher(tiny_llama_dir)
+    for student_layer, teacher_layer, heads, kv_weights in [
+        (0, 1, [0, 3, 5], [1 / 3, 2 / 3]),
+        (1, 3, [1, 2, 4], [2 / 3, 1 / 3]),
+    ]:
+        source, carved = teacher.model.layers[teacher_layer].self_attn, model.model.layers[student_layer].self_attn
+        q = source.q_proj.weight.double().reshape(6, 8, 48)
+        o = source.o_proj.weight.double().reshape(48, 6, 8)
+        k = source.k_proj.weight.double().reshape(2, 8, 48)
+        assert torch.equal(carved.q_proj.weight.double(), q[heads].reshape(24, 48))
+        assert torch.equal(carved.o_proj.weight.double(), o[:, heads].reshape(48, 24))
+        expected_k = kv_weights[0] * k[0] + kv_weights[1] * k[1]
+        torch.testing.assert_close(carved.k_proj.weight.double(), expected_k, rtol=1e-6, atol=1e-7)
+    record = json.loads((tmp_path / students.RECORD_FILE).read_text())
+    assert record["heads"] == [[[0], [3], [5]], [[1], [2], [4]]]
+    assert record["head_groups"].startswith("selective") and record["merge_alpha_layers"] is None
+
+
+def test_selective_heads_without_a_cache_are_chosen_as_the_cache_chooses(
+    tiny_llama_dir: Path, llama_data: Path, tmp_path: Path
+) -> None:
+    """No manifest: the heads of the largest mean output share ‖A_h X_h‖ / Σ‖A X‖ on the first 16 train samples,
+    against a float64 reference from the captured maps and dense value–output circuits."""
+    from pipeline.attention import AttentionCapture
+    from pipeline.targets.writer import SELECTION_SAMPLES
+
+    config = students.resolve(
+        make_config(
+            tiny_llama_dir,
+            llama_data,
+            tmp_path,
+            {"init": "teacher", "num_heads": 2},
+            distill={"layer_map": [0, 2], "attn_match": "selective"},
+            cache={"output_dir": str(tmp_path / "no_cache"), "batch_size": 4},
+        )
+    )
+    students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir))
+    teacher = load_teacher(tiny_llama_dir)
+    samples = students.calibration_ids(config, SELECTION_SAMPLES)
+    assert samples.shape[0] == SELECTION_SAMPLES
+    with torch.no_grad(), AttentionCapture(teacher, [0, 2], circuits=True) as capture:
+        teacher(input_ids=samples)
+    expected = []
+    for layer in (0, 2):
+        norms = (capture.maps[layer].double() @ capture.circuits[layer].dense().double()).square().sum((-2, -1)).sqrt()
+        shares = (norms / norms.sum(1, keepdim=True)).mean(0)
+        expected.append([[head] for head in sorted(shares.argsort(descending=True)[:2].tolist())])
+    assert json.loads((tmp_path / students.RECORD_FILE).read_text())["heads"] == expected
