@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline.targets.manifest import (
     write_manifest,
 )
 from pipeline.targets.reader import TargetStream, open_cache, verify_cache
-from tests.cache_fixtures import SAMPLE_ID_OFFSET, write_synthetic_cache
+from tests.cache_fixtures import SAMPLE_ID_OFFSET, VOCAB_SIZE, write_synthetic_cache
 
 NUM_SAMPLES = 37
 SHARD_SIZE = 8
@@ -268,6 +269,12 @@ class SpyHandle:
     def __init__(self, handle: Any, sliced: set[str], loaded: set[str]) -> None:
         self.handle, self.sliced, self.loaded = handle, sliced, loaded
 
+    def __enter__(self) -> SpyHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
     def keys(self) -> list[str]:
         return self.handle.keys()
 
@@ -337,6 +344,17 @@ def rewrite_shard(directory: Path, index: int, tensors: dict[str, torch.Tensor])
     write_manifest(directory, manifest)
 
 
+def record_sample_id_ranges(directory: Path) -> None:
+    """Give every manifest entry its shard's sample id range, as the cache writer records it (the synthetic caches
+    are written without): `open_cache` then proves uniqueness from the manifest instead of reading the ids."""
+    manifest = read_manifest(directory)
+    for index, entry in enumerate(manifest.shards):
+        ids = load_file(directory / entry.file)["sample_ids"]
+        ranged = dataclasses.replace(entry, sample_id_min=int(ids.min()), sample_id_max=int(ids.max()))
+        manifest.shards[index] = ranged
+    write_manifest(directory, manifest)
+
+
 def test_corrupt_byte_is_caught_by_verify_and_while_streaming(fresh_cache: Path) -> None:
     overwrite_tensor_bytes(fresh_cache / shard_file_name(3), "topk_values")
     overwrite_tensor_bytes(fresh_cache / shard_file_name(1), "attn.L1.H2.shd")
@@ -346,7 +364,21 @@ def test_corrupt_byte_is_caught_by_verify_and_while_streaming(fresh_cache: Path)
         collect(make_stream(fresh_cache, shuffle=False, num_batches=13))
     with pytest.raises(CacheError, match=r"shard-00003\.safetensors: sha256"):
         collect(make_stream(fresh_cache, shuffle=False, start_position=24, num_batches=1, prefetch=False))
-    assert len(collect(make_stream(fresh_cache, num_batches=13, verify_checksums=False))) == 13
+    # Without checksums the flipped byte still stops the stream: its attention row no longer sums to 1.
+    unchecked = make_stream(fresh_cache, shuffle=False, num_batches=13, verify_checksums=False)
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: tensor 'attn\.L1\.H2\.shd' \(teacher layer 1\): "):
+        collect(unchecked)
+    other_token = fresh_cache / "other-token"
+    write_synthetic_cache(other_token, NUM_SAMPLES, SHARD_SIZE, SEQ_LEN)
+    path = other_token / shard_file_name(1)
+    header, _ = read_header(str(path))
+    data = bytearray(path.read_bytes())
+    first_token = 8 + int.from_bytes(data[:8], "little") + header["input_ids"]["data_offsets"][0]
+    data[first_token] = (data[first_token] + 1) % VOCAB_SIZE  # another valid token: only the sha256 tells
+    path.write_bytes(bytes(data))
+    assert len(collect(make_stream(other_token, num_batches=13, verify_checksums=False))) == 13
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: sha256"):
+        collect(make_stream(other_token, num_batches=13))
 
 
 def test_truncated_shard(fresh_cache: Path) -> None:
@@ -356,7 +388,8 @@ def test_truncated_shard(fresh_cache: Path) -> None:
         verify_cache(fresh_cache)
     with pytest.raises(CacheError, match=r"shard-00004\.safetensors: \d+ bytes"):
         collect(make_stream(fresh_cache, shuffle=False, num_batches=13))
-    with pytest.raises(CacheError, match=r"shard-00004\.safetensors: unreadable shard"):
+    # Without sample id ranges in the manifest, open_cache reads every shard's ids (after checking its size).
+    with pytest.raises(CacheError, match=r"shard-00004\.safetensors: \d+ bytes"):
         collect(make_stream(fresh_cache, shuffle=False, num_batches=13, verify_checksums=False))
 
 
@@ -419,7 +452,7 @@ def test_matching_expectations_and_uncached_requests(dense_cache: Path) -> None:
 
 def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) -> None:
     assert verify_cache(fresh_cache).num_samples == NUM_SAMPLES
-    original = load_file(fresh_cache / shard_file_name(2))
+    original = {name: tensor.clone() for name, tensor in load_file(fresh_cache / shard_file_name(2)).items()}
     bad_shards = {
         r"tensor 'tail_mass' is F16 \[8, 6\], the manifest's fingerprint needs F32 \[8, 6\]": {
             **original,
@@ -441,3 +474,244 @@ def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) ->
     rewrite_shard(fresh_cache, 2, {**original, "attn.L3.H2.shd": original["attn.L3.H2.shd"][..., :-1].contiguous()})
     with pytest.raises(CacheError, match=r"shard-00002\.safetensors: tensor 'attn.L3.H2.shd' is F16 \[8, 2, 20\]"):
         collect(make_stream(fresh_cache, shuffle=False, num_batches=13))
+
+
+# ---------------------------------------------------------------- bad values, ids and paths behind matching checksums
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+def _damaged(original: dict[str, torch.Tensor], name: str, change: Any) -> dict[str, torch.Tensor]:
+    tensor = original[name].clone()
+    change(tensor)
+    return {**original, name: tensor}
+
+
+def _set(index: tuple, value: float) -> Any:
+    def change(tensor: torch.Tensor) -> None:
+        tensor[index] = value
+
+    return change
+
+
+def _halve_row(tensor: torch.Tensor) -> None:
+    tensor[0, 0, 3:6] *= 0.5  # query row 2 of head 0: triangle entries 3, 4, 5
+
+
+def _move_mass_negative(tensor: torch.Tensor) -> None:
+    tensor[1, 0, 1] = -0.25  # query row 1 still sums to 1
+    tensor[1, 0, 2] += 0.25
+
+
+def _log_probs_as_probs(tensor: torch.Tensor) -> None:
+    tensor.copy_(tensor.float().exp())
+
+
+DENSE_DAMAGE = {
+    "nan in an attention target": (
+        "attn.L3.H2.shd",
+        _set((5, 1, 7), float("nan")),
+        r"tensor 'attn\.L3\.H2\.shd' \(teacher layer 3\): nan at sample id 1021 \(shard row 5\), head 1, query row 3, "
+        r"key 1; expected a finite value",
+    ),
+    "inf in the logits": (
+        "topk_values",
+        _set((3, 2, 0), float("-inf")),
+        r"tensor 'topk_values': -inf at sample id 1019 \(shard row 3\), position 2, entry 0; expected a finite value",
+    ),
+    "nan in the tail mass": (
+        "tail_mass",
+        _set((2, 4), float("nan")),
+        r"tensor 'tail_mass': nan at sample id 1018 \(shard row 2\), position 4; expected a finite value",
+    ),
+    "an attention row not summing to 1": (
+        "attn.L1.H3.shd",
+        _halve_row,
+        r"tensor 'attn\.L1\.H3\.shd' \(teacher layer 1\): the entries of a causal row sum to 0\.49\d* at sample id "
+        r"1016 \(shard row 0\), head 0, query row 2; expected 1 ± 0\.0011 \(a probability distribution\)",
+    ),
+    "a negative probability": (
+        "attn.L1.H2.shd",
+        _move_mass_negative,
+        r"tensor 'attn\.L1\.H2\.shd' \(teacher layer 1\): -0\.25 at sample id 1017 \(shard row 1\), head 0, query row "
+        r"1, key 0; expected a value ≥ 0",
+    ),
+    "log-probabilities stored as probabilities": (
+        "topk_values",
+        _log_probs_as_probs,
+        r"tensor 'topk_values': the top-k probabilities and the tail mass sum to [\d.]+ at sample id 1016 \(shard "
+        r"row 0\), position 0; expected 1 ± ",
+    ),
+    "a token outside the vocabulary": (
+        "input_ids",
+        _set((4, 1), VOCAB_SIZE),
+        rf"tensor 'input_ids': token id {VOCAB_SIZE} at sample id 1020 \(shard row 4\), position 1; expected "
+        rf"0 ≤ token id < {VOCAB_SIZE}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSE_DAMAGE))
+def test_bad_values_behind_a_matching_checksum_are_refused_naming_tensor_and_sample(
+    fresh_cache: Path, case: str
+) -> None:
+    """The shard is rewritten and the manifest lists its new checksum: only the values are wrong. The stream refuses
+    it on first use (with and without checksums), `verify` too, and neither changes a byte."""
+    name, change, message = DENSE_DAMAGE[case]
+    original = {key: tensor.clone() for key, tensor in load_file(fresh_cache / shard_file_name(2)).items()}
+    rewrite_shard(fresh_cache, 2, _damaged(original, name, change))
+    before = snapshot(fresh_cache)
+    pattern = rf"shard-00002\.safetensors: {message}"
+    with pytest.raises(CacheError, match=pattern):
+        verify_cache(fresh_cache)
+    heads = 3 if ".H3." in name else 2
+    for verify_checksums in (True, False):
+        with pytest.raises(CacheError, match=pattern):
+            collect(make_stream(fresh_cache, heads=heads, num_batches=13, verify_checksums=verify_checksums))
+    assert snapshot(fresh_cache) == before
+
+
+def test_the_value_check_covers_only_what_a_run_reads_and_runs_once_per_shard(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = {key: tensor.clone() for key, tensor in load_file(fresh_cache / shard_file_name(2)).items()}
+    rewrite_shard(fresh_cache, 2, _damaged(original, "attn.L1.H3.shd", _set((0, 0, 0), float("nan"))))
+    assert len(collect(make_stream(fresh_cache, heads=2, num_batches=13))) == 13  # heads=2 never reads H3 maps
+    calls: list[str] = []
+    real = reader.checks.tensor_problem
+
+    def counting(name: str, *args: Any, **kwargs: Any) -> str | None:
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(reader.checks, "tensor_problem", counting)
+    reader._checked_targets.clear()
+    collect(make_stream(fresh_cache, heads=2, num_batches=26, prefetch=False))  # two epochs
+    read = ["input_ids", "topk_values", "topk_indices", "tail_mass", "attn.L1.H2.shd", "attn.L3.H2.shd"]
+    assert sorted(calls) == sorted(read * NUM_SHARDS)  # each tensor of each shard checked once, not per epoch
+
+
+TOPK_DAMAGE = {
+    "nan in top-m values": (
+        "attn.L1.H3.shd.values",
+        _set((6, 2, 5, 1), float("nan")),
+        r"tensor 'attn\.L1\.H3\.shd\.values' \(teacher layer 1\): nan at sample id 1022 \(shard row 6\), head 2, "
+        r"query row 5, entry 1; expected a finite value",
+    ),
+    "a tail that does not complete the row": (
+        "attn.L3.H2.shd.tail",
+        _set((3, 1, 4), 0.5),
+        r"tensor 'attn\.L3\.H2\.shd\.values' \(teacher layer 3\): the top-m values and the tail of a row sum to "
+        r"1\.[\d]+ at sample id 1019 \(shard row 3\), head 1, query row 4; expected 1 ± 0\.0079",
+    ),
+    "a key index beyond the sequence": (
+        "attn.L3.H2.shd.indices",
+        _set((7, 0, 5, 2), SEQ_LEN),
+        rf"tensor 'attn\.L3\.H2\.shd\.indices' \(teacher layer 3\): key index {SEQ_LEN} at sample id 1023 \(shard "
+        rf"row 7\), head 0, query row 5, entry 2; expected 0 ≤ key index < {SEQ_LEN}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(TOPK_DAMAGE))
+def test_bad_topk_targets_are_refused(topk_cache: Path, tmp_path: Path, case: str) -> None:
+    directory = tmp_path / "topk"
+    shutil.copytree(topk_cache, directory)
+    name, change, message = TOPK_DAMAGE[case]
+    original = {key: tensor.clone() for key, tensor in load_file(directory / shard_file_name(2)).items()}
+    rewrite_shard(directory, 2, _damaged(original, name, change))
+    before = snapshot(directory)
+    heads = 3 if ".H3." in name else 2
+    for action in (
+        lambda: verify_cache(directory),
+        lambda: collect(make_stream(directory, heads=heads, num_batches=13)),
+    ):
+        with pytest.raises(CacheError, match=rf"shard-00002\.safetensors: {message}"):
+            action()
+    assert snapshot(directory) == before
+
+
+def test_sample_id_uniqueness_from_the_manifests_ranges(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the writer's per-shard id ranges, `open_cache` proves uniqueness without opening a shard; a shard whose
+    ids leave its range is refused on first use; overlapping ranges make `open_cache` read and compare those ids."""
+    opened: list[str] = []
+    real_safe_open = reader.safe_open
+
+    def counting_safe_open(path: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).name)
+        return real_safe_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "safe_open", counting_safe_open)
+    open_cache(fresh_cache)
+    assert sorted(opened) == [shard_file_name(index) for index in range(NUM_SHARDS)]  # no ranges: every shard's ids
+    record_sample_id_ranges(fresh_cache)
+    opened.clear()
+    open_cache(fresh_cache)
+    assert opened == []
+    monkeypatch.undo()
+
+    original = {key: tensor.clone() for key, tensor in load_file(fresh_cache / shard_file_name(2)).items()}
+    rewrite_shard(fresh_cache, 2, {**original, "sample_ids": original["sample_ids"] - SHARD_SIZE})
+    before = snapshot(fresh_cache)
+    open_cache(fresh_cache)  # the manifest's ranges are still disjoint ...
+    outside = r"shard-00002\.safetensors: tensor 'sample_ids': sample id 1008 \(shard row 0\) is outside the shard's "
+    with pytest.raises(CacheError, match=outside + r"range in the manifest; expected an id in \[1016, 1023\]"):
+        collect(make_stream(fresh_cache, num_batches=13))  # ... but the shard's ids are not in its range
+    assert snapshot(fresh_cache) == before
+
+    manifest = read_manifest(fresh_cache)
+    manifest.shards[2] = dataclasses.replace(manifest.shards[2], sample_id_min=1008, sample_id_max=1015)
+    write_manifest(fresh_cache, manifest)
+    twice = r"shard-00002\.safetensors: sample id 1008 is already held by shard 'shard-00001\.safetensors', so it "
+    with pytest.raises(CacheError, match=twice + "would be trained on twice per epoch"):
+        open_cache(fresh_cache)
+    manifest.shards[2] = dataclasses.replace(manifest.shards[2], sample_id_min=1016, sample_id_max=1018)
+    write_manifest(fresh_cache, manifest)
+    small = r"shard 'shard-00002\.safetensors' holds 8 samples but its sample id range \[1016, 1018\] has room for "
+    with pytest.raises(CacheError, match=small + "fewer distinct ids"):
+        open_cache(fresh_cache)
+
+
+def _list_as(directory: Path, index: int, file: str) -> None:
+    manifest = read_manifest(directory)
+    manifest.shards[index] = dataclasses.replace(manifest.shards[index], file=file)
+    write_manifest(directory, manifest)
+
+
+def test_shard_paths_stay_inside_the_cache_and_are_listed_once(fresh_cache: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(fresh_cache / shard_file_name(1), outside / shard_file_name(1))
+    cases = {
+        str(outside / shard_file_name(1)): r"shard path '/.*' is not a file name inside the cache directory",
+        f"../outside/{shard_file_name(1)}": r"shard path '\.\./outside/.*' is not a file name inside",
+        "escape.safetensors": r"shard 'escape\.safetensors' resolves to .*outside/shard-00001\.safetensors, outside "
+        r"the cache directory .* \(a link out of the cache\)",
+        shard_file_name(0): r"shard 'shard-00000\.safetensors' is listed twice \(also as 'shard-00000\.safetensors'\)",
+        "hard-link.safetensors": r"shard 'hard-link\.safetensors' is listed twice \(also as 'shard-00000\.safetensors'",
+    }
+    (fresh_cache / "escape.safetensors").symlink_to(outside / shard_file_name(1))
+    os.link(fresh_cache / shard_file_name(0), fresh_cache / "hard-link.safetensors")
+    for file, message in cases.items():
+        _list_as(fresh_cache, 1, file)
+        before = snapshot(fresh_cache)
+        for action in (open_cache, verify_cache, make_stream):
+            with pytest.raises(CacheError, match=rf"manifest\.json: {message}"):
+                action(fresh_cache)
+        assert snapshot(fresh_cache) == before
+
+
+def test_verify_names_files_the_manifest_does_not_list(fresh_cache: Path) -> None:
+    (fresh_cache / "notes.txt").write_text("mine")
+    (fresh_cache / ".shard-00009.safetensors.tmp-123").write_bytes(b"partial")
+    (fresh_cache / "old").mkdir()
+    before = snapshot(fresh_cache)
+    listed = r"3 file\(s\) the manifest does not list: \.shard-00009\.safetensors\.tmp-123, notes\.txt, old; "
+    with pytest.raises(CacheError, match=listed + r"expected only manifest\.json and its shards"):
+        verify_cache(fresh_cache)
+    assert len(collect(make_stream(fresh_cache, num_batches=13))) == 13  # readers ignore them
+    assert snapshot(fresh_cache) == before

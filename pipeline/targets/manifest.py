@@ -49,10 +49,16 @@ class ShardEntry:
     """One shard file and the rows of its split it holds."""
 
     file: str
+    """The shard's file name, relative to the cache directory."""
     first_sample: int
     num_samples: int
     bytes: int
     sha256: str
+    sample_id_min: int | None = None
+    sample_id_max: int | None = None
+    """The smallest and largest sample id in the shard. Shards whose ranges do not overlap cannot share a sample
+    id, so the reader proves uniqueness across a cache from the manifest alone and checks each shard's ids against
+    its range on first use (see `reader.check_sample_id_ranges`); None in manifests written before the ranges."""
 
 
 @dataclass
