@@ -1,6 +1,6 @@
 """How fast the target-cache reader serves training batches, against how fast a demo student step consumes them.
 
-Builds a cache of the demo's shape — synthetic shards with exactly the tensors the layout schema
+Builds a cache of the demo's shape — synthetic shards of valid targets with exactly the tensors the layout schema
 (`layout.expected_tensors`) names for the demo (4 cached layers, SHD targets for head counts [3, 2] of a 9-head
 teacher with their α, T 256, fp16 packed triangles — or with `--encoding topk` top-m rows with their tail sums —,
 top-k 64 over a 49152 vocabulary with uint16 indices and the tail mass; 320 samples in shards of 64, like
@@ -52,7 +52,6 @@ from pipeline.targets.layout import (
     map_name,
     shard_bytes,
     shard_file_name,
-    tail_name,
     vocab_index_dtype,
 )
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
@@ -63,17 +62,19 @@ def synthetic_shard(first: int, rows: int, fingerprint: dict, generator: torch.G
     """Every tensor of one shard of a cache with `fingerprint`, in the writer's on-disk names, dtypes and shapes
     (random values); checked against the layout schema."""
     seq_len, vocab, top_k = fingerprint["seq_len"], fingerprint["vocab_size"], fingerprint["top_k"]
-    logprobs = -torch.rand(rows, seq_len, top_k, generator=generator).mul(10).sort(dim=-1).values
+    # A teacher distribution over the top k + one tail bucket: log-probabilities (descending) and the tail mass,
+    # summing to 1 as the reader's value checks require; k distinct token ids per position.
+    buckets = torch.randn(rows, seq_len, top_k + 1, generator=generator).mul(2).softmax(-1)
+    probs, tail = buckets[..., :top_k].sort(dim=-1, descending=True).values, buckets[..., top_k]
+    offsets = torch.randint(0, vocab, (rows, seq_len, 1), generator=generator)
+    indices = (offsets + torch.arange(top_k) * (vocab // top_k)) % vocab
     tensors = {
         "sample_ids": torch.arange(first, first + rows, dtype=torch.int64),
         "input_ids": torch.randint(0, vocab, (rows, seq_len), generator=generator, dtype=torch.int32),
-        "topk_values": logprobs.half(),
-        "topk_indices": torch.randint(0, vocab, (rows, seq_len, top_k), generator=generator).to(
-            vocab_index_dtype(vocab)
-        ),
+        "topk_values": probs.log().half(),
+        "topk_indices": indices.to(vocab_index_dtype(vocab)),
+        "tail_mass": tail,
     }
-    for temperature in fingerprint["temperatures"]:
-        tensors[tail_name("tail_mass", temperature)] = torch.rand(rows, seq_len, generator=generator) * 0.1
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
     for spec in cached_maps(fingerprint):
         scores = torch.randn(rows, spec.heads, seq_len, seq_len, generator=generator)
@@ -209,7 +210,8 @@ def main() -> None:
     def student_step() -> float:
         start = time.perf_counter()
         with objective.forward(student, student, sample_batch) as forward:
-            (objective.sums(forward) * factors).sum().backward()
+            loss, _ = objective.backward_loss(forward, objective.term_sums(forward), factors)
+            loss.backward()
         seconds = time.perf_counter() - start
         student.zero_grad(set_to_none=True)
         return seconds
