@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("config", help="YAML config file, or the word `verify` followed by a cache directory")
     cache.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    cache.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     train = commands.add_parser(
         "train",
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the student with DeepSpeed on the cached (or live, train.mode=online) teacher targets; run as "
         "one process or under the DeepSpeed launcher",
     )
-    _add_config_arguments(train)
+    _add_config_arguments(train, overwrite=True)
 
     evaluate = commands.add_parser(
         "eval",
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     run = commands.add_parser("run", parents=[common, launcher], help="every stage in order, skipping completed ones")
-    _add_config_arguments(run)
+    _add_config_arguments(run, overwrite=True)
 
     compare = commands.add_parser(
         "compare",
@@ -197,18 +198,18 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "prepare":
         stages.prepare_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "cache" and args.config == "verify":
-        if len(args.overrides) != 1:
+        if len(args.overrides) != 1 or args.overwrite:
             raise ConfigError("usage: distill cache verify DIR")
         stages.verify_stage(Path(args.overrides[0]))
     elif args.command == "cache":
         args.config = Path(args.config)
-        stages.cache_stage(_load(args))
+        stages.cache_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "train":
-        stages.train_stage(_load(args))
+        stages.train_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "eval":
         stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
     elif args.command == "run":
-        stages.run_stage(_load(args))
+        stages.run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
         from pipeline.compare import compare_runs, resolve_target
 

@@ -94,9 +94,11 @@ def prepare_stage(config: Config, *, overwrite: bool = False) -> dict[str, Any]:
     )
 
 
-def cache_stage(config: Config) -> None:
+def cache_stage(config: Config, *, overwrite: bool = False) -> None:
     """`distill cache`: one teacher pass → every target map kind of `cache.attn_targets` for every head count, plus
-    sparse logits with their tail sums per temperature."""
+    sparse logits with their tail sums per temperature. A split cached from other inputs, or with another
+    `cache.max_samples` or `cache.shard_size`, is refused unless `overwrite`, which rebuilds it beside the old one
+    and swaps it in once complete."""
     import torch
 
     from pipeline.attention import attention_dims
@@ -160,26 +162,31 @@ def cache_stage(config: Config) -> None:
             shard_size=config.cache.shard_size,
             batch_size=config.cache.batch_size,
             head_importance=importance,
+            overwrite=overwrite,
         )
 
 
 def verify_stage(directory: Path) -> None:
-    """`distill cache verify DIR`: every checksum and shape of a cache split (or of each split below DIR)."""
+    """`distill cache verify DIR`: every checksum, shape and value of a cache split, and no file its manifest does
+    not list (or the same for each split below DIR; hidden directories there are an unfinished `--overwrite`)."""
     from pipeline.targets.reader import verify_cache
 
-    in_splits = sorted(manifest.parent for manifest in directory.glob("*/manifest.json"))
+    in_splits = sorted(
+        manifest.parent for manifest in directory.glob("*/manifest.json") if not manifest.parent.name.startswith(".")
+    )
     splits = [directory] if (directory / "manifest.json").is_file() or not in_splits else in_splits
     for split_dir in splits:
         manifest = verify_cache(split_dir)
         logger.info("%s: OK — %d shards, %d samples", split_dir, len(manifest.shards), manifest.num_samples)
 
 
-def train_stage(config: Config) -> dict[str, float]:
+def train_stage(config: Config, *, overwrite: bool = False) -> dict[str, float]:
     """`distill train`: the DeepSpeed student loop (resumes from `train.output_dir` per `train.resume`), then the
-    exported student in `train.output_dir/student`. Returns the final global metrics."""
+    exported student in `train.output_dir/student`. `overwrite` lets `train.resume: never` replace a run already in
+    `train.output_dir`. Returns the final global metrics."""
     from pipeline.train import train
 
-    return train(config)
+    return train(config, overwrite=overwrite)
 
 
 def eval_stage(
@@ -200,10 +207,10 @@ def compare_stage(config: Config, report_dir: Path) -> str:
     return compare_runs(uri, experiment, output=report_dir).markdown
 
 
-def run_stage(config: Config) -> None:
+def run_stage(config: Config, *, overwrite: bool = False) -> None:
     """`distill run`: every stage in order, each skipped when its output is already complete; with `run.variants`,
     one student per variant on the same prepared data (and the same cache where the variants share it), then a
-    comparison of their runs. Prints where the time went."""
+    comparison of their runs. `overwrite` is handed to every stage. Prints where the time went."""
     timings: list[tuple[str, float]] = []
 
     def timed(label: str, stage: Callable[[], Any]) -> Any:
@@ -212,16 +219,16 @@ def run_stage(config: Config) -> None:
         timings.append((label, time.perf_counter() - start))
         return result
 
-    timed("teacher import", lambda: teacher_stage(config))
-    timed("prepare", lambda: prepare_stage(config))
+    timed("teacher import", lambda: teacher_stage(config, overwrite=overwrite))
+    timed("prepare", lambda: prepare_stage(config, overwrite=overwrite))
     variants = {name: config.variant(name) for name in config.run.variants} or {"": config}
     trained = False
     for name, variant in variants.items():
         suffix = f" [{name}]" if name else ""
         if name:
             logger.info("variant %s: %s", name, " ".join(config.run.variants[name]) or "(the base config)")
-        timed(f"cache{suffix}", lambda variant=variant: cache_stage(variant))
-        trained |= bool(timed(f"train{suffix}", lambda variant=variant: train_stage(variant)))
+        timed(f"cache{suffix}", lambda variant=variant: cache_stage(variant, overwrite=overwrite))
+        trained |= bool(timed(f"train{suffix}", lambda variant=variant: train_stage(variant, overwrite=overwrite)))
     report = Path(config.run.report_dir) / config.mlflow.experiment
     if dist.is_main() and config.mlflow.enabled and len(variants) > 1 and (trained or not report.is_dir()):
         print(timed("compare", lambda: compare_stage(config, Path(config.run.report_dir))), end="")

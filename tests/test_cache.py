@@ -1,21 +1,23 @@
-"""The cache stage end to end: targets equal a fresh teacher pass, shards are byte-identical across world sizes and
-after a kill -9, and a cache made from other inputs is refused with the field named."""
+"""The cache stage end to end: targets equal a fresh teacher pass, shards are byte-identical across world sizes, a
+cache made from other inputs or sizes is refused with the field named (and replaced whole with --overwrite), and the
+α statistics equal a float64 reference. Random kill -9 trials are in test_kill.py."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from pipeline import stages
 from pipeline.attention import AttentionCapture
@@ -26,6 +28,7 @@ from pipeline.map_losses import DenseTarget, SparseTarget, map_loss_sum
 from pipeline.models import load_teacher
 from pipeline.relations import relation_maps
 from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.targets import writer
 from pipeline.targets.layout import map_name, relation_name, unpack_triangle
 from pipeline.targets.manifest import CacheError, read_manifest
 from pipeline.targets.reader import open_cache, verify_cache
@@ -35,7 +38,10 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def tiny_config(workdir: Path, *overrides: str) -> Config:
-    """configs/tiny.yaml with every output under `workdir` (teacher and data may be shared between tests)."""
+    """configs/tiny.yaml with every output under `workdir` (teacher and data may be shared between tests); a GPT-2
+    teacher's student has as many KV heads as heads (GPT-2 has no grouped-query attention)."""
+    teacher = workdir / "teacher" / "config.json"
+    gpt2 = teacher.is_file() and json.loads(teacher.read_text())["model_type"] == "gpt2"
     return load_config(
         ROOT / "configs" / "tiny.yaml",
         [
@@ -43,6 +49,7 @@ def tiny_config(workdir: Path, *overrides: str) -> Config:
             f"data.output_dir={workdir}/data",
             f"cache.output_dir={workdir}/targets",
             f"train.output_dir={workdir}/runs",
+            *(["student.num_kv_heads=3"] if gpt2 else []),
             *overrides,
         ],
     )
@@ -67,9 +74,9 @@ def prepared_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _prepare(tmp_path_factory.mktemp("prepared-llama-only"), "llama")
 
 
-def _cache_into(prepared: Path, directory: Path, *overrides: str) -> Config:
+def _cache_into(prepared: Path, directory: Path, *overrides: str, overwrite: bool = False) -> Config:
     config = tiny_config(prepared, f"cache.output_dir={directory}", *overrides)
-    stages.cache_stage(config)
+    stages.cache_stage(config, overwrite=overwrite)
     return config
 
 
@@ -247,38 +254,6 @@ def test_two_ranks_write_the_same_bytes_as_one(prepared_llama: Path, tmp_path: P
     verify_cache(two / "train")
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_is_byte_identical(prepared_llama: Path, tmp_path: Path) -> None:
-    prepared = prepared_llama
-    reference = tmp_path / "reference"
-    resumed = tmp_path / "resumed"
-    small_shards = ("cache.shard_size=1", "cache.batch_size=1")
-    distill = [str(VENV_BIN / "distill")]
-    subprocess.run([*distill, *_cli_cache(prepared, reference, *small_shards)], check=True, env=_cli_env(), cwd=ROOT)
-    num_shards = len(read_manifest(reference / "train").shards)
-
-    process = subprocess.Popen(
-        [*distill, *_cli_cache(prepared, resumed, *small_shards)],
-        env=_cli_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not list((resumed / "train").glob("shard-*.safetensors")) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(list((resumed / "train").glob("shard-*.safetensors")))
-    assert 1 <= written < num_shards, f"the kill landed after {written} of {num_shards} shards"
-    with pytest.raises(CacheError, match="did not finish"):
-        open_cache(resumed / "train")
-
-    subprocess.run([*distill, *_cli_cache(prepared, resumed, *small_shards)], check=True, env=_cli_env(), cwd=ROOT)
-    assert _digests(resumed) == _digests(reference)
-    assert not [path for path in resumed.rglob(".*") if path.is_file()], "temporary files left behind"
-
-
 def test_a_cache_of_other_inputs_is_refused_not_overwritten(prepared: Path, tmp_path: Path) -> None:
     directory = tmp_path / "targets"
     _cache_into(prepared, directory)
@@ -306,3 +281,105 @@ def test_verify_names_a_corrupt_shard(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(CacheError, match=r"shard-00003\.safetensors"):
         verify_cache(copy / "train")
     assert stages.verify_stage(directory) is None
+
+
+def _alpha_reference(directory: Path, key: str) -> dict[str, object]:
+    """The α summary of one squeeze from every shard's α in float64 (numpy), independently of the writer."""
+    layer, heads, squeeze = key.split(".")
+    name = f"alpha.{layer}.{heads}.{squeeze}"
+    values = np.concatenate(
+        [load_file(path)[name].double().numpy() for path in sorted(directory.glob("shard-*.safetensors"))]
+    )
+    histogram, _ = np.histogram(values, bins=20, range=(0.0, 1.0))
+    return {
+        "mean": values.mean(),
+        "std": values.std(),
+        "min": values.min(),
+        "max": values.max(),
+        "per_teacher_head_mean": values.mean(0),
+        "histogram": histogram,
+    }
+
+
+def _published(directory: Path) -> dict[str, str]:
+    """`_digests` of the cache splits, without the hidden staging directory of a replacement in progress."""
+    return {name: digest for name, digest in _digests(directory).items() if not name.startswith(".")}
+
+
+class Crash(Exception):
+    """Stands for a kill: nothing after the point of failure runs."""
+
+
+def test_other_sizes_are_refused_and_overwrite_replaces_the_cache_whole(
+    prepared_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished cache asked for with another `cache.max_samples` or `cache.shard_size` is refused naming the field;
+    `--overwrite` rebuilds it beside the old one (a crash there leaves the old cache whole and readable, a re-run
+    resumes) and swaps it in: the result is byte-identical to a cache written into an empty directory. A swap
+    interrupted between its renames is finished by the next run."""
+    directory = tmp_path / "targets"
+    _cache_into(prepared_llama, directory)
+    before = _digests(directory)
+    refusals = {
+        "cache.max_samples=20": r"num_samples \(cache\.max_samples\) = 77, the config asks for 20; pass --overwrite",
+        "cache.shard_size=16": r"shard_size \(cache\.shard_size\) = 8, the config asks for 16; pass --overwrite",
+    }
+    for override, message in refusals.items():
+        with pytest.raises(CacheError, match=rf"train/manifest\.json: this directory holds a cache with {message}"):
+            _cache_into(prepared_llama, directory, override)
+        assert _digests(directory) == before
+
+    wanted = ("cache.max_samples=20", "cache.shard_size=16", "distill.top_k=8")
+    reference = tmp_path / "reference"
+    _cache_into(prepared_llama, reference, *wanted)
+
+    calls = 0
+    real_compute = writer.compute_targets
+
+    def crash_in_the_second_shard(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls > 4:  # the train split first: 4 batches of 4 per shard of 16
+            raise Crash
+        return real_compute(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "compute_targets", crash_in_the_second_shard)
+    config = tiny_config(prepared_llama, f"cache.output_dir={directory}", *wanted)
+    with pytest.raises(Crash):
+        stages.cache_stage(config, overwrite=True)
+    monkeypatch.undo()
+    assert _published(directory) == before  # the old cache, whole ...
+    verify_cache(directory / "train")  # ... and readable
+    assert [path.name for path in (directory / ".train.overwrite").glob("shard-*")] == ["shard-00000.safetensors"]
+    with pytest.raises(CacheError, match=r"fingerprint field 'top_k' = 16, .* unfinished replacement waits in"):
+        stages.cache_stage(config)
+    assert _published(directory) == before
+
+    stages.cache_stage(config, overwrite=True)
+    assert _digests(directory) == _digests(reference)
+    assert sorted(path.name for path in directory.iterdir()) == ["train", "validation"]
+
+    # Killed between the swap's two renames: the old split aside, the complete replacement not yet in place.
+    _cache_into(prepared_llama, directory, "distill.top_k=4", overwrite=True)
+    os.rename(directory / "train", directory / ".train.retired")
+    shutil.copytree(reference / "train", directory / ".train.overwrite")
+    stages.cache_stage(config, overwrite=True)
+    assert sorted(path.name for path in directory.iterdir()) == ["train", "validation"]
+    assert _digests(directory) == _digests(reference)
+
+    manifest = read_manifest(directory / "train")
+    assert manifest.alpha_stats
+    for key, summary in manifest.alpha_stats.items():
+        for field, expected in _alpha_reference(directory / "train", key).items():
+            np.testing.assert_allclose(summary[field], expected, atol=1e-6, rtol=0, err_msg=f"{key} {field}")
+
+
+def test_a_directory_that_holds_no_cache_is_never_written_into(prepared_llama: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "targets"
+    (directory / "train").mkdir(parents=True)
+    (directory / "train" / "notes.txt").write_text("not a cache")
+    before = _digests(directory)
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match=r"train: holds notes\.txt and no manifest\.json: it is no cache"):
+            _cache_into(prepared_llama, directory, overwrite=overwrite)
+    assert _digests(directory) == before

@@ -32,6 +32,10 @@ BIN = Path(sys.executable).parent
         (["prepare", "C", "--log-level", "WARNING", "a.b=1"], {"log_level": "WARNING", "overrides": ["a.b=1"]}),
         (["cache", "C", "a.b=1", "--debug", "c.d=2"], {"config": "C", "overrides": ["a.b=1", "c.d=2"]}),
         (["cache", "--debug", "verify", "DIR"], {"config": "verify", "overrides": ["DIR"], "debug": True}),
+        (["cache", "--overwrite", "C", "a.b=1"], {"config": "C", "overrides": ["a.b=1"], "overwrite": True}),
+        (["cache", "C", "a.b=1"], {"config": "C", "overwrite": False}),
+        (["train", "C", "a.b=1", "--overwrite"], {"config": Path("C"), "overwrite": True}),
+        (["run", "--overwrite", "C"], {"config": Path("C"), "overwrite": True}),
         (["--local_rank=0", "train", "C", "a.b=1"], {"config": Path("C"), "overrides": ["a.b=1"]}),
         (["train", "--debug", "C", "a.b=1"], {"config": Path("C"), "debug": True}),
         (["eval", "C", "--model", "M"], {"config": Path("C"), "model": Path("M"), "overrides": []}),
@@ -84,11 +88,14 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict]]:
         (["teacher", "import", "--overwrite", str(CONFIG), "train.max_steps=3"], "teacher_stage", {"overwrite": True}),
         (["prepare", str(CONFIG), "train.max_steps=3"], "prepare_stage", {"overwrite": False}),
         (["prepare", "train.max_steps=3", "--overwrite", str(CONFIG)], None, None),
-        (["cache", str(CONFIG), "--debug", "train.max_steps=3"], "cache_stage", {}),
-        (["train", str(CONFIG), "--log-level", "INFO", "train.max_steps=3"], "train_stage", {}),
+        (["cache", str(CONFIG), "--debug", "train.max_steps=3"], "cache_stage", {"overwrite": False}),
+        (["cache", "--overwrite", str(CONFIG), "train.max_steps=3"], "cache_stage", {"overwrite": True}),
+        (["train", str(CONFIG), "--log-level", "INFO", "train.max_steps=3"], "train_stage", {"overwrite": False}),
+        (["train", str(CONFIG), "train.max_steps=3", "--overwrite"], "train_stage", {"overwrite": True}),
         (["eval", "--model", "M", str(CONFIG), "train.max_steps=3"], "eval_stage", {"model_dir": Path("M")}),
         (["eval", str(CONFIG), "train.max_steps=3", "--checkpoint", "K"], "eval_stage", {"checkpoint": Path("K")}),
-        (["run", str(CONFIG), "--debug", "train.max_steps=3"], "run_stage", {}),
+        (["run", str(CONFIG), "--debug", "train.max_steps=3"], "run_stage", {"overwrite": False}),
+        (["run", str(CONFIG), "--overwrite", "train.max_steps=3"], "run_stage", {"overwrite": True}),
     ],
 )
 def test_each_stage_gets_the_config_with_its_overrides(
@@ -106,6 +113,29 @@ def test_each_stage_gets_the_config_with_its_overrides(
 def test_cache_verify_takes_its_directory_in_any_order(calls: list) -> None:
     assert cli.main(["cache", "--debug", "verify", "/some/cache"]) == 0
     assert calls == [("verify_stage", Path("/some/cache"), {})]
+    assert cli.main(["cache", "verify", "/some/cache", "--overwrite"]) == 2  # verify writes nothing to replace
+    assert len(calls) == 1
+
+
+def test_run_hands_overwrite_to_every_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`distill run --overwrite` reaches teacher import, prepare, and the cache and train stage of every variant."""
+    seen: list[tuple[str, bool]] = []
+    for name in ("teacher_stage", "prepare_stage", "cache_stage", "train_stage"):
+
+        def record(config: Any, *, overwrite: bool = False, name: str = name) -> None:
+            seen.append((name, overwrite))
+
+        monkeypatch.setattr(stages, name, record)
+    config = cli.load_config(CONFIG, ["mlflow.enabled=false"])
+    for overwrite in (True, False):
+        seen.clear()
+        stages.run_stage(config, overwrite=overwrite)
+        variants = len(config.run.variants)
+        assert seen == [
+            ("teacher_stage", overwrite),
+            ("prepare_stage", overwrite),
+            *[(name, overwrite) for _ in range(variants) for name in ("cache_stage", "train_stage")],
+        ]
 
 
 def _fail_with(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:

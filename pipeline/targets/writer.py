@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -23,11 +26,12 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from pipeline import dist
-from pipeline.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_write_bytes, fsync_directory
 from pipeline.attention import AttentionCapture
 from pipeline.kd import topk_targets
 from pipeline.relations import relation_maps
 from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.targets import checks
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
     RELATIONS,
@@ -46,6 +50,7 @@ from pipeline.targets.layout import (
     vocab_index_dtype,
 )
 from pipeline.targets.manifest import (
+    MANIFEST_NAME,
     CacheError,
     Manifest,
     ShardEntry,
@@ -265,57 +270,218 @@ def _remove_stale_temporaries(directory: Path, file_name: str) -> None:
         stale.unlink(missing_ok=True)
 
 
+def _remove_temporaries(directory: Path) -> None:
+    """Temporaries a killed run left (a finished cache holds only its manifest and shards)."""
+    for stale in directory.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _check_values(tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any], path: Path) -> None:
+    """Refuse to write targets the reader would refuse to train on: a non-finite value (a teacher that overflowed),
+    a map row or logit distribution not summing to 1, an index out of range (`checks`)."""
+    problem = checks.shard_problem(tensors, fingerprint)
+    if problem is not None:
+        raise CacheError(
+            f"{path}: not written — {problem}. The teacher's targets for these samples cannot be trained on: check "
+            "teacher.dtype (float16 overflows where bf16 or fp32 do not) and the teacher's weights; shards already "
+            "written are kept and a re-run resumes after them"
+        )
+
+
 def _alpha_statistics(directory: Path, shards: list[ShardEntry], settings: TargetSettings) -> dict[str, dict]:
-    """Summary of the squeeze weights per cached layer, head count and squeeze (the distribution the paper plots)."""
-    statistics: dict[str, dict] = {}
-    for layer in settings.layers:
-        for squeeze in (kind for kind in settings.kinds if kind in SQUEEZES):
-            for heads in settings.head_counts:
-                alphas = []
-                for entry in shards:
-                    with safe_open(directory / entry.file, framework="pt") as shard:
-                        alphas.append(shard.get_tensor(alpha_name(layer, heads, squeeze)))
-                values = torch.cat(alphas).double()
-                histogram = torch.histc(values.flatten(), bins=ALPHA_HISTOGRAM_BINS, min=0.0, max=1.0)
-                statistics[f"L{layer}.H{heads}.{squeeze}"] = {
-                    "mean": round(values.mean().item(), 6),
-                    "std": round(values.std(unbiased=False).item(), 6),
-                    "min": round(values.min().item(), 6),
-                    "max": round(values.max().item(), 6),
-                    "per_teacher_head_mean": [round(v, 6) for v in values.mean(0).tolist()],
-                    "histogram_bins": ALPHA_HISTOGRAM_BINS,
-                    "histogram": [int(v) for v in histogram.tolist()],
-                }
-    return statistics
+    """Summary of the squeeze weights per cached layer, head count and squeeze (the distribution the paper plots).
+
+    Two passes over the shards, each opened once, reading only the α tensors [N, H_t] and keeping fp64 sums: memory
+    does not grow with the sample count, and no shard stays mapped after its `with` (a tensor `safe_open` returns
+    shares the file's memory map, so keeping one would keep the shard's pages resident).
+    """
+    keys = {
+        f"L{layer}.H{heads}.{squeeze}": alpha_name(layer, heads, squeeze)
+        for layer in settings.layers
+        for squeeze in (kind for kind in settings.kinds if kind in SQUEEZES)
+        for heads in settings.head_counts
+    }
+    if not keys:
+        return {}
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(keys, 0)
+    lows: dict[str, float] = dict.fromkeys(keys, float("inf"))
+    highs: dict[str, float] = dict.fromkeys(keys, float("-inf"))
+    histograms = {key: torch.zeros(ALPHA_HISTOGRAM_BINS, dtype=torch.float64) for key in keys}
+    for entry in shards:
+        with safe_open(directory / entry.file, framework="pt") as shard:
+            for key, name in keys.items():
+                values = shard.get_tensor(name).double()
+                sums[key] = sums.get(key, torch.zeros(values.shape[1], dtype=torch.float64)) + values.sum(0)
+                counts[key] += len(values)
+                lows[key] = min(lows[key], values.min().item())
+                highs[key] = max(highs[key], values.max().item())
+                histograms[key] += torch.histc(values.flatten(), bins=ALPHA_HISTOGRAM_BINS, min=0.0, max=1.0)
+    means = {key: sums[key].sum().item() / (counts[key] * len(sums[key])) for key in keys}
+    squares = dict.fromkeys(keys, 0.0)
+    for entry in shards:
+        with safe_open(directory / entry.file, framework="pt") as shard:
+            for key, name in keys.items():
+                squares[key] += (shard.get_tensor(name).double() - means[key]).square().sum().item()
+    return {
+        key: {
+            "mean": round(means[key], 6),
+            "std": round((squares[key] / (counts[key] * len(sums[key]))) ** 0.5, 6),
+            "min": round(lows[key], 6),
+            "max": round(highs[key], 6),
+            "per_teacher_head_mean": [round(v, 6) for v in (sums[key] / counts[key]).tolist()],
+            "histogram_bins": ALPHA_HISTOGRAM_BINS,
+            "histogram": [int(v) for v in histograms[key].tolist()],
+        }
+        for key in keys
+    }
 
 
-def _up_to_date(directory: Path, fingerprint: dict[str, Any], num_samples: int) -> bool:
+def _staging_directory(directory: Path) -> Path:
+    """Where `--overwrite` builds the replacement of `directory`: beside it, under a fixed name, so that a killed
+    replacement resumes like any cache run."""
+    return directory.with_name(f".{directory.name}.overwrite")
+
+
+def _retired_directory(directory: Path) -> Path:
+    """Where the replaced cache waits for its removal during the swap."""
+    return directory.with_name(f".{directory.name}.retired")
+
+
+def _settings_difference(
+    manifest: Manifest, fingerprint: dict[str, Any], num_samples: int, shard_size: int
+) -> tuple[str, Any, Any] | None:
+    """The first field in which a cache differs from what the config asks for: (field, found, wanted), or None."""
+    for key, value in fingerprint.items():
+        if manifest.fingerprint.get(key) != value:
+            return f"fingerprint field '{key}'", manifest.fingerprint.get(key), value
+    if manifest.num_samples != num_samples:
+        return "num_samples (cache.max_samples)", manifest.num_samples, num_samples
+    if manifest.shard_size != shard_size:
+        return "shard_size (cache.shard_size)", manifest.shard_size, shard_size
+    return None
+
+
+def _is_complete_cache(directory: Path) -> bool:
+    try:
+        return read_manifest(directory).complete
+    except CacheError:
+        return False
+
+
+def _finish_interrupted_swap(directory: Path) -> None:
+    """Rank 0, before anything else: complete a swap an earlier `--overwrite` run was killed in (the replacement
+    renamed into place, or the old cache put back when no complete replacement exists), and remove a replaced
+    cache whose removal did not finish."""
+    staging, retired = _staging_directory(directory), _retired_directory(directory)
+    if not directory.exists() and retired.exists():
+        os.rename(staging if _is_complete_cache(staging) else retired, directory)
+        fsync_directory(directory.parent)
+    if directory.exists() and retired.exists():
+        shutil.rmtree(retired)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Replace the cache in `directory` with the complete one in `staging`: the old directory is renamed aside, the
+    new one renamed into place, then the old one removed. A crash in between is finished by the next run
+    (`_finish_interrupted_swap`); readers see the old cache, no cache, or the new one — never a mixture."""
+    retired = _retired_directory(directory)
+    os.rename(directory, retired)
+    os.rename(staging, directory)
+    fsync_directory(directory.parent)
+    shutil.rmtree(retired)
+
+
+def _up_to_date(directory: Path, fingerprint: dict[str, Any], num_samples: int, shard_size: int) -> bool:
     try:
         manifest = read_manifest(directory)
     except CacheError:
         return False
     return (
         manifest.complete
-        and manifest.fingerprint == fingerprint
-        and manifest.num_samples == num_samples
+        and _settings_difference(manifest, fingerprint, num_samples, shard_size) is None
         and all(
             (directory / e.file).is_file() and (directory / e.file).stat().st_size == e.bytes for e in manifest.shards
         )
     )
 
 
-def _refuse_foreign_cache(directory: Path, fingerprint: dict[str, Any]) -> None:
-    """Never mix shards of two different caches, nor overwrite a cache made from other inputs."""
-    if not (directory / "manifest.json").exists():
-        return
-    existing = read_manifest(directory)
-    for key, value in fingerprint.items():
-        if existing.fingerprint.get(key) != value:
+def _is_own_file(name: str) -> bool:
+    """Files a cache run creates: shards, their temporaries, the manifest and its temporary."""
+    return bool(re.fullmatch(r"shard-\d+\.safetensors|\.(shard-\d+\.safetensors|manifest\.json)\.tmp-\d+", name))
+
+
+def _write_target(
+    directory: Path, fingerprint: dict[str, Any], num_samples: int, shard_size: int, overwrite: bool
+) -> Path:
+    """The directory this run writes: `directory` itself for a new cache or one to resume (same inputs and sizes),
+    its staging directory when `overwrite` replaces a cache of other inputs or sizes; anything else is refused,
+    naming the first differing field.
+
+    A directory without a manifest that holds files a cache run does not create is never written into, with or
+    without `overwrite`: it is not a cache.
+    """
+    manifest_path = directory / MANIFEST_NAME
+    staging = _staging_directory(directory)
+    if not manifest_path.exists():
+        if directory.exists() and not directory.is_dir():
+            raise CacheError(f"{directory}: is a file, not a cache directory; choose another cache.output_dir")
+        foreign = (
+            sorted(path.name for path in directory.iterdir() if not _is_own_file(path.name))
+            if directory.is_dir()
+            else []
+        )
+        if foreign:
             raise CacheError(
-                f"{directory / 'manifest.json'}: this directory holds a cache with fingerprint field '{key}' = "
-                f"{existing.fingerprint.get(key)!r}, the config asks for {value!r}; choose another cache.output_dir "
-                "or delete the old cache"
+                f"{directory}: holds {', '.join(foreign[:5])} and no {MANIFEST_NAME}: it is no cache, so it is never "
+                "written into; choose another cache.output_dir or empty it"
             )
+        return directory
+    try:
+        difference = _settings_difference(read_manifest(directory), fingerprint, num_samples, shard_size)
+    except CacheError as error:
+        if overwrite:
+            return staging
+        raise CacheError(f"{error}; or pass --overwrite to replace it") from None
+    if difference is None:
+        return directory
+    if overwrite:
+        logger.warning("--overwrite: the cache in %s is rebuilt in %s, then swapped in", directory, staging)
+        return staging
+    field, found, wanted = difference
+    waiting = f"; an unfinished replacement waits in {staging}" if staging.exists() else ""
+    raise CacheError(
+        f"{manifest_path}: this directory holds a cache with {field} = {found!r}, the config asks for {wanted!r}; "
+        f"pass --overwrite to replace it (`distill cache CONFIG --overwrite`{waiting}), or choose another "
+        "cache.output_dir"
+    )
+
+
+def _prepare_target(target: Path, manifest: Manifest) -> None:
+    """Rank 0: make `target` ready for this run's shards and write its incomplete manifest once. A staging directory
+    that holds a replacement with other settings (an abandoned `--overwrite`) is this pipeline's own scratch space
+    and is emptied first."""
+    if target.name.endswith(".overwrite") and (target / MANIFEST_NAME).exists():
+        try:
+            stale = _settings_difference(
+                read_manifest(target), manifest.fingerprint, manifest.num_samples, manifest.shard_size
+            )
+        except CacheError:
+            stale = (MANIFEST_NAME, None, None)
+        if stale is not None:
+            shutil.rmtree(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if not (target / MANIFEST_NAME).exists():
+        write_manifest(target, manifest)
+
+
+def _shard_entry(name: str, first: int, count: int, data_bytes: int, digest: str, ids: torch.Tensor) -> ShardEntry:
+    return ShardEntry(name, first, count, data_bytes, digest, int(ids.min()), int(ids.max()))
+
+
+def _kept_sample_ids(path: Path) -> torch.Tensor:
+    with safe_open(path, framework="pt") as shard:
+        return shard.get_tensor("sample_ids").clone()
 
 
 def write_cache_split(
@@ -328,15 +494,18 @@ def write_cache_split(
     shard_size: int,
     batch_size: int,
     head_importance: dict[str, list[float]] | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
     """Cache one split into `directory`; call on every rank. Returns the final manifest (on every rank).
 
-    `head_importance` (from `select_teacher_heads`) is recorded in the manifest beside the selected heads.
+    `head_importance` (from `select_teacher_heads`) is recorded in the manifest beside the selected heads. A cache
+    of the same inputs and sizes is resumed (or left alone when complete); one of other inputs, `num_samples` or
+    `shard_size` is refused naming the field, or with `overwrite` rebuilt beside it and swapped in once complete
+    (`_write_target`, `_swap_in`). Every shard's values are checked (`checks.shard_problem`) before it is written.
 
     `rows[a:b]` must give `{"input_ids": LongTensor [b-a, T], "sample_id": LongTensor [b-a]}`, e.g. a prepared
     `datasets.Dataset` in torch format (memory-mapped, so a split larger than memory is fine).
     """
-    directory.mkdir(parents=True, exist_ok=True)
     num_samples = len(rows)
     manifest = Manifest(
         fingerprint=fingerprint,
@@ -345,17 +514,23 @@ def write_cache_split(
         selected_heads=dict(settings.selected_heads or {}),
         head_importance=dict(head_importance or {}),
     )
-    if _up_to_date(directory, fingerprint, num_samples):
+    if dist.is_main():
+        _finish_interrupted_swap(directory)
+    dist.barrier()
+    if _up_to_date(directory, fingerprint, num_samples, shard_size):
         logger.info(
             "%s: cache up to date (%d shards); `distill cache verify` re-checks checksums",
             directory,
             manifest.num_shards,
         )
+        if dist.is_main():
+            _remove_temporaries(directory)
         return read_manifest(directory)
-    _refuse_foreign_cache(directory, fingerprint)
+    target = _write_target(directory, fingerprint, num_samples, shard_size, overwrite)
     dist.barrier()
-    if dist.is_main() and not (directory / "manifest.json").exists():
-        write_manifest(directory, manifest)
+    if dist.is_main():
+        _prepare_target(target, manifest)
+    dist.barrier()
 
     rank, world = dist.rank(), dist.world_size()
     owned = [index for index in range(manifest.num_shards) if index % world == rank]
@@ -373,13 +548,14 @@ def write_cache_split(
             first = index * shard_size
             count = min(shard_size, num_samples - first)
             name = shard_file_name(index)
-            path = directory / name
+            path = target / name
             if _existing_shard(path, fingerprint, first, count):
                 logger.info("%s: kept from an earlier run", path)
-                entries.append(ShardEntry(name, first, count, path.stat().st_size, sha256_file(path)))
+                size, digest = path.stat().st_size, sha256_file(path)
+                entries.append(_shard_entry(name, first, count, size, digest, _kept_sample_ids(path)))
                 progress.update(count * seq_len)
                 continue
-            _remove_stale_temporaries(directory, name)
+            _remove_stale_temporaries(target, name)
             shard_rows = rows[first : first + count]
             shard_input_ids = torch.as_tensor(shard_rows["input_ids"], dtype=torch.long)
             batches: list[dict[str, torch.Tensor]] = []
@@ -390,9 +566,10 @@ def write_cache_split(
             tensors["sample_ids"] = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
             tensors["input_ids"] = shard_input_ids.to(torch.int32)
             _check_schema(tensors, fingerprint, path)
+            _check_values(tensors, fingerprint, path)
             data = shard_bytes(tensors, _shard_metadata(settings, fingerprint, first, count))
             atomic_write_bytes(path, data)
-            entries.append(ShardEntry(name, first, count, len(data), sha256_bytes(data)))
+            entries.append(_shard_entry(name, first, count, len(data), sha256_bytes(data), tensors["sample_ids"]))
             computed_tokens += count * seq_len
             logger.info(
                 "%s: %d samples, %.1f MB (%d of %d shards of this rank, %.0f tok/s)",
@@ -407,11 +584,13 @@ def write_cache_split(
     all_entries = sorted((e for part in dist.gather_objects(entries) for e in part), key=lambda e: e.first_sample)
     if dist.is_main():
         manifest.shards = all_entries
-        manifest.alpha_stats = _alpha_statistics(directory, all_entries, settings)
+        manifest.alpha_stats = _alpha_statistics(target, all_entries, settings)
         manifest.complete = True
-        write_manifest(directory, manifest)
-        for stale in directory.glob(".*.tmp-*"):
-            stale.unlink(missing_ok=True)
+        write_manifest(target, manifest)
+        _remove_temporaries(target)
+        if target != directory:
+            _swap_in(target, directory)
+            logger.info("%s: replaced the earlier cache", directory)
         logger.info("%s: %d shards, %d samples written", directory, len(all_entries), num_samples)
     dist.barrier()
     return read_manifest(directory) if not dist.is_main() else manifest
