@@ -7,19 +7,27 @@ simulated by replacing one write.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 
 from pipeline import cli
 from pipeline.atomic import StorageError, atomic_write_bytes, staged_directory
+from pipeline.data import load_prepared
+from pipeline.targets import reader, writer
+from pipeline.targets.layout import TargetRequest, read_header, shard_bytes
+from pipeline.targets.manifest import read_manifest, sha256_bytes, write_manifest
+from pipeline.targets.reader import TargetStream
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -259,3 +267,220 @@ def test_resume_never_on_an_earlier_run_is_refused(
     argv = ["train", CONFIG, *_run_overrides(tiny_cache, teachers, runs, "train.resume=never")]
     _fails(argv, caplog, f"train.output_dir {str(runs)!r} already holds a run", "step-00000004", "train.resume")
     assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cache contents: bad values behind matching checksums, crafted manifests, other sizes
+
+
+def _plant(split_dir: Path, sample_id: int, name: str, index: tuple[int, ...], value: float) -> str:
+    """Put `value` at `index` of tensor `name` of sample `sample_id` and list the shard's new size and sha256 in the
+    manifest, so that only the values are wrong (as a buggy writer or a crafted copy would leave them). Returns the
+    shard's file name."""
+    manifest = read_manifest(split_dir)
+    for position, entry in enumerate(manifest.shards):
+        path = split_dir / entry.file
+        tensors = {key: tensor.clone() for key, tensor in load_file(path).items()}
+        rows = (tensors["sample_ids"] == sample_id).nonzero()
+        if len(rows):
+            tensors[name][(int(rows[0]), *index)] = value
+            data = shard_bytes(tensors, read_header(str(path))[1])
+            path.write_bytes(data)
+            manifest.shards[position] = dataclasses.replace(entry, bytes=len(data), sha256=sha256_bytes(data))
+            write_manifest(split_dir, manifest)
+            return entry.file
+    raise AssertionError(f"sample id {sample_id} is in no shard of {split_dir}")
+
+
+def _copy_cache(tiny_cache: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_cache / "targets", tmp_path / "targets")
+    return tmp_path / "targets"
+
+
+def _attention_map(split_dir: Path, heads: int = 3) -> str:
+    """The first cached layer's SHD map for `heads` student heads (what the tiny student's attention term reads)."""
+    return f"attn.L{read_manifest(split_dir).fingerprint['cached_layers'][0]}.H{heads}.shd"
+
+
+def test_verify_names_a_bad_value_and_files_the_manifest_does_not_list(
+    tiny_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = _copy_cache(tiny_cache, tmp_path)
+    name = _attention_map(cache / "train")
+    sample_id = int(load_file(cache / "train" / "shard-00002.safetensors")["sample_ids"][5])
+    shard = _plant(cache / "train", sample_id, name, (1, 7), float("nan"))
+    before = _snapshot(tmp_path)
+    culprits = (str(cache / "train" / shard), f"tensor '{name}'", f"nan at sample id {sample_id} (shard row 5), head 1")
+    _fails(["cache", "verify", str(cache)], caplog, *culprits, "query row 3, key 1; expected a finite value")
+    assert _snapshot(tmp_path) == before
+
+    clean = _copy_cache(tiny_cache, tmp_path / "clean")
+    (clean / "validation" / "shard-00007.safetensors").write_bytes(b"left by a larger cache")
+    before = _snapshot(tmp_path)
+    _fails(["cache", "verify", str(clean)], caplog, f"{clean / 'validation'}: 1 file(s) the manifest does not list")
+    _fails(["cache", "verify", str(clean / "validation")], caplog, "shard-00007.safetensors; expected only manifest")
+    assert _snapshot(tmp_path) == before
+
+
+def _craft_listed_twice(split_dir: Path) -> str:
+    manifest = read_manifest(split_dir)
+    manifest.shards[2] = dataclasses.replace(manifest.shards[2], file=manifest.shards[1].file)
+    write_manifest(split_dir, manifest)
+    return f"shard '{manifest.shards[1].file}' is listed twice"
+
+
+def _craft_absolute_path(split_dir: Path) -> str:
+    outside = split_dir.parent.parent / "elsewhere.safetensors"
+    shutil.copy(split_dir / "shard-00001.safetensors", outside)
+    manifest = read_manifest(split_dir)
+    manifest.shards[1] = dataclasses.replace(manifest.shards[1], file=str(outside))
+    write_manifest(split_dir, manifest)
+    return f"shard path {str(outside)!r} is not a file name inside the cache directory"
+
+
+def _craft_link_out(split_dir: Path) -> str:
+    outside = split_dir.parent.parent / "elsewhere.safetensors"
+    shutil.copy(split_dir / "shard-00001.safetensors", outside)
+    (split_dir / "linked.safetensors").symlink_to(outside)
+    manifest = read_manifest(split_dir)
+    manifest.shards[1] = dataclasses.replace(manifest.shards[1], file="linked.safetensors")
+    write_manifest(split_dir, manifest)
+    return f"resolves to {outside}, outside the cache directory"
+
+
+def _craft_duplicate_sample_ids(split_dir: Path) -> str:
+    """Shard 2 holding shard 1's samples again: new bytes, listed with their checksum and id range."""
+    first = {key: tensor.clone() for key, tensor in load_file(split_dir / "shard-00001.safetensors").items()}
+    path = split_dir / "shard-00002.safetensors"
+    data = shard_bytes(first, read_header(str(path))[1])
+    path.write_bytes(data)
+    manifest = read_manifest(split_dir)
+    ids = first["sample_ids"]
+    manifest.shards[2] = dataclasses.replace(
+        manifest.shards[2],
+        bytes=len(data),
+        sha256=sha256_bytes(data),
+        sample_id_min=int(ids.min()),
+        sample_id_max=int(ids.max()),
+    )
+    write_manifest(split_dir, manifest)
+    return f"shard-00002.safetensors: sample id {int(ids.min())} is already held by shard 'shard-00001.safetensors'"
+
+
+@pytest.mark.parametrize(
+    "craft", [_craft_listed_twice, _craft_absolute_path, _craft_link_out, _craft_duplicate_sample_ids]
+)
+def test_train_and_verify_refuse_a_crafted_manifest_before_reading_a_shard(
+    craft: Any, tiny_cache: Path, teachers: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = _copy_cache(tiny_cache, tmp_path)
+    culprit = craft(cache / "train")
+    before = _snapshot(tmp_path)
+    runs = tmp_path / "runs"
+    train = ["train", CONFIG, *_run_overrides(tiny_cache, teachers, runs, f"cache.output_dir={cache}")]
+    _fails(train, caplog, culprit)
+    _fails(["cache", "verify", str(cache / "train")], caplog, culprit)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_cache_of_other_sizes_or_inputs_is_replaced_only_with_overwrite(
+    prepared: Path, teachers: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    overrides = _overrides(tmp_path, teachers["llama"])
+    assert cli.main(["cache", CONFIG, *overrides]) == 0
+    before = _snapshot(tmp_path)
+    manifest = str(tmp_path / "targets" / "train" / "manifest.json")
+    refusals = {
+        "cache.max_samples=20": "num_samples (cache.max_samples) = 77, the config asks for 20",
+        "cache.shard_size=16": "shard_size (cache.shard_size) = 8, the config asks for 16",
+        "distill.top_k=8": "fingerprint field 'top_k' = 16, the config asks for 8",
+    }
+    for override, culprit in refusals.items():
+        _fails(["cache", CONFIG, *overrides, override], caplog, manifest, culprit, "distill cache CONFIG --overwrite")
+        assert _snapshot(tmp_path) == before
+    assert cli.main(["cache", "--overwrite", CONFIG, *overrides, *refusals]) == 0
+    replaced = read_manifest(tmp_path / "targets" / "train")
+    assert (replaced.num_samples, replaced.shard_size, replaced.fingerprint["top_k"]) == (20, 16, 8)
+    assert sorted(path.name for path in (tmp_path / "targets" / "train").iterdir()) == [
+        "manifest.json",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
+    assert cli.main(["cache", "verify", str(tmp_path / "targets")]) == 0
+
+
+def test_the_writer_refuses_non_finite_targets_naming_them(
+    prepared: Path, teachers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A teacher batch with a NaN (an overflowing teacher) is not written: the error names the shard, the tensor and
+    its layer, the sample id; the shards before it stay, and a re-run without the fault resumes after them."""
+    real_compute = writer.compute_targets
+    calls = 0
+
+    def overflowing(teacher: Any, input_ids: torch.Tensor, settings: Any) -> dict[str, torch.Tensor]:
+        nonlocal calls
+        calls += 1
+        targets = real_compute(teacher, input_ids, settings)
+        if calls == 4:  # shard 1 (8 samples in batches of 4), its second batch
+            targets[f"attn.L{settings.layers[-1]}.H2.shd"][1, 0, 2] = float("inf")
+        return targets
+
+    monkeypatch.setattr(writer, "compute_targets", overflowing)
+    before = _snapshot(prepared)
+    shard = tmp_path / "targets" / "train" / "shard-00001.safetensors"
+    sample_id = int(load_prepared(prepared)[0]["train"][13]["sample_id"])
+    culprits = (f"{shard}: not written", "(teacher layer 3)", f"inf at sample id {sample_id} (shard row 5)", "dtype")
+    _fails(["cache", CONFIG, *_overrides(tmp_path, teachers["llama"])], caplog, *culprits)
+    assert _snapshot(prepared) == before
+    assert sorted(path.name for path in shard.parent.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    kept = (shard.parent / "shard-00000.safetensors").read_bytes()
+    monkeypatch.undo()
+    assert cli.main(["cache", CONFIG, *_overrides(tmp_path, teachers["llama"])]) == 0
+    assert (shard.parent / "shard-00000.safetensors").read_bytes() == kept
+    assert cli.main(["cache", "verify", str(tmp_path / "targets")]) == 0
+
+
+@pytest.mark.slow
+def test_a_non_finite_target_is_refused_by_the_reader_and_without_that_check_stops_training_at_its_step(
+    tiny_cache: Path, teachers: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Three clean steps (checkpoint at 3), then an inf (what an overflowing fp16 teacher writes) planted in an
+    attention target of a sample of step 6 (a save step) and a resume to step 8. With the reader's value check
+    bypassed the attention loss of step 6 is inf and the run stops there naming step, term and sample ids, having
+    saved nothing: the newest checkpoint is still step 3. With the check, the reader refuses the shard on first use,
+    naming file, tensor and sample id — also for a NaN, which the map losses would otherwise treat as a zero
+    probability (`map_losses._soften_dense`), so the loss would stay finite. Either way the earlier run's output is
+    byte-identical (its metrics log only grows)."""
+    cache = _copy_cache(tiny_cache, tmp_path)
+    runs = tmp_path / "runs"
+    extra = ("train.save_every=3", "train.eval_every=0", "train.keep_checkpoints=0")
+    train = ["train", CONFIG, *_run_overrides(tiny_cache, teachers, runs, f"cache.output_dir={cache}", *extra)]
+    assert cli.main([*train, "train.max_steps=3"]) == 0
+    stream = TargetStream(
+        directory=cache / "train", request=TargetRequest(()), batch_size=4, seed=0, num_batches=6, prefetch=False
+    )
+    step_six = list(stream)[5]["sample_ids"].tolist()
+    name = _attention_map(cache / "train")
+    log = "runs/metrics.jsonl"
+
+    def assert_earlier_output_kept(before: dict[str, bytes]) -> None:
+        after = _snapshot(tmp_path)
+        assert after.pop(log).startswith(before.pop(log))
+        assert after == before
+        assert (runs / "checkpoints" / "latest").read_text() == "step-00000003"
+        assert sorted(path.name for path in (runs / "checkpoints").glob("step-*")) == ["step-00000003"]
+
+    shard = _plant(cache / "train", step_six[1], name, (0, 7), float("inf"))
+    before = _snapshot(tmp_path)
+    monkeypatch.setattr(reader, "check_shard_targets", lambda *args: None)
+    message = _fails([*train, "train.max_steps=8"], caplog, "step 6: loss term attn is not finite", str(step_six))
+    assert "nothing was updated or saved after the last checkpoint" in message
+    assert_earlier_output_kept(before)
+    monkeypatch.undo()
+
+    for value in (float("inf"), float("nan")):
+        _plant(cache / "train", step_six[1], name, (0, 7), value)
+        before = _snapshot(tmp_path)
+        culprits = (str(cache / "train" / shard), f"tensor '{name}'", f"{value} at sample id {step_six[1]}")
+        _fails([*train, "train.max_steps=8"], caplog, *culprits, "head 0, query row 3, key 1; expected a finite")
+        assert_earlier_output_kept(before)
