@@ -1,0 +1,258 @@
+"""Where a student starts (`student.init`), on the real teacher: perplexity at step 0 and after the demo's budget.
+
+Every run is the real `pipeline.train.train` (DeepSpeed, one process, fp32, MLflow off) on the demo config, one after
+the other in this process: the demo's student shape (4 layers × 384, 3 heads on 1 KV head, MLP 1024), data, budget
+(24 steps of 4 × 256 tokens, lr 2e-3, warm-up 3, cosine) and cache size (the first 64 train and validation samples),
+evaluated at step 0 (before the first update) and at the end on the demo's 4 validation batches.
+
+Rows, each with KD (CE + top-k logit KD, `distill.w_attn=0`) and with SHD + KD (the demo's objective):
+
+  scratch             random weights, the demo's layer map (`uniform`, [6, 14, 21, 29] of 30)
+  teacher, prune      carved from the teacher: layers by `distill.layer_map=spread` ([0, 10, 19, 29]), each head the
+                      most important of its SHD group, KV heads averaged, MLP and width pruned by activation
+  teacher, merge      the same, each head the α-weighted average of its group (α from the cache's SHD statistics)
+  teacher, importance the better head init of the two, layers by block importance (`student.carve_layers`)
+  teacher, selective  (SHD + KD replaced by selective + KD) each head the cache's selected teacher head
+
+The cache is built first into `--work-dir` (the demo's cache holds only the `uniform` layers): every teacher layer any
+row matches (the importance layers come from a calibration pass made before it), SHD and selective targets for 3
+heads. The carve's wall time is read from each run's `student_init.json` (teacher load, calibration once per process,
+the carve itself). Afterwards the best carved row's student writes greedy text from `--prompt` before training (the
+carve, rebuilt exactly) and after (its export), next to the teacher and the best scratch student.
+
+The machine is shared: perplexities do not depend on the load, wall times do.
+
+    .venv/bin/python benchmarks/student_init.py
+    .venv/bin/python benchmarks/student_init.py --max-steps 2 --rows scratch prune   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import stages, students
+from pipeline.config import Config, load_config
+from pipeline.models import load_teacher, load_teacher_config
+from pipeline.runtime import configure_logging
+from pipeline.shd import layer_map
+from pipeline.targets.manifest import read_manifest
+from pipeline.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+KD = ("distill.w_attn=0",)
+SHD_KD = ("distill.w_attn=1", "distill.attn_match=headwise", "distill.squeeze=shd")
+CARVED = ("student.init=teacher", "distill.layer_map=spread")
+ROWS = ("scratch", "prune", "merge", "importance", "selective")
+
+
+@dataclass
+class Run:
+    """One training run of the table."""
+
+    name: str
+    init: str
+    objective: str
+    overrides: tuple[str, ...]
+    ppl_start: float = float("nan")
+    ppl_end: float = float("nan")
+    top1_end: float = float("nan")
+    seconds: float = float("nan")
+    record: dict[str, Any] = field(default_factory=dict)
+    layers: list[int] = field(default_factory=list)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "work" / "bench" / "student_init")
+    parser.add_argument("--max-steps", type=int, default=None, help="train.max_steps (default: the config's)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    return parser.parse_args()
+
+
+def base_config(args: argparse.Namespace, cache_layers: list[int], *extra: str) -> Config:
+    """The demo config with this benchmark's cache, evaluation at step 0 and the end only, no MLflow."""
+    overrides = [
+        f"cache.output_dir={args.work_dir / 'targets'}",
+        f"cache.layers={json.dumps(cache_layers)}",
+        "cache.head_counts=[3]",
+        "cache.attn_targets=[shd, selective]",
+        f"train.output_dir={args.work_dir / 'runs'}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.keep_checkpoints=1",
+        "train.resume=never",
+        "mlflow.enabled=false",
+        *([f"train.max_steps={args.max_steps}"] if args.max_steps else []),
+        *extra,
+    ]
+    return load_config(args.config, overrides)
+
+
+def planned_runs(rows: list[str], head_init: str) -> list[Run]:
+    """The runs of `rows`; the importance row carves heads with `head_init` (the better of prune and merge)."""
+    runs = []
+    for row in rows:
+        if row == "scratch":
+            init, carve = "scratch", ("student.init=scratch",)
+        elif row in ("prune", "merge"):
+            init, carve = f"teacher, {row}", (*CARVED, f"student.head_init={row}")
+        elif row == "importance":
+            init = f"teacher, {head_init}, layers by importance"
+            carve = ("student.init=teacher", "student.carve_layers=importance", f"student.head_init={head_init}")
+        else:
+            selective = ("distill.w_attn=1", "distill.attn_match=selective")
+            runs.append(Run("selective_kd", "teacher, selective heads", "selective + KD", (*CARVED, *selective)))
+            continue
+        runs.append(Run(f"{row}_kd", init, "KD", (*carve, *KD)))
+        runs.append(Run(f"{row}_shd_kd", init, "SHD + KD", (*carve, *SHD_KD)))
+    return runs
+
+
+def eval_records(output_dir: Path) -> dict[int, dict[str, float]]:
+    """step → the evaluation record of `metrics.jsonl` (records without `train/loss`)."""
+    records = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "eval/ppl" in record:
+            records[record["step"]] = record
+    return records
+
+
+def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_teacher_layers: int) -> None:
+    """Train `run` from scratch into its own directory and fill in its figures."""
+    output_dir = args.work_dir / "runs" / run.name
+    shutil.rmtree(output_dir, ignore_errors=True)
+    config = base_config(args, cache_layers, f"train.output_dir={output_dir}", *run.overrides)
+    resolved = students.resolve(config)
+    run.layers = layer_map(resolved.student.num_layers, num_teacher_layers, resolved.distill.layer_map)
+    started = time.perf_counter()
+    train(config, overwrite=True)
+    run.seconds = time.perf_counter() - started
+    evaluations = eval_records(output_dir)
+    first, last = evaluations[min(evaluations)], evaluations[max(evaluations)]
+    run.ppl_start, run.ppl_end, run.top1_end = first["eval/ppl"], last["eval/ppl"], last["eval/top1_agreement"]
+    record_file = output_dir / students.RECORD_FILE
+    run.record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    print(
+        f"  {run.name:<22} ppl {run.ppl_start:>12,.1f} → {run.ppl_end:>8,.1f}   layers {run.layers}   "
+        f"{run.seconds:.0f} s",
+        flush=True,
+    )
+
+
+@torch.no_grad()
+def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
+    """`new_tokens` greedy tokens after `prompt` (no sampling, no repetition penalty: reproducible)."""
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(
+        **ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def samples(args: argparse.Namespace, best: Run, scratch: Run, cache_layers: list[int]) -> list[tuple[str, str]]:
+    """(who, text) for the teacher, the best carved student before and after training, the best scratch student."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # The carve rebuilt exactly as the run's trainer built it (its record goes elsewhere, the run's stays).
+    output_dir = args.work_dir / "step0"
+    config = students.resolve(base_config(args, cache_layers, f"train.output_dir={output_dir}", *best.overrides))
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
+    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
+    before = students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
+    texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args.prompt, args.new_tokens))]
+    texts.append((f"{best.name}, step 0 (carved)", greedy(before, tokenizer, args.prompt, args.new_tokens)))
+    for run in (best, scratch):
+        exported = AutoModelForCausalLM.from_pretrained(args.work_dir / "runs" / run.name / "student")
+        texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args.prompt, args.new_tokens)))
+    return texts
+
+
+def main() -> None:
+    args = parse_args()
+    configure_logging("WARNING")
+    logging.getLogger("pipeline.students").setLevel(logging.INFO)
+    args.work_dir = args.work_dir.resolve()
+    demo = load_config(args.config)
+    stages.teacher_stage(demo)
+    stages.prepare_stage(demo)
+    num_teacher_layers = load_teacher_config(demo.teacher.path).num_hidden_layers
+    steps = args.max_steps or demo.train.max_steps
+
+    started = time.perf_counter()
+    layers = {spec: layer_map(4, num_teacher_layers, spec) for spec in ("uniform", "spread")}
+    if "importance" in args.rows:
+        probe = base_config(args, layers["uniform"], "student.init=teacher", "student.carve_layers=importance")
+        layers["importance"] = students.resolve(probe).distill.layer_map
+    cache_layers = sorted({layer for chosen in layers.values() for layer in chosen})
+    print(f"teacher layers: {layers}; caching {cache_layers} ({time.perf_counter() - started:.0f} s)", flush=True)
+    started = time.perf_counter()
+    stages.cache_stage(base_config(args, cache_layers))
+    print(f"cache stage: {time.perf_counter() - started:.0f} s", flush=True)
+
+    runs: list[Run] = []
+    first = [row for row in args.rows if row != "importance"]
+    for run in planned_runs(first, "prune"):
+        train_run(args, run, cache_layers, num_teacher_layers)
+        runs.append(run)
+    heads = {
+        head_init: min(run.ppl_end for run in runs if run.name.startswith(head_init))
+        for head_init in ("prune", "merge")
+        if any(run.name.startswith(head_init) for run in runs)
+    }
+    winner = min(heads, key=heads.get) if heads else "prune"
+    if "importance" in args.rows:
+        for run in planned_runs(["importance"], winner):
+            train_run(args, run, cache_layers, num_teacher_layers)
+            runs.append(run)
+
+    print(f"\nstudent init, demo student 4 × 384, 3 heads on 1 KV head, MLP 1024; {steps} steps of 4 × 256 tokens\n")
+    print(f"| init | objective | teacher layers | eval ppl step 0 | eval ppl step {steps} | top-1 agreement | run s |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        print(
+            f"| {run.init} | {run.objective} | {run.layers} | {run.ppl_start:,.1f} | {run.ppl_end:,.1f} | "
+            f"{run.top1_end:.3f} | {run.seconds:.0f} |"
+        )
+    carved = [run for run in runs if run.record]
+    scratch = [run for run in runs if not run.record]
+    if carved:
+        print("\ncarve wall time (s): teacher load / calibration (once per process) / carve")
+        for run in carved:
+            record = run.record
+            print(
+                f"  {run.name:<22} {record['teacher_load_seconds']:.1f} / {record['calibration_seconds']:.1f} / "
+                f"{record['carve_seconds']:.2f}   heads {record['heads']}"
+            )
+    if carved and scratch:
+        best = min(carved, key=lambda run: run.ppl_end)
+        best_scratch = min(scratch, key=lambda run: run.ppl_end)
+        ratio = best.ppl_end / best_scratch.ppl_end
+        print(
+            f"\nbest carved {best.name} {best.ppl_end:,.1f} ÷ best scratch {best_scratch.name} "
+            f"{best_scratch.ppl_end:,.1f} = {ratio:.2f} (target ≤ 0.5); better head init: {winner}"
+        )
+        print(f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens:")
+        for who, text in samples(args, best, best_scratch, cache_layers):
+            print(f"\n[{who}]\n{text}")
+
+
+if __name__ == "__main__":
+    main()
