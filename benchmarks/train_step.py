@@ -74,7 +74,9 @@ from pipeline.models import load_teacher, load_teacher_config
 from pipeline.objective import Objective, build_objective
 from pipeline.online import OnlineTargets, online_settings
 from pipeline.runtime import configure_logging, resolve_dtype
+from pipeline.students import resolve
 from pipeline.targets.fingerprint import cache_fingerprint, cached_layers, student_layers
+from pipeline.targets.manifest import read_manifest
 from pipeline.targets.reader import TargetStream
 from pipeline.targets.writer import (
     SELECTION_SAMPLES,
@@ -112,22 +114,25 @@ class TimedIterator:
 
 
 def benchmark_config(args: argparse.Namespace, workdir: Path, batch: int) -> Config:
-    """The config the benchmark trains with: `--config` with a temporary cache and run directory, fp32, no MLflow."""
-    base = load_config(args.config)
-    return load_config(
-        args.config,
-        [
-            f"train.micro_batch_size={batch}",
-            "train.precision=fp32",
-            "train.resume=never",
-            f"cache.head_counts=[{base.student.num_heads}]",
-            f"cache.encoding={args.encoding}",
-            f"cache.output_dir={workdir / 'targets'}",
-            f"cache.shard_size={args.shard_size}",
-            f"cache.max_samples={args.cache_samples}",
-            f"train.output_dir={workdir / 'runs'}",
-            "mlflow.enabled=false",
-        ],
+    """The config the benchmark trains with: `--config` with a temporary cache and run directory, fp32, no MLflow,
+    the student's shape resolved as every stage resolves it (`students.resolve`)."""
+    base = resolve(load_config(args.config))
+    return resolve(
+        load_config(
+            args.config,
+            [
+                f"train.micro_batch_size={batch}",
+                "train.precision=fp32",
+                "train.resume=never",
+                f"cache.head_counts=[{base.student.num_heads}]",
+                f"cache.encoding={args.encoding}",
+                f"cache.output_dir={workdir / 'targets'}",
+                f"cache.shard_size={args.shard_size}",
+                f"cache.max_samples={args.cache_samples}",
+                f"train.output_dir={workdir / 'runs'}",
+                "mlflow.enabled=false",
+            ],
+        )
     )
 
 
@@ -143,6 +148,14 @@ def make_trainer(
     """A `Trainer` of `engine` for calling `train_step` directly (no tracker, no evaluator)."""
     state = TrainState(world_size=1, zero_stage=engine.zero_optimization_stage())
     return Trainer(config, engine, objective, batches, state, None, None, teacher_layers)
+
+
+def new_engine(config: Config, teacher_config: Any, train_cache: Path) -> Any:
+    """The engine `distill train` builds for a fresh run on the cache `train_cache` (fp32)."""
+    alpha_stats = read_manifest(train_cache).alpha_stats
+    return build_engine(
+        config, teacher_config, deepspeed_config(config, torch.float32), resuming=False, alpha_stats=alpha_stats
+    )
 
 
 def cache_directory(workdir: Path, seq_len: int, base_len: int) -> Path:
@@ -276,7 +289,7 @@ def part_a_memory_child(args: argparse.Namespace) -> None:
         directory = cache_directory(workdir, seq_len, meta["seq_len"])
         meter = PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         meter.start()
-        engine = build_engine(config, teacher_config, deepspeed_config(config, torch.float32))
+        engine = new_engine(config, teacher_config, workdir / "targets" / "train")
         batches = read_batches(directory, objective, batch, 1, config.train.seed)
         trainer = make_trainer(config, engine, objective, itertools.cycle(batches), teacher_layers)
         trainer.train_step()
@@ -315,7 +328,9 @@ def print_part_a(
 ) -> None:
     print(
         f"(a) trainer step, CE + KD + attention (full) ÷ CE only, about {args.batch_tokens} tokens a batch, "
-        f"{args.encoding} attention targets; time: median of {args.repeats}; memory: one fresh process per cell"
+        f"{args.encoding} attention targets"
+        + (f"; time: median of {args.repeats}" if times is not None else "")
+        + ("; memory: one fresh process per cell" if memory is not None else "")
     )
     print(
         f"  {'T':>6s} {'batch':>5s} | {'CE ms':>9s} {'full ms':>9s} {'ratio':>6s} | {'CE MB':>9s} {'full MB':>9s} "
@@ -505,7 +520,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             directory = cache_directory(workdir, seq_len, base_len)
             cache_seconds[seq_len] = write_cache(config, teacher, windows, directory, meta, seq_len, args, calibration)
 
-    engine = build_engine(config, teacher.config, deepspeed_config(config, torch.float32))
+    engine = new_engine(config, teacher.config, base_directory)
     student_params = sum(param.numel() for param in engine.module.parameters())
     teacher_params = sum(param.numel() for param in teacher.parameters())
     print(

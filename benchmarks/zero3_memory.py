@@ -126,29 +126,34 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.deepspeed_config import deepspeed_config
     from pipeline.dist import init_distributed
     from pipeline.runtime import configure_logging
+    from pipeline.students import resolve
     from pipeline.train import build_engine
 
     configure_logging("WARNING")
     init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    config = load_config(
-        args.config,
-        [
-            f"student.num_layers={args.layers}",
-            f"student.hidden_size={args.hidden}",
-            f"student.num_heads={args.heads}",
-            f"student.num_kv_heads={args.kv_heads}",
-            f"student.intermediate_size={args.intermediate}",
-            f"deepspeed.preset=configs/deepspeed/zero{args.stage}.json",
-            f"deepspeed.zero_stage={args.stage}",
-            "train.precision=fp32",
-            "train.micro_batch_size=1",
-        ],
+    config = resolve(
+        load_config(
+            args.config,
+            [
+                f"student.num_layers={args.layers}",
+                f"student.hidden_size={args.hidden}",
+                f"student.num_heads={args.heads}",
+                f"student.num_kv_heads={args.kv_heads}",
+                f"student.intermediate_size={args.intermediate}",
+                f"deepspeed.preset=configs/deepspeed/zero{args.stage}.json",
+                f"deepspeed.zero_stage={args.stage}",
+                "train.precision=fp32",
+                "train.micro_batch_size=1",
+            ],
+        )
     )
     teacher_config = AutoConfig.from_pretrained(config.teacher.path, local_files_only=True)
     rss_before = proc_status_kib("VmRSS") * 1024
     start = time.perf_counter()
-    engine = build_engine(config, teacher_config, deepspeed_config(config, torch.float32))
+    engine = build_engine(
+        config, teacher_config, deepspeed_config(config, torch.float32), resuming=False, alpha_stats=None
+    )
     build_seconds = time.perf_counter() - start
     rss_built = proc_status_kib("VmRSS") * 1024
     generator = torch.Generator().manual_seed(rank)
