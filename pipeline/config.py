@@ -115,6 +115,11 @@ class DistillConfig:
     adjacent heads (`shd_pairwise`), or the uniform-α baseline (`uniform`)."""
     attn_loss: Literal["kl", "mse", "cosine"] = "kl"
     """Attention loss per query row: KL(teacher ‖ student), squared error, or 1 − cosine (top-m targets: kl only)."""
+    attn_sink: Literal["keep", "drop"] = "keep"
+    """The first key of every row (where LLMs park attention, the "sink": ~40 % of SmolLM2's mass): `keep` it in
+    the attention term, or `drop` it on both sides (rows renormalised over the other keys): a student from scratch
+    on packed text cannot tell the first position by its content, and chasing the sink makes the attention
+    gradient spike (see the README)."""
     attn_temperature: float = 1.0
     """Temperature τ applied to both attention maps before comparison (top-m targets: must be in
     `cache.temperatures`)."""

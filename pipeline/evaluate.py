@@ -72,7 +72,7 @@ def evaluation_objective(config: Config, teacher_layers: list[int]) -> Objective
     term is not already exactly that."""
     objective = build_objective(config, teacher_layers, evaluation=True)
     attention = next(term for term in objective.terms if isinstance(term, AttentionKD))
-    if (attention.kind, attention.temperature) == ("kl", 1.0):
+    if (attention.kind, attention.temperature, attention.drop_sink) == ("kl", 1.0, False):
         return objective
     return Objective([*objective.terms, attention_yardstick(config, teacher_layers)], objective.schedule)
 

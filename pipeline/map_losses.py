@@ -130,9 +130,16 @@ def _unit_rows(rows: Tensor) -> Tensor:
     return rows / rows.square().sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny).sqrt()
 
 
-def _dense_row_loss(log_probs: Tensor, target: Tensor, kind: MapLossKind, temperature: float) -> Tensor:
-    """Per-row loss [B, H, rows] of student log-probs [B, H, rows, T] against dense target rows (τ = 1 probs)."""
-    target_probs, target_log = _soften_dense(target.float(), temperature)
+def _dense_row_loss(
+    log_probs: Tensor, target: Tensor, kind: MapLossKind, temperature: float, visible: Tensor | None
+) -> Tensor:
+    """Per-row loss [B, H, rows] of student log-probs [B, H, rows, T] against dense target rows (τ = 1 probs),
+    the targets restricted to the `visible` keys and renormalised there (None: every causal key)."""
+    target = target.float()
+    if visible is not None:
+        target = torch.where(visible, target, 0.0)
+        target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    target_probs, target_log = _soften_dense(target, temperature)
     if kind == "kl":
         terms = torch.where(target_probs > 0, target_probs * (target_log - log_probs), 0.0)
         return terms.sum(-1)
@@ -142,9 +149,15 @@ def _dense_row_loss(log_probs: Tensor, target: Tensor, kind: MapLossKind, temper
     return 0.5 * (_unit_rows(probs) - _unit_rows(target_probs)).square().sum(-1)
 
 
-def _sparse_row_loss(log_probs: Tensor, values: Tensor, indices: Tensor, tail: Tensor, temperature: float) -> Tensor:
-    """Per-row (m+1)-bucket KL [B, H, rows] of student log-probs [B, H, rows, T] against top-m rows."""
+def _sparse_row_loss(
+    log_probs: Tensor, values: Tensor, indices: Tensor, tail: Tensor, temperature: float, visible: Tensor | None
+) -> Tensor:
+    """Per-row (m+1)-bucket KL [B, H, rows] of student log-probs [B, H, rows, T] against top-m rows; kept entries at
+    keys that are not `visible` are dropped (the buckets renormalise without them; a hidden key inside the tail
+    cannot be taken out of the tail sum)."""
     values = values.float()
+    if visible is not None:
+        values = torch.where(visible.expand(*log_probs.shape).gather(-1, indices), values, 0.0)
     target_log = torch.where(values > 0, values.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
     target_log, target_log_tail = soften_topk(target_log, tail, temperature)
     kept = log_probs.gather(-1, indices)
@@ -169,10 +182,11 @@ def _block_loss(
     log_probs = student_log_probs(
         query, key, scale, start, stop, temperature=temperature, key_mask=key_mask, head_mean=head_mean
     )
+    visible = None if key_mask is None else key_visibility(start, stop, query.shape[2], key_mask, query.device)
     if len(target_rows) == 1:
-        per_row = _dense_row_loss(log_probs, target_rows[0], kind, temperature)
+        per_row = _dense_row_loss(log_probs, target_rows[0], kind, temperature, visible)
     else:
-        per_row = _sparse_row_loss(log_probs, *target_rows, temperature)
+        per_row = _sparse_row_loss(log_probs, *target_rows, temperature, visible)
     per_row = per_row.mean(1)
     if query_mask is not None:
         per_row = torch.where(query_mask[:, start:stop].bool(), per_row, 0.0)
@@ -225,7 +239,9 @@ def map_loss_sum(
     `scale` the score scaling (1/√d, or what the model uses); `target` of H heads, or of one head with `head_mean`
     (the student's maps averaged over heads: the `global` matching mode). Both sides are softened by τ (dense
     targets: renormalised t^{1/τ}; sparse: exact with `SparseTarget.tail` = R_τ). `query_mask`/`key_mask` [B, T] bool
-    (True = a real token): padding rows contribute exactly 0 and padding keys are never attended; None = no padding.
+    (True = a real token): padding rows contribute exactly 0, padding keys are never attended, and the targets are
+    renormalised over the keys that remain (a no-op for targets that already give padding keys 0 — and the way to
+    leave out the first key, the attention sink); None = no padding.
     """
     if kind not in ("kl", "mse", "cosine"):
         raise ValueError(f"kind={kind!r}: expected 'kl', 'mse' or 'cosine'")

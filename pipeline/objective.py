@@ -155,6 +155,9 @@ class AttentionKD(Term):
     kind: str = "kl"
     temperature: float = 1.0
     head_mean: bool = False
+    drop_sink: bool = False
+    """Leave out the first key (the attention sink) on both sides, the rows renormalised over the others, and the
+    first query row (it sees only that key)."""
     name: str = "attn"
     transfers_attention: bool = True
 
@@ -165,9 +168,14 @@ class AttentionKD(Term):
         return [(target, self.temperature) for target in self.targets]
 
     def count(self, batch: dict[str, Any]) -> float:
-        return _query_rows(batch)
+        batch_size, seq_len = batch["input_ids"].shape
+        return float(batch_size * (seq_len - 1)) if self.drop_sink else _query_rows(batch)
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
+        mask = None
+        if self.drop_sink:
+            mask = torch.ones_like(forward.batch["input_ids"], dtype=torch.bool)
+            mask[:, 0] = False
         total = None
         for layer, target in enumerate(self.targets):
             inputs = forward.leaf_inputs()[layer]
@@ -179,6 +187,8 @@ class AttentionKD(Term):
                 kind=self.kind,
                 temperature=self.temperature,
                 head_mean=self.head_mean,
+                query_mask=mask,
+                key_mask=mask,
             )
             total = part if total is None else total + part
         return total / len(self.targets)
@@ -351,6 +361,7 @@ def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation
                 kind=distill.attn_loss,
                 temperature=distill.attn_temperature,
                 head_mean=kind == "global",
+                drop_sink=distill.attn_sink == "drop",
             )
         )
     if distill.w_rel > 0:
@@ -370,8 +381,8 @@ def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation
 
 
 def attention_yardstick(config: Config, teacher_layers: Sequence[int]) -> AttentionKD:
-    """The attention KL at τ = 1 against the run's own targets: `eval/attn_kl`, comparable across runs whatever
-    attention loss, temperature or weight they trained with."""
+    """The attention KL at τ = 1 against the run's own targets, sink included: `eval/attn_kl`, comparable across runs
+    whatever attention loss, temperature, sink handling or weight they trained with."""
     kind = config.attention_kind()
     return AttentionKD(
         1.0,

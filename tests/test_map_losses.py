@@ -284,3 +284,51 @@ def test_sparse_loss_grows_with_m_up_to_the_dense_kl() -> None:
     dense = map_loss_sum(query.float(), key.float(), SCALE, DenseTarget(pack_triangle(target).float()), **kwargs)
     assert all(later >= earlier - 1e-5 for earlier, later in itertools.pairwise(losses))
     assert losses[-1] == pytest.approx(dense.item(), rel=1e-5) and losses[0] < 0.9 * losses[-1]
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_masking_the_first_key_renormalises_both_sides_over_the_others(kind: str) -> None:
+    """The attention-sink option: key 0 masked and row 0 left out equals the fp64 loss between target and student
+    rows restricted to keys 1..i and renormalised there; top-m targets that keep key 0 agree."""
+    query, key = _qk(13)
+    logits = torch.randn(BATCH, HEADS, SEQ, SEQ, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    target = torch.softmax(logits.masked_fill(~torch.ones(SEQ, SEQ, dtype=torch.bool).tril(), -math.inf), -1)
+    target[..., 0] += 2.0  # a sink: most of every row on key 0
+    target = target / target.sum(-1, keepdim=True)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    mask[:, 0] = False
+    ours_q = query.float().requires_grad_()
+    loss = map_loss_sum(
+        ours_q,
+        key.float(),
+        SCALE,
+        DenseTarget(pack_triangle(target).float()),
+        kind=kind,
+        query_mask=mask,
+        key_mask=mask,
+    )
+    loss.backward()
+
+    ref_q = query.clone().requires_grad_()
+    full_key = key.repeat_interleave(HEADS // KV_HEADS, dim=1)
+    scores = ref_q @ full_key.transpose(-1, -2) * SCALE
+    visible = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    visible[:, 0] = False
+    student = torch.softmax(scores.masked_fill(~visible, -math.inf), -1)[:, :, 1:]
+    teacher = torch.where(visible, target.double(), 0.0)[:, :, 1:]
+    teacher = teacher / teacher.sum(-1, keepdim=True)
+    if kind == "kl":
+        terms = torch.where(
+            teacher > 0, teacher * (teacher.clamp_min(1e-300).log() - student.clamp_min(1e-300).log()), 0.0
+        )
+        reference = terms.sum(-1).mean(1).sum()
+    else:
+        reference = (student - teacher).square().sum(-1).mean(1).sum()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-5) and reference.item() > 0.05
+    torch.testing.assert_close(ours_q.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-6)
+    if kind == "kl":
+        sparse = _sparse(target, SEQ, 1.0)
+        assert (sparse.indices[..., 1:, :] == 0).any(-1).all()  # key 0 is kept in every row: its mass leaves exactly
+        topm = map_loss_sum(query.float(), key.float(), SCALE, sparse, query_mask=mask, key_mask=mask)
+        assert topm.item() == pytest.approx(loss.item(), rel=1e-5)

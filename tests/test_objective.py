@@ -214,3 +214,14 @@ def test_attention_gradient_clip_scales_only_the_attention_terms(tiny_llama_dir:
             assert got is None or got.abs().max() == 0
         else:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_the_sink_option_leaves_out_the_first_key_and_row() -> None:
+    term = build_objective(_config("distill.attn_sink=drop"), [1, 3]).terms[2]
+    assert isinstance(term, AttentionKD) and term.drop_sink
+    assert term.count({"input_ids": torch.zeros(3, 10, dtype=torch.long)}) == 27.0
+    from pipeline.evaluate import evaluation_objective
+
+    names = evaluation_objective(_config("distill.attn_sink=drop"), [1, 3]).names
+    assert names == ["ce", "kd", "attn", "attn_kl"]  # the yardstick keeps the sink
+    assert evaluation_objective(_config(), [1, 3]).names == ["ce", "kd", "attn"]
