@@ -368,7 +368,7 @@ def test_corrupt_byte_is_caught_by_verify_and_while_streaming(fresh_cache: Path)
     unchecked = make_stream(fresh_cache, shuffle=False, num_batches=13, verify_checksums=False)
     with pytest.raises(CacheError, match=r"shard-00001\.safetensors: tensor 'attn\.L1\.H2\.shd' \(teacher layer 1\): "):
         collect(unchecked)
-    other_token = fresh_cache / "other-token"
+    other_token = fresh_cache.parent / "other-token"
     write_synthetic_cache(other_token, NUM_SAMPLES, SHARD_SIZE, SEQ_LEN)
     path = other_token / shard_file_name(1)
     header, _ = read_header(str(path))

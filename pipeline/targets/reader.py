@@ -578,7 +578,8 @@ class TargetStream(IterableDataset[dict[str, Any]]):
     `num_batches` bounds this rank's micro-steps (None: endless over epochs). `one_pass` stops once every sample from
     `start_position` on was served once; the last batches may then be short, and a rank with nothing left yields
     nothing. `expected` is checked against the cache's fingerprint (`check_compatible`); each shard is checksummed the
-    first time this process opens it unless `verify_checksums=False`.
+    first time this process opens it unless `verify_checksums=False`, and the values of the tensors it reads are
+    checked then whatever that flag (`check_shard_targets`).
     """
 
     def __init__(
