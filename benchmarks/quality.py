@@ -72,12 +72,16 @@ SETTING_PREFIX, TUNE_PREFIX, SEEDS_ENTRY, QUICK_ENTRY = "setting.", "tune.", "se
 TUNING_EXPERIMENT, GRID_EXPERIMENT = "quality-tuning", "quality"
 BUDGET_S = 2.5 * 3600
 """The whole study, unattended, on 2 quiet CPU cores."""
-PRIOR_TRAIN_TOK_S = 395.0
-PRIOR_CACHE_TOK_S = 100.0
-PRIOR_RUN_OVERHEAD_S = 45.0
+PRIOR_STEP_S = 66.8 / 24
+PRIOR_RUN_OVERHEAD_S = 15.0
+PRIOR_CACHE_TOK_S = 110.0
 PRIOR_CARVE_S = 60.0
-"""Used by `--plan` only before anything was measured: the README's demo figures (training 395 tok/s, caching about
-100 tok/s on 2 cores) and rough set-up times; measured values replace them as soon as runs finish."""
+PRIOR_COMPARE_RUN_S = 3.0
+"""What `--plan` assumes before anything was measured, from the README's demo on this kind of machine (2 cores,
+two other jobs): a 24-step shd_kd run took 66.8 s with its five evaluations (all counted as step time here), the
+cache stage wrote 110 tok/s; the test evaluation (15 s), a carve (60 s) and `distill compare` per compared run (3 s)
+are guesses. Measured values replace the run and comparison figures as soon as there are some (runs: this study's,
+else the other mode's)."""
 CURVE_KEYS = ("eval/ppl", "eval/top1_agreement", "eval/attn_kl", "train/grad_norm", "train/loss")
 """Histories each result keeps (from `metrics.jsonl`), for the report's seed-band figures."""
 
@@ -700,6 +704,7 @@ def execute(ctx: Context, spec: RunSpec) -> dict[str, Any]:
         "eval_seconds": round(eval_seconds, 2),
         "step_seconds_median": statistics.median(record["train/step_time_s"] for record in steps),
         "curves": curves(records),
+        "commit": git_commit(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     write_result(ctx.results_dir, result)
@@ -856,10 +861,8 @@ def plan(ctx: Context) -> tuple[list[RunSpec], int, float, list[str]]:
     grid_left = sum(spec.name not in finished for spec in specs)
     tune_left = 0 if frozen_known else max(tuning - sum(result["stage"] == "tune" for result in results), 0)
     timing = measured_timing(results, "this study") or measured_timing(other_mode_results(ctx), "the other mode")
-    train_tok_s = PRIOR_TRAIN_TOK_S
     if timing is None:
-        step_s = base.train.micro_batch_size * base.train.grad_accum * base.data.seq_len / train_tok_s
-        timing = Timing(step_s, PRIOR_RUN_OVERHEAD_S, "prior: the README's demo training speed, nothing measured yet")
+        timing = Timing(PRIOR_STEP_S, PRIOR_RUN_OVERHEAD_S, "prior: the README's demo run, nothing measured yet")
     steps = base.train.max_steps
     cache_done = all(cache_state(base).values())
     cache_tokens = 3 * (base.cache.max_samples or 0) * base.data.seq_len
@@ -872,7 +875,14 @@ def plan(ctx: Context) -> tuple[list[RunSpec], int, float, list[str]]:
     ]
     carve_s = len(carve_left) * PRIOR_CARVE_S
     runs_s = estimate_seconds(grid_left + tune_left, steps, timing)
-    total = cache_s + carve_s + runs_s
+    compared = [value for key, value in ctx.timings.items() if key.startswith("compare.")]
+    compare_run_s = (
+        sum(item["seconds"] for item in compared) / max(sum(item["runs"] for item in compared), 1)
+        if compared
+        else PRIOR_COMPARE_RUN_S
+    )
+    compare_s = len(specs) * compare_run_s
+    total = cache_s + carve_s + runs_s + compare_s
     per_run = steps * timing.step_s + timing.overhead_s
     lines = [
         f"quality study ({'quick' if ctx.quick else 'full'}): {relative_to_repo(ctx.config_path)}, work dir "
@@ -900,9 +910,14 @@ def plan(ctx: Context) -> tuple[list[RunSpec], int, float, list[str]]:
         f"  per run: {steps} steps × {base.train.micro_batch_size} × {base.data.seq_len} tokens; "
         f"{timing.step_s:.2f} s/step + {timing.overhead_s:.0f} s set-up/eval/save = {per_run:.0f} s ({timing.source})",
         f"  estimate of what is left: cache {format_duration(cache_s)} + carve {format_duration(carve_s)} + "
-        f"{grid_left + tune_left} runs {format_duration(runs_s)} = {format_duration(total)}"
-        + ("" if ctx.quick else f" (budget {format_duration(BUDGET_S)})"),
+        f"{grid_left + tune_left} runs {format_duration(runs_s)} + report {format_duration(compare_s)} = "
+        f"{format_duration(total)}" + ("" if ctx.quick else f" (budget {format_duration(BUDGET_S)})"),
     ]
+    if not ctx.quick and total > BUDGET_S:
+        lines.append(
+            f"  WARNING: over the {format_duration(BUDGET_S)} budget on these figures ({timing.source}); on a loaded "
+            "machine that is expected, on a quiet one lower train.max_steps and cache.max_samples in the config"
+        )
     return specs, tuning, total, lines
 
 
@@ -924,12 +939,19 @@ def paired_cell(pair: Paired) -> str:
     return f"{mean:+.4g} ± {std:.2g}"
 
 
+def median_grad_norm(result: Mapping[str, Any]) -> float:
+    """The median over a run's steps of the pre-clip gradient norm (the max is the first steps' alone)."""
+    points = result["curves"].get("train/grad_norm", [])
+    return statistics.median(value for _, value in points) if points else math.nan
+
+
 def setting_table(results: Sequence[Mapping[str, Any]], setting: str, variants: Sequence[str]) -> list[str]:
     """Markdown rows of one setting: per variant, mean ± std over seeds and the paired comparison with kd_only."""
     lines = [
         "| variant | seeds | test ppl | top-1 agreement | attention KL to own targets (test) | "
-        f"max pre-clip grad norm | train wall s | Δppl vs {BASELINE} (per seed) | wins vs {BASELINE} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "max pre-clip grad norm | median pre-clip grad norm | train wall s | "
+        f"Δppl vs {BASELINE} (per seed) | wins vs {BASELINE} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in variants:
         runs = [r for r in results if r["setting"] == setting and r["variant"] == variant and r["stage"] == "grid"]
@@ -943,26 +965,86 @@ def setting_table(results: Sequence[Mapping[str, Any]], setting: str, variants: 
             f"| {variant} | {len(runs)} | {cell([r['metrics']['test/ppl'] for r in runs])} | "
             f"{cell([r['metrics']['test/top1_agreement'] for r in runs], 3)} | "
             f"{cell([r['metrics']['test/attn_kl'] for r in runs], 3)} | "
-            f"{cell([r['max_grad_norm'] for r in runs], 3)} | {mean_std([r['train_seconds'] for r in runs])[0]:.0f} | "
+            f"{cell([r['max_grad_norm'] for r in runs], 3)} | {cell([median_grad_norm(r) for r in runs], 3)} | "
+            f"{mean_std([r['train_seconds'] for r in runs])[0]:.0f} | "
             f"{comparison[0]} | {comparison[1]} |"
         )
     return lines
 
 
-def band_figure(results: Sequence[Mapping[str, Any]], setting: str, variants: Sequence[str], key: str, path: Path):
-    """`key` against step for every variant of a setting: mean over seeds, ± one std shaded (`plot_metric_bands`)."""
-    from pipeline.compare import RunSummary, plot_metric_bands
+def band_figure(
+    results: Sequence[Mapping[str, Any]], setting: str, variants: Sequence[str], key: str, path: Path
+) -> Path | None:
+    """`key` against step for every variant of a setting: the mean over seeds, ± one std shaded, on a log axis
+    (perplexity and gradient norms span decades); evaluations at step 0 (before the first update, the same for every
+    variant of a seed) are left out, so the axis shows where the variants differ."""
+    from pipeline.compare import RunSummary, metric_bands
+    from pipeline.figures import Curve, curve_figure, save_figure
 
     groups = {}
     for variant in variants:
         runs = [r for r in results if r["setting"] == setting and r["variant"] == variant and r["stage"] == "grid"]
         members = [
-            RunSummary(r["mlflow_run_id"], r["name"], {}, {key: [tuple(point) for point in r["curves"].get(key, [])]})
+            RunSummary(r["mlflow_run_id"], r["name"], {}, {key: [tuple(p) for p in r["curves"].get(key, []) if p[0]]})
             for r in runs
         ]
         if members:
             groups[variant] = members
-    return plot_metric_bands(groups, key, path)
+    bands = metric_bands(groups, key)
+    if not bands:
+        return None
+    lines = [
+        Curve(f"{name} (n={band.runs})", band.steps, band.mean, band.mean - band.std, band.mean + band.std)
+        for name, band in bands.items()
+    ]
+    note = f"{setting}, mean ± std over seeds, step 0 left out"
+    return save_figure(curve_figure(key, lines, x_label="optimizer step", log_y=True, note=note), path)
+
+
+def delta_figure(
+    results: Sequence[Mapping[str, Any]], setting: str, variants: Sequence[str], key: str, path: Path
+) -> Path | None:
+    """The paired comparison as curves: per seed, a variant's `key` minus `BASELINE`'s at the same step (the same
+    validation batches, the same start and data order), mean ± one std over seeds; step 0 left out (Δ = 0)."""
+    from pipeline.compare import RunSummary, metric_bands
+    from pipeline.figures import Curve, curve_figure, save_figure
+
+    grid = [r for r in results if r["setting"] == setting and r["stage"] == "grid"]
+    baseline = {r["seed"]: dict(map(tuple, r["curves"].get(key, []))) for r in grid if r["variant"] == BASELINE}
+    groups = {}
+    for variant in variants:
+        members = []
+        for r in grid:
+            if r["variant"] != variant or variant == BASELINE or r["seed"] not in baseline:
+                continue
+            base = baseline[r["seed"]]
+            history = [(step, value - base[step]) for step, value in r["curves"].get(key, []) if step and step in base]
+            members.append(RunSummary(r["mlflow_run_id"], r["name"], {}, {key: history}))
+        if members:
+            groups[variant] = members
+    bands = metric_bands(groups, key)
+    if not bands:
+        return None
+    lines = [
+        Curve(f"{name} (n={band.runs})", band.steps, band.mean, band.mean - band.std, band.mean + band.std)
+        for name, band in bands.items()
+    ]
+    note = f"{setting}: variant − {BASELINE} per seed, mean ± std over seeds; < 0: better"
+    figure = curve_figure(f"Δ {key}", lines, x_label="optimizer step", note=note)
+    figure.axes[0].axhline(0.0, color="black", linewidth=0.8)
+    return save_figure(figure, path)
+
+
+def step0_ppl(results: Sequence[Mapping[str, Any]], setting: str) -> list[float]:
+    """Validation perplexity before the first update of each grid run of a setting (the start every variant shares
+    within a seed)."""
+    return [
+        points[0][1]
+        for r in results
+        if r["setting"] == setting and r["stage"] == "grid"
+        for points in [r["curves"].get("eval/ppl", [])]
+        if points and points[0][0] == 0
+    ]
 
 
 def tuning_figure(results: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
@@ -1146,7 +1228,8 @@ def write_report(
             "",
             f"Command: `{command}` (from the repository root). Commit `{commit}`"
             + (f" with local changes to {', '.join(changed)}" if changed else "")
-            + f". Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPU cores).",
+            + f". Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPU cores). "
+            + run_commits(results),
             "",
             f"Teacher: SmolLM2-135M ({ctx.base.teacher.path}, 9 heads). Students: LLaMA, 4 layers, hidden "
             f"{ctx.base.student.hidden_size}, MLP {ctx.base.student.intermediate_size}, "
@@ -1171,25 +1254,40 @@ def write_report(
                 "",
                 *setting_table(results, setting, ctx.variants),
                 "",
+                f"Validation ppl before the first update (every variant of a seed starts there; left out of the "
+                f"curves below): {cell(step0_ppl(results, setting))}.",
+                "",
             ]
-            for key, stem in (("eval/ppl", "val-ppl"), ("train/grad_norm", "grad-norm")):
-                figure = band_figure(results, setting, ctx.variants, key, staging / "figures" / f"{setting}-{stem}.png")
-                if figure is not None:
-                    lines += [f"![{setting}: {key} against step](figures/{setting}-{stem}.png)", ""]
+            figures = (
+                (band_figure, "eval/ppl", "val-ppl", "validation ppl against step"),
+                (delta_figure, "eval/ppl", "val-ppl-delta", f"validation ppl minus {BASELINE}'s, per seed"),
+                (band_figure, "train/grad_norm", "grad-norm", "pre-clip gradient norm against step"),
+            )
+            for draw, key, stem, alt in figures:
+                if draw(results, setting, ctx.variants, key, staging / "figures" / f"{setting}-{stem}.png"):
+                    lines += [f"![{setting}: {alt}](figures/{setting}-{stem}.png)", ""]
         lines += honest_reading(results, ctx)
         lines += ["## distill compare", ""]
         lines += compare_settings(ctx, staging)
-        lines += ["## Every run", "", "| run | stage | seed | figures |", "|---|---|---|---|"]
+        lines += ["## Every run", "", "| run | stage | seed | score | max grad norm | train s | eval s |"]
+        lines.append("|---|---|---|---|---|---|---|")
         for result in results:
-            metrics = result["metrics"]
             key = "tune/val_ppl" if result["stage"] == "tune" else "test/ppl"
             lines.append(
-                f"| {result['name']} | {result['stage']} | {result['seed']} | {key} {metrics[key]:.4g}, max grad "
-                f"norm {result['max_grad_norm']:.3g}, {result['train_seconds']:.0f} s |"
+                f"| {result['name']} | {result['stage']} | {result['seed']} | {key} {result['metrics'][key]:.4g} | "
+                f"{result['max_grad_norm']:.3g} | {result['train_seconds']:.0f} | {result['eval_seconds']:.0f} |"
             )
         (staging / "index.md").write_text("\n".join(lines) + "\n")
     logger.info("report written to %s", ctx.report / "index.md")
     return ctx.report / "index.md"
+
+
+def run_commits(results: Sequence[Mapping[str, Any]]) -> str:
+    """Which commits the runs were trained at (a resumed study may span several)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.get("commit", "unknown")] = counts.get(result.get("commit", "unknown"), 0) + 1
+    return "Runs trained at " + ", ".join(f"`{commit[:12]}` ({count})" for commit, count in counts.items()) + "."
 
 
 def compare_settings(ctx: Context, staging: Path) -> list[str]:
@@ -1214,7 +1312,9 @@ def compare_settings(ctx: Context, staging: Path) -> list[str]:
             lines += [f"- {setting}: `compare_runs` failed: {type(error).__name__}: {error}", ""]
             continue
         index = report.directory.relative_to(staging) / "index.md"
-        lines += [f"- {setting}: [{index}]({index}) ({time.perf_counter() - started:.0f} s)"]
+        seconds = time.perf_counter() - started
+        ctx.record_timing(f"compare.{setting}", {"seconds": round(seconds, 1), "runs": len(report.rows)})
+        lines += [f"- {setting}: [{index}]({index}) ({len(report.rows)} runs, {seconds:.0f} s)"]
     return [*lines, ""]
 
 
