@@ -170,6 +170,7 @@ def _result(setting: str, variant: str, seed: int, ppl: float, stage: str = "gri
         "variant": variant,
         "seed": seed,
         "overrides": [],
+        "mlflow_run_id": f"id-{setting}-{variant}-{seed}",
         "metrics": {"test/ppl": ppl, "test/top1_agreement": 0.2, "test/attn_kl": 2.0},
         "max_grad_norm": 3.0,
         "train_seconds": 60.0,
@@ -316,3 +317,37 @@ def test_overrides_round_trip() -> None:
     assert quality.parse_override("cache.layers=[0, 10]") == ("cache.layers", [0, 10])
     with pytest.raises(quality.StudyError, match=r"'w_attn': expected section\.key=value"):
         quality.parse_override("w_attn")
+
+
+def test_the_report_from_finished_results(context: quality.Context, caplog: pytest.LogCaptureFixture) -> None:
+    specs = quality.grid_specs(
+        context.study,
+        context.base,
+        {},
+        context.students_dir,
+        settings=context.settings,
+        variants=context.variants,
+        seeds=context.seeds,
+    )
+    test_ppl = {("kd_only", 0): 600.0, ("kd_only", 1): 640.0, ("uniform_kd", 0): 590.0}
+    test_ppl |= {("uniform_kd", 1): 650.0, ("shd_kd", 0): 580.0, ("shd_kd", 1): 630.0}
+    for spec in specs:
+        result = {**_result(spec.setting, spec.variant, spec.seed, test_ppl[spec.variant, spec.seed])}
+        curve = [(step, 1e8 if step == 0 else 1000.0 - step - spec.seed) for step in range(0, 13, 3)]
+        result["curves"] = {"eval/ppl": curve, "train/grad_norm": [(step, 300.0 / step) for step in range(1, 13)]}
+        quality.write_result(context.results_dir, {**result, "overrides": list(spec.overrides)})
+    index = quality.write_report(context, specs, {}, [], ["the plan"])
+    text = index.read_text()
+    deltas = np.array([580.0 - 600.0, 630.0 - 640.0])
+    assert "| shd_kd | 2 | 605 ± 35 |" in text
+    assert f"{deltas.mean():+.4g} ± {deltas.std(ddof=1):.2g} | 2/2 |" in text
+    assert "uniform_kd | 2 | 620 ± 42 |" in text and "| +0 ± 14 | 1/2 |" in text
+    assert "Validation ppl before the first update (every variant of a seed starts there" in text
+    for stem in ("val-ppl", "val-ppl-delta", "grad-norm"):
+        assert f"(figures/carved3-{stem}.png)" in text
+        assert (index.parent / "figures" / f"carved3-{stem}.png").is_file()
+    rows = (index.parent / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(specs)
+    # no MLflow store in this work dir: the comparison fails, is logged with its error, and the report stands
+    assert "`compare_runs` failed: CompareError: no MLflow store" in text
+    assert "distill compare of carved3 failed" in caplog.text
