@@ -120,6 +120,7 @@ def staged_directory(target: Path) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _recover_leftovers(target)
         staging.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's mode
     except OSError as error:
         raise storage_error(error, target) from error
@@ -132,6 +133,17 @@ def staged_directory(target: Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _recover_leftovers(target: Path) -> None:
+    """Tidy what a writer of `target` killed mid-way left beside it (one writer per target at a time): a retired
+    old `target` is put back if the kill came between the two renames of `_replace_directory`, else removed, and
+    half-written staging directories are removed."""
+    retired = sorted(target.parent.glob(f".{target.name}.retired-*"), key=lambda path: path.stat().st_mtime)
+    if retired and not target.exists():
+        os.rename(retired.pop(), target)
+    for leftover in [*retired, *target.parent.glob(f".{target.name}.staging-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

@@ -89,7 +89,7 @@ def _kl_terms(target_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
     0 · inf = NaN either.
     """
     target = target_logprobs.exp()
-    present = target > 0
+    present = (target > 0) | target.isnan()  # a NaN target keeps the loss NaN (the trainer stops), never 0
     target = torch.where(present, target, 0.0)
     target_log = torch.where(present, target_logprobs, 0.0)
     student_log = torch.where(torch.isneginf(student_logprobs), LOG_FLOOR, student_logprobs)

@@ -115,8 +115,9 @@ def student_log_probs(
 
 def _soften_dense(target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(t_τ, log t_τ) of dense target rows [..., T]: renormalised t^{1/τ} over the positive entries; zeros stay
-    exact zeros (log -inf) and an all-zero row stays zero."""
-    positive = target > 0
+    exact zeros (log -inf) and an all-zero row stays zero. A NaN target stays NaN, so that the loss is not finite and
+    the trainer stops on it, instead of counting it as 0."""
+    positive = (target > 0) | target.isnan()
     log_target = torch.where(positive, target.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
     if temperature != 1.0:
         scaled = log_target / temperature
@@ -141,7 +142,7 @@ def _dense_row_loss(
         target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     target_probs, target_log = _soften_dense(target, temperature)
     if kind == "kl":
-        terms = torch.where(target_probs > 0, target_probs * (target_log - log_probs), 0.0)
+        terms = torch.where((target_probs > 0) | target_probs.isnan(), target_probs * (target_log - log_probs), 0.0)
         return terms.sum(-1)
     probs = log_probs.exp()
     if kind == "mse":
@@ -158,7 +159,8 @@ def _sparse_row_loss(
     values = values.float()
     if visible is not None:
         values = torch.where(visible.expand(*log_probs.shape).gather(-1, indices), values, 0.0)
-    target_log = torch.where(values > 0, values.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
+    present = (values > 0) | values.isnan()  # a NaN target reaches the loss (and stops training) instead of vanishing
+    target_log = torch.where(present, values.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
     target_log, target_log_tail = soften_topk(target_log, tail, temperature)
     kept = log_probs.gather(-1, indices)
     rest = torch.logsumexp(log_probs.scatter(-1, indices, MASKED), dim=-1)

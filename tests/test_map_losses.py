@@ -332,3 +332,17 @@ def test_masking_the_first_key_renormalises_both_sides_over_the_others(kind: str
         assert (sparse.indices[..., 1:, :] == 0).any(-1).all()  # key 0 is kept in every row: its mass leaves exactly
         topm = map_loss_sum(query.float(), key.float(), SCALE, sparse, query_mask=mask, key_mask=mask)
         assert topm.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_a_nan_target_makes_the_loss_nan_instead_of_vanishing() -> None:
+    """Bad cached values must stop training (the trainer refuses non-finite losses), not count as probability 0."""
+    query, key = _qk(15)
+    target = _targets(16)
+    packed = pack_triangle(target).float()
+    packed[0, 1, 7] = math.nan
+    for kind in ("kl", "mse", "cosine"):
+        assert math.isnan(map_loss_sum(query.float(), key.float(), SCALE, DenseTarget(packed), kind=kind).item()), kind
+    sparse = _sparse(target, 3, 1.0)
+    values = sparse.values.clone()
+    values[1, 0, 5, 1] = math.nan
+    assert math.isnan(map_loss_sum(query.float(), key.float(), SCALE, sparse._replace(values=values)).item())
