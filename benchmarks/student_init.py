@@ -78,6 +78,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.3,
+        help="greedy decoding with this penalty on tokens already written (1: plain greedy, which settles into a "
+        "loop of newlines or commas at these perplexities)",
+    )
     return parser.parse_args()
 
 
@@ -153,15 +160,16 @@ def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_t
 
 
 @torch.no_grad()
-def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> str:
-    """`new_tokens` greedy tokens after `prompt` (no sampling, no repetition penalty: reproducible)."""
+def greedy(model: Any, tokenizer: Any, args: argparse.Namespace) -> str:
+    """`--new-tokens` greedy tokens after `--prompt` with `--repetition-penalty` (no sampling: reproducible)."""
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt")
+    ids = tokenizer(args.prompt, return_tensors="pt")
     output = model.generate(
         **ids,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
         do_sample=False,
+        repetition_penalty=args.repetition_penalty,
         pad_token_id=tokenizer.eos_token_id,
     )
     return tokenizer.decode(output[0], skip_special_tokens=True)
@@ -177,11 +185,11 @@ def samples(args: argparse.Namespace, best: Run, scratch: Run, cache_layers: lis
     tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
     alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
     before = students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
-    texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args.prompt, args.new_tokens))]
-    texts.append((f"{best.name}, step 0 (carved)", greedy(before, tokenizer, args.prompt, args.new_tokens)))
+    texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args))]
+    texts.append((f"{best.name}, step 0 (carved)", greedy(before, tokenizer, args)))
     for run in (best, scratch):
         exported = AutoModelForCausalLM.from_pretrained(args.work_dir / "runs" / run.name / "student")
-        texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args.prompt, args.new_tokens)))
+        texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args)))
     return texts
 
 
@@ -247,9 +255,12 @@ def main() -> None:
         ratio = best.ppl_end / best_scratch.ppl_end
         print(
             f"\nbest carved {best.name} {best.ppl_end:,.1f} ÷ best scratch {best_scratch.name} "
-            f"{best_scratch.ppl_end:,.1f} = {ratio:.2f} (target ≤ 0.5); better head init: {winner}"
+            f"{best_scratch.ppl_end:,.1f} = {ratio:.3f} (target ≤ 0.5); better head init: {winner}"
         )
-        print(f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens:")
+        print(
+            f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens, repetition penalty "
+            f"{args.repetition_penalty:g}:"
+        )
         for who, text in samples(args, best, best_scratch, cache_layers):
             print(f"\n[{who}]\n{text}")
 
