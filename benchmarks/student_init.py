@@ -17,8 +17,9 @@ Rows, each with KD (CE + top-k logit KD, `distill.w_attn=0`) and with SHD + KD (
 The cache is built first into `--work-dir` (the demo's cache holds only the `uniform` layers): every teacher layer any
 row matches (the importance layers come from a calibration pass made before it), SHD and selective targets for 3
 heads. The carve's wall time is read from each run's `student_init.json` (teacher load, calibration once per process,
-the carve itself). Afterwards the best carved row's student writes greedy text from `--prompt` before training (the
-carve, rebuilt exactly) and after (its export), next to the teacher and the best scratch student.
+the carve itself). Afterwards the `--sample-row` student (default: the carved row of the demo's `carved_shd_kd`
+variant, merge heads with SHD + KD) writes greedy text from `--prompt` before training (the carve, rebuilt exactly)
+and after (its export), next to the teacher and the scratch student of the same objective (the demo's `shd_kd`).
 
 The machine is shared: perplexities do not depend on the load, wall times do.
 
@@ -77,6 +78,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="train.max_steps (default: the config's)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--prompt", default="ROMEO:")
+    parser.add_argument(
+        "--sample-row",
+        default="merge_shd_kd",
+        help="the carved run whose text is shown (default: the demo's carved_shd_kd variant); else the best carved",
+    )
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument(
         "--repetition-penalty",
@@ -175,19 +181,19 @@ def greedy(model: Any, tokenizer: Any, args: argparse.Namespace) -> str:
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def samples(args: argparse.Namespace, best: Run, scratch: Run, cache_layers: list[int]) -> list[tuple[str, str]]:
-    """(who, text) for the teacher, the best carved student before and after training, the best scratch student."""
+def samples(args: argparse.Namespace, carved: Run, scratch: Run, cache_layers: list[int]) -> list[tuple[str, str]]:
+    """(who, text) for the teacher, the `carved` student before and after training, the `scratch` student after."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # The carve rebuilt exactly as the run's trainer built it (its record goes elsewhere, the run's stays).
     output_dir = args.work_dir / "step0"
-    config = students.resolve(base_config(args, cache_layers, f"train.output_dir={output_dir}", *best.overrides))
+    config = students.resolve(base_config(args, cache_layers, f"train.output_dir={output_dir}", *carved.overrides))
     tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
     alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
     before = students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
     texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args))]
-    texts.append((f"{best.name}, step 0 (carved)", greedy(before, tokenizer, args)))
-    for run in (best, scratch):
+    texts.append((f"{carved.name}, step 0 (carved)", greedy(before, tokenizer, args)))
+    for run in (carved, scratch):
         exported = AutoModelForCausalLM.from_pretrained(args.work_dir / "runs" / run.name / "student")
         texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args)))
     return texts
@@ -261,7 +267,9 @@ def main() -> None:
             f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens, repetition penalty "
             f"{args.repetition_penalty:g}:"
         )
-        for who, text in samples(args, best, best_scratch, cache_layers):
+        shown = next((run for run in carved if run.name == args.sample_row), best)
+        contrast = next((run for run in scratch if run.objective == shown.objective), best_scratch)
+        for who, text in samples(args, shown, contrast, cache_layers):
             print(f"\n[{who}]\n{text}")
 
 
