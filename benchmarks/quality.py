@@ -715,7 +715,7 @@ def execute(ctx: Context, spec: RunSpec) -> dict[str, Any]:
 
 class Runner:
     """Runs specs in order with one progress bar, skipping finished ones, and logs a line per run with its figures
-    and the time left."""
+    and the time left. A run asked for again (the search scores the kept value of a stage once more) counts once."""
 
     def __init__(self, ctx: Context, total: int) -> None:
         from tqdm import tqdm
@@ -723,18 +723,24 @@ class Runner:
         self.ctx = ctx
         self.total = total
         self.finished: list[dict[str, Any]] = []
+        self.counted: set[str] = set()
         self.progress = tqdm(total=total, desc="study", unit="run", position=0, dynamic_ncols=True)
+
+    def _count(self, spec: RunSpec) -> None:
+        if spec.name not in self.counted:
+            self.counted.add(spec.name)
+            self.progress.update(1)
 
     def run(self, spec: RunSpec) -> dict[str, Any]:
         result = load_result(self.ctx.results_dir, spec)
         if result is not None:
             drop_models(self.ctx, spec)
-            self.progress.update(1)
+            self._count(spec)
             return result
         logger.info("[%d/%d] %s: %s", self.progress.n + 1, self.total, spec.name, " ".join(spec.overrides))
         result = execute(self.ctx, spec)
         self.finished.append(result)
-        self.progress.update(1)
+        self._count(spec)
         metrics = result["metrics"]
         shown = (
             ("val ppl", "tune/val_ppl"),
@@ -814,7 +820,22 @@ def frozen_choice(ctx: Context, runner: Runner | None) -> tuple[dict[str, Any], 
     }
     atomic_write_text(ctx.frozen_path, json.dumps(frozen, indent=1) + "\n")
     logger.info("frozen: %s → %s", chosen, ctx.frozen_path)
+    tag_tuning_experiment(ctx)
     return chosen, rows
+
+
+def tag_tuning_experiment(ctx: Context) -> None:
+    """Open `quality-tuning` in the MLflow UI on its training runs with the search's score and keys as columns (the
+    grid's experiment is tagged by `distill compare`)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mlflow_ui import tag_experiment
+
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    experiment = client.get_experiment_by_name(TUNING_EXPERIMENT)
+    if experiment is not None:
+        metrics = ["tune/val_ppl", "tune/val_top1_agreement", "eval/ppl", "train/loss"]
+        tag_experiment(client, experiment.experiment_id, metrics, [stage.key for stage in ctx.study.stages])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1197,7 +1218,7 @@ def tuning_lines(ctx: Context, frozen: Mapping[str, Any], rows: Sequence[TuningR
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {row.stage} | `{row.key}` | `{json.dumps(row.value)}` | {row.score:.4g} | "
+        f"| {row.stage} | `{row.key}` | `{json.dumps(row.value)}` | {row.score:.5g} | "
         f"{'**yes**' if row.chosen else ''} | {row.run} |"
         for row in rows
     ]
@@ -1231,9 +1252,9 @@ def write_report(
             + f". Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPU cores). "
             + run_commits(results),
             "",
-            f"Teacher: SmolLM2-135M ({ctx.base.teacher.path}, 9 heads). Students: LLaMA, 4 layers, hidden "
+            f"Teacher: {teacher_description(ctx.base)}. Students: {ctx.base.student.num_layers} layers, hidden "
             f"{ctx.base.student.hidden_size}, MLP {ctx.base.student.intermediate_size}, "
-            f"{ctx.base.student.num_kv_heads} KV head. Settings: "
+            f"{ctx.base.student.num_kv_heads} KV head(s). Settings: "
             + "; ".join(f"**{s}** `{' '.join(ctx.study.settings[s])}`" for s in ctx.settings)
             + ". A carved setting is carved once and every run starts from the same weights; `train.seed` changes "
             "the data order (and a scratch student's initial weights). Tables: [results.csv](results.csv) (one row "
@@ -1280,6 +1301,21 @@ def write_report(
         (staging / "index.md").write_text("\n".join(lines) + "\n")
     logger.info("report written to %s", ctx.report / "index.md")
     return ctx.report / "index.md"
+
+
+def teacher_description(base: Config) -> str:
+    """`source (path: family, layers, heads)` from the teacher's own config."""
+    from pipeline.models import load_teacher_config
+
+    try:
+        hf = load_teacher_config(Path(base.teacher.path))
+    except PipelineError as error:  # a report rebuilt where the teacher is gone still says which one it was
+        return f"{base.teacher.source} ({base.teacher.path}; its config cannot be read: {error})"
+    heads, kv_heads = hf.num_attention_heads, getattr(hf, "num_key_value_heads", hf.num_attention_heads)
+    return (
+        f"{base.teacher.source} ({base.teacher.path}: {hf.model_type}, {hf.num_hidden_layers} layers, {heads} heads "
+        f"on {kv_heads} KV heads)"
+    )
 
 
 def run_commits(results: Sequence[Mapping[str, Any]]) -> str:

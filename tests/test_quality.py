@@ -228,7 +228,9 @@ def context(tmp_path: Path) -> quality.Context:
     args = argparse.Namespace(
         config=CONFIG, quick=True, work_dir=tmp_path / "work", report_dir=tmp_path / "report", keep_models=False
     )
-    return quality.make_context(args)
+    ctx = quality.make_context(args)
+    ctx.base = quality.derive(ctx.base, [f"teacher.path={tmp_path / 'no-teacher'}"])  # none of these reads it
+    return ctx
 
 
 def test_a_finished_run_is_skipped(context: quality.Context, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,10 +258,11 @@ def test_a_finished_run_is_skipped(context: quality.Context, monkeypatch: pytest
     try:
         assert runner.run(done)["metrics"]["test/ppl"] == 700.0
         assert runner.run(todo)["metrics"]["test/ppl"] == 650.0
+        assert runner.run(done)["metrics"]["test/ppl"] == 700.0  # the search asks for a kept value again
     finally:
         runner.close()
     assert trained == [todo.name]
-    assert runner.progress.n == 2
+    assert runner.progress.n == 2  # each run counts once
     assert not leftover.exists()
 
 
@@ -351,3 +354,4 @@ def test_the_report_from_finished_results(context: quality.Context, caplog: pyte
     # no MLflow store in this work dir: the comparison fails, is logged with its error, and the report stands
     assert "`compare_runs` failed: CompareError: no MLflow store" in text
     assert "distill compare of carved3 failed" in caplog.text
+    assert "Teacher: smollm2 (" in text and "its config cannot be read" in text
