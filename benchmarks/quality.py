@@ -713,6 +713,15 @@ def execute(ctx: Context, spec: RunSpec) -> dict[str, Any]:
     return result
 
 
+def resident_mib() -> float:
+    """This process's resident memory now (it trains every run in turn: a leak would show here), NaN off Linux."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 class Runner:
     """Runs specs in order with one progress bar, skipping finished ones, and logs a line per run with its figures
     and the time left. A run asked for again (the search scores the kept value of a stage once more) counts once."""
@@ -752,7 +761,8 @@ class Runner:
         timing = measured_timing(self.finished, "this session")
         left = estimate_seconds(self.total - self.progress.n, self.ctx.base.train.max_steps, timing)
         logger.info(
-            "[%d/%d] %s: %s, max grad norm %.3g; train %.0f s (%.2f s/step), eval %.0f s; about %s left",
+            "[%d/%d] %s: %s, max grad norm %.3g; train %.0f s (%.2f s/step), eval %.0f s; resident memory %.0f MiB; "
+            "about %s left",
             self.progress.n,
             self.total,
             spec.name,
@@ -761,6 +771,7 @@ class Runner:
             result["train_seconds"],
             result["step_seconds_median"],
             result["eval_seconds"],
+            resident_mib(),
             format_duration(left),
         )
         return result
