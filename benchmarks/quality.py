@@ -1252,13 +1252,16 @@ def write_report(
     wanted = {spec.name for spec in specs} | {row.run for row in rows}
     results = [result for result in all_results(ctx) if result["name"] in wanted]
     commit, changed = git_commit(), study_files_changed()
-    command = shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]])
+    command = ctx.timings.get("command", "(not recorded)")
+    rebuilt = invocation() if invocation() != command else None
     with staged_directory(ctx.report) as staging:
         write_csv(results, staging / "results.csv")
         lines = [
             f"# Quality study{' (--quick)' if ctx.quick else ''}: does squeezed-attention distillation pay?",
             "",
-            f"Command: `{command}` (from the repository root). Commit `{commit}`"
+            f"Command: `{command}` (from the repository root"
+            + (f"; this report rebuilt by `{rebuilt}`" if rebuilt else "")
+            + f"). Commit `{commit}`"
             + (f" with local changes to {', '.join(changed)}" if changed else "")
             + f". Written {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({os.cpu_count()} CPU cores). "
             + run_commits(results),
@@ -1312,6 +1315,11 @@ def write_report(
         (staging / "index.md").write_text("\n".join(lines) + "\n")
     logger.info("report written to %s", ctx.report / "index.md")
     return ctx.report / "index.md"
+
+
+def invocation() -> str:
+    """This process's command line as one would type it from the repository root."""
+    return shlex.join([".venv/bin/python", "benchmarks/quality.py", *sys.argv[1:]])
 
 
 def teacher_description(base: Config) -> str:
@@ -1468,6 +1476,7 @@ def run_study(ctx: Context, grid_runs: int) -> int:
 
     started = time.perf_counter()
     ctx.work.mkdir(parents=True, exist_ok=True)
+    ctx.record_timing("command", invocation())
     prepare_inputs(ctx)
     for setting in ctx.settings:
         if is_carved(ctx.study, setting):
