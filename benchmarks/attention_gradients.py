@@ -1,9 +1,9 @@
 """Where the attention term's gradient spikes come from: a diagnostic of the attention-distillation gradient along a
 short training run, on the real cache of a config (the demo's by default).
 
-The run mirrors `distill train` in one process without DeepSpeed (same student initialisation, objective, AdamW,
-LR schedule and gradient clipping, the cache read in the trainer's order) and records at every step, on the step's
-own batch and parameters, before the update:
+The run mirrors `distill train` in one process without DeepSpeed (the same student — scratch, pretrained or carved
+— objective, AdamW, LR schedule and gradient clipping, the cache read in the trainer's order) and records at every
+step, on the step's own batch and parameters, before the update:
 
 - the pre-clip gradient norm of the whole loss, of the logit terms alone (CE + KD) and of the attention term alone
   (each term's own `torch.autograd.grad`), the cosine between the logit and attention gradients, and the norm of
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 from functools import partial
@@ -33,13 +34,15 @@ from typing import Any
 import torch
 
 from pipeline import dist
+from pipeline.attention import ScoreInputs
 from pipeline.checkpoints import TrainState
 from pipeline.config import Config, load_config
 from pipeline.map_losses import student_log_probs
-from pipeline.models import build_student
 from pipeline.objective import AttentionKD, Objective
 from pipeline.runtime import configure_logging, to_device
+from pipeline.students import build_student_model, resolve
 from pipeline.targets.layout import unpack_triangle
+from pipeline.targets.manifest import read_manifest
 from pipeline.train import check_inputs, lr_factor, training_batches
 
 TINY = torch.finfo(torch.float32).tiny
@@ -74,6 +77,20 @@ def clamped_log_attention_sum(term: AttentionKD, forward: Any) -> torch.Tensor:
     return total / len(term.targets)
 
 
+def attention_input_gradient_norm(term: AttentionKD, forward: Any, factor: float) -> float:
+    """Norm of the attention term's gradient at each matched layer's captured queries and keys — the partial
+    derivative there (recomputed on detached copies, so no later layer's path is counted), where the term's
+    gradient enters the network."""
+    copies = {
+        layer: ScoreInputs(*(tensor.detach().requires_grad_() for tensor in inputs[:3]), inputs.scale)
+        for layer, inputs in forward.inputs.items()
+    }
+    loss = term.loss_sum(dataclasses.replace(forward, inputs=copies)) * factor
+    leaves = [tensor for inputs in copies.values() for tensor in inputs[:2]]
+    gradients = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return _norm(list(gradients))
+
+
 def sink_figures(term: AttentionKD, forward: Any) -> dict[str, float]:
     """Target and student mass on key 0 (rows 1..T−1), the largest |score|, and the share of the attention loss from
     rows whose target puts ≥ 0.5 on key 0."""
@@ -104,20 +121,14 @@ def sink_figures(term: AttentionKD, forward: Any) -> dict[str, float]:
 
 
 def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
+    config = resolve(config)
     inputs = check_inputs(config)
     objective: Objective = inputs.objective
     attention = next((term for term in objective.terms if isinstance(term, AttentionKD)), None)
     if attention is None:
         raise SystemExit("the config has no attention term (distill.w_attn = 0): nothing to diagnose")
-    student = build_student(
-        inputs.teacher_config,
-        num_layers=config.student.num_layers,
-        hidden_size=config.student.hidden_size,
-        num_heads=config.student.num_heads,
-        num_kv_heads=config.student.num_kv_heads,
-        intermediate_size=config.student.intermediate_size,
-        seed=config.train.seed,
-    )
+    manifest = read_manifest(Path(config.cache.output_dir) / "train")
+    student = build_student_model(config, inputs.teacher_config, alpha_stats=manifest.alpha_stats)
     named = [(name, parameter) for name, parameter in student.named_parameters() if parameter.requires_grad]
     parameters = [parameter for _, parameter in named]
     train = config.train
@@ -137,9 +148,8 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         batch = to_device(next(batches), torch.device("cpu"))
         weights = objective.weights(step)
         counts = objective.counts(batch)
-        with objective.forward(student, student, batch) as raw:
-            forward = raw.attached()  # plain autograd through every term, for the per-term gradients below
-            sums = torch.stack(objective.term_sums(forward))
+        with objective.forward(student, student, batch) as forward:
+            sums = objective.sums(forward)
             terms = dict(zip(names, (sums / counts.clamp_min(1)).unbind(), strict=True))
             attn = names.index("attn")
             logit_loss = weights[0] * terms["ce"] + weights[1] * terms["kd"]
@@ -148,12 +158,10 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
             logit_grad = torch.autograd.grad(logit_loss, parameters, retain_graph=True, allow_unused=True)
             attention_grad = torch.autograd.grad(attention_loss, parameters, retain_graph=True, allow_unused=True)
             old_grad = torch.autograd.grad(old_loss, parameters, retain_graph=True, allow_unused=True)
+            input_norm = attention_input_gradient_norm(attention, forward, weights[attn] / counts[attn])
             figures = sink_figures(attention, forward)
-            # The update as the trainer makes it (`distill.attn_grad_clip` applied where configured).
-            factors = (weights / counts.clamp_min(1)).float()
-            loss, input_norm = objective.backward_loss(raw, objective.term_sums(raw), factors)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (sums * (weights / counts.clamp_min(1)).float()).sum().backward()
         total_norm = float(torch.nn.utils.clip_grad_norm_(parameters, train.grad_clip or float("inf")))
         optimizer.step()
         scheduler.step()

@@ -13,8 +13,7 @@ backward of the student on one batch with
   `--encoding topk` the top m entries of every row with their tail sums.
 
 Each loss is Σ_terms w · (sum over its units ÷ its unit count), as `Trainer.train_step` forms it on one rank, and
-its backward runs as the trainer's (`Objective.backward_loss`: the attention term's gradient at the captured q, k
-first, then one backward through the network; no `distill.attn_grad_clip`).
+its backward runs as the trainer's (one backward of Σ factors · term sums).
 Targets are random (costs depend on shapes, not values), encoded by `layout.encode_maps` and `kd.topk_targets` and
 converted by `reader.training_batch`, exactly the form a cached batch has.
 
@@ -158,7 +157,7 @@ def step_function(variant: str, student: nn.Module, batch: dict[str, Any], args:
 
     def distil() -> None:
         with objective.forward(student, student, batch) as forward:
-            loss, _ = objective.backward_loss(forward, objective.term_sums(forward), factors)
+            loss = (objective.sums(forward) * factors).sum()
             loss.backward()
 
     return distil

@@ -103,7 +103,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def format_override(key: str, value: Any) -> str:
-    """(dotted key, value) → `key=value` with the value in YAML (JSON) form: `distill.attn_grad_clip=null`."""
+    """(dotted key, value) → `key=value` with the value in YAML (JSON) form: `distill.layer_map=[0, 10]`."""
     return f"{key}={json.dumps(value)}"
 
 

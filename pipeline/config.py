@@ -142,10 +142,6 @@ class DistillConfig:
     `attn_decay_steps` optimizer steps (attention transfer matters most early)."""
     attn_decay_steps: int | None = None
     """Steps of the `linear` schedule; `null` means `train.max_steps`."""
-    attn_grad_clip: float | None = None
-    """Largest norm of the attention and relation terms' gradient where it enters the student (its captured queries,
-    keys and values), per micro-batch; a larger one is scaled down to it before it reaches any weight, so a spike of
-    the attention term cannot swamp the logit terms' update. `null`: not clipped (only `train.grad_clip` applies)."""
 
 
 @dataclass
@@ -498,8 +494,6 @@ def validate(config: Config) -> None:
         "at least one of w_ce, w_kd, w_attn, w_rel > 0",
     )
     _require(d.rel_heads >= 1, "distill.rel_heads", d.rel_heads, "an integer ≥ 1")
-    if d.attn_grad_clip is not None:
-        _require(d.attn_grad_clip > 0, "distill.attn_grad_clip", d.attn_grad_clip, "a norm > 0 or null (no clipping)")
     if d.attn_decay_steps is not None:
         _require(d.attn_decay_steps >= 1, "distill.attn_decay_steps", d.attn_decay_steps, "an integer ≥ 1 or null")
     for index, temperature in enumerate(c.temperatures):

@@ -17,7 +17,6 @@ The student runs with SDPA; its matched layers record their post-RoPE queries an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,27 +42,6 @@ class StudentForward:
     inputs: dict[int, ScoreInputs]
     batch: dict[str, Any]
     _logit_sums: dict[float, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    _leaves: dict[int, ScoreInputs] | None = None
-
-    def leaf_inputs(self) -> dict[int, ScoreInputs]:
-        """The captured inputs as detached leaves (requiring grad where the originals do), which the attention and
-        relation terms read: the gradient at them is then the terms' partial derivative at each layer's inputs —
-        not the total one, which would also flow through later layers — and `Objective.backward_loss` hands it to
-        the network through the originals."""
-        if self._leaves is None:
-            self._leaves = {
-                layer: ScoreInputs(
-                    *(tensor.detach().requires_grad_(tensor.requires_grad) for tensor in inputs[:3]), inputs.scale
-                )
-                for layer, inputs in self.inputs.items()
-            }
-        return self._leaves
-
-    def attached(self) -> StudentForward:
-        """This forward with the attention and relation terms reading the captured inputs themselves, so that plain
-        autograd through their sums reaches the network (for references and diagnostics; training uses
-        `Objective.backward_loss`)."""
-        return dataclasses.replace(self, _leaves=self.inputs, _logit_sums=self._logit_sums)
 
     def logit_sums(self, kd_temperature: float) -> tuple[Tensor, Tensor]:
         """(Σ CE over labels ≠ -100, Σ τ²-scaled top-k KD over positions), computed once per temperature."""
@@ -87,9 +65,6 @@ class Term(ABC):
 
     name: str
     weight: float
-    transfers_attention: bool = False
-    """Whether the term's gradient enters the student only through captured score inputs (attention, relations):
-    such terms are the ones `distill.attn_grad_clip` bounds."""
 
     def capture_layers(self) -> set[int]:
         """Student layers whose score inputs (q, k, v) this term reads."""
@@ -159,7 +134,6 @@ class AttentionKD(Term):
     """Leave out the first key (the attention sink) on both sides, the rows renormalised over the others, and the
     first query row (it sees only that key)."""
     name: str = "attn"
-    transfers_attention: bool = True
 
     def capture_layers(self) -> set[int]:
         return set(range(len(self.targets)))
@@ -178,7 +152,7 @@ class AttentionKD(Term):
             mask[:, 0] = False
         total = None
         for layer, target in enumerate(self.targets):
-            inputs = forward.leaf_inputs()[layer]
+            inputs = forward.inputs[layer]
             part = map_loss_sum(
                 inputs.query,
                 inputs.key,
@@ -204,7 +178,6 @@ class RelationKD(Term):
     """(q, k, v) relation map names of each student layer j."""
     relation_heads: int
     name: str = "rel"
-    transfers_attention: bool = True
 
     def capture_layers(self) -> set[int]:
         return set(range(len(self.targets)))
@@ -218,7 +191,7 @@ class RelationKD(Term):
     def loss_sum(self, forward: StudentForward) -> Tensor:
         total = None
         for layer, names in enumerate(self.targets):
-            inputs = forward.leaf_inputs()[layer]
+            inputs = forward.inputs[layer]
             states = states_for_relations(inputs.query, inputs.key, inputs.value)
             targets = [forward.batch["maps"][name] for name in names]
             part = relation_loss_sum(states, targets, self.relation_heads)
@@ -248,9 +221,7 @@ class WeightSchedule:
 class Objective:
     """The configured terms, in a fixed order; every per-term tensor below is in this order."""
 
-    def __init__(
-        self, terms: Sequence[Term], schedule: WeightSchedule | None = None, attention_grad_clip: float | None = None
-    ) -> None:
+    def __init__(self, terms: Sequence[Term], schedule: WeightSchedule | None = None) -> None:
         if not terms:
             raise ValueError("an objective needs at least one term")
         names = [term.name for term in terms]
@@ -258,7 +229,6 @@ class Objective:
             raise ValueError(f"term names must be distinct, got {names}")
         self.terms = list(terms)
         self.schedule = schedule or WeightSchedule()
-        self.attention_grad_clip = attention_grad_clip
 
     @property
     def names(self) -> list[str]:
@@ -294,49 +264,9 @@ class Objective:
             logits = model(input_ids=batch["input_ids"], use_cache=False).logits
             yield StudentForward(logits, capture.inputs, batch)
 
-    def term_sums(self, forward: StudentForward) -> list[Tensor]:
-        """Each term's fp32 sum over one batch, with autograd graph — the attention and relation terms' only as far
-        as the captured inputs' leaves: to train, call backward on `backward_loss`, which carries them on."""
-        return [term.loss_sum(forward).float() for term in self.terms]
-
     def sums(self, forward: StudentForward) -> Tensor:
-        """[n_terms] fp32 sums of one batch without autograd graph (for logging, checks and evaluation)."""
-        return torch.stack([value.detach() for value in self.term_sums(forward)])
-
-    def backward_loss(
-        self, forward: StudentForward, term_sums: Sequence[Tensor], factors: Tensor
-    ) -> tuple[Tensor, float | None]:
-        """(the scalar to call backward on, the norm of the attention-transfer gradient at the student's captured
-        inputs before clipping, None without such terms) for one micro-batch's `term_sums` and per-term `factors`.
-
-        The attention and relation terms read the captured queries, keys and values as leaves (see
-        `StudentForward.leaf_inputs`): their gradient there is computed first (a backward through the loss blocks
-        only), scaled down to `attention_grad_clip` if larger, and handed to the network through a surrogate
-        Σ ⟨input, gradient⟩ whose gradient it is. The rest of the backward runs once, as for Σ factors · sums.
-        """
-        transfer = [index for index, term in enumerate(self.terms) if term.transfers_attention]
-        direct_loss = sum(
-            term_sums[index] * factors[index] for index in range(len(self.terms)) if index not in transfer
-        )
-        if not transfer or not forward.inputs:
-            return direct_loss, None
-        pairs = [
-            (original, leaf)
-            for layer, inputs in forward.inputs.items()
-            for original, leaf in zip(inputs[:3], forward.leaf_inputs()[layer][:3], strict=True)
-            if leaf.requires_grad
-        ]
-        transfer_loss = sum(term_sums[index] * factors[index] for index in transfer)
-        gradients = torch.autograd.grad(transfer_loss, [leaf for _, leaf in pairs], allow_unused=True)
-        used = [
-            (original, gradient)
-            for (original, _), gradient in zip(pairs, gradients, strict=True)
-            if gradient is not None
-        ]
-        norm = float(torch.stack([gradient.double().square().sum() for _, gradient in used]).sum().sqrt())
-        scale = 1.0 if self.attention_grad_clip is None else min(1.0, self.attention_grad_clip / max(norm, 1e-30))
-        surrogate = sum((original * gradient * scale).sum() for original, gradient in used)
-        return direct_loss + surrogate, norm
+        """[n_terms] fp32 sums of one batch, with autograd graph."""
+        return torch.stack([term.loss_sum(forward).float() for term in self.terms])
 
 
 def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation: bool = False) -> Objective:
@@ -377,7 +307,7 @@ def build_objective(config: Config, teacher_layers: Sequence[int], *, evaluation
             )
         )
     decay = distill.attn_decay_steps or config.train.max_steps
-    return Objective(terms, WeightSchedule(distill.attn_schedule, decay), distill.attn_grad_clip)
+    return Objective(terms, WeightSchedule(distill.attn_schedule, decay))
 
 
 def attention_yardstick(config: Config, teacher_layers: Sequence[int]) -> AttentionKD:

@@ -190,24 +190,19 @@ class Trainer:
         sums = torch.zeros(len(self.objective.terms), dtype=torch.float64)
         lr = self.engine.get_lr()[0]
         grad_norm = None
-        attention_input_norm = -1.0
         self.engine.train()
         for index, batch in enumerate(micro_batches):
             # Backward inside the forward's capture block: with activation checkpointing the recomputed forward
             # must take the same (captured) attention path as the first one.
             with self.objective.forward(self.engine, self.engine.module, batch) as forward:
-                term_sums = self.objective.term_sums(forward)
-                batch_sums = torch.stack([value.detach() for value in term_sums])
+                batch_sums = self.objective.sums(forward)
                 self._check_finite(batch_sums, batch)
-                loss, input_norm = self.objective.backward_loss(forward, term_sums, factors)
-                self.engine.backward(loss)
-            if input_norm is not None:
-                attention_input_norm = max(attention_input_norm, input_norm)
+                self.engine.backward((batch_sums * factors).sum())
             sums += batch_sums.detach().double().cpu()
             if index == accumulation - 1:
                 grad_norm = self._grad_norm_before_step()
             self.engine.step()
-            del forward, term_sums, loss
+            del forward, batch_sums
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         means = dist.term_means(sums, counts)
@@ -230,9 +225,6 @@ class Trainer:
         }
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
-        if attention_input_norm >= 0:  # before `distill.attn_grad_clip`, the largest of all micro-batches and ranks
-            largest = dist.all_reduce(torch.tensor([attention_input_norm], dtype=torch.float64), op="max")
-            values["train/grad_norm_attn_inputs"] = float(largest[0])
         metrics = StepMetrics(self.state.step + 1, self.state.position, values)
         self.state.step += 1
         self.state.position += int(tokens) // micro_batches[0]["labels"].shape[1]

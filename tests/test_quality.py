@@ -46,17 +46,17 @@ def test_the_shipped_layout(shipped: tuple[Any, quality.Study]) -> None:
         "distill.attn_temperature",
         "distill.attn_schedule",
         "distill.layer_map",
-        "distill.attn_grad_clip",
+        "distill.attn_sink",
     ]
     assert study.stages[0].values == (0.03, 0.1, 0.3, 1.0)
-    assert study.stages[-1].values == (None, 0.2)
+    assert study.stages[-1].values == ("keep", "drop")
     assert study.seeds == (0, 1, 2)
     assert quality.start_assignment(study, config) == {
         "distill.w_attn": 0.1,
         "distill.attn_temperature": 1.0,
         "distill.attn_schedule": "constant",
         "distill.layer_map": "spread",
-        "distill.attn_grad_clip": None,
+        "distill.attn_sink": "keep",
     }
     # every stage's start value is among its candidates: 4 + 1 + 1 + 1 + 1 distinct runs
     assert quality.tuning_run_count(study, quality.start_assignment(study, config)) == 8
@@ -67,7 +67,7 @@ def test_the_shipped_layout(shipped: tuple[Any, quality.Study]) -> None:
 
 def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, quality.Study], tmp_path: Path) -> None:
     config, study = shipped
-    frozen = {"distill.w_attn": 0.3, "distill.layer_map": "uniform", "distill.attn_grad_clip": None}
+    frozen = {"distill.w_attn": 0.3, "distill.layer_map": "uniform", "distill.attn_sink": "keep"}
     specs = quality.grid_specs(
         study, config, frozen, tmp_path, settings=tuple(study.settings), variants=VARIANTS, seeds=study.seeds
     )
@@ -153,7 +153,7 @@ def test_tuning_runs_are_named_by_their_assignment(shipped: tuple[Any, quality.S
     spec = quality.tuning_spec(study, start, tmp_path)
     assert spec.name == quality.tuning_spec(study, dict(start), tmp_path).name
     assert spec.name == (
-        "tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_grad_clip=null"
+        "tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_sink=keep"
     )
     other = quality.tuning_spec(study, {**start, "distill.attn_temperature": 2.0}, tmp_path)
     assert other.name != spec.name
@@ -315,7 +315,7 @@ def test_the_baseline_must_be_a_variant() -> None:
 
 
 def test_overrides_round_trip() -> None:
-    for key, value in (("distill.attn_grad_clip", None), ("distill.w_attn", 0.03), ("distill.layer_map", "uniform")):
+    for key, value in (("distill.attn_sink", "keep"), ("distill.w_attn", 0.03), ("distill.layer_map", "uniform")):
         assert quality.parse_override(quality.format_override(key, value)) == (key, value)
     assert quality.parse_override("cache.layers=[0, 10]") == ("cache.layers", [0, 10])
     with pytest.raises(quality.StudyError, match=r"'w_attn': expected section\.key=value"):
