@@ -235,6 +235,9 @@ class TrainConfig:
     """Evaluate on the validation split every N steps (0: only at the end)."""
     eval_batches: int = 4
     """Validation batches per evaluation."""
+    heatmaps: Literal["every", "final", "never"] = "every"
+    """Attention heat maps (teacher targets beside the student, per matched layer) logged to MLflow at every
+    evaluation, at the final one only, or never (each set costs a few seconds on a CPU)."""
     resume: str = "auto"
     """`auto` (latest checkpoint if any), `never`, or a checkpoint directory."""
     log_every: int = 1

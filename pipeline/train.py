@@ -238,10 +238,13 @@ class Trainer:
                 log.write(json.dumps({"step": metrics.step, "position": metrics.position, **metrics.values}) + "\n")
 
     def evaluate(self) -> dict[str, float]:
-        """Evaluate on the validation cache, log the metrics and the attention heat maps at the current step."""
+        """Evaluate on the validation cache, log the metrics and (per `train.heatmaps`) the attention heat maps at
+        the current step."""
         if self.evaluator is None:
             return {}
-        result = self.evaluator.run(self.engine, self.engine.module, heatmap=True)
+        setting = self.config.train.heatmaps
+        heatmap = setting == "every" or (setting == "final" and self.state.step == self.config.train.max_steps)
+        result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
         self.tracker.log_metrics(result.metrics, step=self.state.step)
         self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
         if result.heatmap is not None and self.tracker.active:
