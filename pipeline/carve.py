@@ -5,7 +5,8 @@ one teacher forward with hooks, no T × T maps held):
 
 - depth: the teacher layer each student layer copies, from the layer map or by block importance
   1 − cos(block input, block output) averaged over tokens (ShortGPT / Minitron), the largest kept in order;
-- heads: each student head reduces its teacher head group (`shd.squeeze_groups`, the grouping of the squeeze) by
+- heads: each student head reduces its teacher head group (the heads its attention target is made of: the squeeze's
+  `shd.squeeze_groups`, or under `attn_match: selective` the one selected teacher head) by
   `prune` (the group's most important head, importance = the head's share ‖A_h X_h‖_F / Σ_h' ‖A_h' X_h'‖_F of the
   layer's attention output) or `merge` (q/k/v slices averaged with the group's α, o slices summed: for heads on one
   KV head the merged head then applies its map to SHD's S = Σ_i X_i);
