@@ -551,6 +551,7 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     from pipeline.atomic import staged_directory
     from pipeline.data import TOKENIZER_FILES
     from pipeline.models import load_teacher_config
+    from pipeline.targets.manifest import read_manifest
 
     target = ctx.students_dir / setting
     if (target / "config.json").is_file():
@@ -560,7 +561,9 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     teacher_dir = Path(ctx.base.teacher.path)
     with staged_directory(target) as staging:
         config = students.resolve(derive(ctx.base, [*ctx.study.settings[setting], f"train.output_dir={staging}"]))
-        model = students.build_student_model(config, load_teacher_config(teacher_dir))
+        # A `merge` carve weights each head group by the cache's SHD α statistics (the study caches first).
+        alpha_stats = read_manifest(Path(ctx.base.cache.output_dir) / "train").alpha_stats
+        model = students.build_student_model(config, load_teacher_config(teacher_dir), alpha_stats=alpha_stats)
         model.save_pretrained(staging, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (teacher_dir / name).is_file():
