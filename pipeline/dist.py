@@ -53,7 +53,7 @@ def init_distributed() -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch_dist.is_initialized() and torch_dist.get_backend() != backend:
-        torch_dist.destroy_process_group()
+        shutdown()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
@@ -129,6 +129,14 @@ def gather_objects(value: Any) -> list[Any]:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly so the launcher sees every rank exit."""
-    if torch_dist.is_initialized():
+    """Leave the process group cleanly so the launcher sees every rank exit. Through DeepSpeed when it holds the
+    group: it then forgets the groups it derived and cached, so a later stage in the same process (tests,
+    notebooks, `distill run`) can join a fresh group instead of tripping over a destroyed one."""
+    if not torch_dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    else:
         torch_dist.destroy_process_group()
