@@ -4,8 +4,10 @@ An attention map (and a MiniLMv2 relation map) is softmax(q kᵀ · scale) under
 never materialised and never logged from a clamped probability: for a block of query rows the scores are recomputed
 from the captured (post-RoPE) queries and keys, masked, divided by τ and turned into log-probabilities with
 `log_softmax`; the loss of each row against the matching target rows is summed, and the block is recomputed in the
-backward pass (activation checkpointing). Peak memory is O(B · H · rows · T) instead of O(B · H · T · T), and with
-top-m targets only the m gathered log-probabilities and the row's complement log-sum-exp are needed.
+backward pass. A block of rows [a, b) reads only keys [0, b) (the rest are causally masked), so the blocks together
+touch about half of the T × T scores. Peak memory is O(B · H · rows · T) instead of O(B · H · T · T), and with
+top-m targets only the m gathered log-probabilities and the row's complement log-sum-exp are needed. The common case,
+dense KL per head, runs as one fused autograd function (`_DenseKLBlock`) whose backward forms (p − t)/τ directly.
 
 Targets: `DenseTarget` (the packed causal triangle the cache stores, probabilities at τ = 1) or `SparseTarget` (the
 top m entries of every row plus the tail sum R_τ = Σ_tail t^{1/τ} at the loss temperature, so the (m+1)-bucket KL is
@@ -17,10 +19,11 @@ by the global row count once). Pure tensor maths: nothing here knows about model
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Literal, NamedTuple
+from functools import lru_cache, partial
+from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -63,24 +66,40 @@ def triangle_offset(row: int) -> int:
     return row * (row + 1) // 2
 
 
-def dense_rows(packed: Tensor, start: int, stop: int, seq_len: int) -> Tensor:
-    """Rows [start, stop) of packed maps [..., T(T+1)/2] as [..., stop − start, T] with exact zeros above the
-    diagonal. The rows of a block are one contiguous slice of the packed triangle, so no full map is formed."""
-    rows = torch.arange(start, stop, device=packed.device)
-    columns = torch.arange(seq_len, device=packed.device)
-    causal = columns[None, :] <= rows[:, None]
-    block = packed.new_zeros(*packed.shape[:-1], stop - start, seq_len)
-    block[..., causal] = packed[..., triangle_offset(start) : triangle_offset(stop)]
-    return block
-
-
-def key_visibility(start: int, stop: int, seq_len: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
-    """[B|1, 1, rows, T] bool: key j visible to query i when j ≤ i (causal) and key j is not padding."""
+@lru_cache(maxsize=256)
+def _causal_positions(start: int, stop: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(flat index into a [rows, width] block of every causal entry of rows [start, stop), row-major — the order of
+    the packed triangle —, the causal mask [rows, width], its complement); cached: every step reuses the blocks."""
     rows = torch.arange(start, stop, device=device)
-    visible = (torch.arange(seq_len, device=device)[None, :] <= rows[:, None])[None, None]
+    causal = torch.arange(width, device=device)[None, :] <= rows[:, None]
+    return causal.flatten().nonzero().squeeze(-1), causal, ~causal
+
+
+def dense_rows(packed: Tensor, start: int, stop: int, width: int) -> Tensor:
+    """Rows [start, stop) of packed maps [..., T(T+1)/2] as [..., stop − start, width] (keys 0..width−1, width ≥
+    stop) with exact zeros above the diagonal. The rows of a block are one contiguous slice of the packed triangle,
+    so no full map is formed."""
+    flat = _causal_positions(start, stop, width, packed.device)[0]
+    block = packed.new_zeros(*packed.shape[:-1], (stop - start) * width)
+    block.index_copy_(-1, flat, packed[..., triangle_offset(start) : triangle_offset(stop)])
+    return block.view(*packed.shape[:-1], stop - start, width)
+
+
+def key_visibility(start: int, stop: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
+    """[B|1, 1, rows, stop] bool over keys 0..stop−1 (no later key is visible to rows < stop): key j visible to
+    query i when j ≤ i (causal) and key j is not padding."""
+    visible = _causal_positions(start, stop, stop, device)[1][None, None]
     if key_mask is not None:
-        visible = visible & key_mask.bool()[:, None, None, :]
+        visible = visible & key_mask[:, :stop].bool()[:, None, None, :]
     return visible
+
+
+def _repeat_keys(query: Tensor, key: Tensor) -> Tensor:
+    """`key` [B, H_k, T, d] repeated to the query heads [B, H, T, d] (GQA: query head h reads key head h // (H/H_k))."""
+    heads, key_heads = query.shape[1], key.shape[1]
+    if heads % key_heads:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)}: key heads must divide query heads")
+    return key if key_heads == heads else key.repeat_interleave(heads // key_heads, dim=1)
 
 
 def student_log_probs(
@@ -94,22 +113,18 @@ def student_log_probs(
     key_mask: Tensor | None = None,
     head_mean: bool = False,
 ) -> Tensor:
-    """log softmax(q kᵀ · scale / τ) of query rows [start, stop), fp32 → [B, H, rows, T] ([B, 1, rows, T] with
-    `head_mean`: the log of the mean over heads of the maps, by a log-sum-exp over heads).
+    """log softmax(q kᵀ · scale / τ) of query rows [start, stop) over keys 0..stop−1, fp32 → [B, H, rows, stop]
+    ([B, 1, rows, stop] with `head_mean`: the log of the mean over heads of the maps, by a log-sum-exp over heads).
 
     `query` [B, H, T, d], `key` [B, H_k, T, d] with H_k dividing H (GQA: query head h reads key head h // (H/H_k)).
     Keys a row may not see carry log-probabilities near `MASKED` (finite; their probability is 0 in fp32).
     """
-    heads, key_heads = query.shape[1], key.shape[1]
-    if heads % key_heads:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)}: key heads must divide query heads")
-    if key_heads != heads:
-        key = key.repeat_interleave(heads // key_heads, dim=1)
-    scores = query[:, :, start:stop].float() @ key.float().transpose(-1, -2) * (scale / temperature)
-    visible = key_visibility(start, stop, query.shape[2], key_mask, query.device)
+    key = _repeat_keys(query, key)
+    scores = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2) * (scale / temperature)
+    visible = key_visibility(start, stop, key_mask, query.device)
     log_probs = torch.log_softmax(scores.masked_fill(~visible, MASKED), dim=-1)
     if head_mean:
-        log_probs = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(heads)
+        log_probs = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(query.shape[1])
     return log_probs
 
 
@@ -157,14 +172,99 @@ def _sparse_row_loss(
     keys that are not `visible` are dropped (the buckets renormalise without them; a hidden key inside the tail
     cannot be taken out of the tail sum)."""
     values = values.float()
+    # Keys past the block's last row are not in `log_probs`; a kept index there (a causal zero picked by a short row)
+    # points at one extra masked column instead.
+    width = log_probs.shape[-1]
+    indices = indices.clamp_max(width)
+    log_probs = F.pad(log_probs, (0, 1), value=MASKED)
     if visible is not None:
-        values = torch.where(visible.expand(*log_probs.shape).gather(-1, indices), values, 0.0)
+        visible = F.pad(visible.expand(*log_probs.shape[:-1], width), (0, 1), value=False)
+        values = torch.where(visible.gather(-1, indices), values, 0.0)
     present = (values > 0) | values.isnan()  # a NaN target reaches the loss (and stops training) instead of vanishing
     target_log = torch.where(present, values.clamp_min(torch.finfo(torch.float32).tiny).log(), -math.inf)
     target_log, target_log_tail = soften_topk(target_log, tail, temperature)
     kept = log_probs.gather(-1, indices)
     rest = torch.logsumexp(log_probs.scatter(-1, indices, MASKED), dim=-1)
     return sparse_kl_with_tail(target_log, target_log_tail, kept, rest)
+
+
+def _dense_target_rows(
+    packed: Tensor, start: int, stop: int, temperature: float, key_mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """(t_τ [B, H, rows, stop], per-row Σ t_τ log t_τ [B, H, rows]) of dense targets for rows [start, stop):
+    restricted to the visible keys and renormalised there when `key_mask` is given, then softened. As stored (τ = 1,
+    no mask) the rows are used as they are and their entropy is summed over the packed slice itself."""
+    if temperature == 1.0 and key_mask is None:
+        piece = packed[..., triangle_offset(start) : triangle_offset(stop)].float()
+        terms = torch.where(
+            (piece > 0) | piece.isnan(), piece * piece.clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0
+        )
+        lengths = torch.arange(start + 1, stop + 1, device=packed.device).expand(*packed.shape[:-1], stop - start)
+        entropy = torch.segment_reduce(terms, "sum", lengths=lengths.contiguous(), axis=terms.dim() - 1)
+        return dense_rows(packed, start, stop, stop).float(), entropy
+    target = dense_rows(packed, start, stop, stop).float()
+    if key_mask is not None:
+        target = torch.where(key_visibility(start, stop, key_mask, packed.device), target, 0.0)
+        target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    target, target_log = _soften_dense(target, temperature)
+    return target, torch.where((target > 0) | target.isnan(), target * target_log, 0.0).sum(-1)
+
+
+class _DenseKLBlock(torch.autograd.Function):
+    """KL(t_τ ‖ softmax(s/τ)) per query row of one block against dense targets, s = q kᵀ · scale over keys
+    0..stop−1, with a hand-written backward: ∂KL/∂s = (p · Σt − t)/τ, formed directly from the recomputed scores.
+
+    Only the row log-sum-exp is kept between the passes; the scores and the target rows (sliced from the packed
+    triangle) are recomputed, so a block's memory is freed at once. KL = Σ t log t − Σ t·s_τ + lse·Σ t, which is the
+    row's KL when Σ t = 1 and 0 for a row without target mass (padding, or the first row without its only key).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        packed: Tensor,
+        key_mask: Tensor | None,
+        start: int,
+        coefficient: float,
+        temperature: float,
+    ) -> Tensor:
+        stop = start + query.shape[2]
+        scores = _masked_scores(query, key, coefficient, start, stop, key_mask)
+        target, entropy = _dense_target_rows(packed, start, stop, temperature, key_mask)
+        normaliser = torch.logsumexp(scores, dim=-1)
+        per_row = entropy - (target * scores).sum(-1) + normaliser * target.sum(-1)
+        ctx.save_for_backward(query, key, packed, key_mask, normaliser)
+        ctx.block = (start, coefficient, temperature)
+        return per_row
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        query, key, packed, key_mask, normaliser = ctx.saved_tensors
+        start, coefficient, temperature = ctx.block
+        stop = start + query.shape[2]
+        scores = _masked_scores(query, key, coefficient, start, stop, key_mask)
+        if temperature == 1.0 and key_mask is None:
+            target = dense_rows(packed, start, stop, stop).float()  # as stored: no softening, no entropy needed
+        else:
+            target, _ = _dense_target_rows(packed, start, stop, temperature, key_mask)
+        probs = (scores - normaliser[..., None]).exp_()
+        grad_scores = (probs.mul_(target.sum(-1, keepdim=True)).sub_(target)).mul_(grad_rows[..., None] * coefficient)
+        grad_query = (grad_scores @ key.float()).to(query.dtype)
+        grad_key = (grad_scores.transpose(-1, -2) @ query.float()).to(key.dtype)
+        return grad_query, grad_key, None, None, None, None, None
+
+
+def _masked_scores(
+    query: Tensor, key: Tensor, coefficient: float, start: int, stop: int, key_mask: Tensor | None
+) -> Tensor:
+    """q kᵀ · coefficient [B, H, rows, stop] fp32 of query rows `query` (rows [start, stop)) against keys
+    0..stop−1, keys a row may not see at `MASKED`."""
+    scores = (query.float() @ key.float().transpose(-1, -2)).mul_(coefficient)
+    if key_mask is None:
+        return scores.masked_fill_(_causal_positions(start, stop, stop, query.device)[2], MASKED)
+    return scores.masked_fill_(~key_visibility(start, stop, key_mask, query.device), MASKED)
 
 
 def _block_loss(
@@ -184,7 +284,7 @@ def _block_loss(
     log_probs = student_log_probs(
         query, key, scale, start, stop, temperature=temperature, key_mask=key_mask, head_mean=head_mean
     )
-    visible = None if key_mask is None else key_visibility(start, stop, query.shape[2], key_mask, query.device)
+    visible = None if key_mask is None else key_visibility(start, stop, key_mask, query.device)
     if len(target_rows) == 1:
         per_row = _dense_row_loss(log_probs, target_rows[0], kind, temperature, visible)
     else:
@@ -256,10 +356,27 @@ def map_loss_sum(
     step = rows_per_block or block_rows(batch, heads, seq_len)
     recompute = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     total = query.new_zeros((), dtype=torch.float32)
+    if isinstance(target, DenseTarget) and kind == "kl" and not head_mean:
+        keys = _repeat_keys(query, key)
+        for start in range(0, seq_len, step):
+            stop = min(start + step, seq_len)
+            per_row = _DenseKLBlock.apply(
+                query[:, :, start:stop],
+                keys[:, :, :stop],
+                target.packed,
+                key_mask,
+                start,
+                scale / temperature,
+                temperature,
+            ).mean(1)
+            if query_mask is not None:
+                per_row = torch.where(query_mask[:, start:stop].bool(), per_row, 0.0)
+            total = total + per_row.sum()
+        return total
     for start in range(0, seq_len, step):
         stop = min(start + step, seq_len)
         if isinstance(target, DenseTarget):
-            rows: tuple[Tensor, ...] = (dense_rows(target.packed, start, stop, seq_len),)
+            rows: tuple[Tensor, ...] = (dense_rows(target.packed, start, stop, stop),)
         else:
             rows = (
                 target.values[:, :, start:stop],

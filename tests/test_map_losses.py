@@ -205,6 +205,7 @@ def test_dense_rows_are_slices_of_the_packed_triangle() -> None:
     packed = pack_triangle(maps)
     for start, stop in ((0, 1), (2, 5), (5, SEQ)):
         torch.testing.assert_close(dense_rows(packed, start, stop, SEQ), maps[:, :, start:stop])
+        torch.testing.assert_close(dense_rows(packed, start, stop, stop), maps[:, :, start:stop, :stop])
 
 
 def test_gradients_stay_bounded_where_the_student_has_no_mass() -> None:
