@@ -1,9 +1,9 @@
 """Greedy text from the teacher and from the students of a `distill run`, each before and after training.
 
 A perplexity says how far a student is from the teacher; a few lines of text say what that means. For every
-variant named (default: all of the config's `run.variants` that finished), the student is rebuilt exactly as its run
-built it at step 0 (random weights from the run's seed, the pretrained directory, or the carve from the teacher with
-the cache's α statistics; rebuilt in a scratch directory, so the run's own records stay untouched) and its export in
+variant named (default: all of the config's `run.variants` that finished), the student is rebuilt as its run built
+it at step 0 (random weights from the run's seed, the pretrained directory, or the carve from the teacher with the
+train cache's α statistics; in a scratch directory, so the run's own records stay untouched) and its export in
 `train.output_dir/<variant>/student` is loaded; both continue `--prompt` greedily with a repetition penalty (plain
 greedy settles into a loop of newlines at these perplexities). Reproducible: no sampling.
 
@@ -57,7 +57,8 @@ def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: arg
 def step0_student(variant: Config, scratch_dir: Path) -> Any:
     """The variant's student as its run built it before the first update."""
     config = students.resolve(config_from_dict(variant.to_dict(), [f"train.output_dir={scratch_dir}"]))
-    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
+    cached = config.train.mode == "cached"
+    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats if cached else None
     return students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
 
 
@@ -65,6 +66,9 @@ def main() -> None:
     args = parse_args()
     configure_logging("WARNING")
     config = load_config(args.config)
+    unknown = sorted(set(args.variants or ()) - set(config.run.variants))
+    if unknown:
+        raise SystemExit(f"--variants: {unknown} not in run.variants of {args.config} ({sorted(config.run.variants)})")
     names = args.variants or [
         name for name in config.run.variants if (Path(config.variant(name).train.output_dir) / STUDENT).is_dir()
     ]

@@ -463,7 +463,7 @@ def _validate_student(s: StudentConfig, d: DistillConfig) -> None:
             len(explicit_map) == num_layers,
             "distill.layer_map",
             explicit_map,
-            f"'uniform', 'last' or a list of {num_layers} teacher layer indices (one per student layer)",
+            f"'uniform', 'spread', 'last' or a list of {num_layers} teacher layer indices (one per student layer)",
         )
     if s.init == "scratch":
         heads = s.num_heads if s.num_heads is not None else SCRATCH_STUDENT["num_heads"]

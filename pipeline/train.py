@@ -60,8 +60,6 @@ from pipeline.tracking import create_tracker, sigterm_as_keyboard_interrupt
 logger = logging.getLogger(__name__)
 
 METRICS_LOG = "metrics.jsonl"
-TERMS = ("ce", "kd", "attn")
-"""The loss terms, in the order of every [3] tensor below (sums, counts, weights)."""
 
 
 class TrainError(PipelineError):
