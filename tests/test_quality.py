@@ -152,9 +152,7 @@ def test_tuning_runs_are_named_by_their_assignment(shipped: tuple[Any, quality.S
     start = quality.start_assignment(study, config)
     spec = quality.tuning_spec(study, start, tmp_path)
     assert spec.name == quality.tuning_spec(study, dict(start), tmp_path).name
-    assert spec.name == (
-        "tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_sink=keep"
-    )
+    assert spec.name == ("tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_sink=keep")
     other = quality.tuning_spec(study, {**start, "distill.attn_temperature": 2.0}, tmp_path)
     assert other.name != spec.name
     tuned = quality.derive(config, other.overrides)
