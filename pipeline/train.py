@@ -30,6 +30,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -403,6 +404,18 @@ def check_inputs(config: Config) -> RunInputs:
     return RunInputs(teacher_config, dims.num_layers, splits, meta, teacher_sha, requirements, fingerprint, objective)
 
 
+@contextmanager
+def released(engine: Any) -> Iterator[Any]:
+    """Destroy `engine` when the run ends, however it ends. DeepSpeed's hooks (the ZeRO optimizer's backward hooks
+    refer back to the engine) keep an engine, its model and its optimizer state alive after the last reference to
+    it is gone, so without this every run in one process (`distill run`'s variants, the quality study, notebooks)
+    would keep all earlier runs' weights and Adam state in memory."""
+    try:
+        yield engine
+    finally:
+        engine.destroy()
+
+
 def build_engine(
     config: Config, teacher_config: Any, ds_config: dict[str, Any], *, resuming: bool, alpha_stats: dict | None
 ) -> Any:
@@ -545,32 +558,35 @@ def _train(config: Config, overwrite: bool) -> dict[str, float]:
     engine = build_engine(
         config, inputs.teacher_config, ds_config, resuming=resume is not None, alpha_stats=alpha_stats
     )
-    if resume is not None:
-        state = load_resume_point(engine, resume, state)
-    elif dist.is_main() and (output_dir / METRICS_LOG).exists():
-        (output_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
-    if state.step >= train_cfg.max_steps:  # trained, but the export is missing
-        export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
-        return {}
+    with released(engine):
+        if resume is not None:
+            state = load_resume_point(engine, resume, state)
+        elif dist.is_main() and (output_dir / METRICS_LOG).exists():
+            (output_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
+        if state.step >= train_cfg.max_steps:  # trained, but the export is missing
+            export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
+            return {}
 
-    run_id = state.mlflow_run_id or (_run_id_from_file(output_dir) if resume else None)
-    tracker = create_tracker(config, rank=dist.rank(), run_id=run_id)
-    # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
-    with sigterm_as_keyboard_interrupt(), tracker.running():
-        state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
-        if dist.is_main():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            if state.mlflow_run_id:
-                (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
-        manifest_dir = Path(config.cache.output_dir) / "train" if train_cfg.mode == "cached" else None
-        _log_run_inputs(tracker, config, ds_config, inputs.fingerprint, manifest_dir)
-        precision = str(dtype).removeprefix("torch.")
-        tracker.set_tags({"world_size": state.world_size, "precision": precision, "zero_stage": state.zero_stage})
-        batches = training_batches(config, inputs, state, teacher)
-        evaluator = Evaluator.from_config(
-            config, inputs.teacher_layers, inputs.meta, inputs.teacher_sha, inputs.num_teacher_layers
-        )
-        trainer = Trainer(config, engine, inputs.objective, batches, state, tracker, evaluator, inputs.teacher_layers)
-        metrics = trainer.run()
-        export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
-    return metrics
+        run_id = state.mlflow_run_id or (_run_id_from_file(output_dir) if resume else None)
+        tracker = create_tracker(config, rank=dist.rank(), run_id=run_id)
+        # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
+        with sigterm_as_keyboard_interrupt(), tracker.running():
+            state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
+            if dist.is_main():
+                output_dir.mkdir(parents=True, exist_ok=True)
+                if state.mlflow_run_id:
+                    (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
+            manifest_dir = Path(config.cache.output_dir) / "train" if train_cfg.mode == "cached" else None
+            _log_run_inputs(tracker, config, ds_config, inputs.fingerprint, manifest_dir)
+            precision = str(dtype).removeprefix("torch.")
+            tracker.set_tags({"world_size": state.world_size, "precision": precision, "zero_stage": state.zero_stage})
+            batches = training_batches(config, inputs, state, teacher)
+            evaluator = Evaluator.from_config(
+                config, inputs.teacher_layers, inputs.meta, inputs.teacher_sha, inputs.num_teacher_layers
+            )
+            trainer = Trainer(
+                config, engine, inputs.objective, batches, state, tracker, evaluator, inputs.teacher_layers
+            )
+            metrics = trainer.run()
+            export_student(engine.module, state.zero_stage, teacher_dir, output_dir / STUDENT)
+        return metrics

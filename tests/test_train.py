@@ -7,6 +7,7 @@ on how the global batch is split over ranks and micro-batches, and online target
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed import DeepSpeedEngine
 from safetensors.torch import load_file
 
 from pipeline.deepspeed_config import deepspeed_config, merge
@@ -181,6 +183,20 @@ def test_students_with_three_and_two_heads_train_from_one_cache(tiny_cache: Tiny
         assert set(EVAL_METRICS) <= set(evaluation[2]) and math.isfinite(final["eval/attn_kl"])
         exported = json.loads((output / "student" / "config.json").read_text())
         assert exported["num_attention_heads"] == heads
+
+
+def test_a_finished_run_leaves_no_engine_behind(tiny_cache: TinyCache, tmp_path: Path) -> None:
+    """`distill run` and the quality study train run after run in one process: DeepSpeed's hooks would keep every
+    finished run's engine, model and optimizer state alive (400 MB a run for the demo's student) unless the trainer
+    destroys the engine."""
+
+    def live_engines() -> int:
+        gc.collect()
+        return sum(isinstance(found, DeepSpeedEngine) for found in gc.get_objects())
+
+    before = live_engines()
+    train(tiny_cache.config(tmp_path / "run", *FAST_TRAIN, "train.max_steps=1", "train.eval_every=0"))
+    assert live_engines() == before
 
 
 @pytest.mark.slow
