@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from samples import greedy  # benchmarks/ is on sys.path when run as a script
 
 from pipeline import stages, students
 from pipeline.config import Config, load_config
@@ -163,22 +163,6 @@ def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_t
         f"{run.seconds:.0f} s",
         flush=True,
     )
-
-
-@torch.no_grad()
-def greedy(model: Any, tokenizer: Any, args: argparse.Namespace) -> str:
-    """`--new-tokens` greedy tokens after `--prompt` with `--repetition-penalty` (no sampling: reproducible)."""
-    model.eval()
-    ids = tokenizer(args.prompt, return_tensors="pt")
-    output = model.generate(
-        **ids,
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        do_sample=False,
-        repetition_penalty=args.repetition_penalty,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 def samples(args: argparse.Namespace, carved: Run, scratch: Run, cache_layers: list[int]) -> list[tuple[str, str]]:
