@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import re
 import textwrap
 import types
 import typing
@@ -369,8 +370,13 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A float in exponent form: YAML 1.1 (PyYAML) reads `1e-3` without a dot as a string, every user writes it."""
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a field's annotation; return it (ints widened to float where a float is expected)."""
+    """Check `value` against a field's annotation; return it (ints widened to float where a float is expected,
+    `1e-3`-style strings read as floats)."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -399,6 +405,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
