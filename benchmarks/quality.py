@@ -51,10 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config, config_from_dict, load_config
+from pipeline.config import Config, config_from_dict, load_config, load_yaml
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +98,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, separator, raw = text.partition("=")
     if not separator or "." not in key:
         raise StudyError(f"override {text!r}: expected section.key=value")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), load_yaml(raw) if raw.strip() else ""
 
 
 def format_override(key: str, value: Any) -> str:

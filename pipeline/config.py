@@ -370,13 +370,23 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-"""A float in exponent form: YAML 1.1 (PyYAML) reads `1e-3` without a dot as a string, every user writes it."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 reads `1e-3` (an exponent without a dot, as every user
+    writes a learning rate) as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """The value of a YAML document (a config file or an override's value): safe types only, YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against a field's annotation; return it (ints widened to float where a float is expected,
-    `1e-3`-style strings read as floats)."""
+    """Check `value` against a field's annotation; return it (ints widened to float where a float is expected)."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -405,8 +415,6 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
@@ -567,7 +575,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
             f"override {text!r}: expected section.key=value (e.g. student.num_heads=3, student.lora.r=16)"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from error
     return path, value
@@ -607,7 +615,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except OSError as error:
         raise ConfigError(f"{path}: cannot read config file ({error.strerror})") from error
     try:
-        values = yaml.safe_load(text) or {}
+        values = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:

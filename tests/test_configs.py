@@ -37,13 +37,17 @@ def test_overrides_are_typed() -> None:
 
 @pytest.mark.parametrize(("written", "value"), [("1e-3", 1e-3), ("2E-4", 2e-4), ("+5.e+2", 500.0), (".5e1", 5.0)])
 def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path, written: str, value: float) -> None:
-    """YAML 1.1 reads `1e-3` as a string; in a float field, from a file or an override, it is the float."""
+    """YAML 1.1 reads `1e-3` as a string; from a file or an override, typed field or not, it is the float."""
     assert config_from_dict({}, [f"train.lr={written}"]).train.lr == value
     path = tmp_path / "config.yaml"
     path.write_text(f"train:\n  lr: {written}\n")
     assert load_config(path).train.lr == value
     with pytest.raises(ConfigError, match=r"train\.lr: got '1e-3x', expected float"):
         config_from_dict({}, ["train.lr=1e-3x"])
+    with pytest.raises(ConfigError, match=r"train\.lr: got '1e-3', expected float"):
+        config_from_dict({}, ["train.lr='1e-3'"])
+    nested = config_from_dict({}, [f"deepspeed.overrides={{optimizer: {{params: {{eps: {written}}}}}}}"])
+    assert nested.deepspeed.overrides["optimizer"]["params"]["eps"] == value
 
 
 @pytest.mark.parametrize(
