@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.atomic import atomic_write_text
-from pipeline.config import Config, config_from_dict, load_config, load_yaml
+from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.config import parse_override as parse_config_override
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,11 +95,12 @@ class StudyError(PipelineError):
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`section.key=value` → (dotted key, YAML value)."""
-    key, separator, raw = text.partition("=")
-    if not separator or "." not in key:
-        raise StudyError(f"override {text!r}: expected section.key=value")
-    return key.strip(), load_yaml(raw) if raw.strip() else ""
+    """`section.key=value` → (dotted key, YAML value), parsed exactly as the pipeline parses a command-line override."""
+    try:
+        path, value = parse_config_override(text)
+    except ConfigError as error:
+        raise StudyError(str(error)) from error
+    return ".".join(path), value
 
 
 def format_override(key: str, value: Any) -> str:

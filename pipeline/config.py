@@ -564,7 +564,7 @@ def validate(config: Config) -> None:
     _require(stage is None or stage in (0, 1, 2, 3), "deepspeed.zero_stage", stage, "0, 1, 2, 3 or null")
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` (or a nested key, `student.lora.r=16`) → (the dotted path as a list, the YAML value)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected section.key=value")
@@ -600,7 +600,7 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     """Build and validate a `Config` from a nested dict plus `section.key=value` overrides."""
     merged = {section: dict(content or {}) for section, content in (values or {}).items()}
     for text in overrides or []:
-        path, value = _parse_override(text)
+        path, value = parse_override(text)
         _assign(merged, path, value)
     config = _build(Config, merged, "")
     validate(config)
