@@ -318,6 +318,8 @@ def test_overrides_round_trip() -> None:
     assert quality.parse_override("cache.layers=[0, 10]") == ("cache.layers", [0, 10])
     with pytest.raises(quality.StudyError, match=r"'w_attn': expected section\.key=value"):
         quality.parse_override("w_attn")
+    with pytest.raises(quality.StudyError, match=r"'distill\.layer_map=\[0, 10': value is not valid YAML"):
+        quality.parse_override("distill.layer_map=[0, 10")
 
 
 def test_the_report_from_finished_results(context: quality.Context, caplog: pytest.LogCaptureFixture) -> None:
