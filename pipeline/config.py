@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import math
 import re
 import textwrap
 import types
@@ -89,6 +90,14 @@ class StudentConfig:
     """`init: teacher`: each student head keeps the most important head of its teacher head group (`prune`) or the
     α-weighted average of the group's q/k/v slices with the group's o slices summed (`merge`, α from the cache's
     α statistics)."""
+    carve_fill: Literal["none", "linear"] = "none"
+    """`init: teacher`: `linear` fits, on the calibration batches, each kept layer that stands for dropped teacher
+    layers so that its output approximates the teacher's hidden state after the last of them (a d × d map fused
+    into its MLP output projection, ReplaceMe-style, ridge toward no change); `none` copies the layers as they
+    are."""
+    carve_fill_ridge: float = 1.0
+    """`carve_fill: linear`: ridge strength ρ, relative to the mean eigenvalue of the MLP outputs' Gram matrix; the
+    map is shrunk toward the identity (ρ → ∞: the plain carve; ρ → 0: least squares)."""
     calibration_samples: int = 32
     """`init: teacher`: the first N packed train sequences on which layer, head and channel importance is measured."""
     lora: LoraSection = field(default_factory=LoraSection)
@@ -461,6 +470,9 @@ def _validate_student(s: StudentConfig, d: DistillConfig) -> None:
         value = getattr(s, key)
         _require(value is None or value >= 1, f"student.{key}", value, "an integer ≥ 1 or null")
     _require(s.calibration_samples >= 1, "student.calibration_samples", s.calibration_samples, "an integer ≥ 1")
+    _require(
+        0 < s.carve_fill_ridge < math.inf, "student.carve_fill_ridge", s.carve_fill_ridge, "a finite ridge strength > 0"
+    )
     lora = s.lora
     _require(lora.r >= 0, "student.lora.r", lora.r, "an adapter rank ≥ 0 (0: no LoRA)")
     _require(lora.alpha is None or lora.alpha > 0, "student.lora.alpha", lora.alpha, "a number > 0 or null (2 × r)")

@@ -508,6 +508,21 @@ def _carve(
     alphas = merge_alphas(alpha_stats, layers, student.num_heads, config.distill.squeeze) if merging else None
     plan = carve.plan_carve(teacher_config, hf_config, layers, importance, student.head_init, groups, alphas)
     model = carve.carve_student(teacher, hf_config, plan)
+    fills: list[carve.SegmentFill] = []
+    if student.carve_fill == "linear":
+        fills = carve.fill_dropped_layers(
+            teacher, model, plan, calibration_ids(config), config.cache.batch_size, student.carve_fill_ridge
+        )
+        for fill in fills:
+            logger.info(
+                "carve fill: student layer %d stands for teacher layers %d…%d; relative error of its output against "
+                "the teacher's hidden state %.3f → %.3f (ridge %g)",
+                fill.student_layer,
+                *fill.teacher_layers,
+                fill.error_before,
+                fill.error_after,
+                student.carve_fill_ridge,
+            )
     seconds = time.perf_counter() - started
     kept = plan.describe()
     logger.info(
@@ -538,6 +553,9 @@ def _carve(
             **kept,
             "block_importance": [round(value, 6) for value in importance.block.tolist()],
             "merge_alpha_layers": sorted(alphas) if alphas is not None else None,
+            "carve_fill": student.carve_fill,
+            "carve_fill_ridge": student.carve_fill_ridge if student.carve_fill == "linear" else None,
+            "fills": [fill.describe() for fill in fills],
             "carve_seconds": round(seconds, 3),
             "teacher_load_seconds": round(load_seconds, 3),
             "calibration_seconds": round(calibration_seconds, 3),

@@ -11,9 +11,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from pipeline.attention import AttentionCapture, attention_dims, model_family
 from pipeline.carve import (
+    CarveError,
     CarvePlan,
     Importance,
     carve_student,
+    decoder_layers,
+    fill_dropped_layers,
     measure_importance,
     plan_carve,
     plan_heads,
@@ -248,3 +251,97 @@ def test_plan_heads_gqa_rule_and_more_student_heads() -> None:
     shared = plan_heads(head_groups(2, 4), torch.ones(2, dtype=torch.float64), 2, 4, "prune")
     assert shared.teacher_heads() == [[0], [0], [1], [1]]
     torch.testing.assert_close(shared.output.sum(0), torch.ones(2, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Linear fill of the dropped layers
+
+
+def _mlp_output(model: PreTrainedModel, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MLP output, block output) of `layer` on `ids`, float64, read by hooks."""
+    block = decoder_layers(model)[layer]
+    projection = block.mlp.c_proj if hasattr(block.mlp, "c_proj") else block.mlp.down_proj
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        projection.register_forward_hook(lambda module, args, output: seen.__setitem__("mlp", output)),
+        block.register_forward_hook(
+            lambda module, args, output: seen.__setitem__("block", output[0] if isinstance(output, tuple) else output)
+        ),
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    return seen["mlp"].double(), seen["block"].double()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+@pytest.mark.parametrize("ridge", [0.05, 1.0])
+def test_linear_fill_solves_the_ridge_problem(fixture: str, ridge: float, request: pytest.FixtureRequest) -> None:
+    """Student layer 0 stands for teacher layers 0 and 1 (layers [0, 2] kept, width pruned): after the fill its
+    output is M T + R with T = argmin ‖M T + R − Y‖² + ρ̄ ‖T − I‖² (Y the teacher's hidden state after layer 1),
+    solved here independently as a float64 least-squares problem on the stacked system; the reported errors are
+    the measured ones and the fill lowers the error."""
+    teacher = load_teacher(request.getfixturevalue(fixture)).eval()
+    dims = attention_dims(teacher.config)
+    # GPT-2's width is its heads × head dim: it loses a head; LLaMA keeps its heads and loses a channel per head.
+    gpt2 = model_family(teacher.config) == "gpt2"
+    heads = dims.num_heads - 1 if gpt2 else dims.num_heads
+    width = heads * dims.head_dim if gpt2 else dims.d_model - dims.num_heads
+    config = student_config(
+        teacher, num_layers=2, num_heads=heads, num_kv_heads=heads if gpt2 else None, hidden_size=width
+    )
+    student, plan = carve(teacher, config, [0, 2], "merge")
+    ids = calibration()
+    mlp, block = _mlp_output(student, 0, ids)
+    with torch.no_grad():
+        target = teacher(input_ids=ids, output_hidden_states=True).hidden_states[2].double()[..., plan.hidden]
+    width = plan.hidden.numel()
+    m, rest, y = mlp.reshape(-1, width), (block - mlp).reshape(-1, width), target.reshape(-1, width)
+    strength = ridge * (m * m).sum() / width
+    eye = torch.eye(width, dtype=torch.float64)
+    stacked = torch.cat([m, strength.sqrt() * eye])
+    wanted = torch.cat([y - rest, strength.sqrt() * eye])
+    expected = torch.linalg.lstsq(stacked, wanted, driver="gelsd").solution
+
+    fills = fill_dropped_layers(teacher, student, plan, ids, batch_size=4, ridge=ridge)
+    assert [(fill.student_layer, fill.teacher_layers) for fill in fills] == [(0, (0, 1)), (1, (2, 3))]
+    student.eval()
+    filled_mlp, filled_block = _mlp_output(student, 0, ids)
+    torch.testing.assert_close(filled_mlp.reshape(-1, width), m @ expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(filled_block - filled_mlp, block - mlp, rtol=1e-5, atol=1e-5)
+    before = ((block - target).norm() / target.norm()).item()
+    after = ((filled_block - target).norm() / target.norm()).item()
+    assert fills[0].error_before == pytest.approx(before, rel=1e-4)
+    assert fills[0].error_after == pytest.approx(after, rel=1e-3)
+    assert after < before
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir"])
+def test_linear_fill_keeps_a_carve_without_dropped_layers_exact(fixture: str, request: pytest.FixtureRequest) -> None:
+    teacher = load_teacher(request.getfixturevalue(fixture)).eval()
+    layers = list(range(attention_dims(teacher.config).num_layers))
+    student, plan = carve(teacher, student_config(teacher), layers, "merge")
+    assert fill_dropped_layers(teacher, student, plan, calibration(), batch_size=4, ridge=1.0) == []
+    ids = calibration(seed=1)
+    assert torch.equal(student.eval()(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+def test_linear_fill_with_a_huge_ridge_is_the_plain_carve(tiny_llama_dir: Path) -> None:
+    teacher = load_teacher(tiny_llama_dir).eval()
+    student, plan = carve(teacher, student_config(teacher, num_layers=2), [1, 3], "prune")
+    before = {key: value.clone() for key, value in student.state_dict().items()}
+    fills = fill_dropped_layers(teacher, student, plan, calibration(), batch_size=4, ridge=1e12)
+    assert [fill.teacher_layers for fill in fills] == [(1, 2)]
+    assert fills[0].error_after == pytest.approx(fills[0].error_before, rel=1e-6)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-8)
+
+
+def test_linear_fill_needs_increasing_layers(tiny_llama_dir: Path) -> None:
+    teacher = load_teacher(tiny_llama_dir).eval()
+    student, plan = carve(teacher, student_config(teacher, num_layers=2), [2, 0], "prune")
+    state = {key: value.clone() for key, value in student.state_dict().items()}
+    with pytest.raises(CarveError, match=r"student\.carve_fill: linear .* must increase; got \[2, 0\]"):
+        fill_dropped_layers(teacher, student, plan, calibration(), batch_size=4, ridge=1.0)
+    assert all(torch.equal(value, state[key]) for key, value in student.state_dict().items())

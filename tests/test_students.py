@@ -197,6 +197,34 @@ def test_carved_student_of_the_teachers_shape_is_the_teacher(
     assert record["carve_seconds"] >= 0 and len(record["block_importance"]) == 4
 
 
+def test_linear_fill_is_applied_and_recorded(tiny_llama_dir: Path, llama_data: Path, tmp_path: Path) -> None:
+    student = {"init": "teacher", "num_layers": 2, "carve_fill": "linear", "carve_fill_ridge": 0.5}
+    config = students.resolve(make_config(tiny_llama_dir, llama_data, tmp_path, student, distill={"layer_map": [0, 2]}))
+    filled = students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir)).eval()
+    record = json.loads((tmp_path / students.RECORD_FILE).read_text())
+    assert record["carve_fill"] == "linear" and record["carve_fill_ridge"] == 0.5
+    assert [fill["teacher_layers"] for fill in record["fills"]] == [[0, 1], [2, 3]]
+    assert all(after < before for before, after in (fill["relative_error"] for fill in record["fills"]))
+    plain_config = students.resolve(
+        make_config(
+            tiny_llama_dir,
+            llama_data,
+            tmp_path / "plain",
+            {**student, "carve_fill": "none"},
+            distill={"layer_map": [0, 2]},
+        )
+    )
+    plain = students.build_student_model(plain_config, AutoConfig.from_pretrained(tiny_llama_dir)).eval()
+    assert json.loads((tmp_path / "plain" / students.RECORD_FILE).read_text())["fills"] == []
+    assert not torch.equal(filled(input_ids=ids()).logits, plain(input_ids=ids()).logits)
+
+
+@pytest.mark.parametrize("ridge", [0, -1.0, float("inf")])
+def test_carve_fill_ridge_must_be_positive_and_finite(ridge: float, tiny_llama_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"student\.carve_fill_ridge: got .*expected a finite ridge strength > 0"):
+        config_from_dict({"teacher": {"path": str(tiny_llama_dir)}, "student": {"carve_fill_ridge": ridge}})
+
+
 def test_merge_takes_alpha_from_the_cache_statistics(
     tiny_llama_dir: Path, llama_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
