@@ -11,6 +11,8 @@ Rows, each with KD (CE + top-k logit KD, `distill.w_attn=0`) and with SHD + KD (
   teacher, prune      carved from the teacher: layers by `distill.layer_map=spread` ([0, 10, 19, 29]), each head the
                       most important of its SHD group, KV heads averaged, MLP and width pruned by activation
   teacher, merge      the same, each head the α-weighted average of its group (α from the cache's SHD statistics)
+  teacher, fill       merge, and each kept layer fitted to the teacher's hidden state after the layers it stands for
+                      (`student.carve_fill=linear`, ridge `student.carve_fill_ridge`, the config's: 1 by default)
   teacher, importance the better head init of the two, layers by block importance (`student.carve_layers`)
   teacher, selective  (SHD + KD replaced by selective + KD) each head the cache's selected teacher head
 
@@ -18,13 +20,18 @@ The cache is built first into `--work-dir` (the demo's cache holds only the `uni
 row matches (the importance layers come from a calibration pass made before it), SHD and selective targets for 3
 heads. The carve's wall time is read from each run's `student_init.json` (teacher load, calibration once per process,
 the carve itself). Afterwards the `--sample-row` student (default: the carved row the demo's `shd_kd` variant
-uses, merge heads with SHD + KD) writes greedy text from `--prompt` before training (the carve, rebuilt exactly)
-and after (its export), next to the teacher and the scratch student of the same objective.
+uses, merge heads, linear fill, SHD + KD) writes greedy text from `--prompt` before training (the carve, rebuilt
+exactly) and after (its export), next to the teacher and the scratch student of the same objective.
 
 The machine is shared: perplexities do not depend on the load, wall times do.
 
     .venv/bin/python benchmarks/student_init.py
+    .venv/bin/python benchmarks/student_init.py --rows scratch merge fill --seeds 0 1 2   # the headline, 3 seeds
     .venv/bin/python benchmarks/student_init.py --max-steps 2 --rows scratch prune   # a smoke run
+
+With several `--seeds` (`train.seed`: the data order, and a scratch student's weights) every run is repeated per
+seed and the table gives the mean and each seed's figure; the headline ratio is of the means, with its per-seed
+values.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +59,9 @@ from pipeline.train import train
 REPO = Path(__file__).resolve().parents[1]
 KD = ("distill.w_attn=0",)
 SHD_KD = ("distill.w_attn=1", "distill.attn_match=headwise", "distill.squeeze=shd")
-CARVED = ("student.init=teacher", "distill.layer_map=spread")
-ROWS = ("scratch", "prune", "merge", "importance", "selective")
+CARVED = ("student.init=teacher", "distill.layer_map=spread", "student.carve_fill=none")
+"""A carved row without the fill unless it says so (the demo config fills)."""
+ROWS = ("scratch", "prune", "merge", "fill", "importance", "selective")
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Run:
     init: str
     objective: str
     overrides: tuple[str, ...]
+    seed: int = 0
     ppl_start: float = float("nan")
     ppl_end: float = float("nan")
     top1_end: float = float("nan")
@@ -77,10 +87,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=REPO / "work" / "bench" / "student_init")
     parser.add_argument("--max-steps", type=int, default=None, help="train.max_steps (default: the config's)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values; each run per seed")
     parser.add_argument("--prompt", default="ROMEO:")
     parser.add_argument(
         "--sample-row",
-        default="merge_shd_kd",
+        default="fill_shd_kd",
         help="the carved run whose text is shown (default: the demo's shd_kd student); else the best carved",
     )
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -124,9 +135,19 @@ def planned_runs(rows: list[str], head_init: str) -> list[Run]:
             init, carve = "scratch", ("student.init=scratch", "distill.layer_map=uniform")
         elif row in ("prune", "merge"):
             init, carve = f"teacher, {row}", (*CARVED, f"student.head_init={row}")
+        elif row == "fill":
+            init, carve = (
+                "teacher, merge, linear fill",
+                (*CARVED, "student.head_init=merge", "student.carve_fill=linear"),
+            )
         elif row == "importance":
             init = f"teacher, {head_init}, layers by importance"
-            carve = ("student.init=teacher", "student.carve_layers=importance", f"student.head_init={head_init}")
+            carve = (
+                "student.init=teacher",
+                "student.carve_layers=importance",
+                f"student.head_init={head_init}",
+                "student.carve_fill=none",
+            )
         else:
             selective = ("distill.w_attn=1", "distill.attn_match=selective")
             runs.append(Run("selective_kd", "teacher, selective heads", "selective + KD", (*CARVED, *selective)))
@@ -148,9 +169,9 @@ def eval_records(output_dir: Path) -> dict[int, dict[str, float]]:
 
 def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_teacher_layers: int) -> None:
     """Train `run` from scratch into its own directory and fill in its figures."""
-    output_dir = args.work_dir / "runs" / run.name
+    output_dir = args.work_dir / "runs" / f"{run.name}-seed{run.seed}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    config = base_config(args, cache_layers, f"train.output_dir={output_dir}", *run.overrides)
+    config = base_config(args, cache_layers, f"train.output_dir={output_dir}", f"train.seed={run.seed}", *run.overrides)
     resolved = students.resolve(config)
     run.layers = layer_map(resolved.student.num_layers, num_teacher_layers, resolved.distill.layer_map)
     started = time.perf_counter()
@@ -162,7 +183,7 @@ def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_t
     record_file = output_dir / students.RECORD_FILE
     run.record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     print(
-        f"  {run.name:<22} ppl {run.ppl_start:>12,.1f} → {run.ppl_end:>8,.1f}   layers {run.layers}   "
+        f"  {run.name:<22} seed {run.seed} ppl {run.ppl_start:>12,.1f} → {run.ppl_end:>8,.1f}   layers {run.layers}   "
         f"{run.seconds:.0f} s",
         flush=True,
     )
@@ -181,7 +202,9 @@ def samples(args: argparse.Namespace, carved: Run, scratch: Run, cache_layers: l
     texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args))]
     texts.append((f"{carved.name}, step 0 (carved)", greedy(before, tokenizer, args)))
     for run in (carved, scratch):
-        exported = AutoModelForCausalLM.from_pretrained(args.work_dir / "runs" / run.name / "student")
+        exported = AutoModelForCausalLM.from_pretrained(
+            args.work_dir / "runs" / f"{run.name}-seed{run.seed}" / "student"
+        )
         texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args)))
     return texts
 
@@ -210,52 +233,87 @@ def main() -> None:
 
     runs: list[Run] = []
     first = [row for row in args.rows if row != "importance"]
-    for run in planned_runs(first, "prune"):
-        train_run(args, run, cache_layers, num_teacher_layers)
-        runs.append(run)
+    for seed in args.seeds:
+        for run in planned_runs(first, "prune"):
+            run.seed = seed
+            train_run(args, run, cache_layers, num_teacher_layers)
+            runs.append(run)
     heads = {
-        head_init: min(run.ppl_end for run in runs if run.name.startswith(head_init))
+        head_init: min(mean_ppl(runs, run.name) for run in runs if run.name.startswith(head_init))
         for head_init in ("prune", "merge")
         if any(run.name.startswith(head_init) for run in runs)
     }
     winner = min(heads, key=heads.get) if heads else "prune"
     if "importance" in args.rows:
-        for run in planned_runs(["importance"], winner):
-            train_run(args, run, cache_layers, num_teacher_layers)
-            runs.append(run)
+        for seed in args.seeds:
+            for run in planned_runs(["importance"], winner):
+                run.seed = seed
+                train_run(args, run, cache_layers, num_teacher_layers)
+                runs.append(run)
+    report(args, runs, steps, winner, heads, cache_layers)
 
-    print(f"\nstudent init, demo student 4 × 384, 3 heads on 1 KV head, MLP 1024; {steps} steps of 4 × 256 tokens\n")
-    print(f"| init | objective | teacher layers | eval ppl step 0 | eval ppl step {steps} | top-1 agreement | run s |")
+
+def mean_ppl(runs: list[Run], name: str) -> float:
+    """The mean final perplexity of run `name` over its seeds."""
+    return statistics.fmean(run.ppl_end for run in runs if run.name == name)
+
+
+def report(
+    args: argparse.Namespace, runs: list[Run], steps: int, winner: str, heads: dict[str, float], cache_layers: list[int]
+) -> None:
+    """The table (means over seeds, each seed's figure), the carve's wall time, the headline ratio, the samples."""
+    names = list(dict.fromkeys(run.name for run in runs))
+    first = {name: next(run for run in runs if run.name == name) for name in names}
+    seeds = " / ".join(str(seed) for seed in args.seeds)
+    print(f"\nstudent init, demo student 4 × 384, 3 heads on 1 KV head, MLP 1024; {steps} steps of 4 × 256 tokens")
+    print(f"seeds {seeds}: eval ppl at the end is the mean over seeds, then each seed's\n")
+    print(
+        f"| init | objective | teacher layers | eval ppl step 0 | eval ppl step {steps} | per seed | top-1 agreement |"
+    )
     print("|---|---|---|---|---|---|---|")
-    for run in runs:
+    for name in names:
+        mine = [run for run in runs if run.name == name]
+        run = first[name]
+        per_seed = " / ".join(f"{other.ppl_end:,.1f}" for other in mine)
+        top1 = statistics.fmean(other.top1_end for other in mine)
         print(
-            f"| {run.init} | {run.objective} | {run.layers} | {run.ppl_start:,.1f} | {run.ppl_end:,.1f} | "
-            f"{run.top1_end:.3f} | {run.seconds:.0f} |"
+            f"| {run.init} | {run.objective} | {run.layers} | {run.ppl_start:,.1f} | {mean_ppl(runs, name):,.1f} | "
+            f"{per_seed} | {top1:.3f} |"
         )
-    carved = [run for run in runs if run.record]
-    scratch = [run for run in runs if not run.record]
+    carved = [name for name in names if first[name].record]
+    scratch = [name for name in names if not first[name].record]
     if carved:
-        print("\ncarve wall time (s): teacher load / calibration (once per process) / carve")
-        for run in carved:
-            record = run.record
+        print("\ncarve wall time (s): teacher load / calibration (once per process) / carve (the fill included)")
+        for name in carved:
+            record = first[name].record
             print(
-                f"  {run.name:<22} {record['teacher_load_seconds']:.1f} / {record['calibration_seconds']:.1f} / "
-                f"{record['carve_seconds']:.2f}   heads {record['heads']}"
+                f"  {name:<22} {record['teacher_load_seconds']:.1f} / {record['calibration_seconds']:.1f} / "
+                f"{record['carve_seconds']:.2f}   heads {record['heads']}   fills {record.get('fills', [])}"
             )
     if carved and scratch:
-        best = min(carved, key=lambda run: run.ppl_end)
-        best_scratch = min(scratch, key=lambda run: run.ppl_end)
-        ratio = best.ppl_end / best_scratch.ppl_end
+        best = min(carved, key=lambda name: mean_ppl(runs, name))
+        best_scratch = min(scratch, key=lambda name: mean_ppl(runs, name))
+        ratio = mean_ppl(runs, best) / mean_ppl(runs, best_scratch)
+        per_seed = [
+            next(run.ppl_end for run in runs if run.name == best and run.seed == seed)
+            / next(run.ppl_end for run in runs if run.name == best_scratch and run.seed == seed)
+            for seed in args.seeds
+        ]
         print(
-            f"\nbest carved {best.name} {best.ppl_end:,.1f} ÷ best scratch {best_scratch.name} "
-            f"{best_scratch.ppl_end:,.1f} = {ratio:.3f} (target ≤ 0.5); better head init: {winner}"
+            f"\nbest carved {best} {mean_ppl(runs, best):,.1f} ÷ best scratch {best_scratch} "
+            f"{mean_ppl(runs, best_scratch):,.1f} = {ratio:.3f} (target ≤ 0.5; per seed "
+            f"{' / '.join(f'{value:.3f}' for value in per_seed)})"
         )
+        if heads:
+            print(f"better head init: {winner}")
         print(
             f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens, repetition penalty "
             f"{args.repetition_penalty:g}:"
         )
-        shown = next((run for run in carved if run.name == args.sample_row), best)
-        contrast = next((run for run in scratch if run.objective == shown.objective), best_scratch)
+        shown = first.get(args.sample_row, first[best])
+        contrast = next(
+            (first[name] for name in scratch if first[name].objective == shown.objective), first[best_scratch]
+        )
         for who, text in samples(args, shown, contrast, cache_layers):
             print(f"\n[{who}]\n{text}")
 
