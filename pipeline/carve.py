@@ -552,13 +552,14 @@ def fill_dropped_layers(
 
         return hook
 
+    # The teacher's states at the segment ends, kept in fp32 (exact for a bf16 teacher, half of fp64's memory).
     targets: dict[int, list[Tensor]] = {j: [] for j in fitted}
     handles = [teacher_layers[ends[j] - 1].register_forward_hook(keep(f"teacher{j}")) for j in fitted]
     with _hooks(handles):
         for batch in batches:
             teacher(input_ids=batch, use_cache=False)
             for j in fitted:
-                targets[j].append(captured.pop(f"teacher{j}").index_select(-1, hidden).double())
+                targets[j].append(captured.pop(f"teacher{j}").index_select(-1, hidden).float())
     fills = []
     for j in fitted:
         projection = _mlp_output_projection(student_layers[j])
@@ -571,11 +572,12 @@ def fill_dropped_layers(
         cross = torch.zeros_like(gram)
         sums = torch.zeros(3, dtype=torch.float64, device=teacher_device)  # ‖D‖², ‖Y‖², ‖M − D‖² (the carve's error)
         with _hooks(handles):
-            for batch, target in zip(batches, targets[j], strict=True):
+            for batch, stored in zip(batches, targets[j], strict=True):
                 student(input_ids=batch, use_cache=False)
                 mlp = captured.pop("mlp").double().reshape(-1, width)
                 rest = captured.pop("block").double().reshape(-1, width) - mlp
-                wanted = target.reshape(-1, width) - rest
+                target = stored.double().reshape(-1, width)
+                wanted = target - rest
                 gram += mlp.T @ mlp
                 cross += mlp.T @ wanted
                 sums += torch.stack([wanted.square().sum(), target.square().sum(), (mlp - wanted).square().sum()])
