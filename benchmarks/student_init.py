@@ -243,14 +243,14 @@ def main() -> None:
         for head_init in ("prune", "merge")
         if any(run.name.startswith(head_init) for run in runs)
     }
-    winner = min(heads, key=heads.get) if heads else "prune"
+    winner = min(heads, key=heads.get) if heads else None
     if "importance" in args.rows:
         for seed in args.seeds:
-            for run in planned_runs(["importance"], winner):
+            for run in planned_runs(["importance"], winner or "prune"):
                 run.seed = seed
                 train_run(args, run, cache_layers, num_teacher_layers)
                 runs.append(run)
-    report(args, runs, steps, winner, heads, cache_layers)
+    report(args, runs, steps, winner, cache_layers)
 
 
 def mean_ppl(runs: list[Run], name: str) -> float:
@@ -258,10 +258,9 @@ def mean_ppl(runs: list[Run], name: str) -> float:
     return statistics.fmean(run.ppl_end for run in runs if run.name == name)
 
 
-def report(
-    args: argparse.Namespace, runs: list[Run], steps: int, winner: str, heads: dict[str, float], cache_layers: list[int]
-) -> None:
-    """The table (means over seeds, each seed's figure), the carve's wall time, the headline ratio, the samples."""
+def report(args: argparse.Namespace, runs: list[Run], steps: int, winner: str | None, cache_layers: list[int]) -> None:
+    """The table (means over seeds, each seed's figure), the carve's wall time, the headline ratio, the samples;
+    `winner` the better head init of prune and merge (None when neither row ran)."""
     names = list(dict.fromkeys(run.name for run in runs))
     first = {name: next(run for run in runs if run.name == name) for name in names}
     seeds = " / ".join(str(seed) for seed in args.seeds)
@@ -304,7 +303,7 @@ def report(
             f"{mean_ppl(runs, best_scratch):,.1f} = {ratio:.3f} (target ≤ 0.5; per seed "
             f"{' / '.join(f'{value:.3f}' for value in per_seed)})"
         )
-        if heads:
+        if winner is not None:
             print(f"better head init: {winner}")
         print(
             f"\ngreedy continuations of {args.prompt!r}, {args.new_tokens} tokens, repetition penalty "
