@@ -32,6 +32,7 @@ from typing import Any
 
 import gguf
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
@@ -275,8 +276,10 @@ def _same_directory(first: Path, second: Path) -> bool:
 def _validate_hf_directory(directory: Path) -> None:
     """Check that config, tokenizer and weights of `directory` load and that no weight is missing or misshaped.
 
-    The weights are loaded on the `meta` device: every tensor name and shape is checked against the model class
-    without reading gigabytes of data (the target cache hashes them later anyway).
+    The weights are never read: the model class is built on the `meta` device from config.json and its tensor names
+    and shapes are compared with the checkpoint's, read from the safetensors headers (or a `.bin` loaded onto
+    `meta`), so a multi-GB teacher is validated in a second (the target cache hashes the bytes later anyway). Public
+    APIs only: `from_pretrained(device_map="meta")`, which did the same, is refused by transformers ≥ 5.25.
     """
     where = str(directory)
     if not (directory / "config.json").is_file():
@@ -288,7 +291,8 @@ def _validate_hf_directory(directory: Path) -> None:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except Exception as error:
         raise TeacherImportError(f"{where}/config.json is not a loadable model config: {error}") from error
-    if not (list(directory.glob("*.safetensors")) or list(directory.glob("pytorch_model*.bin"))):
+    weight_files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if not weight_files:
         raise TeacherImportError(
             f"{where!r} has no weights: expected model.safetensors (or sharded *.safetensors / pytorch_model*.bin)"
         )
@@ -297,12 +301,12 @@ def _validate_hf_directory(directory: Path) -> None:
     except Exception as error:
         raise TeacherImportError(f"{where!r}: the tokenizer does not load: {error}") from error
     try:
-        _, info = AutoModelForCausalLM.from_pretrained(
-            directory, device_map="meta", output_loading_info=True, local_files_only=True
-        )
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
     except Exception as error:
-        raise TeacherImportError(f"{where!r}: the weights do not load as a causal LM: {error}") from error
-    broken = sorted(info["missing_keys"]) + [str(entry) for entry in info["mismatched_keys"]]
+        raise TeacherImportError(f"{where!r}: config.json does not describe a causal LM: {error}") from error
+    stored = _checkpoint_shapes(weight_files)
+    broken = _missing_or_misshaped(skeleton, stored)
     if broken:
         raise TeacherImportError(
             f"{where!r}: weights do not match config.json ({config.model_type}): {len(broken)} missing or misshaped "
@@ -312,6 +316,52 @@ def _validate_hf_directory(directory: Path) -> None:
         raise TeacherImportError(
             f"{where!r}: the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is {config.vocab_size}"
         )
+
+
+def _checkpoint_shapes(weight_files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape of every weight file, without reading a weight: safetensors headers, or a `.bin` loaded
+    onto the `meta` device (`weights_only`, so nothing in it is unpickled as code)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files:
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    names = handle.keys()
+                    shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in names})
+            else:
+                state = torch.load(path, map_location="meta", weights_only=True)
+                shapes.update({name: tuple(tensor.shape) for name, tensor in state.items()})
+        except Exception as error:
+            raise TeacherImportError(f"{path}: not a readable weight file ({error})") from error
+    return shapes
+
+
+def _missing_or_misshaped(model: PreTrainedModel, stored: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names of the model's tensors the checkpoint lacks or holds in another shape (`name (found → expected)`).
+
+    A tensor tied to others (an LM head tied to the embeddings) is present when any of its group is; a checkpoint
+    saved from the bare base model (keys without the `base_model_prefix`, as GPT-2's hub checkpoint) is matched as
+    `from_pretrained` matches it. Extra checkpoint tensors are ignored, as `from_pretrained` ignores them.
+    """
+    prefix = f"{model.base_model_prefix}."
+    tied: dict[int, list[str]] = {}
+    expected = model.state_dict(keep_vars=True)
+    for name, tensor in expected.items():
+        tied.setdefault(id(tensor), []).append(name)
+
+    def found(name: str) -> tuple[int, ...] | None:
+        return stored.get(name, stored.get(name.removeprefix(prefix)))
+
+    broken = []
+    for group in tied.values():
+        present = [name for name in group if found(name) is not None]
+        if not present:
+            broken.append(group[0])
+        for name in present:
+            shape, wanted = found(name), tuple(expected[name].shape)
+            if shape != wanted:
+                broken.append(f"{name} ({list(shape)} → {list(wanted)})")
+    return sorted(broken)
 
 
 def _copy_hf_directory(

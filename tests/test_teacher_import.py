@@ -189,6 +189,52 @@ def test_hf_directory_is_validated_and_copied(family: str, request: pytest.Fixtu
     assert not (source / IMPORT_RECORD).exists()
 
 
+def _resaved(source: Path, directory: Path, weights: dict[str, np.ndarray] | None = None) -> Path:
+    """A copy of HF directory `source` whose single weight file is replaced by `weights` (default: unchanged)."""
+    target = shutil.copytree(source, directory)
+    if weights is not None:
+        (target / "model.safetensors").unlink()
+        save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin", "base_model_keys"])
+def test_hf_directory_in_every_weight_layout_transformers_loads(layout: str, tiny_gpt2_dir: Path, tmp_path: Path):
+    """Sharded safetensors (with an index), a pytorch_model.bin, and a checkpoint of the bare base model (keys
+    without `transformer.`, the LM head tied: GPT-2's hub layout) all validate without reading a weight, and import
+    to the same logits."""
+    source = tmp_path / "source"
+    if layout == "sharded":
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+        model.save_pretrained(source, max_shard_size="100KB")
+        AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(source)
+        assert len(list(source.glob("*.safetensors"))) > 1
+    elif layout == "bin":
+        _resaved(tiny_gpt2_dir, source)
+        weights = {name: torch.from_numpy(array) for name, array in load_file(source / "model.safetensors").items()}
+        torch.save(weights, source / "pytorch_model.bin")
+        (source / "model.safetensors").unlink()
+    else:
+        weights = load_file(tiny_gpt2_dir / "model.safetensors")
+        base = {name.removeprefix("transformer."): array for name, array in weights.items() if name != "lm_head.weight"}
+        _resaved(tiny_gpt2_dir, source, base)
+
+    output = import_teacher(source, tmp_path / "teacher")
+
+    torch.testing.assert_close(_logits(output), _logits(tiny_gpt2_dir), rtol=0, atol=0)
+
+
+def test_hf_directory_with_a_misshaped_tensor_is_refused(tiny_llama_dir: Path, tmp_path: Path):
+    weights = load_file(tiny_llama_dir / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:-8]
+    source = _resaved(tiny_llama_dir, tmp_path / "misshaped", weights)
+
+    with pytest.raises(TeacherImportError, match=r"q_proj\.weight \(\[40, 48\] → \[48, 48\]\)") as error:
+        import_teacher(source, tmp_path / "teacher")
+    assert str(source) in str(error.value) and "1 missing or misshaped" in str(error.value)
+    assert not (tmp_path / "teacher").exists()
+
+
 def test_hf_directory_used_in_place(tiny_llama_dir: Path, tmp_path: Path):
     teacher = shutil.copytree(tiny_llama_dir, tmp_path / "teacher")
     before = _mtimes(teacher)
