@@ -33,17 +33,17 @@ from typing import Any
 
 import torch
 
-from pipeline import dist
-from pipeline.attention import ScoreInputs
-from pipeline.checkpoints import TrainState
 from pipeline.config import Config, load_config
-from pipeline.map_losses import student_log_probs
+from pipeline.infra import dist
+from pipeline.infra.runtime import configure_logging, to_device
+from pipeline.models.capture import ScoreInputs
 from pipeline.objective import AttentionKD, Objective
-from pipeline.runtime import configure_logging, to_device
+from pipeline.ops.map_losses import student_log_probs
 from pipeline.students import build_student_model, resolve
 from pipeline.targets.layout import unpack_triangle
 from pipeline.targets.manifest import read_manifest
-from pipeline.train import check_inputs, lr_factor, training_batches
+from pipeline.training.checkpoints import TrainState
+from pipeline.training.trainer import check_inputs, lr_factor, training_batches
 
 TINY = torch.finfo(torch.float32).tiny
 

@@ -22,7 +22,7 @@ from loss_overhead import smollm2_like_config  # benchmarks/ is on sys.path when
 from timing import time_alternately
 from transformers import LlamaForCausalLM
 
-from pipeline.attention import CAPTURE_ATTENTION
+from pipeline.models.capture import CAPTURE_ATTENTION
 from pipeline.targets.layout import MAP_KINDS
 from pipeline.targets.writer import TargetSettings, compute_targets
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from pipeline.attention import attention_dims
 from pipeline.config import load_config
-from pipeline.data import load_prepared
-from pipeline.models import load_teacher
-from pipeline.shd import layer_map
+from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import attention_dims
+from pipeline.models.loading import load_teacher
+from pipeline.ops.shd import layer_map
 from pipeline.targets.fingerprint import cache_fingerprint
 from pipeline.targets.layout import map_name, read_header, shard_file_name, tail_name
 from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split

@@ -37,12 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import shd
-from pipeline.attention import attention_dims
 from pipeline.config import load_config
-from pipeline.data import load_prepared
-from pipeline.models import load_teacher
-from pipeline.shd import layer_map
+from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import attention_dims
+from pipeline.models.loading import load_teacher
+from pipeline.ops import shd
+from pipeline.ops.shd import layer_map
 from pipeline.targets import writer
 from pipeline.targets.fingerprint import cache_fingerprint
 from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split

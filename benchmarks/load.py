@@ -68,7 +68,7 @@ def overrides(root: Path, count: int, *extra: str) -> list[str]:
 
 def write_corpus(directory: Path, samples: int, seed: int = 0) -> None:
     """Text files of random words from the tiny corpus, enough tokens for `samples` sequences of `SEQ_LEN`."""
-    from pipeline.models import TINY_CORPUS
+    from pipeline.models.loading import TINY_CORPUS
 
     vocabulary = sorted(set(TINY_CORPUS.split()))
     words = int(samples * SEQ_LEN / TOKENS_PER_WORD_FLOOR * 1.1)
@@ -145,9 +145,9 @@ def phase_read(root: Path, count: int, workers: int) -> dict[str, Any]:
     """One epoch of the training stream over the cache of `count` samples."""
     import math
 
-    from pipeline.checkpoints import TrainState
     from pipeline.config import load_config
-    from pipeline.train import check_inputs, training_batches
+    from pipeline.training.checkpoints import TrainState
+    from pipeline.training.trainer import check_inputs, training_batches
 
     config = load_config(CONFIG, overrides(root, count, f"train.num_workers={workers}"))
     batches = training_batches(config, check_inputs(config), TrainState(), None)
@@ -170,7 +170,7 @@ def phase_read(root: Path, count: int, workers: int) -> dict[str, Any]:
 def phase_train(root: Path, count: int, steps: int) -> dict[str, Any]:
     """`distill train` for `steps` steps on the cache; the samples per second a step consumes (median)."""
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.training.trainer import train
 
     extra = (f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0", "train.resume=never")
     config = load_config(CONFIG, overrides(root, count, *extra))
@@ -206,7 +206,7 @@ def main() -> None:
     root = args.root.resolve()
     if args.phase is not None:
         global SAMPLER
-        from pipeline.runtime import configure_logging
+        from pipeline.infra.runtime import configure_logging
 
         SAMPLER = AnonymousPeak()
 

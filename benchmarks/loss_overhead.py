@@ -46,11 +46,11 @@ from timing import time_alternately
 from torch import nn
 from transformers import LlamaConfig
 
-from pipeline.kd import cross_entropy, topk_targets
-from pipeline.models import build_student
+from pipeline.infra.runtime import to_device
+from pipeline.models.loading import build_student
 from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
-from pipeline.runtime import to_device
-from pipeline.shd import layer_map
+from pipeline.ops.kd import cross_entropy, topk_targets
+from pipeline.ops.shd import layer_map
 from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_index_dtype
 from pipeline.targets.reader import training_batch
 

@@ -52,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
 from pipeline.config import parse_override as parse_config_override
 from pipeline.errors import PipelineError
+from pipeline.infra.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("quality")
@@ -526,7 +526,7 @@ def cache_state(base: Config) -> dict[str, bool]:
     """Per split: whether its cache is complete with the samples this config caches (the cache stage itself loads
     the teacher and chooses the selective heads before it finds that out: a minute saved on every restart). A
     cache of other inputs is found by the cache stage, which refuses it naming the field, and by training."""
-    from pipeline.data import load_prepared
+    from pipeline.data.prepare import load_prepared
     from pipeline.targets.manifest import CacheError, read_manifest
 
     state = {}
@@ -549,9 +549,9 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     """Carve a `student.init=teacher` setting once and save it (model, the teacher's tokenizer files, the carve's
     `student_init.json`) as a plain HF directory; an existing one is reused."""
     from pipeline import students
-    from pipeline.atomic import staged_directory
-    from pipeline.data import TOKENIZER_FILES
-    from pipeline.models import load_teacher_config
+    from pipeline.data.prepare import TOKENIZER_FILES
+    from pipeline.infra.atomic import staged_directory
+    from pipeline.models.loading import load_teacher_config
     from pipeline.targets.manifest import read_manifest
 
     target = ctx.students_dir / setting
@@ -581,7 +581,7 @@ def discard_unfinished(ctx: Context, spec: RunSpec) -> None:
     directory = ctx.runs_dir / spec.name
     if not directory.exists():
         return
-    from pipeline.checkpoints import RUN_ID_FILE
+    from pipeline.training.checkpoints import RUN_ID_FILE
 
     run_id_file = directory / RUN_ID_FILE
     if run_id_file.is_file():
@@ -602,7 +602,7 @@ def drop_models(ctx: Context, spec: RunSpec) -> None:
     """Delete a finished run's checkpoint and exported weights (hundreds of MB each) unless `--keep-models`."""
     if ctx.keep_models:
         return
-    from pipeline.checkpoints import CHECKPOINTS, STUDENT
+    from pipeline.training.checkpoints import CHECKPOINTS, STUDENT
 
     for name in (CHECKPOINTS, STUDENT):
         shutil.rmtree(ctx.runs_dir / spec.name / name, ignore_errors=True)
@@ -611,13 +611,13 @@ def drop_models(ctx: Context, spec: RunSpec) -> None:
 def validation_metrics(config: Config) -> dict[str, float]:
     """The exported student on the whole cached validation split (what `distill eval` computes), logged nowhere:
     the search's score must not be confused with the training's `eval/…` points at the same step."""
-    from pipeline import dist
-    from pipeline.attention import attention_dims
-    from pipeline.data import load_prepared
-    from pipeline.evaluate import Evaluator, load_student_for_eval
-    from pipeline.models import load_teacher_config
+    from pipeline.data.prepare import load_prepared
+    from pipeline.infra import dist
+    from pipeline.models.capture import attention_dims
+    from pipeline.models.loading import load_teacher_config
     from pipeline.students import resolve
     from pipeline.targets.fingerprint import student_layers, teacher_weights_digest
+    from pipeline.training.evaluate import Evaluator, load_student_for_eval
 
     dist.init_cpu_group()
     config = resolve(config)
@@ -635,7 +635,7 @@ def validation_metrics(config: Config) -> dict[str, float]:
 
 
 def read_history(output_dir: Path) -> list[dict[str, Any]]:
-    from pipeline.train import METRICS_LOG
+    from pipeline.training.trainer import METRICS_LOG
 
     return [json.loads(line) for line in (output_dir / METRICS_LOG).read_text().splitlines() if line.strip()]
 
@@ -670,9 +670,9 @@ def tag_run(ctx: Context, run_id: str, spec: RunSpec, extra: Mapping[str, float]
 def execute(ctx: Context, spec: RunSpec) -> dict[str, Any]:
     """Train one run, evaluate it (validation for the search, the held-out test split for the grid), tag its MLflow
     run, publish its result; returns the result."""
-    from pipeline.checkpoints import RUN_ID_FILE
-    from pipeline.evaluate import evaluate_stage
-    from pipeline.train import train
+    from pipeline.training.checkpoints import RUN_ID_FILE
+    from pipeline.training.evaluate import evaluate_stage
+    from pipeline.training.trainer import train
 
     discard_unfinished(ctx, spec)
     config = run_config(ctx, spec)
@@ -844,7 +844,7 @@ def tag_tuning_experiment(ctx: Context) -> None:
     grid's experiment is tagged by `distill compare`)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.mlflow_ui import tag_experiment
+    from pipeline.infra.mlflow_ui import tag_experiment
 
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
     experiment = client.get_experiment_by_name(TUNING_EXPERIMENT)
@@ -1014,8 +1014,8 @@ def band_figure(
     """`key` against step for every variant of a setting: the mean over seeds, ± one std shaded, on a log axis
     (perplexity and gradient norms span decades); evaluations at step 0 (before the first update, the same for every
     variant of a seed) are left out, so the axis shows where the variants differ."""
-    from pipeline.compare import RunSummary, metric_bands
-    from pipeline.figures import Curve, curve_figure, save_figure
+    from pipeline.reports.compare import RunSummary, metric_bands
+    from pipeline.reports.figures import Curve, curve_figure, save_figure
 
     groups = {}
     for variant in variants:
@@ -1042,8 +1042,8 @@ def delta_figure(
 ) -> Path | None:
     """The paired comparison as curves: per seed, a variant's `key` minus `BASELINE`'s at the same step (the same
     validation batches, the same start and data order), mean ± one std over seeds; step 0 left out (Δ = 0)."""
-    from pipeline.compare import RunSummary, metric_bands
-    from pipeline.figures import Curve, curve_figure, save_figure
+    from pipeline.reports.compare import RunSummary, metric_bands
+    from pipeline.reports.figures import Curve, curve_figure, save_figure
 
     grid = [r for r in results if r["setting"] == setting and r["stage"] == "grid"]
     baseline = {r["seed"]: dict(map(tuple, r["curves"].get(key, []))) for r in grid if r["variant"] == BASELINE}
@@ -1085,7 +1085,7 @@ def step0_ppl(results: Sequence[Mapping[str, Any]], setting: str) -> list[float]
 
 def tuning_figure(results: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     """Validation perplexity (the 2-batch curve) of every tuning run against step."""
-    from pipeline.figures import Curve, curve_figure, save_figure
+    from pipeline.reports.figures import Curve, curve_figure, save_figure
 
     runs = [r for r in results if r["stage"] == "tune"]
     if not runs:
@@ -1251,7 +1251,7 @@ def write_report(
     ctx: Context, specs: Sequence[RunSpec], frozen: Mapping[str, Any], rows: Sequence[TuningRow], plan_lines: list[str]
 ) -> Path:
     """`index.md`, `results.csv`, the figures and `distill compare`'s report per setting, published atomically."""
-    from pipeline.atomic import staged_directory
+    from pipeline.infra.atomic import staged_directory
 
     wanted = {spec.name for spec in specs} | {row.run for row in rows}
     results = [result for result in all_results(ctx) if result["name"] in wanted]
@@ -1328,7 +1328,7 @@ def invocation() -> str:
 
 def teacher_description(base: Config) -> str:
     """`source (path: family, layers, heads)` from the teacher's own config."""
-    from pipeline.models import load_teacher_config
+    from pipeline.models.loading import load_teacher_config
 
     try:
         hf = load_teacher_config(Path(base.teacher.path))
@@ -1352,7 +1352,7 @@ def run_commits(results: Sequence[Mapping[str, Any]]) -> str:
 def compare_settings(ctx: Context, staging: Path) -> list[str]:
     """`compare_runs` on experiment `quality`, one report per setting (every run's heat maps in one montage would
     outgrow what matplotlib can draw for the whole grid), with seeds grouped into variants."""
-    from pipeline.compare import compare_runs
+    from pipeline.reports.compare import compare_runs
 
     lines = []
     for setting in ctx.settings:
@@ -1428,14 +1428,14 @@ def relative_to_repo(path: Path) -> Path:
     return resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else resolved
 
 
-STAGE_LOGGERS = ("pipeline.stages", "pipeline.targets.writer", "pipeline.students", "pipeline.data")
+STAGE_LOGGERS = ("pipeline.stages", "pipeline.targets.writer", "pipeline.students", "pipeline.data.prepare")
 """Pipeline loggers kept at INFO whatever --log-level: what the cache, carve and data stages are doing."""
 
 
 def configure_logs(level: str) -> None:
     """The study at INFO, the stages' own progress at INFO, the rest of the pipeline and the libraries at `level`
     (DeepSpeed prints its config at every engine start: WARNING unless asked)."""
-    from pipeline.runtime import configure_logging
+    from pipeline.infra.runtime import configure_logging
 
     configure_logging(level)
     logger.setLevel(logging.INFO)

@@ -13,7 +13,7 @@ by block on the consumer's device, inside the student step below):
 - first epoch: the process has not checksummed any shard yet (every shard is hashed once per process, per worker),
 - steady: every shard already verified (what an endless training stream sees after its first pass).
 
-Beside it, one forward + backward of the demo student (pipeline.models.build_student from the teacher's config: 4
+Beside it, one forward + backward of the demo student (`loading.build_student` from the teacher's config: 4
 layers × 384 hidden, 3 heads on 1 KV head, intermediate 1024, tied 49152 vocabulary) on a batch from the stream with
 the trainer's terms CE + top-k KD + attention KL (`pipeline.objective`): its samples/s is what training consumes.
 Runs alternate, medians are printed, and the ratio reader ÷ consumption (the reader must be far faster). Shards are
@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from pipeline.models import build_student
+from pipeline.models.loading import build_student
 from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
 from pipeline.targets import reader
 from pipeline.targets.layout import (

@@ -21,11 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline import students
-from pipeline.checkpoints import STUDENT
 from pipeline.config import Config, config_from_dict, load_config
-from pipeline.models import load_teacher, load_teacher_config
-from pipeline.runtime import configure_logging
+from pipeline.infra.runtime import configure_logging
+from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.targets.manifest import read_manifest
+from pipeline.training.checkpoints import STUDENT
 
 
 def parse_args() -> argparse.Namespace:

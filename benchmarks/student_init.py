@@ -1,6 +1,6 @@
 """Where a student starts (`student.init`), on the real teacher: perplexity at step 0 and after the demo's budget.
 
-Every run is the real `pipeline.train.train` (DeepSpeed, one process, fp32, MLflow off) on the demo config, one after
+Every run is the real `trainer.train` (DeepSpeed, one process, fp32, MLflow off) on the demo config, one after
 the other in this process: the demo's student shape (4 layers × 384, 3 heads on 1 KV head, MLP 1024), data, budget
 (24 steps of 4 × 256 tokens, lr 2e-3, warm-up 3, cosine) and cache size (the first 64 train and validation samples),
 evaluated at step 0 (before the first update) and at the end on the demo's 4 validation batches.
@@ -50,11 +50,11 @@ from samples import greedy  # benchmarks/ is on sys.path when run as a script
 
 from pipeline import stages, students
 from pipeline.config import Config, load_config
-from pipeline.models import load_teacher, load_teacher_config
-from pipeline.runtime import configure_logging
-from pipeline.shd import layer_map
+from pipeline.infra.runtime import configure_logging
+from pipeline.models.loading import load_teacher, load_teacher_config
+from pipeline.ops.shd import layer_map
 from pipeline.targets.manifest import read_manifest
-from pipeline.train import train
+from pipeline.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 KD = ("distill.w_attn=0",)

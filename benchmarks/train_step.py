@@ -20,7 +20,7 @@ Three figures, each a ratio of two things measured in the same run:
     checksums on, the read made inside the step: prefetch off, so its whole cost is counted) ÷ the same step fed by
     `OnlineTargets` (the live teacher: forward with capture + `compute_targets` + `reader.training_batch`, as
     `distill train train.mode=online` does), both with the CE + KD + attention objective (issue target ≤ 0.5).
-(c) loader wait share: the real `pipeline.train.train` on the cache (prefetch on, checksums on, the config's
+(c) loader wait share: the real `pipeline.training.trainer.train` on the cache (prefetch on, checksums on, the config's
     `num_workers`), a few steps; the trainer logs `train/loader_wait_frac` per step in `metrics.jsonl`, and this
     script measures the same thing from outside (time in `next()` of the iterator `training_batches` returned ÷ the
     time of each `Trainer.train_step` call) to cross-check it (issue target < 5 %).
@@ -62,21 +62,18 @@ from cache_size import WindowRows, contiguous_windows  # benchmarks/ is on sys.p
 from peak_memory import PeakMemory, report, run_child
 from timing import time_alternately
 
-from pipeline import train as train_module
-from pipeline.attention import attention_dims
-from pipeline.checkpoints import TrainState
 from pipeline.config import Config, load_config
-from pipeline.data import load_prepared
-from pipeline.deepspeed_config import deepspeed_config
-from pipeline.dist import init_distributed, launcher_environment
-from pipeline.kd import cross_entropy
-from pipeline.models import load_teacher, load_teacher_config
+from pipeline.data.prepare import load_prepared
+from pipeline.infra.dist import init_distributed, launcher_environment
+from pipeline.infra.runtime import configure_logging, resolve_dtype
+from pipeline.models.capture import attention_dims
+from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.objective import Objective, build_objective
-from pipeline.online import OnlineTargets, online_settings
-from pipeline.runtime import configure_logging, resolve_dtype
+from pipeline.ops.kd import cross_entropy
 from pipeline.students import resolve
 from pipeline.targets.fingerprint import cache_fingerprint, cached_layers, student_layers
 from pipeline.targets.manifest import read_manifest
+from pipeline.targets.online import OnlineTargets, online_settings
 from pipeline.targets.reader import TargetStream
 from pipeline.targets.writer import (
     SELECTION_SAMPLES,
@@ -85,7 +82,10 @@ from pipeline.targets.writer import (
     weights_sha256,
     write_cache_split,
 )
-from pipeline.train import Trainer, build_engine
+from pipeline.training import trainer as train_module
+from pipeline.training.checkpoints import TrainState
+from pipeline.training.deepspeed_config import deepspeed_config
+from pipeline.training.trainer import Trainer, build_engine
 
 NAMES = {
     "ce": "CE only (trainer, w_kd = w_attn = 0, no capture)",

@@ -1,8 +1,8 @@
 """Per-rank parameter + optimizer-state memory of the real DeepSpeed engine at 1 and 2 ranks, ZeRO-3 (and ZeRO-2).
 
 For each ZeRO stage and world size this script starts the DeepSpeed launcher on itself (CPU accelerator, gloo, one
-thread per rank). Every rank builds the engine exactly as `distill train` does (`pipeline.train.build_engine` with the
-JSON of `pipeline.deepspeed_config.deepspeed_config`, the stage's preset from `configs/deepspeed/`, fp32), runs one
+thread per rank). Every rank builds the engine exactly as `distill train` does (`trainer.build_engine` with the
+JSON of `deepspeed_config.deepspeed_config`, the stage's preset from `configs/deepspeed/`, fp32), runs one
 optimizer step on a random batch (AdamW creates its moments at the first step), then sums the bytes of the tensors the
 engine actually holds — nothing is computed from parameter counts:
 
@@ -123,11 +123,11 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from pipeline.config import load_config
-    from pipeline.deepspeed_config import deepspeed_config
-    from pipeline.dist import init_distributed
-    from pipeline.runtime import configure_logging
+    from pipeline.infra.dist import init_distributed
+    from pipeline.infra.runtime import configure_logging
     from pipeline.students import resolve
-    from pipeline.train import build_engine
+    from pipeline.training.deepspeed_config import deepspeed_config
+    from pipeline.training.trainer import build_engine
 
     configure_logging("WARNING")
     init_distributed()

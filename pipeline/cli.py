@@ -12,10 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.atomic import is_disk_full, storage_error
 from pipeline.config import Config, ConfigError, load_config, reference_markdown
 from pipeline.errors import PipelineError
-from pipeline.runtime import configure_logging
+from pipeline.infra.atomic import is_disk_full, storage_error
+from pipeline.infra.runtime import configure_logging
 
 logger = logging.getLogger("pipeline")
 
@@ -211,13 +211,13 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "run":
         stages.run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
-        from pipeline.compare import compare_runs, resolve_target
+        from pipeline.reports.compare import compare_runs, resolve_target
 
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
         print(report.markdown, end="")
     elif args.command == "mlflow":
-        from pipeline.tracking import sync_local_runs
+        from pipeline.infra.tracking import sync_local_runs
 
         for local_id, copy_id in sync_local_runs(args.run_dir, args.tracking_uri).items():
             print(f"{local_id} -> {copy_id}")

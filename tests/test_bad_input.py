@@ -22,8 +22,8 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from pipeline import cli
-from pipeline.atomic import StorageError, atomic_write_bytes, staged_directory
-from pipeline.data import load_prepared
+from pipeline.data.prepare import load_prepared
+from pipeline.infra.atomic import StorageError, atomic_write_bytes, staged_directory
 from pipeline.targets import reader, writer
 from pipeline.targets.layout import TargetRequest, read_header, shard_bytes
 from pipeline.targets.manifest import read_manifest, sha256_bytes, write_manifest

@@ -20,14 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pipeline import stages
-from pipeline.attention import AttentionCapture
 from pipeline.config import Config, load_config
-from pipeline.data import load_prepared
-from pipeline.kd import topk_targets
-from pipeline.map_losses import DenseTarget, SparseTarget, map_loss_sum
-from pipeline.models import load_teacher
-from pipeline.relations import relation_maps
-from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import AttentionCapture
+from pipeline.models.loading import load_teacher
+from pipeline.ops.kd import topk_targets
+from pipeline.ops.map_losses import DenseTarget, SparseTarget, map_loss_sum
+from pipeline.ops.relations import relation_maps
+from pipeline.ops.shd import head_importance, select_heads, squeeze_heads
 from pipeline.targets import writer
 from pipeline.targets.layout import map_name, relation_name, unpack_triangle
 from pipeline.targets.manifest import CacheError, read_manifest

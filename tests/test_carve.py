@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from pipeline.attention import AttentionCapture, attention_dims, model_family
-from pipeline.carve import (
+from pipeline.models.capture import AttentionCapture, attention_dims, model_family
+from pipeline.models.loading import load_teacher, make_student_config, write_tiny_teacher
+from pipeline.ops.shd import head_groups, head_importance, squeeze_groups
+from pipeline.students.carve import (
     CarveError,
     CarvePlan,
     Importance,
@@ -22,8 +24,6 @@ from pipeline.carve import (
     plan_heads,
     select_layers,
 )
-from pipeline.models import load_teacher, make_student_config, write_tiny_teacher
-from pipeline.shd import head_groups, head_importance, squeeze_groups
 
 
 def calibration(seed: int = 0, samples: int = 6, tokens: int = 24) -> torch.Tensor:

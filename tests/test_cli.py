@@ -201,7 +201,7 @@ def test_mlflow_sync_command_copies_a_fallback_run(tmp_path: Path, capsys: pytes
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import config_from_dict
-    from pipeline.tracking import create_tracker
+    from pipeline.infra.tracking import create_tracker
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -16,7 +16,16 @@ from matplotlib import image as mpimg
 from matplotlib import pyplot as plt
 
 from pipeline.cli import main
-from pipeline.compare import (
+from pipeline.config import config_from_dict
+from pipeline.infra.mlflow_ui import (
+    EXPERIMENT_KIND_TAG,
+    MACHINE_LEARNING_KIND,
+    PRIMARY_METRIC_TAG,
+    SAVED_VIEW_TAG_PREFIX,
+    VIEW_ID,
+    tag_experiment,
+)
+from pipeline.reports.compare import (
     BEST_PPL_COLUMN,
     SUMMARY_TAG,
     CompareError,
@@ -31,16 +40,7 @@ from pipeline.compare import (
     seed_variants,
     variants_table,
 )
-from pipeline.config import config_from_dict
-from pipeline.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
-from pipeline.mlflow_ui import (
-    EXPERIMENT_KIND_TAG,
-    MACHINE_LEARNING_KIND,
-    PRIMARY_METRIC_TAG,
-    SAVED_VIEW_TAG_PREFIX,
-    VIEW_ID,
-    tag_experiment,
-)
+from pipeline.reports.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
 
 EXPERIMENT = "sweep"
 CONSTANT_PARAMS = {"train.lr": "0.001", "data.seq_len": "32", "teacher.source": "tiny-random-llama"}

@@ -15,8 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import data
-from pipeline.data import (
+from pipeline.data.prepare import (
     META_NAME,
     DataError,
     fetch_shakespeare,
@@ -24,7 +23,8 @@ from pipeline.data import (
     prepare_dataset,
     split_validation_ids,
 )
-from pipeline.models import TINY_CORPUS, load_tokenizer, write_tiny_teacher
+from pipeline.data.prepare import prepare as data
+from pipeline.models.loading import TINY_CORPUS, load_tokenizer, write_tiny_teacher
 
 SEQ_LEN = 32
 DOCUMENTS = [paragraph.strip() for paragraph in TINY_CORPUS.split("\n\n")]
@@ -158,7 +158,7 @@ def test_rerun_is_a_noop(tiny_llama_dir: Path, corpus_dir: Path, tmp_path: Path,
     meta_text = (output / META_NAME).read_text()
     before = _mtimes(output)
 
-    with caplog.at_level("INFO", logger="pipeline.data"):
+    with caplog.at_level("INFO", logger="pipeline.data.prepare"):
         again = _prepare([str(corpus_dir)], tiny_llama_dir, output, num_proc=2)
 
     assert again == meta

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.kd import (
+from pipeline.ops.kd import (
     IGNORE_INDEX,
     TOPK_BLOCK,
     cross_entropy,

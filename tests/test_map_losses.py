@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from pipeline.map_losses import (
+from pipeline.ops.map_losses import (
     DenseTarget,
     SparseTarget,
     dense_rows,

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.attention import AttentionCapture
 from pipeline.config import load_config
-from pipeline.kd import IGNORE_INDEX, cross_entropy, kd_loss_topk, topk_targets
-from pipeline.map_losses import DenseTarget, SparseTarget
-from pipeline.models import build_student, load_teacher
+from pipeline.models.capture import AttentionCapture
+from pipeline.models.loading import build_student, load_teacher
 from pipeline.objective import AttentionKD, Objective, RelationKD, build_objective
-from pipeline.relations import relation_maps
+from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, kd_loss_topk, topk_targets
+from pipeline.ops.map_losses import DenseTarget, SparseTarget
+from pipeline.ops.relations import relation_maps
 from pipeline.targets.layout import pack_triangle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_the_sink_option_leaves_out_the_first_key_and_row() -> None:
     term = build_objective(_config("distill.attn_sink=drop"), [1, 3]).terms[2]
     assert isinstance(term, AttentionKD) and term.drop_sink
     assert term.count({"input_ids": torch.zeros(3, 10, dtype=torch.long)}) == 27.0
-    from pipeline.evaluate import evaluation_objective
+    from pipeline.training.evaluate import evaluation_objective
 
     names = evaluation_objective(_config("distill.attn_sink=drop"), [1, 3]).names
     assert names == ["ce", "kd", "attn", "attn_kl"]  # the yardstick keeps the sink

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from pipeline.map_losses import DenseTarget, SparseTarget
+from pipeline.ops.map_losses import DenseTarget, SparseTarget
 from pipeline.targets import reader
 from pipeline.targets.layout import TargetRequest, map_name, read_header, shard_bytes, shard_file_name, unpack_triangle
 from pipeline.targets.manifest import (

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.map_losses import DenseTarget, SparseTarget
-from pipeline.relations import relation_loss_sum, relation_maps
+from pipeline.ops.map_losses import DenseTarget, SparseTarget
+from pipeline.ops.relations import relation_loss_sum, relation_maps
 from pipeline.targets.layout import pack_triangle
 
 

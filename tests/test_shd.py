@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.shd import (
+from pipeline.ops.shd import (
     Circuits,
     group_alphas,
     head_groups,

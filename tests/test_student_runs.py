@@ -21,9 +21,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import carve, students
-from pipeline.lora import ADAPTER_BASE_DIR, ADAPTER_DIR
-from pipeline.train import train
+from pipeline import students
+from pipeline.students import carve
+from pipeline.students.lora import ADAPTER_BASE_DIR, ADAPTER_DIR
+from pipeline.training.trainer import train
 from tests.train_fixtures import FAST_TRAIN, TinyCache, read_metrics, run_two_ranks
 
 pytestmark = [pytest.mark.slow]
@@ -65,8 +66,8 @@ def pretrained(tiny_cache: TinyCache) -> Path:
     (byte for byte: the tokenizer fingerprint hashes the files)."""
     from transformers import AutoConfig
 
-    from pipeline.data import TOKENIZER_FILES
-    from pipeline.models import build_student
+    from pipeline.data.prepare import TOKENIZER_FILES
+    from pipeline.models.loading import build_student
 
     teacher = tiny_cache.root / "teacher"
     directory = tiny_cache.root / "pretrained"

@@ -14,11 +14,12 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from pipeline import carve, students
-from pipeline.attention import CAPTURE_ATTENTION
+from pipeline import students
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
-from pipeline.data import prepare_dataset
-from pipeline.models import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
+from pipeline.data.prepare import prepare_dataset
+from pipeline.models.capture import CAPTURE_ATTENTION
+from pipeline.models.loading import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
+from pipeline.students import carve
 
 CORPUS = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_corpus.txt"
 
@@ -363,7 +364,7 @@ def test_selective_heads_without_a_cache_are_chosen_as_the_cache_chooses(
 ) -> None:
     """No manifest: the heads of the largest mean output share ‖A_h X_h‖ / Σ‖A X‖ on the first 16 train samples,
     against a float64 reference from the captured maps and dense value–output circuits."""
-    from pipeline.attention import AttentionCapture
+    from pipeline.models.capture import AttentionCapture
     from pipeline.targets.writer import SELECTION_SAMPLES
 
     config = students.resolve(

@@ -21,9 +21,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import teacher_import
-from pipeline.models import TINY_CORPUS, load_teacher, load_tokenizer, write_tiny_teacher
-from pipeline.teacher_import import (
+from pipeline.models.loading import TINY_CORPUS, load_teacher, load_tokenizer, teacher_import, write_tiny_teacher
+from pipeline.models.teacher_import import (
     IMPORT_RECORD,
     SMOLLM2_REQUIREMENT,
     TeacherImportError,
@@ -255,7 +254,7 @@ def test_reimport_of_same_source_is_a_noop(tiny_gguf: Path, tmp_path: Path, capl
     before = _mtimes(output)
 
     started = time.perf_counter()
-    with caplog.at_level("INFO", logger="pipeline.teacher_import"):
+    with caplog.at_level("INFO", logger="pipeline.models.teacher_import"):
         assert import_teacher(tiny_gguf, output) == output
     assert time.perf_counter() - started < 5
     assert "up to date" in caplog.text

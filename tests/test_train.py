@@ -21,9 +21,9 @@ import torch
 from deepspeed import DeepSpeedEngine
 from safetensors.torch import load_file
 
-from pipeline.deepspeed_config import deepspeed_config, merge
 from pipeline.errors import PipelineError
-from pipeline.train import lr_factor, train
+from pipeline.training.deepspeed_config import deepspeed_config, merge
+from pipeline.training.trainer import lr_factor, train
 from tests.train_fixtures import (
     BIN,
     FAST_TRAIN,
@@ -215,10 +215,10 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_cache: TinyCache, t
 def test_online_targets_come_in_the_cache_order_and_form(tiny_cache: TinyCache) -> None:
     """Rank 1 of 2 from position 5: the live teacher's batch is the cached batch, up to the cache's fp16 — for the
     attention maps, the selective heads (chosen alike) and the relation maps, with tail sums at τ = 2."""
-    from pipeline.data import load_prepared
-    from pipeline.models import load_teacher
+    from pipeline.data.prepare import load_prepared
+    from pipeline.models.loading import load_teacher
     from pipeline.objective import build_objective
-    from pipeline.online import OnlineTargets, online_settings
+    from pipeline.targets.online import OnlineTargets, online_settings
     from pipeline.targets.reader import TargetStream
 
     config = tiny_cache.config(
@@ -464,7 +464,7 @@ def _initial_weights(tiny_cache: TinyCache) -> dict[str, torch.Tensor]:
     """The student's weights before training (same seed as every run)."""
     from transformers import AutoConfig
 
-    from pipeline.models import build_student
+    from pipeline.models.loading import build_student
 
     config = tiny_cache.config(tiny_cache.root / "unused")
     student = build_student(

@@ -135,8 +135,8 @@ def read_metrics(output_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
 def main(argv: list[str]) -> None:
     """Under the launcher: `train_fixtures.py RUNS.json`, RUNS.json = [{"overrides": [...]}, ...] on tiny.yaml."""
     from pipeline.config import load_config
-    from pipeline.runtime import configure_logging
-    from pipeline.train import train
+    from pipeline.infra.runtime import configure_logging
+    from pipeline.training.trainer import train
 
     configure_logging("WARNING")
     arguments = [argument for argument in argv if not argument.startswith("--local_rank")]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
-from pipeline.attention import AttentionDims
 from pipeline.config import Config, ConfigError
-from pipeline.shd import layer_map
+from pipeline.infra import dist
+from pipeline.models.capture import AttentionDims
+from pipeline.ops.shd import layer_map
 from pipeline.targets.layout import LAYOUT_VERSION
 
 HEADLESS_KINDS = ("global", "relations")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import PipelineError
+from pipeline.infra.atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.map_losses import DenseTarget, MapTarget, SparseTarget
+from pipeline.ops.map_losses import DenseTarget, MapTarget, SparseTarget
 from pipeline.targets import checks
 from pipeline.targets.layout import (
     LAYOUT_VERSION,

@@ -25,12 +25,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from pipeline import dist
-from pipeline.atomic import atomic_write_bytes, fsync_directory
-from pipeline.attention import AttentionCapture
-from pipeline.kd import topk_targets
-from pipeline.relations import relation_maps
-from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_bytes, fsync_directory
+from pipeline.models.capture import AttentionCapture
+from pipeline.ops.kd import topk_targets
+from pipeline.ops.relations import relation_maps
+from pipeline.ops.shd import head_importance, select_heads, squeeze_heads
 from pipeline.targets import checks
 from pipeline.targets.layout import (
     LAYOUT_VERSION,

@@ -13,8 +13,8 @@ for any split of the global batch into ranks and micro-batches; the logged value
 
 A step whose loss is not finite stops the run with an error naming the step, the term and the sample ids, before any
 update or checkpoint (the last good checkpoint stays the newest). Checkpoints, resuming (also at another world size)
-and the export: `pipeline.checkpoints`. Online targets: `pipeline.online`. Evaluation (also at step 0, before the
-first update): `pipeline.evaluate`.
+and the export: `training.checkpoints`. Online targets: `targets.online`. Evaluation (also at step 0, before the
+first update): `pipeline.training.evaluate`.
 
 Outputs in `train.output_dir`: `checkpoints/`, `student/` (the exported HF model), `metrics.jsonl` (rank 0: one line
 per step with the train metrics and `position`, the global sample position the step started at; one per evaluation
@@ -39,8 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline import dist
-from pipeline.checkpoints import (
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.infra import dist
+from pipeline.infra.runtime import to_device
+from pipeline.infra.tracking import create_tracker, sigterm_as_keyboard_interrupt
+from pipeline.objective import Objective, build_objective
+from pipeline.training.checkpoints import (
     CHECKPOINTS,
     RUN_ID_FILE,
     STUDENT,
@@ -52,11 +57,6 @@ from pipeline.checkpoints import (
     restore_rng,
     save_checkpoint,
 )
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.objective import Objective, build_objective
-from pipeline.runtime import to_device
-from pipeline.tracking import create_tracker, sigterm_as_keyboard_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class Trainer:
         self.tracker.log_metrics(result.metrics, step=self.state.step)
         self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
         if result.heatmap is not None and self.tracker.active:
-            from pipeline.figures import attention_heatmap_figures
+            from pipeline.reports.figures import attention_heatmap_figures
 
             figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
             for name, figure in figures.items():
@@ -323,7 +323,7 @@ def _log_run_inputs(
     tracker.log_text(config.dump(), "config.yaml")
     tracker.log_text(json.dumps(ds_config, indent=2), "deepspeed.json")
     if manifest_dir is not None:
-        from pipeline.figures import alpha_figure
+        from pipeline.reports.figures import alpha_figure
         from pipeline.targets.manifest import MANIFEST_NAME, read_manifest
 
         tracker.log_artifact(manifest_dir / MANIFEST_NAME, "cache")
@@ -381,9 +381,9 @@ def check_inputs(config: Config) -> RunInputs:
     """Read the teacher config, the prepared data's meta and the cache's manifest; refuse a cache that does not fit
     the config (another teacher, tokenizer, data or seq_len, a missing head count, layer, target kind or
     temperature) with an error naming the field — before any expensive set-up."""
-    from pipeline.attention import attention_dims
-    from pipeline.data import load_prepared
-    from pipeline.models import check_seq_len, load_teacher_config
+    from pipeline.data.prepare import load_prepared
+    from pipeline.models.capture import attention_dims
+    from pipeline.models.loading import check_seq_len, load_teacher_config
     from pipeline.targets.fingerprint import cache_fingerprint, teacher_weights_digest, training_requirements
     from pipeline.targets.reader import open_cache
 
@@ -489,7 +489,7 @@ def training_batches(config: Config, inputs: RunInputs, state: TrainState, teach
             persistent_workers=train_cfg.num_workers > 0,
         )
         return iter(loader)
-    from pipeline.online import OnlineTargets, online_settings
+    from pipeline.targets.online import OnlineTargets, online_settings
 
     rows = inputs.splits["train"]
     if config.cache.max_samples is not None and len(rows) > config.cache.max_samples:
@@ -511,10 +511,10 @@ def training_batches(config: Config, inputs: RunInputs, state: TrainState, teach
 
 
 def _train(config: Config, overwrite: bool) -> dict[str, float]:
-    from pipeline.deepspeed_config import deepspeed_config, zero_stage
-    from pipeline.evaluate import Evaluator
-    from pipeline.models import load_teacher
-    from pipeline.runtime import default_device, resolve_dtype
+    from pipeline.infra.runtime import default_device, resolve_dtype
+    from pipeline.models.loading import load_teacher
+    from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
+    from pipeline.training.evaluate import Evaluator
 
     dist.init_distributed()
     train_cfg = config.train

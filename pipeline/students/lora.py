@@ -14,9 +14,9 @@ from pathlib import Path
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from pipeline.attention import CAPTURE_ATTENTION, model_family
 from pipeline.config import LoraSection
 from pipeline.errors import PipelineError
+from pipeline.models.capture import CAPTURE_ATTENTION, model_family
 
 logger = logging.getLogger(__name__)
 

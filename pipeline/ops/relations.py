@@ -5,7 +5,7 @@ one ``[T, H·dh]`` matrix, re-splits it into R *relation heads* chosen independe
 matches the scaled dot-product self-relations ``softmax(X_r X_rᵀ / √d_r)`` of teacher and student with a KL. Under
 a causal mask each relation is a row-stochastic causal T × T map, exactly like an attention map, so the teacher's
 relation maps are cached with the attention encodings (dense triangle or top-m rows) and the student's are compared
-from its scores with `pipeline.map_losses` (row blocks, log_softmax, no T × T student map).
+from its scores with `pipeline.ops.map_losses` (row blocks, log_softmax, no T × T student map).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from pipeline.map_losses import MapTarget, map_loss_sum, student_log_probs
+from pipeline.ops.map_losses import MapTarget, map_loss_sum, student_log_probs
 
 RELATIONS = ("q", "k", "v")
 """The three self-relations, in cache-key order (`rel.L<l>.R<r>.q` …)."""

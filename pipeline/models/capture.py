@@ -8,7 +8,7 @@ every other layer — and every layer outside a block — is delegated to transf
 teacher forward costs what an SDPA forward costs plus the captured layers. A capture with ``eager=False`` (students
 in training) keeps SDPA for the captured layers too and records only what the attention function was given — the
 post-RoPE queries and keys, the values and the score scale — so that a loss can recompute the scores blockwise
-(``pipeline.map_losses``) without the [B, H, T, T] maps ever existing in the forward pass.
+(``pipeline.ops.map_losses``) without the [B, H, T, T] maps ever existing in the forward pass.
 
 Layer identity is ``module.layer_idx``; a capture finds attention modules by walking ``model.modules()``, so it
 works on a model wrapped by another module (a DeepSpeed engine, a DDP wrapper).
@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
-from pipeline.shd import Circuits
+from pipeline.ops.shd import Circuits
 
 CAPTURE_ATTENTION = "shd_capture"
 """The ``attn_implementation`` name to load teachers and build students with."""

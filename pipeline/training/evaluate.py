@@ -24,8 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline import dist
-from pipeline.checkpoints import (
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.infra import dist
+from pipeline.infra.runtime import to_device
+from pipeline.objective import AttentionKD, Objective, attention_yardstick, build_objective
+from pipeline.ops.map_losses import DenseTarget, MapTarget, student_maps
+from pipeline.targets.layout import unpack_triangle
+from pipeline.training.checkpoints import (
     CHECKPOINTS,
     RUN_ID_FILE,
     STUDENT,
@@ -34,12 +40,6 @@ from pipeline.checkpoints import (
     load_checkpoint_weights,
     read_trainer_state,
 )
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.map_losses import DenseTarget, MapTarget, student_maps
-from pipeline.objective import AttentionKD, Objective, attention_yardstick, build_objective
-from pipeline.runtime import to_device
-from pipeline.targets.layout import unpack_triangle
 
 logger = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
     (`model_dir`, default `train.output_dir/student`) or a training checkpoint (`checkpoint`)."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.attention import CAPTURE_ATTENTION
-    from pipeline.models import load_teacher_config
-    from pipeline.runtime import default_device
+    from pipeline.infra.runtime import default_device
+    from pipeline.models.capture import CAPTURE_ATTENTION
+    from pipeline.models.loading import load_teacher_config
     from pipeline.students import build_student_model
 
     output_dir = Path(config.train.output_dir)
@@ -265,13 +265,13 @@ def evaluate_stage(
     metric names `eval/…` or `test/…`) and logs them with heat maps to MLflow — into the training run when
     `train.output_dir` names one, else into a new run.
     """
-    from pipeline.attention import attention_dims
-    from pipeline.data import load_prepared
-    from pipeline.figures import attention_heatmap_figures
-    from pipeline.models import check_seq_len, load_teacher_config
+    from pipeline.data.prepare import load_prepared
+    from pipeline.infra.tracking import create_tracker, default_run_name
+    from pipeline.models.capture import attention_dims
+    from pipeline.models.loading import check_seq_len, load_teacher_config
+    from pipeline.reports.figures import attention_heatmap_figures
     from pipeline.students import resolve
     from pipeline.targets.fingerprint import student_layers, teacher_weights_digest
-    from pipeline.tracking import create_tracker, default_run_name
 
     dist.init_cpu_group()
     config = resolve(config)

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.atomic import staged_directory
 from pipeline.config import Config, MLflowConfig
 from pipeline.errors import PipelineError
-from pipeline.figures import Curve, curve_figure, save_figure, side_by_side
-from pipeline.mlflow_ui import runs_view_url, tag_experiment
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.infra.atomic import staged_directory
+from pipeline.infra.mlflow_ui import runs_view_url, tag_experiment
+from pipeline.infra.tracking import resolve_tracking_uri
+from pipeline.reports.figures import Curve, curve_figure, save_figure, side_by_side
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
@@ -545,7 +545,7 @@ def compare_runs(
 
     With `group_seeds`, runs that differ only in their seeds also get a variants table and seed-band curves (when
     some variant has two runs or more). The experiment is tagged so that the MLflow UI shows these runs with the
-    table's metrics and params as columns (`pipeline.mlflow_ui`)."""
+    table's metrics and params as columns (`pipeline.infra.mlflow_ui`)."""
     client = _open_client(tracking_uri)
     experiment = _experiment(client, experiment_name, tracking_uri)
     runs = select_runs(client, experiment, run_refs, filter_string)

@@ -36,9 +36,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
-from pipeline.atomic import staged_directory
 from pipeline.errors import PipelineError
-from pipeline.models import load_tokenizer
+from pipeline.infra.atomic import staged_directory
+from pipeline.models.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline import dist
-from pipeline.atomic import atomic_write_text, is_write_failure, storage_error
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_text, is_write_failure, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -457,8 +457,8 @@ def export_student(module: nn.Module, zero_stage: int, teacher_dir: Path, direct
     """
     from transformers import AutoTokenizer
 
-    from pipeline.atomic import staged_directory
-    from pipeline.lora import ADAPTER_DIR, is_lora, merged_model, save_adapter
+    from pipeline.infra.atomic import staged_directory
+    from pipeline.students.lora import ADAPTER_DIR, is_lora, merged_model, save_adapter
 
     state_dict = gathered_state_dict(module, zero_stage)
     if dist.is_main():

@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from pipeline.attention import CAPTURE_ATTENTION, attention_dims, find_attention_modules, model_family
 from pipeline.errors import PipelineError
+from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, find_attention_modules, model_family
 
 HeadInit = Literal["prune", "merge"]
 

@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.attention import CAPTURE_ATTENTION, model_family
 from pipeline.errors import PipelineError
+from pipeline.models.capture import CAPTURE_ATTENTION, model_family
 
 PathLike = str | os.PathLike[str]
 

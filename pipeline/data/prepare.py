@@ -40,9 +40,9 @@ from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.table import InMemoryTable
 from tqdm.auto import tqdm
 
-from pipeline.atomic import staged_directory
 from pipeline.errors import PipelineError
-from pipeline.models import load_tokenizer
+from pipeline.infra.atomic import staged_directory
+from pipeline.models.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

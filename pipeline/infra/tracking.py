@@ -1,4 +1,4 @@
-"""Experiment tracking: one `Tracker` with the same methods on every rank (figures are drawn in `pipeline.figures`).
+"""Experiment tracking: one `Tracker` with the same methods on every rank (figures: `pipeline.reports.figures`).
 
 Rank 0 (with `mlflow.enabled`) gets a `FallbackTracker`; every other rank, or a run with tracking off, gets the base
 `Tracker`, whose methods do nothing and which never imports mlflow or touches the store. Stage drivers therefore call

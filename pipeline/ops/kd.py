@@ -4,7 +4,7 @@ Pure tensor maths, computed in fp32 whatever the input dtype: a softmax over a 5
 Every loss offers `reduction="sum"` because the training driver divides by a global count of valid tokens itself,
 once, across ranks and micro-batches; `"mean"` is for tests and single-batch use.
 
-The tail-bucket KL (`sparse_kl_with_tail`) is generic over leading dimensions: `pipeline.shd` reuses it for sparse
+The tail-bucket KL (`sparse_kl_with_tail`) is generic over leading dimensions: `pipeline.ops.shd` reuses it for sparse
 top-m attention targets.
 """
 

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.attention import AttentionCapture, ScoreInputs
 from pipeline.config import Config
-from pipeline.kd import IGNORE_INDEX, logit_losses
-from pipeline.map_losses import map_loss_sum
-from pipeline.relations import RELATIONS, relation_loss_sum, states_for_relations
+from pipeline.models.capture import AttentionCapture, ScoreInputs
+from pipeline.ops.kd import IGNORE_INDEX, logit_losses
+from pipeline.ops.map_losses import map_loss_sum
+from pipeline.ops.relations import RELATIONS, relation_loss_sum, states_for_relations
 from pipeline.targets.layout import TargetRequest, map_name, relation_name
 
 

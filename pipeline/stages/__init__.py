@@ -1,7 +1,7 @@
 """Stage drivers: each wires library pieces together for one `distill` command and knows nothing else.
 
 Every driver takes the validated `Config`, skips work whose output is already complete and valid, and logs what it
-does. Multi-process stages are started by the DeepSpeed launcher; the driver only asks `pipeline.dist` for its rank.
+does. Multi-process stages are started by the DeepSpeed launcher; the driver only asks `infra.dist` for its rank.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import dist
-from pipeline.atomic import staged_directory
 from pipeline.config import Config
+from pipeline.infra import dist
+from pipeline.infra.atomic import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,10 @@ def teacher_stage(config: Config, *, overwrite: bool = False) -> Path:
     output = Path(config.teacher.path)
     family = TINY_TEACHERS.get(config.teacher.source)
     if family is None:
-        from pipeline.teacher_import import import_teacher
+        from pipeline.models.teacher_import import import_teacher
 
         return import_teacher(config.teacher.source, output, overwrite=overwrite)
-    from pipeline.models import TeacherConfigError, write_tiny_teacher
+    from pipeline.models.loading import TeacherConfigError, write_tiny_teacher
 
     if (output / "config.json").is_file():
         found = _model_type(output / "config.json")
@@ -70,8 +70,8 @@ def _model_type(config_file: Path) -> str | None:
 def prepare_stage(config: Config, *, overwrite: bool = False) -> dict[str, Any]:
     """`distill prepare`: tokenize and pack the corpus with the teacher's tokenizer; refuses a `data.seq_len` longer
     than the teacher's positions, and output prepared from other inputs unless `overwrite`."""
-    from pipeline.data import fetch_shakespeare, prepare_dataset
-    from pipeline.models import check_seq_len, load_teacher_config
+    from pipeline.data.prepare import fetch_shakespeare, prepare_dataset
+    from pipeline.models.loading import check_seq_len, load_teacher_config
 
     check_seq_len(load_teacher_config(config.teacher.path), config.data.seq_len)
     sources = []
@@ -101,10 +101,10 @@ def cache_stage(config: Config, *, overwrite: bool = False) -> None:
     and swaps it in once complete."""
     import torch
 
-    from pipeline.attention import attention_dims
-    from pipeline.data import load_prepared
-    from pipeline.models import check_seq_len, load_teacher
-    from pipeline.runtime import default_device, resolve_dtype
+    from pipeline.data.prepare import load_prepared
+    from pipeline.infra.runtime import default_device, resolve_dtype
+    from pipeline.models.capture import attention_dims
+    from pipeline.models.loading import check_seq_len, load_teacher
     from pipeline.students import resolve
     from pipeline.targets.fingerprint import cache_fingerprint, cached_layers
     from pipeline.targets.writer import (
@@ -184,7 +184,7 @@ def train_stage(config: Config, *, overwrite: bool = False) -> dict[str, float]:
     """`distill train`: the DeepSpeed student loop (resumes from `train.output_dir` per `train.resume`), then the
     exported student in `train.output_dir/student`. `overwrite` lets `train.resume: never` replace a run already in
     `train.output_dir`. Returns the final global metrics."""
-    from pipeline.train import train
+    from pipeline.training.trainer import train
 
     return train(config, overwrite=overwrite)
 
@@ -194,14 +194,14 @@ def eval_stage(
 ) -> dict[str, float]:
     """`distill eval`: a trained student (exported, another HF directory, or a checkpoint) on the whole cached
     validation (or held-out test) split."""
-    from pipeline.evaluate import evaluate_stage
+    from pipeline.training.evaluate import evaluate_stage
 
     return evaluate_stage(config, model_dir=model_dir, checkpoint=checkpoint, split=split)
 
 
 def compare_stage(config: Config, report_dir: Path) -> str:
     """`distill compare` for the config's experiment: tables and plots under `report_dir/<experiment>/`."""
-    from pipeline.compare import compare_runs, resolve_target
+    from pipeline.reports.compare import compare_runs, resolve_target
 
     uri, experiment = resolve_target(config, None, None)
     return compare_runs(uri, experiment, output=report_dir).markdown

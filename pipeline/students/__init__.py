@@ -31,11 +31,12 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from pipeline import carve, dist
-from pipeline.attention import CAPTURE_ATTENTION, attention_dims, model_family
 from pipeline.config import SCRATCH_STUDENT, Config, ConfigError, StudentConfig
-from pipeline.lora import apply_lora
-from pipeline.shd import layer_map, squeeze_groups
+from pipeline.infra import dist
+from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, model_family
+from pipeline.ops.shd import layer_map, squeeze_groups
+from pipeline.students import carve
+from pipeline.students.lora import apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _pretrained_config(directory: Path) -> PretrainedConfig:
 
 def _check_same_tokenizer(directory: Path, teacher_dir: Path) -> None:
     """Refuse a pretrained student whose tokenizer files differ from the teacher's (`data.tokenizer_fingerprint`)."""
-    from pipeline.data import TOKENIZER_FILES, DataError, tokenizer_fingerprint
+    from pipeline.data.prepare import TOKENIZER_FILES, DataError, tokenizer_fingerprint
 
     try:
         found = tokenizer_fingerprint(directory)
@@ -212,7 +213,7 @@ def _teacher_shape(student: StudentConfig, teacher_config: PretrainedConfig, spe
 def student_hf_config(config: Config, teacher_config: PretrainedConfig) -> PretrainedConfig:
     """The HF config of the (resolved) student: the teacher's with the student's shape (a carved student keeps the
     teacher's head dim), or the pretrained directory's; every dropout 0 (distillation is deterministic)."""
-    from pipeline.models import make_student_config
+    from pipeline.models.loading import make_student_config
 
     student = config.student
     missing = [key for key in SHAPE_KEYS if getattr(student, key) is None]
@@ -290,7 +291,7 @@ def resolve_student(config: Config, teacher_config: PretrainedConfig) -> Config:
 def calibration_ids(config: Config, count: int | None = None) -> Tensor:
     """The first `count` (default `student.calibration_samples`) packed train sequences [N, T] int64 (fewer when the
     split is smaller, with a warning)."""
-    from pipeline.data import load_prepared
+    from pipeline.data.prepare import load_prepared
 
     splits, _ = load_prepared(Path(config.data.output_dir))
     rows = splits["train"]
@@ -304,7 +305,7 @@ def calibration_ids(config: Config, count: int | None = None) -> Tensor:
 def _calibration_key(config: Config) -> dict[str, Any]:
     """What calibration statistics depend on: the teacher (path and its files' sizes and times), the data, the
     number of samples."""
-    from pipeline.data import load_prepared
+    from pipeline.data.prepare import load_prepared
 
     teacher_dir = Path(config.teacher.path).resolve()
     files = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in teacher_dir.iterdir())
@@ -326,8 +327,8 @@ def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -
     """(`carve.Importance` of the teacher on the calibration batches, seconds the measurement took), measured once
     per process and inputs; loads the teacher unless given (in its checkpoint's dtype, like the carve: copying
     weights from a teacher cast to `teacher.dtype` would round the student's fp32 weights)."""
-    from pipeline.models import load_teacher
-    from pipeline.runtime import default_device
+    from pipeline.infra.runtime import default_device
+    from pipeline.models.loading import load_teacher
 
     key = json.dumps(_calibration_key(config), sort_keys=True)
     if key in _MEMO:
@@ -372,7 +373,7 @@ def carved_layers(config: Config, importance: carve.Importance | None = None) ->
     """The teacher layer each student layer of a carve copies (= its layer map), for a resolved `init: teacher`
     config: `distill.layer_map`, or the layers of largest block importance (from `importance`, an earlier carve's
     record, or a calibration pass) — checked against an explicit layer map."""
-    from pipeline.models import load_teacher_config
+    from pipeline.models.loading import load_teacher_config
 
     student, spec = config.student, config.distill.layer_map
     if student.carve_layers != "importance":
@@ -393,7 +394,7 @@ def carved_layers(config: Config, importance: carve.Importance | None = None) ->
 def resolve(config: Config) -> Config:
     """What a stage driver calls first: the resolved student shape (`resolve_student`) and, for a student carved by
     layer importance, `distill.layer_map` set to the kept teacher layers (`carved_layers`). Idempotent."""
-    from pipeline.models import load_teacher_config
+    from pipeline.models.loading import load_teacher_config
 
     resolved = resolve_student(config, load_teacher_config(config.teacher.path))
     student = resolved.student
@@ -487,10 +488,10 @@ def _carve(
     alpha_stats: dict[str, Any] | None,
     selected_heads: dict[str, list[int]] | None,
 ) -> PreTrainedModel:
-    """The carved student (see `pipeline.carve`), logged and recorded in `train.output_dir/student_init.json`."""
-    from pipeline.atomic import atomic_write_text
-    from pipeline.models import load_teacher
-    from pipeline.runtime import default_device
+    """The carved student (see `students.carve`), logged and recorded in `train.output_dir/student_init.json`."""
+    from pipeline.infra.atomic import atomic_write_text
+    from pipeline.infra.runtime import default_device
+    from pipeline.models.loading import load_teacher
 
     student = config.student
     device = default_device()
@@ -584,7 +585,7 @@ def build_student_model(
     from its target's teacher head (`selected_heads`, a manifest's; None: see `selective_heads`). `structure_only`:
     the same modules with random weights and no calibration, for a caller about to load a checkpoint's weights.
     """
-    from pipeline.models import build_student
+    from pipeline.models.loading import build_student
 
     student = config.student
     hf_config = student_hf_config(config, teacher_config)

@@ -1,6 +1,6 @@
 """Squeezing-Heads Distillation (SHD): merge a teacher's H_t attention maps into H_s student targets (exact group
 solve, the paper's pairwise merge, or uniform), each head's output share, and the student ↔ teacher layer map. The
-losses that compare student maps with these targets are in `pipeline.map_losses`.
+losses that compare student maps with these targets are in `pipeline.ops.map_losses`.
 
 Pure tensor maths in fp32 (the tiny per-group Gram systems in fp64); nothing here knows about ranks or models.
 Shapes: B batch, H heads, T tokens, d model width, dh head width. Attention maps are row-stochastic and causal:
@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-from pipeline.kd import PROB_FLOOR
+from pipeline.ops.kd import PROB_FLOOR
 
 SqueezeMethod = Literal["shd", "shd_pairwise", "uniform"]
 SQUEEZE_METHODS: tuple[str, ...] = get_args(SqueezeMethod)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.kd import check_sparse_target_shapes, soften_topk, sparse_kl_with_tail
+from pipeline.ops.kd import check_sparse_target_shapes, soften_topk, sparse_kl_with_tail
 
 MapLossKind = Literal["kl", "mse", "cosine"]
 
