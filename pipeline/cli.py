@@ -185,8 +185,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from pipeline import stages
-
+    # Each branch imports only its stage: DeepSpeed, MLflow and transformers take seconds to import.
     if args.command == "config" and args.reference:
         print(reference_markdown(), end="")
     elif args.command == "config":
@@ -194,22 +193,36 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise ConfigError("usage: distill config CONFIG [overrides] | distill config --reference")
         print(_load(args).dump(), end="")
     elif args.command == "teacher":
-        stages.teacher_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.teacher import teacher_stage
+
+        teacher_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "prepare":
-        stages.prepare_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.prepare import prepare_stage
+
+        prepare_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "cache" and args.config == "verify":
         if len(args.overrides) != 1 or args.overwrite:
             raise ConfigError("usage: distill cache verify DIR")
-        stages.verify_stage(Path(args.overrides[0]))
+        from pipeline.stages.cache import verify_stage
+
+        verify_stage(Path(args.overrides[0]))
     elif args.command == "cache":
+        from pipeline.stages.cache import cache_stage
+
         args.config = Path(args.config)
-        stages.cache_stage(_load(args), overwrite=args.overwrite)
+        cache_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "train":
-        stages.train_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.train import train_stage
+
+        train_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "eval":
-        stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
+        from pipeline.stages.evaluate import eval_stage
+
+        eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
     elif args.command == "run":
-        stages.run_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.run import run_stage
+
+        run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
         from pipeline.reports.compare import compare_runs, resolve_target
 

@@ -207,12 +207,12 @@ def test_atomic_writes_on_a_full_disk_keep_the_old_file_and_leave_no_temporary(
 
 
 def test_a_publish_killed_mid_way_is_recovered_by_the_next_one(tmp_path: Path) -> None:
-    """A kill between the two renames leaves only `.x.retired-*` (the old output): the next publish puts it back
+    """A kill between the two renames leaves only `.x.retired` (the old output): the next publish puts it back
     before staging; a kill inside the block leaves `.x.staging-*`: it is removed."""
     published = tmp_path / "published"
     published.mkdir()
     (published / "keep.txt").write_text("old")
-    published.rename(tmp_path / ".published.retired-0000dead")
+    published.rename(tmp_path / ".published.retired")
     (tmp_path / ".published.staging-0000beef").mkdir()
     with pytest.raises(RuntimeError, match="stop"), staged_directory(published):
         assert (published / "keep.txt").read_text() == "old"  # put back before anything else

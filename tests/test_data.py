@@ -23,7 +23,7 @@ from pipeline.data.prepare import (
     prepare_dataset,
     split_validation_ids,
 )
-from pipeline.data.prepare import prepare as data
+from pipeline.data import prepare as data
 from pipeline.models.loading import TINY_CORPUS, load_tokenizer, write_tiny_teacher
 
 SEQ_LEN = 32

@@ -21,7 +21,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models.loading import TINY_CORPUS, load_teacher, load_tokenizer, teacher_import, write_tiny_teacher
+from pipeline.models import teacher_import
+from pipeline.models.loading import TINY_CORPUS, load_teacher, load_tokenizer, write_tiny_teacher
 from pipeline.models.teacher_import import (
     IMPORT_RECORD,
     SMOLLM2_REQUIREMENT,

@@ -10,7 +10,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -120,13 +120,13 @@ def staged_directory(target: Path) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _recover_leftovers(target)
+        recover_directory(target)
         staging.mkdir()  # not mkdtemp: its 0700 mode would become the published directory's mode
     except OSError as error:
         raise storage_error(error, target) from error
     try:
         yield staging
-        _replace_directory(staging, target)
+        swap_directory(staging, target)
     except OSError as error:
         if is_disk_full(error):
             raise storage_error(error, target) from error
@@ -135,24 +135,26 @@ def staged_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _recover_leftovers(target: Path) -> None:
-    """Tidy what a writer of `target` killed mid-way left beside it (one writer per target at a time): a retired
-    old `target` is put back if the kill came between the two renames of `_replace_directory`, else removed, and
-    half-written staging directories are removed."""
-    retired = sorted(target.parent.glob(f".{target.name}.retired-*"), key=lambda path: path.stat().st_mtime)
-    if retired and not target.exists():
-        os.rename(retired.pop(), target)
-    for leftover in [*retired, *target.parent.glob(f".{target.name}.staging-*")]:
-        shutil.rmtree(leftover, ignore_errors=True)
+def replacement_directory(target: Path) -> Path:
+    """Where a resumable replacement of `target` is built (a cache `--overwrite`): beside it under a fixed name, so
+    that a killed build continues where it stopped, and `recover_directory` can finish its swap."""
+    return target.with_name(f".{target.name}.overwrite")
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Rename `staging` to `target`; an existing `target` is moved aside first and restored if the rename fails."""
+def _retired_directory(target: Path) -> Path:
+    return target.with_name(f".{target.name}.retired")
+
+
+def swap_directory(staging: Path, target: Path) -> None:
+    """Rename the complete `staging` to `target`. An existing `target` is renamed aside first, put back if the
+    rename fails, and removed after it: readers see the old directory, none for an instant, or the new one — never a
+    mixture. A kill between the renames is finished by the next writer's `recover_directory`."""
     if not target.exists():
         os.rename(staging, target)
         fsync_directory(target.parent)
         return
-    retired = target.with_name(f".{target.name}.retired-{uuid.uuid4().hex[:8]}")
+    retired = _retired_directory(target)
+    shutil.rmtree(retired, ignore_errors=True)
     os.rename(target, retired)
     try:
         os.rename(staging, target)
@@ -161,3 +163,19 @@ def _replace_directory(staging: Path, target: Path) -> None:
         raise
     fsync_directory(target.parent)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def recover_directory(target: Path, is_complete: Callable[[Path], bool] | None = None) -> None:
+    """Tidy what a writer of `target` killed mid-way left beside it (one writer per target at a time): a swap killed
+    between its renames is finished — the resumable replacement moved into place when `is_complete` says it is
+    whole, else the old `target` put back — a retired `target` still present is removed, and half-written staging
+    directories are removed. A resumable replacement that is not complete stays, to be continued."""
+    retired, replacement = _retired_directory(target), replacement_directory(target)
+    if not target.exists() and retired.exists():
+        complete = is_complete is not None and replacement.exists() and is_complete(replacement)
+        os.rename(replacement if complete else retired, target)
+        fsync_directory(target.parent)
+    if target.exists() and retired.exists():
+        shutil.rmtree(retired)
+    for leftover in target.parent.glob(f".{target.name}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)

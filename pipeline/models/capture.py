@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
+from pipeline.ops.map_losses import ScoreInputs
 from pipeline.ops.shd import Circuits
 
 CAPTURE_ATTENTION = "shd_capture"
@@ -33,22 +34,6 @@ CAPTURE_ATTENTION = "shd_capture"
 
 _CAPTURE_ATTR = "_shd_capture"
 _LLAMA_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-
-
-class ScoreInputs(NamedTuple):
-    """What one layer's attention function was given, recorded by a non-eager capture (with autograd graph).
-
-    The layer's maps are softmax(query keyᵀ · scale) under the causal mask (``map_losses.student_log_probs``).
-    """
-
-    query: Tensor
-    """``[B, H, T, dh]`` post-RoPE queries, in the model's dtype."""
-    key: Tensor
-    """``[B, H_kv, T, dh]`` post-RoPE keys, once per KV head (query head h reads KV head h // (H / H_kv))."""
-    value: Tensor
-    """``[B, H_kv, T, dh]`` values, once per KV head."""
-    scale: float
-    """The score scaling the layer uses (1/√dh, times GPT-2's inverse-layer-index factor where configured)."""
 
 
 class QKV(NamedTuple):

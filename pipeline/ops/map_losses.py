@@ -40,6 +40,22 @@ MASKED = torch.finfo(torch.float32).min
 applied after the division by τ, so no temperature can overflow it."""
 
 
+class ScoreInputs(NamedTuple):
+    """What one layer's attention function was given, recorded by a non-eager capture (with autograd graph).
+
+    The layer's maps are softmax(query keyᵀ · scale) under the causal mask (``map_losses.student_log_probs``).
+    """
+
+    query: Tensor
+    """``[B, H, T, dh]`` post-RoPE queries, in the model's dtype."""
+    key: Tensor
+    """``[B, H_kv, T, dh]`` post-RoPE keys, once per KV head (query head h reads KV head h // (H / H_kv))."""
+    value: Tensor
+    """``[B, H_kv, T, dh]`` values, once per KV head."""
+    scale: float
+    """The score scaling the layer uses (1/√dh, times GPT-2's inverse-layer-index factor where configured)."""
+
+
 class DenseTarget(NamedTuple):
     """Exact target maps as the cache stores them: the causal lower triangle, row-major."""
 

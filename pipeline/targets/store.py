@@ -1,65 +1,31 @@
-"""Open, verify and stream a teacher-target cache directory.
+"""Open, check and verify a teacher-target cache directory, and read rows of its shards.
 
-Global order. The cache is read as one endless sequence of positions: position p is sample offset p % N of epoch
-p // N (N = samples in the cache). Within epoch e the shards come in the order `randperm(num_shards)` of a generator
-seeded from ("shards", seed, e), and the rows of shard j in the order `randperm(n_j)` of a generator seeded from
-("rows", seed, e, j); an epoch is the concatenation of its shards' rows. Seeds are the first 8 bytes of the sha256 of
-those values joined by ":" (top bit cleared), so nearby seeds and epochs give unrelated orders. `shuffle=False` reads
-shards and rows in file order.
-
-Partition. Micro-step k of a stream that starts at position s covers positions [s + k·W·B, s + (k+1)·W·B) for W ranks
-and micro-batch B; rank r takes the contiguous block [s + k·W·B + r·B, s + k·W·B + (r+1)·B), and DataLoader worker w of
-K takes the rank's micro-steps k ≡ w (mod K). Every sample is thus served once per epoch across any number of ranks
-and workers, and a job that consumed p samples resumes from `start_position=p` with any world size or batch size.
+`open_cache` refuses a cache unless it is finished, whole, readable and (given what a run needs) able to serve the
+run; `ShardReader` reads selected rows of selected tensors, checksumming each shard and checking the values it reads
+the first time this process opens it; `verify_cache` checks everything (`distill cache verify`).
 """
 
 from __future__ import annotations
 
-import bisect
-import hashlib
 import logging
 import os
-import queue
-import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.ops.map_losses import DenseTarget, MapTarget, SparseTarget
 from pipeline.targets import checks
-from pipeline.targets.layout import (
-    LAYOUT_VERSION,
-    VALUE_DTYPES,
-    TargetRequest,
-    TensorSpec,
-    expected_tensors,
-    read_header,
-    requested_tensors,
-    tail_name,
-)
-from pipeline.targets.manifest import (
-    MANIFEST_NAME,
-    CacheError,
-    Manifest,
-    ShardEntry,
-    check_compatible,
-    read_manifest,
-    sha256_file,
-)
+from pipeline.targets.encoding import ENCODINGS, VALUE_DTYPES, TensorSpec
+from pipeline.targets.layout import LAYOUT_VERSION, expected_tensors, read_header
+from pipeline.targets.manifest import MANIFEST_NAME, CacheError, Manifest, ShardEntry, read_manifest, sha256_file
+from pipeline.targets.needs import TargetNeeds, check_cache
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-"""Label of positions without a next token (the loss skips them)."""
-
-_ENCODINGS = ("dense", "topk")
 _OPEN_SHARDS = 4
 
 ShardKey = tuple[str, str, int, int]
@@ -91,9 +57,9 @@ def _check_readable(fingerprint: dict[str, Any], source: Path) -> None:
             f"{source}: fingerprint field 'layout_version' is {fingerprint['layout_version']!r}, "
             f"this reader reads layout {LAYOUT_VERSION}"
         )
-    if fingerprint["encoding"] not in _ENCODINGS:
+    if fingerprint["encoding"] not in ENCODINGS:
         raise CacheError(
-            f"{source}: fingerprint field 'encoding' is {fingerprint['encoding']!r}, expected {_ENCODINGS}"
+            f"{source}: fingerprint field 'encoding' is {fingerprint['encoding']!r}, expected {tuple(ENCODINGS)}"
         )
     if fingerprint["dtype"] not in VALUE_DTYPES:
         raise CacheError(
@@ -225,8 +191,11 @@ def check_sample_id_ranges(directory: Path, manifest: Manifest, source: Path) ->
         )
 
 
-def open_cache(directory: Path | str, expected: dict[str, Any] | None = None) -> Manifest:
-    """Read a cache's manifest and refuse it unless it is finished, whole, readable and (given `expected`) compatible:
+def open_cache(
+    directory: Path | str, provenance: dict[str, Any] | None = None, needs: TargetNeeds | None = None
+) -> Manifest:
+    """Read a cache's manifest and refuse it unless it is finished, whole, readable and (given the run's
+    `provenance` and `needs`) able to serve the run (`needs.check_cache`):
     complete, shards tiling the samples, every shard path inside the directory and listed once, every shard file
     there, no sample id in two shards (`check_sample_id_ranges`).
 
@@ -244,8 +213,8 @@ def open_cache(directory: Path | str, expected: dict[str, Any] | None = None) ->
     manifest.shards.sort(key=lambda entry: entry.first_sample)
     _check_coverage(manifest, source)
     _check_shard_paths(directory, manifest, source)
-    if expected:
-        check_compatible(manifest.fingerprint, expected, source)
+    if provenance or needs is not None:
+        check_cache(manifest.fingerprint, needs, provenance or {}, source)
     for entry in manifest.shards:
         path = _shard_path(directory, entry)
         if not path.is_file():
@@ -257,7 +226,7 @@ def open_cache(directory: Path | str, expected: dict[str, Any] | None = None) ->
 
 
 def _check_tensor(path: Path, name: str, dtype: str, shape: list[int], spec: TensorSpec) -> None:
-    wanted_dtype, wanted_shape = spec
+    wanted_dtype, wanted_shape = spec.dtype, spec.shape
     shape_fits = len(shape) == len(wanted_shape) and all(
         wanted in (None, extent) for extent, wanted in zip(shape, wanted_shape, strict=True)
     )
@@ -288,8 +257,10 @@ def _verify_once(path: Path, entry: ShardEntry) -> None:
         _verified_shards.add(key)
 
 
-def _read_with_companion(handle: Any, name: str, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    companion = checks.companion_name(name, role)
+def _read_with_companion(
+    handle: Any, name: str, fingerprint: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    companion = checks.companion_name(fingerprint, name)
     return handle.get_slice(name)[:], handle.get_slice(companion)[:] if companion else None
 
 
@@ -306,13 +277,12 @@ def check_shard_targets(
     todo = [name for name in ("sample_ids", *names) if (key, name) not in _checked_targets]
     if not todo:
         return
-    roles = checks.tensor_roles(fingerprint)
     sample_ids = handle.get_slice("sample_ids")[:]
     for name in todo:
         if name == "sample_ids":
             problem = checks.sample_id_problem(sample_ids, entry.sample_id_min, entry.sample_id_max)
         else:
-            tensor, companion = _read_with_companion(handle, name, roles[name])
+            tensor, companion = _read_with_companion(handle, name, fingerprint)
             problem = checks.tensor_problem(name, tensor, fingerprint, sample_ids, companion)
         if problem is not None:
             raise CacheError(f"{path}: {problem}; {BAD_SHARD_FIX}")
@@ -373,58 +343,6 @@ def verify_cache(directory: Path | str) -> Manifest:
     return manifest
 
 
-def _seeded_generator(*parts: int | str) -> torch.Generator:
-    """A generator seeded by hashing `parts`: unlike seed + epoch, (seed 1, epoch 0) and (seed 0, epoch 1) differ."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-@lru_cache(maxsize=64)
-def _row_order(seed: int, epoch: int, shard: int, num_rows: int, shuffle: bool) -> tuple[int, ...]:
-    if not shuffle:
-        return tuple(range(num_rows))
-    return tuple(torch.randperm(num_rows, generator=_seeded_generator("rows", seed, epoch, shard)).tolist())
-
-
-class SampleOrder:
-    """Maps a global position to (shard index, row in shard); see the module docstring for the rule."""
-
-    def __init__(self, shard_sizes: list[int], seed: int, shuffle: bool) -> None:
-        self.shard_sizes = shard_sizes
-        self.seed = seed
-        self.shuffle = shuffle
-        self.samples_per_epoch = sum(shard_sizes)
-        self._epochs: OrderedDict[int, tuple[list[int], list[int]]] = OrderedDict()
-
-    def shard_order(self, epoch: int) -> list[int]:
-        """Shard indices in the order epoch `epoch` reads them."""
-        if not self.shuffle:
-            return list(range(len(self.shard_sizes)))
-        generator = _seeded_generator("shards", self.seed, epoch)
-        return torch.randperm(len(self.shard_sizes), generator=generator).tolist()
-
-    def _epoch(self, epoch: int) -> tuple[list[int], list[int]]:
-        """(shard order, offset of each of those shards within the epoch); the last two epochs are kept."""
-        if epoch not in self._epochs:
-            order = self.shard_order(epoch)
-            starts = [0]
-            for shard in order[:-1]:
-                starts.append(starts[-1] + self.shard_sizes[shard])
-            self._epochs[epoch] = (order, starts)
-            if len(self._epochs) > 2:
-                self._epochs.popitem(last=False)
-        return self._epochs[epoch]
-
-    def locate(self, position: int) -> tuple[int, int]:
-        """(shard index, row within that shard) of global position `position`."""
-        epoch, offset = divmod(position, self.samples_per_epoch)
-        order, starts = self._epoch(epoch)
-        index = bisect.bisect_right(starts, offset) - 1
-        shard = order[index]
-        rows = _row_order(self.seed, epoch, shard, self.shard_sizes[shard], self.shuffle)
-        return shard, rows[offset - starts[index]]
-
-
 def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
     """Sorted distinct rows → [start, stop) runs, so neighbouring rows cost one slice read."""
     runs: list[tuple[int, int]] = []
@@ -436,7 +354,7 @@ def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-class _ShardReader:
+class ShardReader:
     """The open shard handles of one iteration: reads selected rows of selected tensors, nothing else."""
 
     def __init__(
@@ -491,215 +409,3 @@ class _ShardReader:
             tensor_slice = handle.get_slice(name)
             tensors[name] = torch.cat([tensor_slice[start:stop] for start, stop in runs])[pick]
         return tensors
-
-
-Item = TypeVar("Item")
-
-
-def _prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
-    """Yield from `items`, producing the next one in a daemon thread while the caller consumes the current one.
-
-    An exception in the thread is re-raised here; closing this generator stops and joins the thread.
-    """
-    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                ready.put(("item", item))
-                if stop.is_set():
-                    return
-            ready.put(("end", None))
-        except BaseException as error:
-            ready.put(("error", error))
-
-    thread = threading.Thread(target=produce, name="target-stream-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return
-            yield value
-    finally:
-        stop.set()
-        # Free a slot: the producer makes at most one more put before it sees `stop`.
-        while not ready.empty():
-            ready.get_nowait()
-        thread.join()
-
-
-def training_batch(
-    raw: dict[str, torch.Tensor], positions: torch.Tensor, request: TargetRequest, encoding: str
-) -> dict[str, Any]:
-    """Shard tensors of a batch (on-disk names and dtypes) → the batch the trainer consumes: int64 ids, next-token
-    labels, float32 logit targets with the tail sums at the KD temperature (`topk_tail`), and `maps`: each requested
-    target map as a `DenseTarget` (packed triangle) or `SparseTarget` (tail sums at its temperature). The online mode
-    builds its batches here too, so both modes feed the trainer the same form."""
-    input_ids = raw["input_ids"].long()
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    maps: dict[str, MapTarget] = {}
-    for name, temperature in request.maps:
-        if encoding == "dense":
-            maps[name] = DenseTarget(raw[name].float())
-        else:
-            maps[name] = SparseTarget(
-                raw[f"{name}.values"].float(),
-                raw[f"{name}.indices"].long(),
-                raw[tail_name(f"{name}.tail", temperature)].float(),
-            )
-    return {
-        "sample_ids": raw["sample_ids"].long(),
-        "positions": positions,
-        "input_ids": input_ids,
-        "labels": labels,
-        "topk_values": raw["topk_values"].float(),
-        "topk_indices": raw["topk_indices"].long(),
-        "topk_tail": raw[tail_name("tail_mass", request.kd_temperature)].float(),
-        "maps": maps,
-    }
-
-
-class TargetStream(IterableDataset[dict[str, Any]]):
-    """Micro-batches of cached teacher targets for one rank, in the global order of the module docstring.
-
-    Use with `DataLoader(stream, batch_size=None, num_workers=K)`: each worker takes every K-th micro-step, so the
-    loader's round-robin yields the same sequence for any K. Each batch (B samples, T = seq_len) holds:
-    `sample_ids` int64 [B], `positions` int64 [B] (global positions), `input_ids` int64 [B, T], `labels` int64 [B, T]
-    (next token, -100 at the last position), `topk_values` float32 [B, T, k] (teacher log-probs), `topk_indices`
-    int64 [B, T, k], `topk_tail` float32 [B, T] (tail sums at `request.kd_temperature`), and `maps`: each map of
-    `request` by name → `DenseTarget` (float32 [B, H, T(T+1)/2], unpacked block by block by the loss on the
-    consumer's device) or `SparseTarget` (tail sums at the map's temperature). See `training_batch`.
-
-    `num_batches` bounds this rank's micro-steps (None: endless over epochs). `one_pass` stops once every sample from
-    `start_position` on was served once; the last batches may then be short, and a rank with nothing left yields
-    nothing. `expected` is checked against the cache's fingerprint (`check_compatible`); each shard is checksummed the
-    first time this process opens it unless `verify_checksums=False`, and the values of the tensors it reads are
-    checked then whatever that flag (`check_shard_targets`).
-    """
-
-    def __init__(
-        self,
-        *,
-        directory: Path | str,
-        request: TargetRequest,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        start_position: int = 0,
-        num_batches: int | None = None,
-        one_pass: bool = False,
-        expected: dict[str, Any] | None = None,
-        verify_checksums: bool = True,
-        prefetch: bool = True,
-    ) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: expected an integer ≥ 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank}, world_size={world_size}: expected 0 ≤ rank < world_size")
-        if start_position < 0:
-            raise ValueError(f"start_position={start_position}: expected a position ≥ 0")
-        if num_batches is not None and num_batches < 0:
-            raise ValueError(f"num_batches={num_batches}: expected None or an integer ≥ 0")
-        self.directory = Path(directory)
-        self.manifest = open_cache(self.directory, expected)
-        source = self.directory / MANIFEST_NAME
-        if self.manifest.num_samples == 0:
-            raise CacheError(f"{source}: the cache holds no samples")
-        self.request = request
-        try:
-            self.tensor_names = list(self.tensor_specs(0))
-        except KeyError as error:
-            raise CacheError(
-                f"{source}: the cache holds no tensor {error.args[0]!r} (fingerprint: attn_targets "
-                f"{self.manifest.fingerprint['attn_targets']}, student_head_counts "
-                f"{self.manifest.fingerprint['student_head_counts']}, cached_layers "
-                f"{self.manifest.fingerprint['cached_layers']}, temperatures "
-                f"{self.manifest.fingerprint['temperatures']})"
-            ) from None
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.start_position = start_position
-        self.num_batches = num_batches
-        self.one_pass = one_pass
-        self.verify_checksums = verify_checksums
-        self.prefetch = prefetch
-        self.encoding: str = self.manifest.fingerprint["encoding"]
-        self.seq_len: int = self.manifest.fingerprint["seq_len"]
-
-    def tensor_specs(self, num_rows: int) -> dict[str, TensorSpec]:
-        """Spec of every tensor this stream reads from a shard of `num_rows` samples; no other tensor is touched."""
-        return requested_tensors(self.manifest.fingerprint, self.request, num_rows)
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples in the cache: one epoch of positions."""
-        return self.manifest.num_samples
-
-    def _num_steps(self) -> int | None:
-        """Micro-steps this rank yields in all (None: endless)."""
-        limits = [] if self.num_batches is None else [self.num_batches]
-        if self.one_pass:
-            ahead = self.samples_per_epoch - self.rank * self.batch_size
-            limits.append(max(0, -(-ahead // (self.world_size * self.batch_size))))
-        return min(limits) if limits else None
-
-    def __len__(self) -> int:
-        """Micro-batches this rank yields; only finite streams (`num_batches` or `one_pass`) have a length."""
-        steps = self._num_steps()
-        if steps is None:
-            raise TypeError("an endless TargetStream has no length; set num_batches")
-        return steps
-
-    def _step_ranges(self, worker: int, num_workers: int) -> Iterator[tuple[int, int]]:
-        """[first, stop) positions of this rank's micro-steps k ≡ worker (mod num_workers)."""
-        steps = self._num_steps()
-        end = self.start_position + self.samples_per_epoch if self.one_pass else None
-        step = worker
-        while steps is None or step < steps:
-            first = self.start_position + (step * self.world_size + self.rank) * self.batch_size
-            stop = first + self.batch_size if end is None else min(first + self.batch_size, end)
-            yield first, stop
-            step += num_workers
-
-    def _load(self, order: SampleOrder, reader: _ShardReader, first: int, stop: int) -> dict[str, Any]:
-        """The batch of positions [first, stop), which may cross a shard or an epoch boundary."""
-        located = [order.locate(position) for position in range(first, stop)]
-        slots_by_shard: dict[int, list[int]] = {}
-        for slot, (shard, _) in enumerate(located):
-            slots_by_shard.setdefault(shard, []).append(slot)
-        parts = [
-            reader.read(shard, [located[slot][1] for slot in slots], self.tensor_names)
-            for shard, slots in slots_by_shard.items()
-        ]
-        # Parts come grouped by shard; `restore` puts every row back at its batch slot.
-        grouped_slots = torch.tensor([slot for slots in slots_by_shard.values() for slot in slots])
-        restore = torch.empty_like(grouped_slots)
-        restore[grouped_slots] = torch.arange(len(grouped_slots))
-        raw = {name: torch.cat([part[name] for part in parts])[restore] for name in self.tensor_names}
-        return self._to_batch(raw, torch.arange(first, stop))
-
-    def _to_batch(self, raw: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, Any]:
-        return training_batch(raw, positions, self.request, self.encoding)
-
-    def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
-        order = SampleOrder([entry.num_samples for entry in self.manifest.shards], self.seed, self.shuffle)
-        reader = _ShardReader(self.directory, self.manifest, self.tensor_specs, self.verify_checksums)
-        for first, stop in self._step_ranges(worker, num_workers):
-            yield self._load(order, reader, first, stop)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        batches = self._batches(worker, num_workers)
-        return _prefetched(batches) if self.prefetch else batches
