@@ -14,9 +14,22 @@ from pipeline.models.capture import AttentionCapture
 from pipeline.models.loading import build_student, load_teacher
 from pipeline.objective import AttentionKD, Objective, RelationKD, build_objective
 from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, kd_loss_topk, topk_targets
-from pipeline.ops.map_losses import DenseTarget, SparseTarget
+from pipeline.ops.map_losses import DenseTarget
 from pipeline.ops.relations import relation_maps
-from pipeline.targets.layout import pack_triangle
+from pipeline.targets.layout import (
+    LAYOUT_VERSION,
+    TargetRequest,
+    encode_maps,
+    pack_triangle,
+    shard_bytes,
+    shard_file_name,
+    tail_name,
+    vocab_index_dtype,
+)
+from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
+from pipeline.targets.reader import TargetStream
+from tests import reference_maps
+from tests.cache_fixtures import SAMPLE_ID_OFFSET, synthetic_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,28 +146,93 @@ def test_term_sums_on_a_student_equal_independent_references(tiny_llama_dir: Pat
     assert all(math.isfinite(value) and value > 0 for value in sums.values())
 
 
-def test_sparse_attention_targets_use_the_tail_sums_of_their_temperature(tiny_llama_dir: Path) -> None:
-    """The attention term at τ = 2 against top-m targets with R_2 equals the dense loss when m = T."""
+TOP_M, SEQ_LEN, SAMPLES = 4, 10, 3
+SELECTED = [0, 2, 4]
+"""The teacher heads behind the cached `selective` targets of the 3-head student."""
+
+
+def _write_top_m_cache(
+    directory: Path, input_ids: torch.Tensor, logits: torch.Tensor, maps: dict[str, torch.Tensor], temperature: float
+) -> None:
+    """One shard of top-m target `maps` (name → [N, H, T, T] probabilities) with tail sums at τ = 1 and
+    `temperature`, encoded and checksummed as `distill cache` writes them, plus the teacher's top-16 logits."""
+    temperatures = (1.0, temperature)
+    fingerprint = synthetic_fingerprint(SEQ_LEN, [2], [3], "topk", 16, TOP_M, "float16", 0, teacher_heads=6)
+    fingerprint.update(
+        vocab_size=logits.shape[-1], attn_targets=["selective", "global"], temperatures=list(temperatures)
+    )
+    values, indices, tails = topk_targets(logits, 16, temperatures)
+    tensors = {
+        "sample_ids": torch.arange(SAMPLES) + SAMPLE_ID_OFFSET,
+        "input_ids": input_ids.int(),
+        "topk_values": values.half(),
+        "topk_indices": indices.to(vocab_index_dtype(logits.shape[-1])),
+        **{tail_name("tail_mass", tau): tails[..., column].contiguous() for column, tau in enumerate(temperatures)},
+    }
+    for name, target in maps.items():
+        tensors.update(
+            encode_maps(name, target, encoding="topk", attn_top_m=TOP_M, dtype=torch.float16, temperatures=temperatures)
+        )
+    data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": 0, "num_samples": SAMPLES})
+    (directory / shard_file_name(0)).write_bytes(data)
+    entry = ShardEntry(
+        shard_file_name(0), 0, SAMPLES, len(data), sha256_bytes(data), SAMPLE_ID_OFFSET, SAMPLE_ID_OFFSET + SAMPLES - 1
+    )
+    manifest = Manifest(fingerprint, SAMPLES, SAMPLES, [entry], selected_heads={"L2.H3": SELECTED}, complete=True)
+    write_manifest(directory, manifest)
+
+
+def _read_batch(directory: Path, name: str, temperature: float) -> dict:
+    stream = TargetStream(
+        directory=directory,
+        request=TargetRequest(((name, temperature),)),
+        batch_size=SAMPLES,
+        shuffle=False,
+        num_batches=1,
+        prefetch=False,
+    )
+    return next(iter(stream))
+
+
+@pytest.mark.parametrize("match", ["selective", "global"])
+def test_top_m_attention_targets_from_the_cache_give_the_bucket_kl_at_their_temperature(
+    tiny_llama_dir: Path, tmp_path: Path, match: str
+) -> None:
+    """Top-m targets (m = 4 of T = 10 keys) cached with R_1 and R_2, read back by `TargetStream` at τ = 2: the
+    attention term equals the fp64 KL over the m + 1 buckets of the full teacher and student maps softened at τ = 2
+    (global: the mean over heads of each side's τ = 1 maps, softened after). Read with the τ = 1 tail sums instead,
+    the term is far off: the tail bucket is what m < T puts to the test."""
+    temperature = 2.0
     teacher = load_teacher(tiny_llama_dir)
     student = build_student(teacher.config, num_layers=1, hidden_size=48, num_heads=3, num_kv_heads=1, seed=4)
-    input_ids = torch.randint(4, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(4, 300, (SAMPLES, SEQ_LEN), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), AttentionCapture(teacher, [2]) as capture:
-        teacher(input_ids=input_ids)
-    target = capture.maps[2][:, :3]
-    values, order = target.topk(10, dim=-1)
-    dense_term = AttentionKD(1.0, ("dense",), temperature=2.0)
-    sparse_term = AttentionKD(1.0, ("sparse",), temperature=2.0)
-    batch = {
-        "input_ids": input_ids,
-        "maps": {
-            "dense": DenseTarget(pack_triangle(target)),
-            "sparse": SparseTarget(values, order, torch.zeros(2, 3, 10)),
-        },
-    }
-    with Objective([dense_term]).forward(student, student, batch) as forward:
-        dense = dense_term.loss_sum(forward)
-        sparse = sparse_term.loss_sum(forward)
-    assert sparse.item() == pytest.approx(dense.item(), rel=1e-5) and dense.item() > 0.1
+        logits = teacher(input_ids=input_ids).logits
+    teacher_maps = capture.maps[2].double()
+    targets = {"attn.L2.H3.selective": teacher_maps[:, SELECTED], "attn.L2.global": teacher_maps.mean(1, keepdim=True)}
+    _write_top_m_cache(tmp_path, input_ids, logits, {name: maps.float() for name, maps in targets.items()}, temperature)
+    name = "attn.L2.global" if match == "global" else "attn.L2.H3.selective"
+    term = AttentionKD(1.0, (name,), temperature=temperature, head_mean=match == "global")
+
+    def term_sum(tail_temperature: float) -> float:
+        batch = _read_batch(tmp_path, name, tail_temperature)
+        assert torch.equal(batch["input_ids"], input_ids)
+        with torch.no_grad(), Objective([term]).forward(student, student, batch) as forward:
+            return term.loss_sum(forward).item()
+
+    with torch.no_grad(), AttentionCapture(student, [0]) as eager:
+        student(input_ids=input_ids)
+    student_maps = eager.maps[0].double()
+    if match == "global":
+        student_maps = student_maps.mean(1, keepdim=True)
+    target = targets[name]
+    kept = target.topk(TOP_M, dim=-1).indices
+    per_row = reference_maps.bucket_kl(
+        reference_maps.softened(student_maps, temperature), reference_maps.softened(target, temperature), kept
+    )
+    reference = per_row.mean(1).sum().item()
+    assert term_sum(temperature) == pytest.approx(reference, rel=1e-3) and reference > 0.01
+    assert abs(term_sum(1.0) - reference) > 0.1 * reference
 
 
 def test_the_sink_option_leaves_out_the_first_key_and_row() -> None:

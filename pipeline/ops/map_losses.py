@@ -8,6 +8,8 @@ backward pass. A block of rows [a, b) reads only keys [0, b) (the rest are causa
 touch about half of the T × T scores. Peak memory is O(B · H · rows · T) instead of O(B · H · T · T), and with
 top-m targets only the m gathered log-probabilities and the row's complement log-sum-exp are needed. The common case,
 dense KL per head, runs as one fused autograd function (`_DenseKLBlock`) whose backward forms (p − t)/τ directly.
+In global mode the heads' τ = 1 maps are averaged before the mean map is softened and masked, as the cached mean
+teacher map is (`student_log_probs`).
 
 Targets: `DenseTarget` (the packed causal triangle the cache stores, probabilities at τ = 1) or `SparseTarget` (the
 top m entries of every row plus the tail sum R_τ = Σ_tail t^{1/τ} at the loss temperature, so the (m+1)-bucket KL is
@@ -129,19 +131,33 @@ def student_log_probs(
     key_mask: Tensor | None = None,
     head_mean: bool = False,
 ) -> Tensor:
-    """log softmax(q kᵀ · scale / τ) of query rows [start, stop) over keys 0..stop−1, fp32 → [B, H, rows, stop]
-    ([B, 1, rows, stop] with `head_mean`: the log of the mean over heads of the maps, by a log-sum-exp over heads).
+    """log softmax(q kᵀ · scale / τ) of query rows [start, stop) over the visible keys among 0..stop−1, fp32 →
+    [B, H, rows, stop].
+
+    With `head_mean` ([B, 1, rows, stop]) the heads' τ = 1 maps over all causal keys are averaged first (a
+    log-sum-exp over heads), and the mean map is then softened and restricted: log m̄ / τ, keys outside `key_mask`
+    masked, renormalised. That is the operation the cached mean teacher map goes through (averaged at τ = 1 when
+    cached, softened and renormalised over the visible keys in the loss), so a student whose heads equal the
+    teacher's gets loss 0 at every τ and with the sink dropped; softening or masking each head before averaging
+    would not (the mean of softened maps is not the softened mean).
 
     `query` [B, H, T, d], `key` [B, H_k, T, d] with H_k dividing H (GQA: query head h reads key head h // (H/H_k)).
     Keys a row may not see carry log-probabilities near `MASKED` (finite; their probability is 0 in fp32).
     """
     key = _repeat_keys(query, key)
-    scores = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2) * (scale / temperature)
+    head_temperature = 1.0 if head_mean else temperature
+    scores = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2) * (scale / head_temperature)
+    if not head_mean:
+        visible = key_visibility(start, stop, key_mask, query.device)
+        return torch.log_softmax(scores.masked_fill(~visible, MASKED), dim=-1)
+    future = _causal_positions(start, stop, stop, query.device)[2]
+    log_probs = torch.log_softmax(scores.masked_fill(future, MASKED), dim=-1)
+    log_mean = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(query.shape[1])
+    if temperature == 1.0 and key_mask is None:
+        return log_mean
+    # Masked after the division: causal zeros sit near MASKED and overflow to -inf for τ < 1 until refilled.
     visible = key_visibility(start, stop, key_mask, query.device)
-    log_probs = torch.log_softmax(scores.masked_fill(~visible, MASKED), dim=-1)
-    if head_mean:
-        log_probs = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(query.shape[1])
-    return log_probs
+    return torch.log_softmax((log_mean / temperature).masked_fill(~visible, MASKED), dim=-1)
 
 
 def _soften_dense(target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -359,7 +375,11 @@ def map_loss_sum(
     targets: renormalised t^{1/τ}; sparse: exact with `SparseTarget.tail` = R_τ). `query_mask`/`key_mask` [B, T] bool
     (True = a real token): padding rows contribute exactly 0, padding keys are never attended, and the targets are
     renormalised over the keys that remain (a no-op for targets that already give padding keys 0 — and the way to
-    leave out the first key, the attention sink); None = no padding.
+    leave out the first key, the attention sink); None = no padding. Order in global mode: average the heads' τ = 1
+    maps over the causal keys, then soften by τ and restrict to the `key_mask` keys — on both sides, so a student
+    whose heads equal the teacher's gets 0 (`student_log_probs`). There padding keys are dropped with the sink after
+    the average: right padding is never causally visible to a real row; a left-padded key would still count in each
+    head's normaliser.
     """
     if kind not in ("kl", "mse", "cosine"):
         raise ValueError(f"kind={kind!r}: expected 'kl', 'mse' or 'cosine'")
