@@ -1,0 +1,169 @@
+"""What several benchmark scripts share, so that no script imports another: side-by-side timing and the peak memory
+of one step measured in a fresh process.
+
+Scripts import it as `_common` (benchmarks/ is on sys.path when a script runs); it is not a benchmark itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_alternately(
+    variants: dict[str, Callable[[], None]],
+    repeats: int,
+    device: torch.device,
+    after_each: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of each variant per repeat, after one untimed warm-up call each.
+
+    The variants alternate within every repeat, so machine noise hits all alike. On CUDA the device is synchronised
+    around every call so that queued kernels are counted where they run. `after_each` (e.g. dropping gradients) runs
+    after every call, outside the timed span.
+    """
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def settle() -> None:
+        if after_each is not None:
+            after_each()
+
+    for step in variants.values():
+        step()
+        settle()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, step in variants.items():
+            synchronize()
+            start = time.perf_counter()
+            step()
+            synchronize()
+            times[name].append(time.perf_counter() - start)
+            settle()
+    return times
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Peak memory of one step, in a fresh process per configuration
+#
+# On CUDA the figure is the allocator's own: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`. On the
+# CPU torch allocates through glibc, so the figure is the process's resident set: the kernel's high-water mark VmHWM
+# is reset to the current RSS by writing 5 to /proc/self/clear_refs (Linux ≥ 4.0), and read back after the step.
+# `tracemalloc` sees none of torch's allocations, and `ru_maxrss` cannot be reset (it would hold the warm-up's peak
+# and the imports'), hence one process per configuration and the explicit reset.
+#
+# For the RSS to follow the tensors that are alive, a child runs with `MALLOC_MMAP_THRESHOLD_` fixed at 1 MiB
+# (`CHILD_ENV`): every larger block is its own mapping, returned to the system when freed. glibc's default raises that
+# threshold after the first large free and then keeps freed tensors in its heap, so RSS would remember earlier steps.
+# Linux with glibc only (clear_refs, malloc_trim).
+#
+# Figures, all in bytes: `baseline` (the process before the model and batch exist: interpreter, libraries; 0 on
+# CUDA), `before` (just before the measured step: model, batch, warm-up leftovers), `peak` (the high-water mark during
+# the step). A benchmark reports `peak − baseline` (what the step's process holds at its peak, as
+# `max_memory_allocated` does on CUDA) and `peak − before` (the step's own transient memory).
+
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "PYTHONUNBUFFERED": "1"}
+"""Environment of a measuring child (on top of the parent's)."""
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""Left out of a child's environment: a child sets up its own world of one, never its parent's process group."""
+
+RESULT_PREFIX = "PEAK_MEMORY_RESULT "
+"""Marks the child's output line that carries its figures (JSON)."""
+
+
+def _status_bytes(field: str) -> int:
+    """A `VmRSS`-style field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"/proc/self/status has no field {field!r}")
+
+
+def _release_freed() -> None:
+    """Collect garbage and hand glibc's free heap pages back, so that RSS is the memory in use."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class PeakMemory:
+    """The memory figures of one step on `device`: call `start()` before building anything, `reset()` right before
+    the step, `peak()` right after it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.baseline = 0
+        self.before = 0
+
+    def current(self) -> int:
+        """Memory in use now: allocated tensors on CUDA, the resident set on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        _release_freed()
+        return _status_bytes("VmRSS")
+
+    def start(self) -> None:
+        self.baseline = 0 if self.device.type == "cuda" else self.current()
+
+    def reset(self) -> None:
+        """Mark the start of the measured span: the high-water mark becomes what is in use now."""
+        self.before = self.current()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        """The high-water mark since `reset()`."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return _status_bytes("VmHWM")
+
+    def figures(self) -> dict[str, int]:
+        """`baseline`, `before` and `peak` in bytes (call right after the measured step)."""
+        return {"baseline": self.baseline, "before": self.before, "peak": self.peak()}
+
+
+def report_memory(figures: dict[str, Any]) -> None:
+    """Print a child's figures on the line the parent reads."""
+    print(RESULT_PREFIX + json.dumps(figures), flush=True)
+
+
+def measure_in_child(script: str, cell: str, timeout: float, *extra: str) -> dict[str, Any]:
+    """Rerun `script` in a fresh process with this process's arguments plus `--memory-of CELL` and `extra` (with
+    `CHILD_ENV`, without `LAUNCHER_VARIABLES`) and return the figures it `report_memory`ed."""
+    command = [sys.executable, script, *sys.argv[1:], "--memory-of", cell, *extra]
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    result = subprocess.run(
+        command, env={**env, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if result.returncode != 0 or not lines:
+        sys.exit(
+            f"memory child {' '.join(command)} exited {result.returncode} without figures:\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return json.loads(lines[-1].removeprefix(RESULT_PREFIX))
+
+
+def megabytes(value: float) -> str:
+    """Bytes as MiB in a 9-wide column."""
+    return f"{value / 2**20:9.1f}"
