@@ -1,5 +1,5 @@
-"""What several benchmark scripts share, so that no script imports another: side-by-side timing and the peak memory
-of one step measured in a fresh process.
+"""What several benchmark scripts share, so that no script imports another: side-by-side timing, the peak memory
+of one step measured in a fresh process, and a random teacher of the real one's shape.
 
 Scripts import it as `_common` (benchmarks/ is on sys.path when a script runs); it is not a benchmark itself.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import LlamaConfig
 
 # --------------------------------------------------------------------------------------------------------------------
 # Timing
@@ -167,3 +168,22 @@ def measure_in_child(script: str, cell: str, timeout: float, *extra: str) -> dic
 def megabytes(value: float) -> str:
     """Bytes as MiB in a 9-wide column."""
     return f"{value / 2**20:9.1f}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A teacher's shape without its weights
+
+
+def smollm2_like_config() -> LlamaConfig:
+    """The real teacher's geometry (SmolLM2-135M: 30 layers, 9 heads on 3 KV heads, vocab 49152), for random models
+    where only shapes matter (costs), so a script runs where the imported teacher is not available."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )

@@ -45,10 +45,10 @@ from _common import (  # benchmarks/ is on sys.path when run as a script
     measure_in_child,
     megabytes,
     report_memory,
+    smollm2_like_config,
     time_alternately,
 )
 from torch import nn
-from transformers import LlamaConfig
 
 from pipeline.infra.runtime import to_device
 from pipeline.models.loading import build_student
@@ -59,22 +59,6 @@ from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_
 from pipeline.targets.reader import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
-TEACHER_LAYERS = 30
-"""Layers of the teacher whose geometry the targets have (SmolLM2-135M); the matched layers are its uniform map."""
-
-
-def smollm2_like_config() -> LlamaConfig:
-    """The real teacher's geometry (SmolLM2-135M: 30 layers, 9 heads on 3 KV heads, vocab 49152); no weights."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=TEACHER_LAYERS,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
 
 
 def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -85,8 +69,9 @@ def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Ge
 
 
 def target_names(args: argparse.Namespace) -> tuple[str, ...]:
-    """The SHD target map of every student layer: teacher layers by the uniform layer map."""
-    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, TEACHER_LAYERS, "uniform"))
+    """The SHD target map of every student layer: layers of the SmolLM2-shaped teacher by the uniform layer map."""
+    teacher_layers = smollm2_like_config().num_hidden_layers
+    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, teacher_layers, "uniform"))
 
 
 def objectives(args: argparse.Namespace) -> dict[str, Objective]:
