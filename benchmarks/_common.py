@@ -1,5 +1,6 @@
 """What several benchmark scripts share, so that no script imports another: side-by-side timing, the peak memory
-of one step measured in a fresh process, and a random teacher of the real one's shape.
+of one step measured in a fresh process, a random teacher of the real one's shape, and samples longer than the
+packed ones made of contiguous text.
 
 Scripts import it as `_common` (benchmarks/ is on sys.path when a script runs); it is not a benchmark itself.
 """
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LlamaConfig
 
@@ -187,3 +189,56 @@ def smollm2_like_config() -> LlamaConfig:
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Samples longer than the packed T
+
+
+class WindowRows:
+    """Rows of concatenated packed samples in the shape `write_cache_split` reads: `rows[a:b]` → ids [b-a, T]."""
+
+    def __init__(self, input_ids: torch.Tensor, sample_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+        self.sample_ids = sample_ids
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, rows: slice) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[rows], "sample_id": self.sample_ids[rows]}
+
+
+def _contiguous_windows(sample_ids: np.ndarray, length: int, count: int) -> list[int]:
+    """First rows of `count` windows of `length` rows whose sample ids are consecutive (contiguous packed text).
+
+    The train split lacks the validation samples, so neighbouring rows are not always neighbouring text; windows are
+    taken from runs of consecutive ids, spread evenly over all such runs (different plays).
+    """
+    breaks = np.flatnonzero(np.diff(sample_ids) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sample_ids)]])
+    usable = [int(start) for start, stop in zip(starts, stops, strict=True) if stop - start >= length]
+    if len(usable) < count:
+        raise SystemExit(f"only {len(usable)} runs of {length} consecutive samples in the split, asked for {count}")
+    picks = np.linspace(0, len(usable) - 1, count).round().astype(int)
+    return [usable[pick] for pick in picks]
+
+
+def contiguous_window_rows(split: Any, base_len: int, seq_lens: list[int], count: int) -> dict[int, WindowRows]:
+    """T → `count` samples of T tokens for each T of `seq_lens`, each made of consecutive packed samples of `split`
+    (a prepared split of `base_len`-token samples) concatenated and cut to T, named by their first sample id.
+
+    The windows are chosen once, for the longest T, so a shorter T's samples are the starts of the longer ones'.
+    """
+    split = split.with_format("torch", columns=["sample_id", "input_ids"])
+    parts = -(-max(seq_lens) // base_len)
+    starts = _contiguous_windows(np.asarray(split["sample_id"][:]), parts, count)
+    windows = [split[start : start + parts] for start in starts]
+    first_ids = torch.stack([window["sample_id"][0] for window in windows])
+    return {
+        seq_len: WindowRows(
+            torch.stack([window["input_ids"].reshape(-1)[:seq_len] for window in windows]).long(), first_ids
+        )
+        for seq_len in seq_lens
+    }

@@ -55,16 +55,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from _common import (  # benchmarks/ is on sys.path when run as a script
     PeakMemory,
+    contiguous_window_rows,
     measure_in_child,
     megabytes,
     report_memory,
     time_alternately,
 )
-from cache_size import WindowRows, contiguous_windows
 
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import load_prepared
@@ -173,16 +172,6 @@ def read_batches(directory: Path, objective: Objective, batch: int, count: int, 
     """The first `count` batches of a cache as the trainer's DataLoader serves them, with what `objective` reads."""
     stream = TargetStream(directory=directory, request=objective.request(), batch_size=batch, seed=seed, prefetch=False)
     return list(itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)), count))
-
-
-def window_rows(splits: Any, base_len: int, seq_len: int, count: int) -> WindowRows:
-    """`count` samples of `seq_len` tokens, each made of consecutive packed samples (contiguous text) cut to T."""
-    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
-    parts = -(-seq_len // base_len)
-    starts = contiguous_windows(np.asarray(train["sample_id"][:]), parts, count)
-    windows = [train[start : start + parts] for start in starts]
-    input_ids = torch.stack([window["input_ids"].reshape(-1)[:seq_len] for window in windows]).long()
-    return WindowRows(input_ids, torch.stack([window["sample_id"][0] for window in windows]))
 
 
 def write_cache(
@@ -510,7 +499,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         for seq_len in args.seq_lens:
             if seq_len in cache_seconds:
                 continue
-            windows = window_rows(splits, base_len, seq_len, args.batches * batch_for(args, seq_len))
+            count = args.batches * batch_for(args, seq_len)
+            windows = contiguous_window_rows(splits["train"], base_len, [seq_len], count)[seq_len]
             directory = cache_directory(workdir, seq_len, base_len)
             cache_seconds[seq_len] = write_cache(config, teacher, windows, directory, meta, seq_len, args, calibration)
 
