@@ -1,6 +1,6 @@
 """What several benchmark scripts share, so that no script imports another: side-by-side timing, the peak memory
-of one step measured in a fresh process, a random teacher of the real one's shape, and samples longer than the
-packed ones made of contiguous text.
+of one step measured in a fresh process, a random teacher of the real one's shape, samples longer than the packed
+ones made of contiguous text, and greedy text from a student as its run built it at step 0.
 
 Scripts import it as `_common` (benchmarks/ is on sys.path when a script runs); it is not a benchmark itself.
 """
@@ -20,7 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlamaConfig
+from torch import nn
+from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline import students
+from pipeline.config import Config
+from pipeline.models.loading import load_teacher_config
+from pipeline.targets.manifest import read_manifest
 
 # --------------------------------------------------------------------------------------------------------------------
 # Timing
@@ -242,3 +248,36 @@ def contiguous_window_rows(split: Any, base_len: int, seq_lens: list[int], count
         )
         for seq_len in seq_lens
     }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text from a student
+
+
+def step0_student(config: Config) -> nn.Module:
+    """The student a run of `config` builds before its first update: random weights from the run's seed, the
+    pretrained directory, or the carve from the teacher (with the train cache's α statistics when the run reads a
+    cache). A carve writes its record into `train.output_dir`: point it away from a finished run's directory."""
+    config = students.resolve(config)
+    cached = config.train.mode == "cached"
+    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats if cached else None
+    return students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
+
+
+@torch.no_grad()
+def greedy_text(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, new_tokens: int, repetition_penalty: float
+) -> str:
+    """`prompt` and exactly `new_tokens` greedy tokens after it, with `repetition_penalty` on tokens already written
+    (1: plain greedy, which settles into a loop of newlines at a young student's perplexity). No sampling."""
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(
+        **ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        repetition_penalty=repetition_penalty,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
