@@ -27,7 +27,6 @@ import csv
 import dataclasses
 import json
 import statistics
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from pipeline.students import build_student_model, resolve
 from pipeline.targets.layout import unpack_triangle
 from pipeline.targets.manifest import read_manifest
 from pipeline.training.checkpoints import TrainState
-from pipeline.training.trainer import check_inputs, lr_factor, training_batches
+from pipeline.training.trainer import check_inputs, make_scheduler, training_batches
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -133,14 +132,7 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
     parameters = [parameter for _, parameter in named]
     train = config.train
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
-    factor = partial(
-        lr_factor,
-        warmup_steps=train.warmup_steps,
-        max_steps=train.max_steps,
-        schedule=train.schedule,
-        min_ratio=train.min_lr / train.lr,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = make_scheduler(optimizer, config)
     batches = training_batches(config, inputs, TrainState(), None)
     names = objective.names
     records = []

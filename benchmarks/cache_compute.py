@@ -18,8 +18,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from loss_overhead import smollm2_like_config  # benchmarks/ is on sys.path when run as a script
-from timing import time_alternately
+from _common import smollm2_like_config, time_alternately  # benchmarks/ is on sys.path when run as a script
 from transformers import LlamaForCausalLM
 
 from pipeline.models.capture import CAPTURE_ATTENTION

@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from _common import contiguous_window_rows  # benchmarks/ is on sys.path when run as a script
 from safetensors import safe_open
 
 from pipeline.config import load_config
@@ -45,36 +45,6 @@ from pipeline.targets.layout import map_name, read_header, shard_file_name, tail
 from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
 
 STUDENT_HEADS = 3
-
-
-class WindowRows:
-    """Rows of concatenated packed samples in the shape `write_cache_split` reads: `rows[a:b]` → ids [b-a, T]."""
-
-    def __init__(self, input_ids: torch.Tensor, sample_ids: torch.Tensor) -> None:
-        self.input_ids = input_ids
-        self.sample_ids = sample_ids
-
-    def __len__(self) -> int:
-        return len(self.sample_ids)
-
-    def __getitem__(self, rows: slice) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[rows], "sample_id": self.sample_ids[rows]}
-
-
-def contiguous_windows(sample_ids: np.ndarray, length: int, count: int) -> list[int]:
-    """First rows of `count` windows of `length` rows whose sample ids are consecutive (contiguous packed text).
-
-    The train split lacks the validation samples, so neighbouring rows are not always neighbouring text; windows are
-    taken from runs of consecutive ids, spread evenly over all such runs (different plays).
-    """
-    breaks = np.flatnonzero(np.diff(sample_ids) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(sample_ids)]])
-    usable = [int(start) for start, stop in zip(starts, stops, strict=True) if stop - start >= length]
-    if len(usable) < count:
-        raise SystemExit(f"only {len(usable)} runs of {length} consecutive samples in the split, asked for {count}")
-    picks = np.linspace(0, len(usable) - 1, count).round().astype(int)
-    return [usable[pick] for pick in picks]
 
 
 def tensor_bytes(header: dict[str, Any], names: list[str]) -> int:
@@ -149,18 +119,12 @@ def main() -> None:
         logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in logit_tensors)
 
         # Top-k at several T: windows of consecutive samples, one writer call (one captured layer) per layer.
-        longest = max(args.seq_lens)
         if any(seq_len % base_len for seq_len in args.seq_lens):
             raise SystemExit(f"--seq-lens must be multiples of the packed length {base_len}")
-        sample_ids = np.asarray(train["sample_id"][:])
-        window_starts = contiguous_windows(sample_ids, longest // base_len, args.topk_samples)
-        windows = [train[start : start + longest // base_len] for start in window_starts]
+        windows = contiguous_window_rows(train, base_len, args.seq_lens, args.topk_samples)
         topk_results = []
         for seq_len in args.seq_lens:
-            parts = seq_len // base_len
-            input_ids = torch.stack([window["input_ids"][:parts].reshape(-1) for window in windows]).long()
-            first_ids = torch.stack([window["sample_id"][0] for window in windows])
-            rows = WindowRows(input_ids, first_ids)
+            rows = windows[seq_len]
             per_layer_bytes, per_layer_mass, late_mass, per_layer_seconds = [], [], [], []
             for layer in layers:
                 overrides = [

@@ -17,9 +17,9 @@ its backward runs as the trainer's (one backward of Σ factors · term sums).
 Targets are random (costs depend on shapes, not values), encoded by `layout.encode_maps` and `kd.topk_targets` and
 converted by `reader.training_batch`, exactly the form a cached batch has.
 
-Time: the variants alternate within every repeat (`timing.time_alternately`); medians and their ratios are printed.
+Time: the variants alternate within every repeat (`_common.time_alternately`); medians and their ratios are printed.
 Peak memory: one fresh process per (T, variant) builds the student and the batch, runs one warm-up step, then
-measures one step (`peak_memory`: the CPU's resident-set high-water mark reset right before the step, or
+measures one step (`_common.PeakMemory`: the CPU's resident-set high-water mark reset right before the step, or
 `torch.cuda.max_memory_allocated`). "peak" is what the process holds at the step's peak above what it held before
 the model and batch existed (model, gradients, batch, activations, loss temporaries; the CE-only batch holds only
 tokens and labels, as plain training's does, so the targets count against distillation); "step" is the step's own
@@ -35,16 +35,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from peak_memory import PeakMemory, report, run_child  # benchmarks/ is on sys.path when run as a script
-from timing import time_alternately
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    PeakMemory,
+    measure_in_child,
+    megabytes,
+    report_memory,
+    smollm2_like_config,
+    time_alternately,
+)
 from torch import nn
-from transformers import LlamaConfig
 
 from pipeline.infra.runtime import to_device
 from pipeline.models.loading import build_student
@@ -55,22 +59,6 @@ from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_
 from pipeline.targets.reader import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
-TEACHER_LAYERS = 30
-"""Layers of the teacher whose geometry the targets have (SmolLM2-135M); the matched layers are its uniform map."""
-
-
-def smollm2_like_config() -> LlamaConfig:
-    """The real teacher's geometry (SmolLM2-135M: 30 layers, 9 heads on 3 KV heads, vocab 49152); no weights."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=TEACHER_LAYERS,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
 
 
 def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -81,8 +69,9 @@ def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Ge
 
 
 def target_names(args: argparse.Namespace) -> tuple[str, ...]:
-    """The SHD target map of every student layer: teacher layers by the uniform layer map."""
-    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, TEACHER_LAYERS, "uniform"))
+    """The SHD target map of every student layer: layers of the SmolLM2-shaped teacher by the uniform layer map."""
+    teacher_layers = smollm2_like_config().num_hidden_layers
+    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, teacher_layers, "uniform"))
 
 
 def objectives(args: argparse.Namespace) -> dict[str, Objective]:
@@ -177,7 +166,7 @@ def memory_child(args: argparse.Namespace) -> None:
     student.zero_grad(set_to_none=True)
     meter.reset()
     step()
-    report(meter.figures())
+    report_memory(meter.figures())
 
 
 def measure_memory(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, int]]:
@@ -185,8 +174,7 @@ def measure_memory(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, 
     figures = {}
     for seq_len in args.seq_lens:
         for variant in VARIANTS:
-            command = [sys.executable, __file__, *sys.argv[1:], "--memory-of", f"{seq_len}:{variant}"]
-            figures[seq_len, variant] = run_child(command, args.child_timeout)
+            figures[seq_len, variant] = measure_in_child(__file__, f"{seq_len}:{variant}", args.child_timeout)
     return figures
 
 
@@ -202,10 +190,6 @@ def measure_time(args: argparse.Namespace, device: torch.device) -> dict[int, di
         )
         del batch, variants
     return times
-
-
-def mb(value: float) -> str:
-    return f"{value / 2**20:9.1f}"
 
 
 def print_tables(
@@ -237,7 +221,7 @@ def print_tables(
             cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s} {'-':>6s}")
         if memory is not None:
             ce_mb, full_mb, kd_mb = (peak(seq_len, variant) for variant in ("ce", "full", "kd"))
-            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f} {full_mb / kd_mb:6.3f}")
+            cells.append(f"{megabytes(ce_mb)} {megabytes(full_mb)} {full_mb / ce_mb:6.3f} {full_mb / kd_mb:6.3f}")
         print(" | ".join(cells))
     print(
         "ratio: CE + KD + attention ÷ CE only (targets at T = 2048: time ≤ 1.25, peak memory ≤ 1.2); vs KD: "
@@ -261,7 +245,8 @@ def print_tables(
         print("memory, MB (peak: above the process before model and batch; step: above the RSS just before the step):")
         for seq_len in args.seq_lens:
             parts = [
-                f"{name} peak {mb(peak(seq_len, variant)).strip()} step {mb(peak(seq_len, variant, 'before')).strip()}"
+                f"{name} peak {megabytes(peak(seq_len, variant)).strip()} "
+                f"step {megabytes(peak(seq_len, variant, 'before')).strip()}"
                 for variant, name in VARIANTS.items()
             ]
             step_ratio = peak(seq_len, "full", "before") / peak(seq_len, "kd", "before")

@@ -43,17 +43,17 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from samples import greedy  # benchmarks/ is on sys.path when run as a script
+from _common import greedy_text, step0_student  # benchmarks/ is on sys.path when run as a script
 
 from pipeline import stages, students
 from pipeline.config import Config, load_config
 from pipeline.infra.runtime import configure_logging
 from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.ops.shd import layer_map
-from pipeline.targets.manifest import read_manifest
 from pipeline.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,17 +195,21 @@ def samples(args: argparse.Namespace, carved: Run, scratch: Run, cache_layers: l
 
     # The carve rebuilt exactly as the run's trainer built it (its record goes elsewhere, the run's stays).
     output_dir = args.work_dir / "step0"
-    config = students.resolve(base_config(args, cache_layers, f"train.output_dir={output_dir}", *carved.overrides))
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
-    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
-    before = students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
-    texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args))]
-    texts.append((f"{carved.name}, step 0 (carved)", greedy(before, tokenizer, args)))
+    config = base_config(args, cache_layers, f"train.output_dir={output_dir}", *carved.overrides)
+    greedy = partial(
+        greedy_text,
+        tokenizer=AutoTokenizer.from_pretrained(config.teacher.path),
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        repetition_penalty=args.repetition_penalty,
+    )
+    texts = [("teacher", greedy(load_teacher(config.teacher.path)))]
+    texts.append((f"{carved.name}, step 0 (carved)", greedy(step0_student(config))))
     for run in (carved, scratch):
         exported = AutoModelForCausalLM.from_pretrained(
             args.work_dir / "runs" / f"{run.name}-seed{run.seed}" / "student"
         )
-        texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args)))
+        texts.append((f"{run.name}, after training", greedy(exported)))
     return texts
 
 

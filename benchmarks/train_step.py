@@ -12,7 +12,7 @@ Three figures, each a ratio of two things measured in the same run:
     through the fused CE + top-k KD kernel, whose KD term it weights by 0) on batches without target maps. A third
     line, a plain `cross_entropy` step on the same engine and batches, shows what the fused kernel costs over pure
     CE (info). Peak memory: one fresh process per (T, variant) builds the engine as `distill train` does, reads its
-    batch from the same cache, runs one warm-up step and measures the next (`peak_memory`: the resident-set
+    batch from the same cache, runs one warm-up step and measures the next (`_common.PeakMemory`: the resident-set
     high-water mark reset right before the step on the CPU, `torch.cuda.max_memory_allocated` on CUDA). "peak" is
     what the process holds at the step's peak above what it held before the engine existed (model, gradients,
     optimizer state, batch, activations); "step" is the step's transient memory above what was resident before it.
@@ -32,7 +32,7 @@ would cache); at another T, `--batches` batches of samples made of consecutive p
 concatenated and cut to T. The teacher runs in the config's `teacher.dtype` (the demo's: float32); the student
 always trains in fp32.
 
-Variants alternate within each repeat (`timing.time_alternately`) so that noise from a shared machine hits both
+Variants alternate within each repeat (`_common.time_alternately`) so that noise from a shared machine hits both
 alike; medians are printed, with the median of the same-repeat ratios beside the ratio of medians.
 
     .venv/bin/python benchmarks/train_step.py                   # demo student, SmolLM2 teacher, T 256/1024/2048
@@ -49,18 +49,21 @@ import itertools
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from cache_size import WindowRows, contiguous_windows  # benchmarks/ is on sys.path when run as a script
-from peak_memory import PeakMemory, report, run_child
-from timing import time_alternately
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    PeakMemory,
+    contiguous_window_rows,
+    measure_in_child,
+    megabytes,
+    report_memory,
+    time_alternately,
+)
 
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import load_prepared
@@ -169,16 +172,6 @@ def read_batches(directory: Path, objective: Objective, batch: int, count: int, 
     """The first `count` batches of a cache as the trainer's DataLoader serves them, with what `objective` reads."""
     stream = TargetStream(directory=directory, request=objective.request(), batch_size=batch, seed=seed, prefetch=False)
     return list(itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)), count))
-
-
-def window_rows(splits: Any, base_len: int, seq_len: int, count: int) -> WindowRows:
-    """`count` samples of `seq_len` tokens, each made of consecutive packed samples (contiguous text) cut to T."""
-    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
-    parts = -(-seq_len // base_len)
-    starts = contiguous_windows(np.asarray(train["sample_id"][:]), parts, count)
-    windows = [train[start : start + parts] for start in starts]
-    input_ids = torch.stack([window["input_ids"].reshape(-1)[:seq_len] for window in windows]).long()
-    return WindowRows(input_ids, torch.stack([window["sample_id"][0] for window in windows]))
 
 
 def write_cache(
@@ -295,7 +288,7 @@ def part_a_memory_child(args: argparse.Namespace) -> None:
         trainer.train_step()
         meter.reset()
         trainer.train_step()
-        report(meter.figures())
+        report_memory(meter.figures())
 
 
 def part_a_memory(args: argparse.Namespace, workdir: Path) -> dict[tuple[int, str], dict[str, int]]:
@@ -303,22 +296,12 @@ def part_a_memory(args: argparse.Namespace, workdir: Path) -> dict[tuple[int, st
     figures = {}
     for seq_len in args.seq_lens:
         for variant in MEMORY_VARIANTS:
-            command = [
-                sys.executable,
-                __file__,
-                *sys.argv[1:],
-                "--memory-of",
-                f"{seq_len}:{variant}",
-                "--memory-workdir",
-                str(workdir),
-            ]
-            figures[seq_len, variant] = run_child(command, args.child_timeout)
+            cell = f"{seq_len}:{variant}"
+            figures[seq_len, variant] = measure_in_child(
+                __file__, cell, args.child_timeout, "--memory-workdir", str(workdir)
+            )
             print(f"(a) T {seq_len}: memory of {variant} measured", flush=True)
     return figures
-
-
-def mb(value: float) -> str:
-    return f"{value / 2**20:9.1f}"
 
 
 def print_part_a(
@@ -350,7 +333,7 @@ def print_part_a(
             cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s}")
         if memory is not None:
             ce_mb, full_mb = peak(seq_len, "ce"), peak(seq_len, "full")
-            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f}")
+            cells.append(f"{megabytes(ce_mb)} {megabytes(full_mb)} {full_mb / ce_mb:6.3f}")
         print(" | ".join(cells))
     print("  targets at T = 2048: time ratio ≤ 1.25, peak memory ratio ≤ 1.2")
     if times is not None:
@@ -364,8 +347,8 @@ def print_part_a(
         print("  memory, MB (peak: above the process before the engine; step: above the RSS just before the step):")
         for seq_len in args.seq_lens:
             parts = [
-                f"{NAMES[variant].split(' (')[0]} peak {mb(peak(seq_len, variant)).strip()} "
-                f"step {mb(peak(seq_len, variant, 'before')).strip()}"
+                f"{NAMES[variant].split(' (')[0]} peak {megabytes(peak(seq_len, variant)).strip()} "
+                f"step {megabytes(peak(seq_len, variant, 'before')).strip()}"
                 for variant in MEMORY_VARIANTS
             ]
             ratio = peak(seq_len, "full", "before") / peak(seq_len, "ce", "before")
@@ -516,7 +499,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         for seq_len in args.seq_lens:
             if seq_len in cache_seconds:
                 continue
-            windows = window_rows(splits, base_len, seq_len, args.batches * batch_for(args, seq_len))
+            count = args.batches * batch_for(args, seq_len)
+            windows = contiguous_window_rows(splits["train"], base_len, [seq_len], count)[seq_len]
             directory = cache_directory(workdir, seq_len, base_len)
             cache_seconds[seq_len] = write_cache(config, teacher, windows, directory, meta, seq_len, args, calibration)
 
