@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", metavar="NAME", help="experiment (default: the config's mlflow.experiment)")
     compare.add_argument("--runs", nargs="+", default=[], metavar="ID_OR_NAME", help="only these runs (ids or names)")
     compare.add_argument(
-        "--filter", default="", metavar="MLFLOW_FILTER", help="MLflow filter, e.g. \"params.distill.squeeze = 'shd'\""
+        "--filter",
+        default="",
+        metavar="MLFLOW_FILTER",
+        help="MLflow filter, e.g. \"params.distill.attn.squeeze = 'shd'\"",
     )
     compare.add_argument(
         "--output", type=Path, default=Path("reports"), metavar="DIR", help="writes DIR/<experiment>/ (default reports)"

@@ -342,6 +342,6 @@ def test_linear_fill_needs_increasing_layers(tiny_llama_dir: Path) -> None:
     teacher = load_teacher(tiny_llama_dir).eval()
     student, plan = carve(teacher, student_config(teacher, num_layers=2), [2, 0], "prune")
     state = {key: value.clone() for key, value in student.state_dict().items()}
-    with pytest.raises(CarveError, match=r"student\.carve_fill: linear .* must increase; got \[2, 0\]"):
+    with pytest.raises(CarveError, match=r"student\.carve\.fill: linear .* must increase; got \[2, 0\]"):
         fill_dropped_layers(teacher, student, plan, calibration(), batch_size=4, ridge=1.0)
     assert all(torch.equal(value, state[key]) for key, value in student.state_dict().items())

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data import prepare as data
 from pipeline.data.prepare import (
     META_NAME,
     DataError,
@@ -23,7 +24,6 @@ from pipeline.data.prepare import (
     prepare_dataset,
     split_validation_ids,
 )
-from pipeline.data import prepare as data
 from pipeline.models.loading import TINY_CORPUS, load_tokenizer, write_tiny_teacher
 
 SEQ_LEN = 32

@@ -17,7 +17,7 @@ from pipeline.ops.map_losses import (
     map_loss_sum,
     student_maps,
 )
-from pipeline.targets.layout import pack_triangle
+from pipeline.targets.encoding import pack_triangle
 from tests import reference_maps
 
 BATCH, HEADS, KV_HEADS, SEQ, DIM = 2, 4, 2, 9, 8

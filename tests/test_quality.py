@@ -42,21 +42,21 @@ def test_the_shipped_layout(shipped: tuple[Any, quality.Study]) -> None:
     assert tuple(study.variants) == VARIANTS
     assert tuple(study.settings) == ("carved3", "carved2", "scratch3")
     assert [stage.key for stage in study.stages] == [
-        "distill.w_attn",
-        "distill.attn_temperature",
-        "distill.attn_schedule",
+        "distill.attn.weight",
+        "distill.attn.temperature",
+        "distill.schedule",
         "distill.layer_map",
-        "distill.attn_sink",
+        "distill.attn.sink",
     ]
     assert study.stages[0].values == (0.03, 0.1, 0.3, 1.0)
     assert study.stages[-1].values == ("keep", "drop")
     assert study.seeds == (0, 1, 2)
     assert quality.start_assignment(study, config) == {
-        "distill.w_attn": 0.1,
-        "distill.attn_temperature": 1.0,
-        "distill.attn_schedule": "constant",
+        "distill.attn.weight": 0.1,
+        "distill.attn.temperature": 1.0,
+        "distill.schedule": "constant",
         "distill.layer_map": "spread",
-        "distill.attn_sink": "keep",
+        "distill.attn.sink": "keep",
     }
     # every stage's start value is among its candidates: 4 + 1 + 1 + 1 + 1 distinct runs
     assert quality.tuning_run_count(study, quality.start_assignment(study, config)) == 8
@@ -67,7 +67,7 @@ def test_the_shipped_layout(shipped: tuple[Any, quality.Study]) -> None:
 
 def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, quality.Study], tmp_path: Path) -> None:
     config, study = shipped
-    frozen = {"distill.w_attn": 0.3, "distill.layer_map": "uniform", "distill.attn_sink": "keep"}
+    frozen = {"distill.attn.weight": 0.3, "distill.layer_map": "uniform", "distill.attn.sink": "keep"}
     specs = quality.grid_specs(
         study, config, frozen, tmp_path, settings=tuple(study.settings), variants=VARIANTS, seeds=study.seeds
     )
@@ -81,18 +81,25 @@ def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, q
 
     carved = resolved("carved2-kd_only-seed1")
     assert carved.student.init == str(tmp_path / "carved2") and carved.student.num_heads == 2
-    assert carved.distill.w_attn == 0.0  # the variant wins over the frozen weight
+    assert carved.distill.attn.weight == 0.0  # the variant wins over the frozen weight
     assert carved.distill.layer_map == "uniform"  # the frozen map wins over the setting's carve map
     assert carved.train.seed == 1
     assert not any(text == "student.init=teacher" for spec in specs for text in spec.overrides)
     scratch = resolved("scratch3-shd_kd-seed2")
-    assert scratch.student.init == "scratch" and scratch.distill.w_attn == 0.3 and scratch.distill.squeeze == "shd"
+    assert (
+        scratch.student.init == "scratch"
+        and scratch.distill.attn.weight == 0.3
+        and scratch.distill.attn.squeeze == "shd"
+    )
     minilm = resolved("carved3-minilm_kd-seed0")
-    assert (minilm.distill.w_attn, minilm.distill.w_rel) == (0.0, 0.3)  # relations get the frozen attention weight
+    assert (minilm.distill.attn.weight, minilm.distill.rel.weight) == (
+        0.0,
+        0.3,
+    )  # relations get the frozen attention weight
     mse = resolved("carved3-shd_mse_kd-seed0")
-    assert (mse.distill.attn_loss, mse.distill.w_attn) == ("mse", 0.3)
+    assert (mse.distill.attn.loss, mse.distill.attn.weight) == ("mse", 0.3)
     selective = resolved("carved3-selective_kd-seed0")
-    assert selective.distill.attn_match == "selective" and selective.distill.w_attn == 0.3
+    assert selective.distill.attn.match == "selective" and selective.distill.attn.weight == 0.3
     # within a seed, variants differ in their own overrides only: same start, data order and budget
     seed0 = [spec for spec in specs if spec.seed == 0 and spec.setting == "carved3"]
     shared = set.intersection(*(set(spec.overrides) for spec in seed0))
@@ -153,11 +160,11 @@ def test_tuning_runs_are_named_by_their_assignment(shipped: tuple[Any, quality.S
     spec = quality.tuning_spec(study, start, tmp_path)
     assert spec.name == quality.tuning_spec(study, dict(start), tmp_path).name
     assert spec.name == ("tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_sink=keep")
-    other = quality.tuning_spec(study, {**start, "distill.attn_temperature": 2.0}, tmp_path)
+    other = quality.tuning_spec(study, {**start, "distill.attn.temperature": 2.0}, tmp_path)
     assert other.name != spec.name
     tuned = quality.derive(config, other.overrides)
-    assert tuned.distill.attn_temperature == 2.0 and tuned.student.init == str(tmp_path / "carved3")
-    assert tuned.distill.squeeze == "shd" and tuned.train.seed == 0 and tuned.student.num_heads == 3
+    assert tuned.distill.attn.temperature == 2.0 and tuned.student.init == str(tmp_path / "carved3")
+    assert tuned.distill.attn.squeeze == "shd" and tuned.train.seed == 0 and tuned.student.num_heads == 3
 
 
 def _result(setting: str, variant: str, seed: int, ppl: float, stage: str = "grid") -> dict[str, Any]:
@@ -291,8 +298,8 @@ def test_an_interrupted_run_is_discarded(context: quality.Context) -> None:
 @pytest.mark.parametrize(
     ("entry", "overrides", "named"),
     [
-        ("tune.mixed", ["distill.w_attn=0.1", "distill.attn_temperature=2"], "run.variants.tune.mixed"),
-        ("tune.again", ["distill.w_attn=0.5"], "run.variants.tune.again: distill.w_attn is already tuned"),
+        ("tune.mixed", ["distill.attn.weight=0.1", "distill.attn.temperature=2"], "run.variants.tune.mixed"),
+        ("tune.again", ["distill.attn.weight=0.5"], "run.variants.tune.again: distill.attn.weight is already tuned"),
         ("seeds", ["train.lr=0.1"], "run.variants.seeds: got ['train.lr=0.1'], expected train.seed=<int>"),
         ("seeds", ["train.seed=1", "train.seed=1"], "expected distinct seeds"),
     ],
@@ -313,7 +320,7 @@ def test_the_baseline_must_be_a_variant() -> None:
 
 
 def test_overrides_round_trip() -> None:
-    for key, value in (("distill.attn_sink", "keep"), ("distill.w_attn", 0.03), ("distill.layer_map", "uniform")):
+    for key, value in (("distill.attn.sink", "keep"), ("distill.attn.weight", 0.03), ("distill.layer_map", "uniform")):
         assert quality.parse_override(quality.format_override(key, value)) == (key, value)
     assert quality.parse_override("cache.layers=[0, 10]") == ("cache.layers", [0, 10])
     with pytest.raises(quality.StudyError, match=r"'w_attn': expected section\.key=value"):

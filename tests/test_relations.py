@@ -9,7 +9,7 @@ from torch import Tensor
 
 from pipeline.ops.map_losses import DenseTarget, SparseTarget
 from pipeline.ops.relations import relation_loss_sum, relation_maps
-from pipeline.targets.layout import pack_triangle
+from pipeline.targets.encoding import pack_triangle
 
 
 def _qkv(batch: int, heads: int, length: int, head_dim: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -177,7 +177,7 @@ class CacheConfig:
     """Teacher layers to cache; empty means the layers the student's layer map needs."""
     attn_targets: list[TargetKindName] = field(default_factory=list)  # type: ignore[valid-type]
     """Target maps to cache in one teacher pass: headwise squeezes (`shd`, `shd_pairwise`, `uniform`), `selective`,
-    `global`, `relations`; empty means what the config's own student needs (its `attn_match`/`squeeze`, plus
+    `global`, `relations`; empty means what the config's own student needs (its `distill.attn` match/squeeze, plus
     `relations` when `distill.rel.weight` > 0). One cache can serve every variant of a comparison."""
     temperatures: list[float] = field(default_factory=lambda: [1.0])
     """Temperatures whose tail sums R_τ = Σ_tail p^{1/τ} are cached (τ = 1 always is): KD and top-m attention are

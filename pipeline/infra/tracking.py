@@ -18,6 +18,7 @@ artifacts, status — and a later job in the same run directory does it by itsel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -89,12 +90,12 @@ def default_artifact_location(tracking_uri: str, configured: str | None) -> str 
 
 
 def default_run_name(config: Config) -> str:
-    """A run name that says what differs between students: shape, squeeze, encoding and loss weights."""
+    """A run name that says what differs between students: shape, squeeze, encoding and the weighted loss terms
+    (every `distill.<term>` section with a weight > 0)."""
     student, distill = config.student, config.distill
-    return (
-        f"L{student.num_layers}H{student.num_heads}-{distill.squeeze}-{config.cache.encoding}"
-        f"-ce{distill.w_ce:g}-kd{distill.w_kd:g}-attn{distill.w_attn:g}"
-    )
+    sections = [(item.name, getattr(distill, item.name)) for item in dataclasses.fields(distill)]
+    weights = "".join(f"-{name}{section.weight:g}" for name, section in sections if getattr(section, "weight", 0) > 0)
+    return f"L{student.num_layers}H{student.num_heads}-{distill.attn.squeeze}-{config.cache.encoding}{weights}"
 
 
 def local_store_uri(run_dir: Path) -> str:

@@ -1,4 +1,4 @@
-"""Logit distillation: cross-entropy, dense KD, and top-k KD with an explicit tail bucket.
+"""Logit distillation: cross-entropy and top-k KD with an explicit tail bucket, fused in one vocabulary pass.
 
 Pure tensor maths, computed in fp32 whatever the input dtype: a softmax over a 50k vocabulary underflows in bf16.
 Every loss offers `reduction="sum"` because the training driver divides by a global count of valid tokens itself,
@@ -94,28 +94,6 @@ def _kl_terms(target_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
     target_log = torch.where(present, target_logprobs, 0.0)
     student_log = torch.where(torch.isneginf(student_logprobs), LOG_FLOOR, student_logprobs)
     return torch.where(present, target * (target_log - student_log), 0.0)
-
-
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor,
-    temperature: float = 1.0,
-    reduction: Reduction = "mean",
-) -> Tensor:
-    """τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ)) over the full vocabulary.
-
-    `student_logits`, `teacher_logits` [B, T, V]; `mask` [B, T] bool (True = distil this position). The τ² factor
-    keeps the gradient scale independent of τ (Hinton et al.). Reduced over masked positions as in `masked_reduce`.
-    """
-    _check_temperature(temperature)
-    _check_reduction(reduction)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} != teacher {tuple(teacher_logits.shape)}")
-    student_logprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logprobs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_position = _kl_terms(teacher_logprobs, student_logprobs).sum(-1) * temperature**2
-    return masked_reduce(per_position, mask, reduction)
 
 
 TOPK_BLOCK = 64
@@ -248,33 +226,6 @@ def sparse_kl_with_tail(
     return kept + tail
 
 
-def kd_loss_topk(
-    student_logits: Tensor,
-    topk_logprobs: Tensor,
-    topk_indices: Tensor,
-    tail_sum: Tensor,
-    mask: Tensor,
-    temperature: float = 1.0,
-    reduction: Reduction = "mean",
-) -> Tensor:
-    """τ² · KL from a cached top-k teacher (see `topk_targets`) with the remaining mass as a tail bucket.
-
-    `student_logits` [B, T, V]; `topk_logprobs` [B, T, k] (τ = 1 log-probs, any float dtype); `topk_indices`
-    [B, T, k] (any int dtype); `tail_sum` [B, T] = R_τ of `topk_targets` at this temperature; `mask` [B, T] bool.
-    The teacher is softened exactly by `soften_topk`; the student is softmax(z_s/τ) over the full vocabulary,
-    gathered at the indices, its tail 1 − Σ kept (floored at `STUDENT_TAIL_FLOOR`). The result is the exact KL
-    between the (k+1)-bucket distributions at τ (× τ²): equal to `kd_loss` when k = V, a lower bound of it otherwise;
-    the teacher's tail is never renormalised away.
-    """
-    _check_temperature(temperature)
-    _check_reduction(reduction)
-    _check_topk_shapes(student_logits, topk_logprobs, topk_indices, tail_sum)
-    _, per_position = _FusedLogitLosses.apply(
-        student_logits, _safe_labels(None, student_logits), topk_logprobs, topk_indices, tail_sum, temperature
-    )
-    return masked_reduce(per_position, mask, reduction)
-
-
 def check_sparse_target_shapes(
     dense: Tensor, values: Tensor, indices: Tensor, tail: Tensor, names: tuple[str, str, str, str], expected: str
 ) -> None:
@@ -392,11 +343,18 @@ def logit_losses(
     temperature: float = 1.0,
     reduction: Reduction = "mean",
 ) -> tuple[Tensor, Tensor]:
-    """(`cross_entropy`, `kd_loss_topk`) of one batch from one logsumexp over the vocabulary when τ = 1.
+    """(`cross_entropy`, top-k KD) of one batch from one logsumexp over the vocabulary when τ = 1.
+
+    The KD term is τ² · KL from a cached top-k teacher (see `topk_targets`) with the remaining mass as a tail
+    bucket: `topk_logprobs` [B, T, k] (τ = 1 log-probs, any float dtype), `topk_indices` [B, T, k] (any int dtype),
+    `tail_sum` [B, T] = R_τ of `topk_targets` at this temperature, `mask` [B, T] bool. The teacher is softened
+    exactly by `soften_topk`; the student is softmax(z_s/τ) over the full vocabulary, gathered at the indices, its
+    tail 1 − Σ kept (floored at `STUDENT_TAIL_FLOOR`). It is the exact KL between the (k+1)-bucket distributions at τ
+    (× τ²): the full KL when k = V, a lower bound of it otherwise; the teacher's tail is never renormalised away.
 
     The [B, T, V] passes dominate a student step (the output projection of a 50k vocabulary); computing both terms
-    from the same normaliser makes the KD term nearly free. Shapes as in `cross_entropy` and `kd_loss_topk`; the CE
-    is over `labels` != IGNORE_INDEX, the KD over `mask`.
+    from the same normaliser makes the KD term nearly free. `student_logits` [B, T, V], `labels` [B, T]; the CE is
+    over `labels` != IGNORE_INDEX, the KD over `mask`.
     """
     _check_temperature(temperature)
     _check_reduction(reduction)

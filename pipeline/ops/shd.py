@@ -135,17 +135,6 @@ def squeeze_groups(num_teacher_heads: int, num_student_heads: int, method: Squee
     return groups
 
 
-def pair_alpha(a_p: Tensor, a_q: Tensor, x_p: Tensor, x_q: Tensor) -> Tensor:
-    """SHD's closed-form weight of head p when merging heads p and q into α a_p + (1 − α) a_q.
-
-    `a_p`, `a_q` [B, T, T] maps; `x_p`, `x_q` [B, T, d] value–output circuits (V_h W_O^h). The merged head applies
-    one map to S = x_p + x_q and should reproduce a_p x_p + a_q x_q; with D = a_p − a_q the residual is
-    D x_p − α D S, minimised over [0, 1] by α* = ⟨D x_p, D S⟩_F / ‖D S‖_F², clipped. α = ½ where ‖D S‖ is
-    (relatively) 0, i.e. where α does not matter. Returns α [B] fp32 (1 − α is the weight of q).
-    """
-    return _pair_alpha(torch.stack([a_p, a_q], dim=1), Circuits.from_dense(torch.stack([x_p, x_q], dim=1)))
-
-
 def _value_space(circuits: Circuits) -> tuple[Tensor, Tensor, Tensor]:
     """A group's circuits in the space of its values: V [B, T, w] fp32, the KV heads' values side by side
     (w = dh · KV heads), and the w × w products of the output maps, fp32: M = Ŵ_S Ŵ_Sᵀ [w, w] and N_j = Ŵ_S Ŵ_jᵀ
@@ -167,8 +156,13 @@ def _inner(first: Tensor, second: Tensor) -> Tensor:
 
 
 def _pair_alpha(maps: Tensor, circuits: Circuits) -> Tensor:
-    """`pair_alpha` of `maps` [B, 2, T, T] with factored circuits, in the values' space: with Q = D V,
-    ⟨D X_p, D S⟩ = ⟨Q N_pᵀ, Q⟩ and ‖D S‖² = ⟨Q M, Q⟩ (see `_value_space`; w × w products instead of T × d ones)."""
+    """SHD's closed-form weight of head p when merging heads p, q of `maps` [B, 2, T, T] into α A_p + (1 − α) A_q.
+
+    The merged head applies one map to S = X_p + X_q and should reproduce A_p X_p + A_q X_q; with D = A_p − A_q the
+    residual is D X_p − α D S, minimised over [0, 1] by α* = ⟨D X_p, D S⟩_F / ‖D S‖_F², clipped; α = ½ where ‖D S‖
+    is (relatively) 0, i.e. where α does not matter. Computed with factored circuits, in the values' space: with
+    Q = D V, ⟨D X_p, D S⟩ = ⟨Q N_pᵀ, Q⟩ and ‖D S‖² = ⟨Q M, Q⟩ (see `_value_space`; w × w products instead of T × d
+    ones). Returns α [B] fp32 (1 − α is the weight of q)."""
     values, sum_gram, cross = _value_space(circuits)
     diff = maps[:, 0].float() - maps[:, 1].float()
     projected = diff @ values
@@ -253,7 +247,7 @@ def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size
     S = Σ_i X_i.
 
     `maps` [B, r, T, T], `circuits` dense [B, r, T, d] or `Circuits` of the r heads → α [B, r] fp32. r = 1: 1;
-    r = 2: `pair_alpha` (exact). r > 2: the QP with Gram matrix G_ij = ⟨A_i S, A_j S⟩ and c_i = ⟨A_i S, Σ_j A_j X_j⟩,
+    r = 2: `_pair_alpha` (exact). r > 2: the QP with Gram matrix G_ij = ⟨A_i S, A_j S⟩ and c_i = ⟨A_i S, Σ_j A_j X_j⟩,
     in fp64 after scaling G to unit mean diagonal; solved exactly up to `max_exact_group_size` heads, by projected
     gradient beyond. G = 0 → uniform. With P_i = A_i V (see `Circuits`), G_ij = ⟨P_i Ŵ_S Ŵ_Sᵀ, P_j⟩ and
     c_i = ⟨P_i, Σ_j P_j Ŵ_j Ŵ_Sᵀ⟩: the only T × T product is A_i V.
@@ -297,7 +291,7 @@ def pairwise_alphas(maps: Tensor, circuits: Tensor | Circuits, num_student_heads
     """SHD's Algorithm 1: effective weights of merging adjacent pairs pass by pass (see `squeeze_groups`).
 
     `maps` [B, H_t, T, T], `circuits` dense [B, H_t, T, d] or `Circuits` → α [B, H_t] fp32, summing to 1 over each
-    `squeeze_groups(..., "shd_pairwise")` group. Merging current heads p and q takes the closed-form `pair_alpha` of
+    `squeeze_groups(..., "shd_pairwise")` group. Merging current heads p and q takes the closed-form `_pair_alpha` of
     their current maps and circuits; the merged head has map α A_p + (1 − α) A_q and circuit X_p + X_q. A teacher
     head's weight is the product of the α (or 1 − α) on its path. Factored: a merged circuit is V Ŵ with Ŵ the summed
     output maps of its teacher heads, so each pair is a `_pair_alpha` on the values of the KV heads it reads, laid

@@ -20,8 +20,9 @@ from transformers import PretrainedConfig
 from pipeline.config import Config
 from pipeline.data.prepare import load_prepared
 from pipeline.errors import PipelineError
+from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.models.capture import AttentionDims, attention_dims
-from pipeline.models.loading import check_seq_len, load_teacher_config
+from pipeline.models.loading import check_seq_len, load_teacher, load_teacher_config
 from pipeline.objective.loss import Objective, evaluation_objective, matched_layers
 from pipeline.students import resolve
 from pipeline.targets.compute import prepare_kinds
@@ -86,19 +87,24 @@ class RunContext:
         self.check_targets(source.fingerprint)
         return source
 
-    def target_source(self, teacher: nn.Module | None, needs: TargetNeeds) -> TargetSource:
+    def target_source(self, needs: TargetNeeds) -> TargetSource:
         """The train split's targets as `train.mode` says: the cache (checked against everything the run is
-        evaluated with), or `teacher` live, computing exactly `needs` (the training objective's)."""
+        evaluated with, read for `needs`), or the teacher live (loaded here in `teacher.dtype`: before any
+        DeepSpeed engine exists, so no ZeRO-3 machinery can partition it). The one place that decides."""
         if self.config.train.mode == "cached":
             return self.cached("train", needs)
-        if teacher is None:
-            raise ValueError("train.mode online needs the teacher")
+        device = default_device()
+        teacher = load_teacher(self.teacher_dir, dtype=resolve_dtype(self.config.teacher.dtype, device), device=device)
+        return self.live_source(teacher, needs)
+
+    def live_source(self, teacher: nn.Module, needs: TargetNeeds) -> LiveTargets:
+        """`teacher` computing exactly `needs` (the training objective's) batch by batch, on the rows `distill
+        cache` would cache, in the order it would serve them."""
         rows = self.splits["train"]
         max_samples = self.config.cache.max_samples
         if max_samples is not None and len(rows) > max_samples:
-            rows = rows.select(range(max_samples))  # the rows `distill cache` would cache
-        settings = self.live_settings(needs)
-        settings, _ = prepare_kinds(teacher, self.splits["train"], settings)
+            rows = rows.select(range(max_samples))
+        settings, _ = prepare_kinds(teacher, self.splits["train"], self.live_settings(needs))
         fingerprint = cache_fingerprint(
             settings,
             self.provenance("train"),

@@ -20,7 +20,6 @@ from pipeline.config import Config
 from pipeline.infra import dist
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.infra.tracking import Tracker, create_tracker, sigterm_as_keyboard_interrupt
-from pipeline.models.loading import load_teacher
 from pipeline.objective.loss import build_objective
 from pipeline.reports.figures import alpha_figure
 from pipeline.stages.context import RunContext, open_run
@@ -97,12 +96,7 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
     device = default_device()
     dtype = resolve_dtype(train_cfg.precision, device)
     objective = build_objective(config, context.teacher_layers)
-
-    # Online mode: the teacher is built before DeepSpeed exists, so no ZeRO-3 machinery can partition it.
-    teacher = None
-    if train_cfg.mode == "online":
-        teacher = load_teacher(context.teacher_dir, dtype=resolve_dtype(config.teacher.dtype, device), device=device)
-    targets = context.target_source(teacher, objective.needs())
+    targets = context.target_source(objective.needs())
 
     state = TrainState(
         world_size=dist.world_size(),

@@ -6,7 +6,7 @@ one teacher forward with hooks, no T × T maps held):
 - depth: the teacher layer each student layer copies, from the layer map or by block importance
   1 − cos(block input, block output) averaged over tokens (ShortGPT / Minitron), the largest kept in order;
 - heads: each student head reduces its teacher head group (the heads its attention target is made of: the squeeze's
-  `shd.squeeze_groups`, or under `attn_match: selective` the one selected teacher head) by
+  `shd.squeeze_groups`, or under `attn.match: selective` the one selected teacher head) by
   `prune` (the group's most important head, importance = the head's share ‖A_h X_h‖_F / Σ_h' ‖A_h' X_h'‖_F of the
   layer's attention output) or `merge` (q/k/v slices averaged with the group's α, o slices summed: for heads on one
   KV head the merged head then applies its map to SHD's S = Σ_i X_i);
@@ -243,7 +243,7 @@ def plan_heads(
     `alpha` [H_t] (merge weights; None: uniform) and the KV counts. See the module docstring for the rules."""
     num_student, num_teacher = len(groups), importance.numel()
     if method not in ("prune", "merge"):
-        raise CarveError(f"student.head_init: got {method!r}, expected 'prune' or 'merge'")
+        raise CarveError(f"student.carve.heads: got {method!r}, expected 'prune' or 'merge'")
     if num_student % num_kv_heads or num_teacher % num_teacher_kv_heads:
         raise CarveError(
             f"student.num_kv_heads: {num_kv_heads} KV heads for {num_student} heads (teacher {num_teacher_kv_heads} "
@@ -485,7 +485,7 @@ def segment_ends(layers: list[int], num_teacher_layers: int) -> list[int]:
     teacher's depth for the last one. Kept layers must increase: a segment is a run of consecutive teacher layers."""
     if any(later <= earlier for earlier, later in itertools.pairwise(layers)):
         raise CarveError(
-            f"student.carve_fill: linear replaces the teacher layers between kept ones, so the kept teacher layers "
+            f"student.carve.fill: linear replaces the teacher layers between kept ones, so the kept teacher layers "
             f"must increase; got {layers}"
         )
     return [*layers[1:], num_teacher_layers]
