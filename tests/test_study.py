@@ -7,7 +7,11 @@ against numpy written out in the test.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -490,7 +494,8 @@ def test_the_report_is_logged_to_a_summary_run(context: Context) -> None:
 
     context.work.mkdir(parents=True)
     client = MlflowClient(tracking_uri=context.tracking_uri)
-    experiment_id = client.create_experiment(context.grid_experiment)
+    artifacts = (context.work / "artifacts").as_uri()  # not ./mlruns of the working directory
+    experiment_id = client.create_experiment(context.grid_experiment, artifact_location=artifacts)
     specs = _finished_quick_grid(context)
     index = report.write_report(context, specs, {}, [], ["the plan"])
     [summary] = client.search_runs([experiment_id], f"tags.`{SUMMARY_TAG}` = 'true'")
@@ -511,3 +516,59 @@ def test_every_module_has_one_job() -> None:
     package = REPO / "pipeline" / "study"
     sizes = {path.name: len(path.read_text().splitlines()) for path in package.glob("*.py")}
     assert max(sizes.values()) <= 450, sizes
+
+
+def _tiny_study(root: Path) -> Path:
+    """configs/tiny.yaml as a study: one carved setting, KD with and without SHD, two seeds, a one-stage search."""
+    document = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    del document["run"]
+    document["teacher"]["path"] = str(root / "teacher")
+    document["data"].update(output_dir=str(root / "data"), test_fraction=0.1)
+    document["cache"]["head_counts"] = [3]
+    document["train"].update(max_steps=4, eval_every=2, save_every=0)
+    document["study"] = {
+        "baseline": "kd_only",
+        "variants": {"kd_only": ["distill.w_attn=0"], "shd_kd": []},
+        "settings": {"carved3": ["student.init=teacher", "student.num_heads=3", "student.head_init=merge"]},
+        "seeds": [0, 1],
+        "tune": {"setting": "carved3", "variant": "shd_kd", "stages": [{"distill.w_attn": [0.5, 1.0]}]},
+        "work_dir": str(root / "work"),
+        "report_dir": str(root / "report"),
+    }
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def _distill_study(config: Path) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    command = [sys.executable, "-m", "pipeline.cli", "study", str(config)]
+    result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_then_resumed(tmp_path: Path) -> None:
+    config = _tiny_study(tmp_path)
+    first = _distill_study(config)
+    assert "1 stages, 2 runs on carved3/shd_kd/seed 0 (validation split), 2 left" in first.stdout
+    names = {path.stem for path in (tmp_path / "work" / "results").glob("*.json")}
+    grid_names = {f"carved3-{variant}-seed{seed}" for variant in ("kd_only", "shd_kd") for seed in (0, 1)}
+    assert names == grid_names | {"tune-w_attn=0.5", "tune-w_attn=1.0"}
+    frozen = json.loads((tmp_path / "work" / "frozen.json").read_text())
+    assert frozen["values"]["distill.w_attn"] in (0.5, 1.0) and len(frozen["rows"]) == 2
+    grid_result = json.loads((tmp_path / "work" / "results" / "carved3-shd_kd-seed1.json").read_text())
+    assert grid_result["stage"] == "grid" and grid_result["steps"] == 4 and grid_result["metrics"]["test/ppl"] > 1
+    assert f"distill.w_attn={json.dumps(frozen['values']['distill.w_attn'])}" in grid_result["overrides"]
+    assert not (tmp_path / "work" / "runs" / "carved3-shd_kd-seed1" / "student").exists()  # no --keep-models
+    index = (tmp_path / "report" / "index.md").read_text()
+    assert "## carved3: test split, mean ± std over seeds" in index and "| shd_kd | 2 |" in index
+    assert "(compare/carved3/tiny/index.md) (4 runs" in index  # `distill compare` of the setting's 4 runs
+
+    before = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "work" / "results").glob("*.json")}
+    second = _distill_study(config)
+    after = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "work" / "results").glob("*.json")}
+    assert after == before  # every run was finished: nothing trained again
+    assert f"frozen in {tmp_path / 'work' / 'frozen.json'}" in second.stdout and "4 runs, 0 left" in second.stdout
+    assert "] carved3-" not in second.stderr  # the runner logs a line per run it trains

@@ -3,6 +3,7 @@ runs, else the other mode's), else from priors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pipeline.study.grid import RunSpec, grid_specs, is_carved, start_assignment
@@ -59,9 +60,11 @@ def make_plan(ctx: Context) -> Plan:
         timing = Timing(PRIOR_STEP_S, PRIOR_RUN_OVERHEAD_S, "prior: the README's demo run, nothing measured yet")
     steps = base.train.max_steps
     cache_done = all(cache_state(base).values())
-    cache_tokens = SPLITS * (base.cache.max_samples or 0) * base.data.seq_len
+    samples = base.cache.max_samples
+    cache_tokens = SPLITS * samples * base.data.seq_len if samples else 0
+    extent = f"{samples} samples per split × {SPLITS} splits ({cache_tokens:,} tokens)" if samples else "every sample"
     measured_cache = ctx.timings.get("cache", {}).get("seconds")
-    cache_s = 0.0 if cache_done else cache_tokens / PRIOR_CACHE_TOK_S
+    cache_s = 0.0 if cache_done else (cache_tokens / PRIOR_CACHE_TOK_S if samples else math.nan)
     carved = [setting for setting in ctx.settings if is_carved(study, setting)]
     carve_left = [setting for setting in carved if not (ctx.students_dir / setting / "config.json").is_file()]
     carve_s = len(carve_left) * PRIOR_CARVE_S
@@ -80,7 +83,7 @@ def make_plan(ctx: Context) -> Plan:
         f"{ctx.grid_experiment} study ({'quick' if ctx.quick else 'full'}): {relative_to_cwd(ctx.config_path)}, "
         f"work dir {ctx.work}, report {ctx.report}",
         f"  teacher {base.teacher.path}; data {base.data.sources} seq_len {base.data.seq_len} → {base.data.output_dir}",
-        f"  cache: {base.cache.max_samples} samples per split × {SPLITS} splits ({cache_tokens:,} tokens), layers "
+        f"  cache: {extent}, layers "
         f"{base.cache.layers}, targets {base.cache.attn_targets}: "
         + ("complete" if cache_done else f"to do, about {format_duration(cache_s)} at {PRIOR_CACHE_TOK_S:.0f} tok/s")
         + (f" (measured earlier: {measured_cache:.0f} s)" if measured_cache else ""),

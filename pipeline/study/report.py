@@ -178,19 +178,17 @@ def budget_lines(ctx: Context, results: Sequence[Result], plan_lines: Sequence[s
     runs_s = sum(r["train_seconds"] + r["eval_seconds"] for r in results)
     cache_s = ctx.timings.get("cache", {}).get("seconds")
     carves = {key.removeprefix("carve."): value for key, value in ctx.timings.items() if key.startswith("carve.")}
-    epochs = train.max_steps * train.micro_batch_size * train.grad_accum / max(cache.max_samples or 1, 1)
+    consumed = train.max_steps * train.micro_batch_size * train.grad_accum
     return [
         "## Budget",
         "",
         f"- Every run: {train.max_steps} optimizer steps × {train.micro_batch_size} × {base.data.seq_len} tokens = "
         f"{tokens:,} tokens, lr {train.lr:g} (warm-up {train.warmup_steps}, {train.schedule}), {train.precision}, "
         f"evaluated every {train.eval_every} steps on {train.eval_batches} validation batches (the curves).",
-        f"- Cache: the first {cache.max_samples} sequences of each split (train, validation, test), targets "
-        f"{', '.join(cache.attn_targets)} for {cache.head_counts} heads at teacher layers {cache.layers}, "
-        f"{cache.encoding}. {cache.max_samples} = what {train.max_steps} steps × {train.micro_batch_size} consume "
-        f"({epochs:g} epoch(s)): caching is the teacher forward (about 100 tok/s on 2 cores), the costliest stage "
-        "per token, so it holds what training reads and no more; every variant of a seed reads the same sequences "
-        "in the same order. Test metrics: every cached test sequence.",
+        f"- Cache: {cache_extent(cache.max_samples, consumed)}, targets {', '.join(cache.attn_targets) or 'as needed'} "
+        f"for {cache.head_counts or 'the student'} heads at teacher layers {cache.layers or 'the matched ones'}, "
+        f"{cache.encoding}: every variant of a seed reads the same sequences in the same order. Test metrics: every "
+        "cached test sequence.",
         f"- Measured: cache {f'{cache_s:.0f} s' if cache_s else 'not run in this work dir since timings were kept'}; "
         f"carves {', '.join(f'{k} {v:.0f} s' for k, v in carves.items()) or '—'}; {len(results)} runs "
         f"{format_duration(runs_s)} (train + evaluation, sum).",
@@ -201,6 +199,17 @@ def budget_lines(ctx: Context, results: Sequence[Result], plan_lines: Sequence[s
         "```",
         "",
     ]
+
+
+def cache_extent(max_samples: int | None, consumed: int) -> str:
+    """How much of each split the cache holds, against what a run's steps consume."""
+    if max_samples is None:
+        return "every sequence of each split (train, validation, test)"
+    return (
+        f"the first {max_samples} sequences of each split (train, validation, test), which a run's {consumed} "
+        f"sequences read {consumed / max_samples:g} time(s) over (caching, a teacher forward, costs the most per "
+        "token: it holds what training reads and no more)"
+    )
 
 
 def teacher_description(base: Config) -> str:

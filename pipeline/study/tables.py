@@ -146,10 +146,10 @@ def honest_reading(
         ]
     lines += [
         "- What a user should pick by default: _(lead)_",
-        "- Caveats: the budget is 2 CPU cores (see Budget); attention KL is measured against each variant's OWN "
-        "targets (SHD maps for ce_only, kd_only and minilm_kd; the global mean map for global_kd), so it is not "
-        "comparable across variants; the selective and pairwise variants train students carved on SHD's "
-        "contiguous head groups; _(lead)_",
+        "- Caveats: the budget (see Budget); attention KL is measured against each variant's OWN targets (its "
+        "squeeze or match; the base config's for a variant without an attention term), so it is not comparable "
+        "across variants; a carved student's heads are merged along SHD's contiguous head groups, whatever the "
+        "variant; _(lead)_",
         "",
     ]
     return lines
