@@ -146,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", metavar="URI", help="MLflow store (default: config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
     )
 
+    study = commands.add_parser(
+        "study",
+        parents=[common],
+        help="which objective pays for this teacher and student: a seeded grid of variants × settings laid out by "
+        "the config's `study:` section (configs/quality.yaml), tuned on validation, reported on the test split; "
+        "resumable",
+    )
+    _add_config_arguments(study)
+    study.add_argument("--plan", action="store_true", help="print what would run and the time estimate, then stop")
+    study.add_argument("--quick", action="store_true", help="the config's study.quick subset and budget, no search")
+    study.add_argument("--work", "--work-dir", type=Path, metavar="DIR", help="default study.work_dir (+ -quick)")
+    study.add_argument("--report", "--report-dir", type=Path, metavar="DIR", help="default study.report_dir (+ -quick)")
+    study.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs")
+    study.add_argument("--keep-models", action="store_true", help="keep each run's checkpoint and exported student")
+    study.add_argument("--run-logs", action="store_true", help="each run's own INFO messages too (DeepSpeed config…)")
+
     mlflow = commands.add_parser("mlflow", parents=[common], help="MLflow utilities")
     mlflow_commands = mlflow.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
     sync = mlflow_commands.add_parser(
@@ -232,6 +248,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
         print(report.markdown, end="")
+    elif args.command == "study":
+        from pipeline.study.stage import study_stage
+
+        options = ("quick", "plan", "report_only", "work", "report", "keep_models", "run_logs", "log_level")
+        study_stage(args.config, args.overrides, **{name: getattr(args, name) for name in options})
     elif args.command == "mlflow":
         from pipeline.infra.tracking import sync_local_runs
 

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, load_yaml
+from pipeline.study.layout import SECTION as STUDY_SECTION
+from pipeline.study.layout import load_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    config = load_config(path)
+    # a study config is a pipeline config plus its `study:` section, which `distill study` checks
+    config = load_study(path)[1] if STUDY_SECTION in load_yaml(path.read_text()) else load_config(path)
     assert isinstance(config, Config)
     if config.deepspeed.preset:
         assert (CONFIGS.parent / config.deepspeed.preset).is_file(), config.deepspeed.preset
