@@ -48,6 +48,7 @@ from _common import (  # benchmarks/ is on sys.path when run as a script
     smollm2_like_config,
     time_alternately,
 )
+from pipeline.targets.reader import training_batch
 from torch import nn
 
 from pipeline.infra.runtime import to_device
@@ -56,7 +57,6 @@ from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
 from pipeline.ops.kd import cross_entropy, topk_targets
 from pipeline.ops.shd import layer_map
 from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_index_dtype
-from pipeline.targets.reader import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
 

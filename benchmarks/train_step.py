@@ -64,6 +64,8 @@ from _common import (  # benchmarks/ is on sys.path when run as a script
     report_memory,
     time_alternately,
 )
+from pipeline.targets.online import OnlineTargets, online_settings
+from pipeline.targets.reader import TargetStream
 
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import load_prepared
@@ -76,8 +78,6 @@ from pipeline.ops.kd import cross_entropy
 from pipeline.students import resolve
 from pipeline.targets.fingerprint import cache_fingerprint, cached_layers, student_layers
 from pipeline.targets.manifest import read_manifest
-from pipeline.targets.online import OnlineTargets, online_settings
-from pipeline.targets.reader import TargetStream
 from pipeline.targets.writer import (
     SELECTION_SAMPLES,
     TargetSettings,

@@ -25,13 +25,13 @@ from pipeline.models.capture import AttentionCapture
 from pipeline.models.loading import load_teacher
 from pipeline.ops.kd import topk_targets
 from pipeline.ops.map_losses import DenseTarget, SparseTarget, map_loss_sum
-from pipeline.ops.relations import relation_maps
 from pipeline.ops.shd import head_importance, select_heads, squeeze_heads
 from pipeline.stages.cache import cache_stage, verify_stage
 from pipeline.stages.prepare import prepare_stage
 from pipeline.stages.teacher import teacher_stage
 from pipeline.targets import writer
 from pipeline.targets.encoding import unpack_triangle
+from pipeline.targets.kinds.relations import relation_maps
 from pipeline.targets.manifest import CacheError, read_manifest
 from pipeline.targets.store import open_cache, verify_cache
 from tests.cache_fixtures import map_name, relation_name

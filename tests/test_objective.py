@@ -17,8 +17,8 @@ from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.relations import RelationKD
 from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
 from pipeline.ops.map_losses import DenseTarget
-from pipeline.ops.relations import relation_maps
 from pipeline.targets.encoding import pack_triangle, tail_name
+from pipeline.targets.kinds.relations import relation_maps
 from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
 from pipeline.targets.logits import vocab_index_dtype
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest

@@ -51,28 +51,28 @@ def test_the_shipped_layout(shipped: tuple[Any, layout.Study]) -> None:
     assert tuple(study.settings) == ("carved3", "carved2", "scratch3")
     assert (study.tune_setting, study.tune_variant) == ("carved3", "shd_kd")
     assert [stage.key for stage in study.stages] == [
-        "distill.w_attn",
-        "distill.attn_temperature",
-        "distill.attn_schedule",
+        "distill.attn.weight",
+        "distill.attn.temperature",
+        "distill.schedule",
         "distill.layer_map",
-        "distill.attn_sink",
+        "distill.attn.sink",
     ]
     assert [stage.name for stage in study.stages] == [
-        "w_attn",
-        "attn_temperature",
-        "attn_schedule",
+        "attn.weight",
+        "attn.temperature",
+        "schedule",
         "layer_map",
-        "attn_sink",
+        "attn.sink",
     ]
     assert study.stages[0].values == (0.03, 0.1, 0.3, 1.0)
     assert study.stages[-1].values == ("keep", "drop")
     assert study.seeds == (0, 1, 2)
     assert grid.start_assignment(study, config) == {
-        "distill.w_attn": 0.1,
-        "distill.attn_temperature": 1.0,
-        "distill.attn_schedule": "constant",
+        "distill.attn.weight": 0.1,
+        "distill.attn.temperature": 1.0,
+        "distill.schedule": "constant",
         "distill.layer_map": "spread",
-        "distill.attn_sink": "keep",
+        "distill.attn.sink": "keep",
     }
     # every stage's start value is among its candidates: 4 + 1 + 1 + 1 + 1 distinct runs
     assert search.tuning_run_count(study, grid.start_assignment(study, config)) == 8
@@ -85,7 +85,7 @@ def test_the_shipped_layout(shipped: tuple[Any, layout.Study]) -> None:
 
 def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, layout.Study], tmp_path: Path) -> None:
     config, study = shipped
-    frozen = {"distill.w_attn": 0.3, "distill.layer_map": "uniform", "distill.attn_sink": "keep"}
+    frozen = {"distill.attn.weight": 0.3, "distill.layer_map": "uniform", "distill.attn.sink": "keep"}
     specs = grid.grid_specs(
         study, config, frozen, tmp_path, settings=tuple(study.settings), variants=VARIANTS, seeds=study.seeds
     )
@@ -99,18 +99,25 @@ def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, l
 
     carved = resolved("carved2-kd_only-seed1")
     assert carved.student.init == str(tmp_path / "carved2") and carved.student.num_heads == 2
-    assert carved.distill.w_attn == 0.0  # the variant wins over the frozen weight
+    assert carved.distill.attn.weight == 0.0  # the variant wins over the frozen weight
     assert carved.distill.layer_map == "uniform"  # the frozen map wins over the setting's carve map
     assert carved.train.seed == 1
     assert not any(text == "student.init=teacher" for spec in specs for text in spec.overrides)
     scratch = resolved("scratch3-shd_kd-seed2")
-    assert scratch.student.init == "scratch" and scratch.distill.w_attn == 0.3 and scratch.distill.squeeze == "shd"
+    assert (
+        scratch.student.init == "scratch"
+        and scratch.distill.attn.weight == 0.3
+        and scratch.distill.attn.squeeze == "shd"
+    )
     minilm = resolved("carved3-minilm_kd-seed0")
-    assert (minilm.distill.w_attn, minilm.distill.w_rel) == (0.0, 0.3)  # relations get the frozen attention weight
+    assert (minilm.distill.attn.weight, minilm.distill.rel.weight) == (
+        0.0,
+        0.3,
+    )  # relations get the frozen attention weight
     mse = resolved("carved3-shd_mse_kd-seed0")
-    assert (mse.distill.attn_loss, mse.distill.w_attn) == ("mse", 0.3)
+    assert (mse.distill.attn.loss, mse.distill.attn.weight) == ("mse", 0.3)
     selective = resolved("carved3-selective_kd-seed0")
-    assert selective.distill.attn_match == "selective" and selective.distill.w_attn == 0.3
+    assert selective.distill.attn.match == "selective" and selective.distill.attn.weight == 0.3
     # within a seed, variants differ in their own overrides only: same start, data order and budget
     seed0 = [spec for spec in specs if spec.seed == 0 and spec.setting == "carved3"]
     shared = set.intersection(*(set(spec.overrides) for spec in seed0))
@@ -180,12 +187,12 @@ def test_tuning_runs_are_named_by_their_assignment(shipped: tuple[Any, layout.St
     start = grid.start_assignment(study, config)
     spec = grid.tuning_spec(study, start, tmp_path)
     assert spec.name == grid.tuning_spec(study, dict(start), tmp_path).name
-    assert spec.name == ("tune-w_attn=0.1,attn_temperature=1.0,attn_schedule=constant,layer_map=spread,attn_sink=keep")
-    other = grid.tuning_spec(study, {**start, "distill.attn_temperature": 2.0}, tmp_path)
+    assert spec.name == ("tune-attn.weight=0.1,attn.temperature=1.0,schedule=constant,layer_map=spread,attn.sink=keep")
+    other = grid.tuning_spec(study, {**start, "distill.attn.temperature": 2.0}, tmp_path)
     assert other.name != spec.name
     tuned = layout.derive(config, other.overrides)
-    assert tuned.distill.attn_temperature == 2.0 and tuned.student.init == str(tmp_path / "carved3")
-    assert tuned.distill.squeeze == "shd" and tuned.train.seed == 0 and tuned.student.num_heads == 3
+    assert tuned.distill.attn.temperature == 2.0 and tuned.student.init == str(tmp_path / "carved3")
+    assert tuned.distill.attn.squeeze == "shd" and tuned.train.seed == 0 and tuned.student.num_heads == 3
 
 
 def _result(setting: str, variant: str, seed: int, ppl: float, stage: str = "grid") -> dict[str, Any]:
@@ -338,20 +345,28 @@ def _edit(section: dict[str, Any], key: str, value: Any) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "named"),
     [
-        ("tune.stages", [{"distill.w_attn": [0.1], "distill.attn_temperature": [2]}], "study.tune.stages[0]: got {"),
         (
             "tune.stages",
-            [{"distill.w_attn": [0.1]}, {"distill.w_attn": [0.5]}],
-            "study.tune.stages[1]: distill.w_attn is already",
+            [{"distill.attn.weight": [0.1], "distill.attn.temperature": [2]}],
+            "study.tune.stages[0]: got {",
+        ),
+        (
+            "tune.stages",
+            [{"distill.attn.weight": [0.1]}, {"distill.attn.weight": [0.5]}],
+            "study.tune.stages[1]: distill.attn.weight is already",
         ),
         ("tune.stages", [{"distill.w_atn": [0.1]}], "study.tune.stages[0]: 'distill.w_atn' is no config key"),
-        ("tune.stages", [{"distill.attn_sink": ["keep", "never"]}], "study.tune.stages[0].distill.attn_sink: "),
+        ("tune.stages", [{"distill.attn.sink": ["keep", "never"]}], "study.tune.stages[0].distill.attn.sink: "),
         ("tune.setting", "carved9", "study.tune.setting: got 'carved9', expected one of study.settings"),
         ("tune.steps", 3, "study.tune.steps: unknown key"),
         ("seeds", ["train.seed=1"], "study.seeds: got ['train.seed=1'], expected a list of train.seed integers"),
         ("seeds", [1, 1], "study.seeds: got [1, 1], expected distinct seeds"),
         ("variants.kd_only", ["distill.w_atn=0"], "study.variants.kd_only: unknown key 'distill.w_atn'"),
-        ("variants.kd_only", "distill.w_attn=0", "study.variants.kd_only: got 'distill.w_attn=0', expected a list"),
+        (
+            "variants.kd_only",
+            "distill.attn.weight=0",
+            "study.variants.kd_only: got 'distill.attn.weight=0', expected a list",
+        ),
         ("settings.carved3", ["student.num_heads=two"], "study.settings.carved3: student.num_heads: got 'two'"),
         ("settings", {}, "study.settings: got {}, expected a mapping of name"),
         ("quick.variants", ["kd_only", "best_kd"], "study.quick.variants: got ['kd_only', 'best_kd'], expected names"),
@@ -438,7 +453,7 @@ def test_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_overrides_round_trip() -> None:
-    for key, value in (("distill.attn_sink", "keep"), ("distill.w_attn", 0.03), ("distill.layer_map", "uniform")):
+    for key, value in (("distill.attn.sink", "keep"), ("distill.attn.weight", 0.03), ("distill.layer_map", "uniform")):
         assert layout.parse_override(layout.format_override(key, value)) == (key, value)
     assert layout.parse_override("cache.layers=[0, 10]") == ("cache.layers", [0, 10])
     with pytest.raises(StudyError, match=r"'w_attn': expected section\.key=value"):
@@ -528,10 +543,10 @@ def _tiny_study(root: Path) -> Path:
     document["train"].update(max_steps=4, eval_every=2, save_every=0)
     document["study"] = {
         "baseline": "kd_only",
-        "variants": {"kd_only": ["distill.w_attn=0"], "shd_kd": []},
-        "settings": {"carved3": ["student.init=teacher", "student.num_heads=3", "student.head_init=merge"]},
+        "variants": {"kd_only": ["distill.attn.weight=0"], "shd_kd": []},
+        "settings": {"carved3": ["student.init=teacher", "student.num_heads=3", "student.carve.heads=merge"]},
         "seeds": [0, 1],
-        "tune": {"setting": "carved3", "variant": "shd_kd", "stages": [{"distill.w_attn": [0.5, 1.0]}]},
+        "tune": {"setting": "carved3", "variant": "shd_kd", "stages": [{"distill.attn.weight": [0.5, 1.0]}]},
         "work_dir": str(root / "work"),
         "report_dir": str(root / "report"),
     }
@@ -555,12 +570,12 @@ def test_a_tiny_study_end_to_end_then_resumed(tmp_path: Path) -> None:
     assert "1 stages, 2 runs on carved3/shd_kd/seed 0 (validation split), 2 left" in first.stdout
     names = {path.stem for path in (tmp_path / "work" / "results").glob("*.json")}
     grid_names = {f"carved3-{variant}-seed{seed}" for variant in ("kd_only", "shd_kd") for seed in (0, 1)}
-    assert names == grid_names | {"tune-w_attn=0.5", "tune-w_attn=1.0"}
+    assert names == grid_names | {"tune-attn.weight=0.5", "tune-attn.weight=1.0"}
     frozen = json.loads((tmp_path / "work" / "frozen.json").read_text())
-    assert frozen["values"]["distill.w_attn"] in (0.5, 1.0) and len(frozen["rows"]) == 2
+    assert frozen["values"]["distill.attn.weight"] in (0.5, 1.0) and len(frozen["rows"]) == 2
     grid_result = json.loads((tmp_path / "work" / "results" / "carved3-shd_kd-seed1.json").read_text())
     assert grid_result["stage"] == "grid" and grid_result["steps"] == 4 and grid_result["metrics"]["test/ppl"] > 1
-    assert f"distill.w_attn={json.dumps(frozen['values']['distill.w_attn'])}" in grid_result["overrides"]
+    assert f"distill.attn.weight={json.dumps(frozen['values']['distill.attn.weight'])}" in grid_result["overrides"]
     assert not (tmp_path / "work" / "runs" / "carved3-shd_kd-seed1" / "student").exists()  # no --keep-models
     index = (tmp_path / "report" / "index.md").read_text()
     assert "## carved3: test split, mean ± std over seeds" in index and "| shd_kd | 2 |" in index

@@ -308,6 +308,13 @@ class Config:
             f"mlflow.run_name={name}",
         ]
 
+    def value(self, dotted: str) -> Any:
+        """The value of a dotted key (`distill.rel.heads`)."""
+        node: Any = self
+        for name in dotted.split("."):
+            node = getattr(node, name)
+        return node
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for YAML dumps and MLflow params)."""
         return dataclasses.asdict(self)

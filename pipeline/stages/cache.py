@@ -13,6 +13,7 @@ from pipeline.infra import dist
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.models.loading import load_teacher
 from pipeline.stages.context import RunContext, open_run
+from pipeline.targets import kinds as target_kinds
 from pipeline.targets.compute import prepare_kinds
 from pipeline.targets.fingerprint import cache_fingerprint
 from pipeline.targets.kinds.base import TargetSettings
@@ -49,7 +50,7 @@ def cache_settings(context: RunContext) -> TargetSettings:
         top_k=config.distill.kd.top_k,
         temperatures=tuple(sorted({1.0, *cache.temperatures})),
         dtype=getattr(torch, cache.dtype),
-        rel_heads=config.distill.rel.heads if "relations" in kinds else None,
+        variants=target_kinds.variants_of(kinds, config.value),
     )
 
 

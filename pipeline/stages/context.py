@@ -25,6 +25,7 @@ from pipeline.models.capture import AttentionDims, attention_dims
 from pipeline.models.loading import check_seq_len, load_teacher, load_teacher_config
 from pipeline.objective.loss import Objective, evaluation_objective, matched_layers
 from pipeline.students import resolve
+from pipeline.targets import kinds
 from pipeline.targets.compute import prepare_kinds
 from pipeline.targets.fingerprint import cache_fingerprint, provenance, teacher_weights_digest
 from pipeline.targets.kinds.base import TargetSettings
@@ -125,7 +126,7 @@ class RunContext:
     def live_settings(self, needs: TargetNeeds) -> TargetSettings:
         """What the live teacher computes for `needs`: their kinds and layers for the student's head count, with the
         tail sums of the temperatures they read, in fp32 (nothing stored, nothing rounded)."""
-        rel_heads = next((need.variant for need in needs.maps if need.kind == "relations"), None)
+        named = {kinds.get(need.kind).variant_key: need.variant for need in needs.maps}
         cache = self.config.cache
         return TargetSettings(
             layers=needs.layers() or tuple(sorted(set(self.teacher_layers))),
@@ -136,7 +137,7 @@ class RunContext:
             top_k=needs.top_k,
             temperatures=needs.temperatures(),
             dtype=torch.float32,
-            rel_heads=rel_heads,
+            variants=kinds.variants_of(needs.kinds(), named.get),
         )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.study.layout import Study, config_value, format_override, parse_override
+from pipeline.study.layout import Study, config_value, format_override, parse_override, short_key
 
 TUNE_STAGE, GRID_STAGE = "tune", "grid"
 
@@ -56,11 +56,11 @@ def setting_overrides(study: Study, setting: str, students_dir: Path) -> tuple[s
 def variant_overrides(study: Study, variant: str, frozen: Mapping[str, Any], base: Config) -> tuple[str, ...]:
     """A variant's overrides; a relation weight > 0 becomes the frozen attention weight (MiniLMv2 gets the weight the
     search chose for attention)."""
-    w_attn = frozen.get("distill.w_attn", base.distill.w_attn)
+    w_attn = frozen.get("distill.attn.weight", base.distill.attn.weight)
     overrides = []
     for text in study.variants[variant]:
         key, value = parse_override(text)
-        overrides.append(format_override(key, w_attn) if key == "distill.w_rel" and value and value > 0 else text)
+        overrides.append(format_override(key, w_attn) if key == "distill.rel.weight" and value and value > 0 else text)
     return tuple(overrides)
 
 
@@ -100,7 +100,7 @@ def grid_specs(
 def tuning_spec(study: Study, assignment: Mapping[str, Any], students_dir: Path) -> RunSpec:
     """The tuning run of one assignment of every stage key (named by it, so equal assignments are one run)."""
     seed = study.seeds[0]
-    label = ",".join(f"{key.split('.')[-1]}={json.dumps(value).strip(chr(34))}" for key, value in assignment.items())
+    label = ",".join(f"{short_key(key)}={json.dumps(value).strip(chr(34))}" for key, value in assignment.items())
     return RunSpec(
         f"tune-{label}",
         TUNE_STAGE,

@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 def prepare_inputs(ctx: Context) -> None:
     """The teacher (imported, or checked where it is), the prepared data, and the one cache."""
-    from pipeline import stages  # the stage drivers import torch
+    # the stage drivers import torch, transformers and DeepSpeed: not needed by `--plan`
+    from pipeline.stages.cache import cache_stage
+    from pipeline.stages.prepare import prepare_stage
+    from pipeline.stages.teacher import teacher_stage
 
-    stages.teacher_stage(ctx.base)
-    stages.prepare_stage(ctx.base)
+    teacher_stage(ctx.base)
+    prepare_stage(ctx.base)
     done = cache_state(ctx.base)
     if all(done.values()):
         logger.info("cache %s: complete, reused", ctx.base.cache.output_dir)
@@ -36,7 +39,7 @@ def prepare_inputs(ctx: Context) -> None:
         ctx.base.cache.max_samples,
     )
     started = time.perf_counter()
-    stages.cache_stage(ctx.base)
+    cache_stage(ctx.base)
     ctx.record_timing("cache", {"seconds": round(time.perf_counter() - started, 1), "resumed": any(done.values())})
 
 
@@ -66,9 +69,9 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     """Carve a `student.init=teacher` setting once and save it (model, the teacher's tokenizer files, the carve's
     `student_init.json`) as a plain HF directory; an existing one is reused."""
     # torch and transformers: imported when a carve is needed, not by `--plan`
-    from pipeline import students
     from pipeline.data.prepare import TOKENIZER_FILES
-    from pipeline.models.loading import load_teacher_config
+    from pipeline.stages.context import open_run
+    from pipeline.students import build_student_model
 
     target = ctx.students_dir / setting
     if (target / "config.json").is_file():
@@ -77,10 +80,9 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     started = time.perf_counter()
     teacher_dir = Path(ctx.base.teacher.path)
     with staged_directory(target) as staging:
-        config = students.resolve(derive(ctx.base, [*ctx.study.settings[setting], f"train.output_dir={staging}"]))
+        context = open_run(derive(ctx.base, [*ctx.study.settings[setting], f"train.output_dir={staging}"]))
         # A `merge` carve weights each head group by the cache's SHD α statistics (the study caches first).
-        alpha_stats = read_manifest(Path(ctx.base.cache.output_dir) / "train").alpha_stats
-        model = students.build_student_model(config, load_teacher_config(teacher_dir), alpha_stats=alpha_stats)
+        model = build_student_model(context.config, context.teacher_config, targets=context.cached("train"))
         model.save_pretrained(staging, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (teacher_dir / name).is_file():

@@ -83,7 +83,7 @@ def format_override(key: str, value: Any) -> str:
 
 
 def config_value(config: Config, key: str) -> Any:
-    """The value of a dotted key (`distill.w_attn`) in `config`."""
+    """The value of a dotted key (`distill.attn.weight`) in `config`."""
     node: Any = config
     for part in key.split("."):
         node = getattr(node, part)
@@ -176,7 +176,7 @@ def read_stages(tune: Mapping[str, Any], base: Config) -> tuple[Stage, ...]:
     stages: list[Stage] = []
     for index, entry in enumerate(stages_value):
         where = f"tune.stages[{index}]"
-        expected = "one `config.key: [candidate values]` entry (distill.w_attn: [0.1, 0.3])"
+        expected = "one `config.key: [candidate values]` entry (distill.attn.weight: [0.1, 0.3])"
         _expect(isinstance(entry, dict) and len(entry) == 1, where, entry, expected)
         ((key, values),) = entry.items()
         _expect(isinstance(values, list) and bool(values), f"{where}.{key}", values, "a list of candidate values")
@@ -188,8 +188,13 @@ def read_stages(tune: Mapping[str, Any], base: Config) -> tuple[Stage, ...]:
             raise StudyError(f"{SECTION}.{where}: {key!r} is no config key; expected section.key") from None
         for value in values:
             _checked_overrides(f"{where}.{key}", [format_override(key, value)], base)
-        stages.append(Stage(key.split(".")[-1], key, tuple(values)))
+        stages.append(Stage(short_key(key), key, tuple(values)))
     return tuple(stages)
+
+
+def short_key(key: str) -> str:
+    """A config key without its section (`distill.attn.weight` → `attn.weight`): how stages and tuning runs name it."""
+    return key.split(".", 1)[-1]
 
 
 def _known_keys(value: Mapping[str, Any], where: str, keys: Sequence[str]) -> None:

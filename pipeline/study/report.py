@@ -164,8 +164,8 @@ def tuning_lines(ctx: Context, frozen: Mapping[str, Any], rows: Sequence[TuningR
     ]
     lines += [
         "",
-        f"Frozen ({ctx.frozen_path}): {values}; applied to every variant (one that sets `distill.w_rel` > 0 gets "
-        "`distill.w_rel` = the frozen `distill.w_attn`).",
+        f"Frozen ({ctx.frozen_path}): {values}; applied to every variant (one that sets `distill.rel.weight` > 0 gets "
+        "`distill.rel.weight` = the frozen `distill.attn.weight`).",
         "",
     ]
     return lines

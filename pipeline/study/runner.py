@@ -86,23 +86,15 @@ def validation_metrics(config: Config) -> dict[str, float]:
     """The exported student on the whole cached validation split (what `distill eval` computes), logged nowhere:
     the search's score must not be confused with the training's `eval/…` points at the same step."""
     # torch, transformers and DeepSpeed: imported when a run is scored
-    from pipeline.data.prepare import load_prepared
     from pipeline.infra import dist
-    from pipeline.models.capture import attention_dims
-    from pipeline.models.loading import load_teacher_config
-    from pipeline.students import resolve
-    from pipeline.targets.fingerprint import student_layers, teacher_weights_digest
-    from pipeline.training.evaluate import Evaluator, load_student_for_eval
+    from pipeline.stages.context import open_run
+    from pipeline.stages.evaluate import load_student_for_eval
+    from pipeline.stages.train import evaluator as split_evaluator
 
     dist.init_cpu_group()
-    config = resolve(config)
-    teacher_dir = Path(config.teacher.path)
-    dims = attention_dims(load_teacher_config(teacher_dir))
-    _, meta = load_prepared(Path(config.data.output_dir))
-    layers = student_layers(config, dims.num_layers)
-    evaluator = Evaluator.from_config(
-        config, layers, meta, teacher_weights_digest(teacher_dir), dims.num_layers, max_batches=None
-    )
+    context = open_run(config)
+    config = context.config
+    evaluator = split_evaluator(context, "validation", max_batches=None)
     if evaluator is None:
         raise StudyError(f"{config.cache.output_dir}/validation: no validation cache to score the search on")
     model, _ = load_student_for_eval(config, None, None)
@@ -131,21 +123,21 @@ def execute(ctx: Context, spec: RunSpec) -> dict[str, Any]:
     """Train one run, evaluate it (validation for the search, the held-out test split for the grid), tag its MLflow
     run, publish its result; returns the result."""
     # torch, transformers and DeepSpeed: imported when a run is trained
+    from pipeline.stages.evaluate import eval_stage
+    from pipeline.stages.train import train_stage
     from pipeline.training.checkpoints import RUN_ID_FILE
-    from pipeline.training.evaluate import evaluate_stage
-    from pipeline.training.trainer import train
 
     discard_unfinished(ctx, spec)
     config = run_config(ctx, spec)
     output_dir = Path(config.train.output_dir)
     started = time.perf_counter()
-    train(config)
+    train_stage(config)
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     if spec.stage == TUNE_STAGE:
         metrics = {f"tune/val_{key.split('/', 1)[1]}": value for key, value in validation_metrics(config).items()}
     else:
-        metrics = evaluate_stage(config, split="test")
+        metrics = eval_stage(config, split="test")
     eval_seconds = time.perf_counter() - started
     records = read_history(output_dir)
     steps = [record for record in records if "train/loss" in record]

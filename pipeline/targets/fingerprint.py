@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.infra import dist
+from pipeline.targets import kinds
 from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.layout import LAYOUT_VERSION
 from pipeline.targets.manifest import CacheError, sha256_bytes, sha256_file
@@ -59,7 +60,7 @@ def cache_fingerprint(
         "student_head_counts": sorted(settings.head_counts),
         "cached_layers": sorted(settings.layers),
         "attn_targets": sorted(settings.kinds),
-        "rel_heads": settings.rel_heads,
+        **kinds.fingerprint_fields(settings),
         "encoding": settings.encoding,
         "attn_top_m": settings.attn_top_m if settings.encoding == "topk" else None,
         "top_k": settings.top_k,

@@ -41,7 +41,7 @@ def shard_file_name(index: int) -> str:
 
 def fingerprint_settings(fingerprint: dict[str, Any]) -> TargetSettings:
     """The target settings a fingerprint describes (dtype: the on-disk one)."""
-    return TargetSettings.from_fingerprint(fingerprint, getattr(torch, fingerprint["dtype"]))
+    return kinds.settings_from_fingerprint(fingerprint, getattr(torch, fingerprint["dtype"]))
 
 
 def cached_maps(fingerprint: dict[str, Any]) -> list[MapSpec]:

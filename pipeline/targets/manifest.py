@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.infra.atomic import atomic_write_bytes
+from pipeline.targets import kinds
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -31,13 +32,14 @@ FINGERPRINT_FIELDS = (
     "student_head_counts",
     "cached_layers",
     "attn_targets",
-    "rel_heads",
     "encoding",
     "attn_top_m",
     "top_k",
     "temperatures",
     "dtype",
+    *kinds.fingerprint_field_names(),
 )
+"""Every field a cache's fingerprint holds: the provenance and settings, then what the target kinds add."""
 
 
 class CacheError(PipelineError):

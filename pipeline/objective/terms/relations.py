@@ -1,9 +1,11 @@
 """`rel`: MiniLMv2 self-relation distillation (`distill.rel`). Per student layer j, KL between the teacher's cached
-Q-Q, K-K and V-V relation maps of teacher layer m(j) and the student's, over R relation heads (τ = 1), averaged over
-the three relations and matched layers; summed over query rows."""
+Q-Q, K-K and V-V relation maps of teacher layer m(j) (the `relations` target kind) and the student's, over R relation
+heads (τ = 1), averaged over the three relations and matched layers; summed over query rows. The student's relation
+maps are recomputed from its captured q, k and v in row blocks (`ops.map_losses.map_loss_sum`), never formed."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +13,51 @@ from torch import Tensor
 
 from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
-from pipeline.ops.relations import relation_loss_sum, states_for_relations
+from pipeline.ops.map_losses import MapTarget, map_loss_sum
+from pipeline.targets.kinds.relations import RELATIONS, relation_scale, relation_states
 from pipeline.targets.needs import MapNeed
+
+
+def relation_loss_sum(
+    student_qkv: Sequence[Tensor],
+    targets: Sequence[MapTarget],
+    num_relation_heads: int,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+) -> Tensor:
+    """Σ over valid query rows of KL(teacher relation ‖ student relation), averaged over the R relation heads and the
+    three relations → fp32 scalar with graph into the student states.
+
+    `student_qkv`: (queries, keys, values), each ``[B, H_s, T, dh_s]`` (keys and values repeated per query head);
+    `targets`: the teacher's q, k and v relation maps for the same R (dense or top-m, τ = 1; see `relation_maps`).
+    R must divide H_s·dh_s (and the teacher's width, which the cache checked).
+    """
+    if len(student_qkv) != 3 or len(targets) != 3:
+        raise ValueError("student_qkv and targets must each hold the (queries, keys, values) relations")
+    total = None
+    for states, target in zip(student_qkv, targets, strict=True):
+        relation = relation_states(states, num_relation_heads)
+        part = map_loss_sum(
+            relation,
+            relation,
+            relation_scale(relation),
+            target,
+            query_mask=query_mask,
+            key_mask=key_mask,
+        )
+        total = part if total is None else total + part
+    return total / len(RELATIONS)
+
+
+def repeat_kv(states: Tensor, num_heads: int) -> Tensor:
+    """Keys or values ``[B, H_kv, T, dh]`` repeated per query head → ``[B, H, T, dh]`` (GQA as attention sees it)."""
+    return states if states.shape[1] == num_heads else states.repeat_interleave(num_heads // states.shape[1], dim=1)
+
+
+def states_for_relations(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(queries, keys, values) ``[B, H, T, dh]`` each, keys and values repeated per query head."""
+    heads = query.shape[1]
+    return query, repeat_kv(key, heads), repeat_kv(value, heads)
 
 
 @dataclass

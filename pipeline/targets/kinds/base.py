@@ -58,25 +58,10 @@ class TargetSettings:
     temperatures: tuple[float, ...]
     """Temperatures of the cached tail sums (τ = 1 among them)."""
     dtype: torch.dtype
-    rel_heads: int | None = None
+    variants: dict[str, int] = field(default_factory=dict)
+    """Kind name → its one variant, for the kinds with a `variant_key` (the relation heads R of `relations`)."""
     selected_heads: dict[str, list[int]] | None = None
     """`L<layer>.H<heads>` → teacher heads of the `selective` targets (`SelectiveKind.choose`)."""
-
-    @classmethod
-    def from_fingerprint(cls, fingerprint: dict[str, Any], dtype: torch.dtype, **extra: Any) -> TargetSettings:
-        """The settings that write a cache with this fingerprint."""
-        return cls(
-            layers=tuple(fingerprint["cached_layers"]),
-            head_counts=tuple(fingerprint["student_head_counts"]),
-            kinds=tuple(fingerprint["attn_targets"]),
-            encoding=fingerprint["encoding"],
-            attn_top_m=fingerprint["attn_top_m"] or 1,
-            top_k=fingerprint["top_k"],
-            temperatures=tuple(fingerprint["temperatures"]),
-            dtype=dtype,
-            rel_heads=fingerprint["rel_heads"],
-            **extra,
-        )
 
 
 @dataclass
@@ -103,6 +88,11 @@ class TargetKind(ABC):
     """Its variants are student head counts (`cache.head_counts`): a student with H heads reads variant H."""
     calibration_samples: ClassVar[int] = 0
     """Train samples its `prepare` reads (0: it has nothing to prepare)."""
+    variant_key: ClassVar[str | None] = None
+    """A kind whose one variant is a setting of the run, not a student head count: the config key that sets it
+    (`distill.rel.heads`), read into `TargetSettings.variants` by whoever builds the settings."""
+    fingerprint_field: ClassVar[str | None] = None
+    """Where a cache's fingerprint records that variant (`rel_heads`; null in caches without the kind)."""
 
     @abstractmethod
     def variants(self, settings: TargetSettings) -> tuple[int | None, ...]:
