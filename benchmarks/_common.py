@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline import students
 from pipeline.config import Config
-from pipeline.models.loading import load_teacher_config
-from pipeline.targets.manifest import read_manifest
+from pipeline.objective.loss import build_objective
+from pipeline.stages.context import open_run
+from pipeline.students import build_student_model
 
 # --------------------------------------------------------------------------------------------------------------------
 # Timing
@@ -256,12 +256,12 @@ def contiguous_window_rows(split: Any, base_len: int, seq_lens: list[int], count
 
 def step0_student(config: Config) -> nn.Module:
     """The student a run of `config` builds before its first update: random weights from the run's seed, the
-    pretrained directory, or the carve from the teacher (with the train cache's α statistics when the run reads a
-    cache). A carve writes its record into `train.output_dir`: point it away from a finished run's directory."""
-    config = students.resolve(config)
-    cached = config.train.mode == "cached"
-    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats if cached else None
-    return students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
+    pretrained directory, or the carve from the teacher reading the run's own targets (`RunContext.target_source`:
+    the train cache's α statistics and selective heads, or the live teacher's). A carve writes its record into
+    `train.output_dir`: point it away from a finished run's directory."""
+    context = open_run(config)
+    targets = context.target_source(build_objective(context.config, context.teacher_layers).needs())
+    return build_student_model(context.config, context.teacher_config, targets=targets)
 
 
 @torch.no_grad()

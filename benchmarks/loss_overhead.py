@@ -4,7 +4,7 @@ For every context length T (batch = --batch-tokens ÷ T, so every batch holds ab
 backward of the student on one batch with
 
 - CE only: `kd.cross_entropy` of the logits, as plain language-model training computes it;
-- CE + KD: the objective's CE and top-k KD terms (`pipeline.objective`: one fused pass over the vocabulary with a
+- CE + KD: the objective's CE and top-k KD terms (`pipeline.objective.terms`: one fused pass over the vocabulary with a
   hand-written backward, which keeps no [B, T, V] log-probabilities and so peaks lower than plain cross_entropy);
   "vs KD" in the table is CE + KD + attention ÷ this, the attention term's own share;
 - CE + KD + attention: the same plus the attention KL of every matched layer as the trainer builds it — the student
@@ -14,8 +14,8 @@ backward of the student on one batch with
 
 Each loss is Σ_terms w · (sum over its units ÷ its unit count), as `Trainer.train_step` forms it on one rank, and
 its backward runs as the trainer's (one backward of Σ factors · term sums).
-Targets are random (costs depend on shapes, not values), encoded by `layout.encode_maps` and `kd.topk_targets` and
-converted by `reader.training_batch`, exactly the form a cached batch has.
+Targets are random (costs depend on shapes, not values), encoded by the cache's encoders (`encoding.ENCODINGS`,
+`logits.logit_targets`) and converted by `stream.training_batch`, exactly the form a cached batch has.
 
 Time: the variants alternate within every repeat (`_common.time_alternately`); medians and their ratios are printed.
 Peak memory: one fresh process per (T, variant) builds the student and the batch, runs one warm-up step, then
@@ -48,17 +48,24 @@ from _common import (  # benchmarks/ is on sys.path when run as a script
     smollm2_like_config,
     time_alternately,
 )
-from pipeline.targets.reader import training_batch
 from torch import nn
 
 from pipeline.infra.runtime import to_device
 from pipeline.models.loading import build_student
-from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
-from pipeline.ops.kd import cross_entropy, topk_targets
+from pipeline.objective.loss import Objective
+from pipeline.objective.terms.attention import AttentionKD
+from pipeline.objective.terms.ce import CrossEntropy
+from pipeline.objective.terms.kd import LogitKD
+from pipeline.ops.kd import cross_entropy
 from pipeline.ops.shd import layer_map
-from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_index_dtype
+from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.logits import logit_targets
+from pipeline.targets.needs import MapNeed
+from pipeline.targets.stream import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
+KIND = "shd"
+"""The target kind of every matched layer."""
 
 
 def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,18 +75,18 @@ def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Ge
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
-def target_names(args: argparse.Namespace) -> tuple[str, ...]:
-    """The SHD target map of every student layer: layers of the SmolLM2-shaped teacher by the uniform layer map."""
+def attention_needs(args: argparse.Namespace) -> tuple[MapNeed, ...]:
+    """The SHD target of every student layer: layers of the SmolLM2-shaped teacher by the uniform layer map."""
     teacher_layers = smollm2_like_config().num_hidden_layers
-    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, teacher_layers, "uniform"))
+    return tuple(MapNeed(KIND, layer, args.heads) for layer in layer_map(args.layers, teacher_layers, "uniform"))
 
 
 def objectives(args: argparse.Namespace) -> dict[str, Objective]:
     """The distillation variants as objectives of the trainer's terms (all weights 1, τ = 1)."""
-    logit_terms = [CrossEntropy(1.0, 1.0), LogitKD(1.0, 1.0)]
+    logit_terms = [CrossEntropy(1.0), LogitKD(1.0, 1.0, args.top_k)]
     return {
         "kd": Objective(logit_terms),
-        "full": Objective([*logit_terms, AttentionKD(1.0, target_names(args), kind="kl")]),
+        "full": Objective([*logit_terms, AttentionKD(1.0, attention_needs(args), kind="kl")]),
     }
 
 
@@ -90,29 +97,20 @@ def make_batch(
     `targets=False` only the tokens and labels (what plain language-model training holds)."""
     generator = torch.Generator().manual_seed(seq_len)
     vocab = smollm2_like_config().vocab_size
-    values, indices, tails = topk_targets(torch.randn(batch, seq_len, vocab, generator=generator), args.top_k)
+    logits = torch.randn(batch, seq_len, vocab, generator=generator)
     raw = {
         "sample_ids": torch.arange(batch),
         "input_ids": torch.randint(vocab, (batch, seq_len), generator=generator, dtype=torch.int32),
-        "topk_values": values.half(),
-        "topk_indices": indices.to(vocab_index_dtype(vocab)),
-        "tail_mass": tails[..., 0],
+        **logit_targets(logits, args.top_k, (1.0,), torch.float16),
     }
-    names = target_names(args)
-    for name in names:
+    needs = objectives(args)["full"].needs()
+    for name, _ in needs.reads():
         maps = random_causal_maps(batch, args.heads, seq_len, generator)
+        attn_top_m = min(args.attn_top_m, seq_len)
         raw.update(
-            encode_maps(
-                name,
-                maps,
-                encoding=args.encoding,
-                attn_top_m=min(args.attn_top_m, seq_len),
-                dtype=torch.float16,
-                temperatures=(1.0,),
-            )
+            ENCODINGS[args.encoding].encode(name, maps, attn_top_m=attn_top_m, dtype=torch.float16, temperatures=(1.0,))
         )
-    request = TargetRequest(tuple((name, 1.0) for name in names))
-    converted = training_batch(raw, torch.arange(batch), request, args.encoding)
+    converted = training_batch(raw, torch.arange(batch), needs, args.encoding)
     if not targets:
         converted = {key: converted[key] for key in ("input_ids", "labels")}
     return to_device(converted, device)

@@ -20,7 +20,7 @@ from pathlib import Path
 from _common import greedy_text, step0_student  # benchmarks/ is on sys.path when run as a script
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import config_from_dict, load_config
+from pipeline.config import config_from_dict, load_config, variant
 from pipeline.infra.runtime import configure_logging
 from pipeline.models.loading import load_teacher
 from pipeline.training.checkpoints import STUDENT
@@ -44,7 +44,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: {unknown} not in run.variants of {args.config} ({sorted(config.run.variants)})")
     names = args.variants or [
-        name for name in config.run.variants if (Path(config.variant(name).train.output_dir) / STUDENT).is_dir()
+        name for name in config.run.variants if (Path(variant(config, name).train.output_dir) / STUDENT).is_dir()
     ]
     if not names:
         raise SystemExit(f"{args.config}: no finished variant under {config.train.output_dir} (run distill run first)")
@@ -62,13 +62,13 @@ def main() -> None:
     )
     print(f"\n[teacher]\n{greedy(load_teacher(config.teacher.path))}")
     for name in names:
-        variant = config.variant(name)
+        run = variant(config, name)
         with tempfile.TemporaryDirectory(prefix="samples-") as scratch:
             # The run's own directory keeps its records: the rebuilt carve writes its record into the scratch one.
-            before = step0_student(config_from_dict(variant.to_dict(), [f"train.output_dir={scratch}"]))
+            before = step0_student(config_from_dict(run.to_dict(), [f"train.output_dir={scratch}"]))
             print(f"\n[{name}, step 0]\n{greedy(before)}")
-        after = AutoModelForCausalLM.from_pretrained(Path(variant.train.output_dir) / STUDENT)
-        print(f"\n[{name}, step {variant.train.max_steps}]\n{greedy(after)}")
+        after = AutoModelForCausalLM.from_pretrained(Path(run.train.output_dir) / STUDENT)
+        print(f"\n[{name}, step {run.train.max_steps}]\n{greedy(after)}")
 
 
 if __name__ == "__main__":
