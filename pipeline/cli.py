@@ -16,6 +16,7 @@ from pipeline.config import Config, ConfigError, load_config, reference_markdown
 from pipeline.errors import PipelineError
 from pipeline.infra.atomic import is_disk_full, storage_error
 from pipeline.infra.runtime import configure_logging
+from pipeline.models.templates import TEACHER_TEMPLATES
 
 logger = logging.getLogger("pipeline")
 
@@ -89,11 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, launcher],
         help="run the teacher once and cache squeezed attention targets + sparse logits (one process per rank "
         "under the DeepSpeed launcher); `distill cache verify DIR` checks a cache",
-        description="distill cache CONFIG [overrides]  |  distill cache verify DIR",
+        description="distill cache CONFIG [overrides]  |  distill cache CONFIG --plan [--template NAME]  |  "
+        "distill cache verify DIR",
     )
     cache.add_argument("config", help="YAML config file, or the word `verify` followed by a cache directory")
     cache.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     cache.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    cache.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the bytes per token of every tensor the cache would store and each split's total, from the config "
+        "and the teacher's config.json alone (no teacher runs, nothing is written)",
+    )
+    cache.add_argument(
+        "--template",
+        choices=sorted(TEACHER_TEMPLATES),
+        help="with --plan: price the cache for a teacher of this shape instead of teacher.path",
+    )
 
     train = commands.add_parser(
         "train",
@@ -225,6 +238,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from pipeline.stages.cache import verify_stage
 
         verify_stage(Path(args.overrides[0]))
+    elif args.command == "cache" and (args.plan or args.template):
+        if not args.plan or args.overwrite:
+            raise ConfigError("usage: distill cache CONFIG --plan [--template NAME] [overrides]")
+        from pipeline.stages.cache import plan_stage
+
+        args.config = Path(args.config)
+        plan_stage(_load(args), args.template)
     elif args.command == "cache":
         from pipeline.stages.cache import cache_stage
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from pipeline.targets import kinds
-from pipeline.targets.encoding import ENCODINGS
-from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
-from pipeline.targets.logits import vocab_index_dtype
+from pipeline.targets.codecs import bits_for, pack_bits, quantize_logs
+from pipeline.targets.encoding import ENCODINGS, EncodeOptions, unpack_indices
+from pipeline.targets.layout import LAYOUT_VERSION, expected_tensors, packed_limit, shard_bytes, shard_file_name
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 from pipeline.targets.needs import MapNeed, TargetNeeds
+from pipeline.targets.rows import ROWS_TENSOR, stored_rows
 
 SAMPLE_ID_OFFSET = 1000
 VOCAB_SIZE = 50
@@ -39,10 +40,38 @@ def alpha_name(layer: int, heads: int, squeeze: str) -> str:
 
 
 def encode_maps(
-    name: str, maps: torch.Tensor, *, encoding: str, attn_top_m: int, dtype: torch.dtype, temperatures: tuple
+    name: str,
+    maps: torch.Tensor,
+    *,
+    encoding: str,
+    attn_top_m: int,
+    dtype: torch.dtype,
+    temperatures: tuple,
+    value_bits: int = 16,
+    rows: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The stored tensors of map `name` in `encoding` (the cache's own encoder)."""
-    return ENCODINGS[encoding].encode(name, maps, attn_top_m=attn_top_m, dtype=dtype, temperatures=temperatures)
+    """The stored tensors of whole maps [N, H, T, T] named `name` in `encoding`, through the cache's own writer
+    (`rows` [N, R]: store only those query rows, top-m only)."""
+    seq_len = maps.shape[-1]
+    options = EncodeOptions(attn_top_m, dtype, temperatures, value_bits, seq_len)
+    writer = ENCODINGS[encoding].writer(name, options)
+    if rows is None:
+        writer.add(maps, torch.arange(seq_len).expand(len(maps), seq_len))
+    else:
+        index = rows[:, None, :, None].expand(*maps.shape[:2], rows.shape[1], seq_len)
+        writer.add(maps.gather(2, index), rows)
+    return writer.tensors()
+
+
+def unpacked(tensors: dict[str, torch.Tensor], fingerprint: dict) -> dict[str, torch.Tensor]:
+    """A shard's tensors with every packed integer tensor (token ids, key indices, stored rows) unpacked to int64 of
+    its logical shape [N, …]."""
+    specs = expected_tensors(fingerprint, len(tensors["sample_ids"]))
+    decoded = {}
+    for name, tensor in tensors.items():
+        limit = packed_limit(specs[name].role, fingerprint)
+        decoded[name] = tensor if limit is None else unpack_indices(tensor, limit, (len(tensor), *specs[name].unpacked))
+    return decoded
 
 
 def squeeze_needs(
@@ -96,17 +125,28 @@ def shard_tensors(
     teacher_heads: int,
     dtype: torch.dtype,
     generator: torch.Generator,
+    row_fraction: float = 1.0,
+    attn_value_bits: int = 16,
+    logit_value_bits: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Every tensor of one shard holding rows first_sample .. first_sample + num_rows - 1, in on-disk dtypes."""
     logprobs = torch.randn(num_rows, seq_len, VOCAB_SIZE, generator=generator).log_softmax(dim=-1)
     topk_values, topk_indices = logprobs.topk(k, dim=-1)
+    sample_ids = torch.arange(first_sample, first_sample + num_rows, dtype=torch.int64) + SAMPLE_ID_OFFSET
     tensors = {
-        "sample_ids": torch.arange(first_sample, first_sample + num_rows, dtype=torch.int64) + SAMPLE_ID_OFFSET,
+        "sample_ids": sample_ids,
         "input_ids": torch.randint(0, VOCAB_SIZE, (num_rows, seq_len), generator=generator, dtype=torch.int32),
-        "topk_values": topk_values.to(dtype),
-        "topk_indices": topk_indices.to(vocab_index_dtype(VOCAB_SIZE)),
+        "topk_indices": pack_bits(topk_indices.flatten(1), bits_for(VOCAB_SIZE)),
         "tail_mass": (1 - topk_values.exp().sum(dim=-1)).clamp_min(0),
     }
+    if logit_value_bits == 8:
+        tensors["topk_codes"], tensors["topk_offset"], tensors["topk_step"] = quantize_logs(topk_values)
+    else:
+        tensors["topk_values"] = topk_values.to(dtype)
+    rows = None
+    if row_fraction < 1:
+        rows = stored_rows(sample_ids, seq_len, row_fraction)
+        tensors[ROWS_TENSOR] = pack_bits(rows, bits_for(seq_len))
     for layer in layers:
         maps = _causal_maps(generator, num_rows, teacher_heads, seq_len)
         for heads in head_counts:
@@ -120,6 +160,8 @@ def shard_tensors(
                     attn_top_m=m,
                     dtype=dtype,
                     temperatures=(1.0,),
+                    value_bits=attn_value_bits,
+                    rows=rows,
                 )
             )
     return tensors
@@ -135,6 +177,9 @@ def synthetic_fingerprint(
     dtype: str,
     seed: int,
     teacher_heads: int,
+    row_fraction: float = 1.0,
+    attn_value_bits: int = 16,
+    logit_value_bits: int = 16,
 ) -> dict[str, object]:
     """A fingerprint with every field of `manifest.FINGERPRINT_FIELDS`."""
     return {
@@ -152,6 +197,9 @@ def synthetic_fingerprint(
         "rel_heads": None,
         "encoding": encoding,
         "attn_top_m": m if encoding == "topk" else None,
+        "attn_row_fraction": row_fraction,
+        "attn_value_bits": attn_value_bits,
+        "logit_value_bits": logit_value_bits,
         "top_k": k,
         "temperatures": [1.0],
         "dtype": dtype,
@@ -171,20 +219,35 @@ def write_synthetic_cache(
     teacher_heads: int = 6,
     dtype: str = "float16",
     seed: int = 0,
+    row_fraction: float = 1.0,
+    attn_value_bits: int = 16,
+    logit_value_bits: int = 16,
 ) -> Manifest:
     """Write a complete cache of random targets under `directory` and return its manifest."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
+    compact = {"row_fraction": row_fraction, "attn_value_bits": attn_value_bits, "logit_value_bits": logit_value_bits}
     fingerprint = synthetic_fingerprint(
-        seq_len, list(layers), list(head_counts), encoding, k, m, dtype, seed, teacher_heads
+        seq_len, list(layers), list(head_counts), encoding, k, m, dtype, seed, teacher_heads, **compact
     )
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     manifest = Manifest(fingerprint=fingerprint, num_samples=num_samples, shard_size=shard_size, complete=True)
     for index, first in enumerate(range(0, num_samples, shard_size)):
         rows = min(shard_size, num_samples - first)
         tensors = shard_tensors(
-            first, rows, seq_len, list(layers), list(head_counts), encoding, k, m, teacher_heads, torch_dtype, generator
+            first,
+            rows,
+            seq_len,
+            list(layers),
+            list(head_counts),
+            encoding,
+            k,
+            m,
+            teacher_heads,
+            torch_dtype,
+            generator,
+            **compact,
         )
         data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": first, "num_samples": rows})
         name = shard_file_name(index)

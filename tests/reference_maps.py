@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.targets.kinds.relations import relation_scale, relation_states
+
 
 def causal_visibility(seq_len: int, key_mask: Tensor | None = None) -> Tensor:
     """[B|1, 1, T, T] bool: key j visible to query i when j ≤ i and `key_mask[b, j]` (None: every key)."""
@@ -78,3 +80,11 @@ def bucket_kl(student: Tensor, teacher: Tensor, indices: Tensor) -> Tensor:
     target, ours = buckets(teacher), buckets(student)
     log_ratio = target.clamp_min(1e-300).log() - ours.clamp_min(1e-300).log()
     return torch.where(target > 1e-15, target * log_ratio, 0.0).sum(-1)
+
+
+def relation_maps(states: Tensor, num_relation_heads: int, key_mask: Tensor | None = None) -> Tensor:
+    """MiniLMv2 relation maps softmax(X_r X_rᵀ / √d_r) of states [B, H, T, dh] over R relation heads under the causal
+    mask (and `key_mask`): [B, R, T, T] in the states' dtype (fp32 at least), exact zeros at hidden keys."""
+    relation = relation_states(states if states.dtype == torch.float64 else states.float(), num_relation_heads)
+    scores = relation @ relation.transpose(-1, -2) * relation_scale(relation)
+    return masked_softmax(scores, causal_visibility(relation.shape[2], key_mask))

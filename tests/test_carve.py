@@ -11,7 +11,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from pipeline.models.capture import AttentionCapture, attention_dims, model_family
 from pipeline.models.loading import load_teacher, make_student_config, write_tiny_teacher
-from pipeline.ops.shd import head_groups, head_importance, squeeze_groups
+from pipeline.ops.matching import head_groups, squeeze_groups
+from pipeline.ops.shd import head_importance
 from pipeline.students.carve import (
     CarveError,
     CarvePlan,

@@ -26,6 +26,9 @@ def _fingerprint(**changes: object) -> dict:
         "dtype": "float16",
         "encoding": "topk",
         "attn_top_m": 3,
+        "attn_row_fraction": 1.0,
+        "attn_value_bits": 16,
+        "logit_value_bits": 16,
         "temperatures": [1.0, 2.0],
         "cached_layers": [1, 3],
         "attn_targets": ["global", "relations", "shd", "uniform"],
@@ -48,8 +51,11 @@ def test_topk_rows_values_indices_and_tail_sums_per_temperature() -> None:
     for position, tau in enumerate((1.0, 2.0, 0.5)):
         torch.testing.assert_close(tails[..., position].double(), rest.pow(1 / tau).sum(-1), rtol=1e-5, atol=1e-9)
     assert torch.all(tails[..., :m, :] == 0) and torch.all(tails[..., m:, :] > 0)
-    with pytest.raises(ValueError, match="m=9"):
-        topk_rows(maps, 9)
+    wide_values, wide_indices, wide_tails = topk_rows(maps[..., :2, :2], 3)
+    assert torch.equal(wide_values[..., 2], torch.zeros(2, 3, 2)) and torch.all(wide_indices[..., 2] == 2)
+    assert torch.all(wide_tails == 0)
+    with pytest.raises(ValueError, match="m=0"):
+        topk_rows(maps, 0)
 
 
 def test_encoded_maps_match_the_schema_and_round_trip() -> None:
@@ -88,7 +94,7 @@ def test_schema_names_every_map_kind_once() -> None:
     assert "alpha.L3.H2.global" not in str(specs)
     tail = specs[tail_name("tail_mass", 2.0)]
     assert (tail.dtype, tail.shape, tail.role) == ("F32", (5, 8), "tail") and tail_name("tail_mass", 1.0) == "tail_mass"
-    assert specs["attn.L1.H3.shd.values"].companion == "attn.L1.H3.shd.tail"
+    assert specs["attn.L1.H3.shd.values"].companions == ("attn.L1.H3.shd.tail",)
     assert map_name(3, "selective", 2) == "attn.L3.H2.selective"
     assert [spec.name for spec in kinds.get("relations").maps(1, 4)] == ["rel.L1.R4.q", "rel.L1.R4.k", "rel.L1.R4.v"]
     with pytest.raises(KeyError, match="unknown target kind 'relation'"):

@@ -128,6 +128,71 @@ def test_dense_loss_equals_the_unblocked_fp64_reference(kind: str, temperature: 
     torch.testing.assert_close(ours_k.grad.double(), ref_k.grad, rtol=1e-4, atol=1e-6)
 
 
+def _reference_bucket_kl_rows(query, key, target, m, temperature, rows, head_mean=False, drop_sink=False):
+    """`_reference_bucket_kl` summed over the query rows `rows` [B, R] only (valid rows; the sink row 0 left out when
+    `drop_sink`, whose key is then hidden on both sides)."""
+    valid = _valid()
+    key_mask = valid.clone()
+    if drop_sink:
+        key_mask[:, 0] = False
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    visible = causal[None, None] & key_mask[:, None, None, :]
+    student = reference_maps.student_maps(query, key, SCALE, temperature, visible, head_mean)
+    teacher = reference_maps.softened(target.double(), temperature, visible)
+    indices = target.topk(m, dim=-1).indices
+    per_row = reference_maps.bucket_kl(student, teacher, indices).mean(1)
+    chosen = torch.zeros(BATCH, SEQ, dtype=torch.bool).scatter(1, rows, True) & valid & key_mask
+    return torch.where(chosen, per_row, 0.0).sum()
+
+
+@pytest.mark.parametrize("head_mean", [False, True])
+@pytest.mark.parametrize(("temperature", "drop_sink"), [(1.0, False), (2.0, False), (1.0, True)])
+def test_stored_rows_loss_is_the_bucket_kl_summed_over_those_rows(
+    head_mean: bool, temperature: float, drop_sink: bool
+) -> None:
+    """Targets of a subset of query rows per sample (`SparseTarget.rows`): the loss and its gradient are the fp64
+    bucket KL of exactly those rows — the student's other rows are never formed."""
+    query, key = _qk(5)
+    target = _targets(6, heads=1 if head_mean else HEADS)
+    if drop_sink:  # a sink, kept in every row's top m: its mass leaves the row exactly
+        target[..., 0] += 2.0
+        target = target / target.sum(-1, keepdim=True)
+    rows = torch.tensor([[0, 2, 5, 8], [1, 3, 4, 7]])
+    full = _sparse(target, 3, temperature)
+    index = rows[:, None, :, None]
+    stored = SparseTarget(
+        full.values.gather(2, index.expand(*full.values.shape[:2], 4, 3)),
+        full.indices.gather(2, index.expand(*full.indices.shape[:2], 4, 3)),
+        full.tail.gather(2, rows[:, None, :].expand(*full.tail.shape[:2], 4)),
+        rows,
+    )
+    key_mask = _valid().clone()
+    if drop_sink:
+        key_mask[:, 0] = False
+    ours_q, ours_k = query.float().requires_grad_(), key.float().requires_grad_()
+    loss = map_loss_sum(
+        ours_q,
+        ours_k,
+        SCALE,
+        stored,
+        temperature=temperature,
+        head_mean=head_mean,
+        query_mask=key_mask,
+        key_mask=key_mask,
+        rows_per_block=3,
+    )
+    loss.backward()
+    ref_q, ref_k = query.clone().requires_grad_(), key.clone().requires_grad_()
+    reference = _reference_bucket_kl_rows(ref_q, ref_k, target, 3, temperature, rows, head_mean, drop_sink)
+    reference.backward()
+    assert reference.item() > 0.01
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-5)
+    torch.testing.assert_close(ours_q.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_k.grad.double(), ref_k.grad, rtol=1e-4, atol=1e-6)
+    unstored = torch.ones(BATCH, SEQ, dtype=torch.bool).scatter(1, rows, False)
+    assert torch.all(ours_q.grad.abs().sum((1, 3))[unstored] == 0)  # rows not stored get no gradient
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
 @pytest.mark.parametrize("head_mean", [False, True])
 def test_sparse_loss_is_the_exact_bucket_kl(temperature: float, head_mean: bool) -> None:

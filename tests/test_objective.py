@@ -17,15 +17,15 @@ from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.relations import RelationKD
 from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
 from pipeline.ops.map_losses import DenseTarget
+from pipeline.targets.codecs import bits_for, pack_bits
 from pipeline.targets.encoding import pack_triangle, tail_name
-from pipeline.targets.kinds.relations import relation_maps
 from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
-from pipeline.targets.logits import vocab_index_dtype
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 from pipeline.targets.needs import MapNeed, TargetNeeds
 from pipeline.targets.stream import TargetStream
 from tests import reference_maps
 from tests.cache_fixtures import SAMPLE_ID_OFFSET, encode_maps, synthetic_fingerprint
+from tests.reference_maps import relation_maps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def _write_top_m_cache(
         "sample_ids": torch.arange(SAMPLES) + SAMPLE_ID_OFFSET,
         "input_ids": input_ids.int(),
         "topk_values": values.half(),
-        "topk_indices": indices.to(vocab_index_dtype(logits.shape[-1])),
+        "topk_indices": pack_bits(indices.flatten(1), bits_for(logits.shape[-1])),
         **{tail_name("tail_mass", tau): tails[..., column].contiguous() for column, tau in enumerate(temperatures)},
     }
     for name, target in maps.items():

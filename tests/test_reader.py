@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.ops.map_losses import DenseTarget, SparseTarget
 from pipeline.targets import store
+from pipeline.targets.codecs import bits_for, pack_bits, unpack_bits
 from pipeline.targets.encoding import unpack_triangle
 from pipeline.targets.layout import read_header, shard_bytes, shard_file_name
 from pipeline.targets.manifest import (
@@ -29,7 +30,7 @@ from pipeline.targets.manifest import (
 from pipeline.targets.needs import MapNeed, TargetNeeds
 from pipeline.targets.store import open_cache, verify_cache
 from pipeline.targets.stream import TargetStream
-from tests.cache_fixtures import SAMPLE_ID_OFFSET, VOCAB_SIZE, squeeze_needs, write_synthetic_cache
+from tests.cache_fixtures import SAMPLE_ID_OFFSET, VOCAB_SIZE, squeeze_needs, unpacked, write_synthetic_cache
 
 NUM_SAMPLES = 37
 SHARD_SIZE = 8
@@ -204,10 +205,12 @@ def test_length_and_samples_per_epoch(dense_cache: Path) -> None:
 
 
 def shard_rows(directory: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Sample id → that sample's row of every tensor, read straight from the shard files."""
+    """Sample id → that sample's row of every tensor, read straight from the shard files (packed indices
+    unpacked by their spec: int64 of their logical shape)."""
+    fingerprint = open_cache(directory).fingerprint
     rows = {}
     for index in range(NUM_SHARDS):
-        tensors = load_file(directory / shard_file_name(index))
+        tensors = unpacked(load_file(directory / shard_file_name(index)), fingerprint)
         for row, sample_id in enumerate(tensors["sample_ids"].tolist()):
             rows[sample_id] = {name: tensor[row] for name, tensor in tensors.items()}
     return rows
@@ -240,8 +243,8 @@ def test_topk_batches_hold_the_shard_contents(topk_cache: Path) -> None:
     expected = shard_rows(topk_cache)
     for batch in collect(make_stream(topk_cache, layers=[3], heads=2, batch_size=5, num_batches=8)):
         assert list(batch["maps"]) == ["attn.L3.H2.shd"]
-        values, indices, tail = batch["maps"]["attn.L3.H2.shd"]
-        assert isinstance(batch["maps"]["attn.L3.H2.shd"], SparseTarget)
+        values, indices, tail, rows = batch["maps"]["attn.L3.H2.shd"]
+        assert rows is None and isinstance(batch["maps"]["attn.L3.H2.shd"], SparseTarget)
         assert values.dtype == tail.dtype == torch.float32 and indices.dtype == torch.int64
         assert values.shape == indices.shape == (5, 2, SEQ_LEN, 3) and tail.shape == (5, 2, SEQ_LEN)
         torch.testing.assert_close(values.sum(-1) + tail, torch.ones(5, 2, SEQ_LEN), atol=2e-2, rtol=0)
@@ -509,6 +512,18 @@ def _set(index: tuple, value: float) -> Any:
     return change
 
 
+def _set_packed(index: tuple, value: int, limit: int, shape: tuple[int, ...]) -> Any:
+    """Set one integer of a packed tensor (values below `limit`, `shape` per sample) and pack it again."""
+
+    def change(tensor: torch.Tensor) -> None:
+        count = torch.Size(shape).numel()
+        values = unpack_bits(tensor, bits_for(limit), count).reshape(len(tensor), *shape)
+        values[index] = value
+        tensor.copy_(pack_bits(values.flatten(1), bits_for(limit)))
+
+    return change
+
+
 def _halve_row(tensor: torch.Tensor) -> None:
     tensor[0, 0, 3:6] *= 0.5  # query row 2 of head 0: triangle entries 3, 4, 5
 
@@ -611,19 +626,19 @@ TOPK_DAMAGE = {
         "attn.L1.H3.shd.values",
         _set((6, 2, 5, 1), float("nan")),
         r"tensor 'attn\.L1\.H3\.shd\.values' \(teacher layer 1\): nan at sample id 1022 \(shard row 6\), head 2, "
-        r"query row 5, entry 1; expected a finite value",
+        r"stored row 5, entry 1; expected a finite value",
     ),
     "a tail that does not complete the row": (
         "attn.L3.H2.shd.tail",
         _set((3, 1, 4), 0.5),
         r"tensor 'attn\.L3\.H2\.shd\.values' \(teacher layer 3\): the top-m values and the tail of a row sum to "
-        r"1\.[\d]+ at sample id 1019 \(shard row 3\), head 1, query row 4; expected 1 ± 0\.0079",
+        r"1\.[\d]+ at sample id 1019 \(shard row 3\), head 1, stored row 4; expected 1 ± 0\.0079",
     ),
     "a key index beyond the sequence": (
         "attn.L3.H2.shd.indices",
-        _set((7, 0, 5, 2), SEQ_LEN),
+        _set_packed((7, 0, 5, 2), SEQ_LEN, SEQ_LEN, (2, SEQ_LEN, 3)),
         rf"tensor 'attn\.L3\.H2\.shd\.indices' \(teacher layer 3\): key index {SEQ_LEN} at sample id 1023 \(shard "
-        rf"row 7\), head 0, query row 5, entry 2; expected 0 ≤ key index < {SEQ_LEN}",
+        rf"row 7\), head 0, stored row 5, entry 2; expected 0 ≤ key index < {SEQ_LEN}",
     ),
 }
 

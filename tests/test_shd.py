@@ -6,16 +6,13 @@ import math
 import pytest
 import torch
 
+from pipeline.ops.matching import head_groups, layer_map, select_heads, squeeze_groups
 from pipeline.ops.shd import (
     Circuits,
     group_alphas,
-    head_groups,
     head_importance,
-    layer_map,
     pairwise_alphas,
     reconstruction_error,
-    select_heads,
-    squeeze_groups,
     squeeze_heads,
 )
 

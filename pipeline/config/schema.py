@@ -186,6 +186,14 @@ class CacheConfig:
     """Attention targets: `dense` (exact causal triangle) or `topk` (m per row plus tail; constant bytes per token)."""
     attn_top_m: int = 32
     """Entries kept per attention row with the `topk` encoding."""
+    attn_row_fraction: float = 1.0
+    """Share of each sample's query rows whose attention targets are stored (`topk` only): R = round(f·T) rows per
+    sample, one drawn in each of R equal strata, seeded by the sample id; the attention losses average over them."""
+    attn_value_bits: Literal[16, 8] = 16
+    """Top-m attention values as 16-bit probabilities (`cache.dtype`) or 8-bit codes of their log on a per-row grid
+    (|Δ log p| ≤ half a step; `topk` only)."""
+    logit_value_bits: Literal[16, 8] = 16
+    """Top-k logit log-probs as 16-bit values (`cache.dtype`) or 8-bit codes on a per-position grid."""
     dtype: Literal["float16", "bfloat16"] = "float16"
     """On-disk precision of attention targets and logit values."""
     shard_size: int = 64

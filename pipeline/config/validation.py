@@ -101,6 +101,22 @@ def validate(config: Config) -> None:
     for index, layer in enumerate(c.layers):
         require(layer >= 0, f"cache.layers[{index}]", layer, "a teacher layer index ≥ 0")
     require(c.attn_top_m >= 1, "cache.attn_top_m", c.attn_top_m, "an integer ≥ 1")
+    require(
+        c.encoding != "topk" or c.attn_top_m <= data.seq_len,
+        "cache.attn_top_m",
+        c.attn_top_m,
+        f"at most data.seq_len = {data.seq_len} entries per row (a row has at most T keys)",
+    )
+    require(0 < c.attn_row_fraction <= 1, "cache.attn_row_fraction", c.attn_row_fraction, "a fraction in (0, 1]")
+    sparse_only = (("attn_row_fraction", 1.0, "every row"), ("attn_value_bits", 16, "16-bit values"))
+    for key, dense_value, dense_form in sparse_only:
+        value = getattr(c, key)
+        require(
+            c.encoding == "topk" or value == dense_value,
+            f"cache.{key}",
+            value,
+            f"{dense_value} with cache.encoding: dense (a dense cache stores {dense_form}); use cache.encoding: topk",
+        )
     require(c.shard_size >= 1, "cache.shard_size", c.shard_size, "an integer ≥ 1")
     require(c.batch_size >= 1, "cache.batch_size", c.batch_size, "an integer ≥ 1")
     if c.max_samples is not None:

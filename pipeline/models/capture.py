@@ -143,6 +143,20 @@ def _output_projection_per_head(module: nn.Module, num_heads: int, head_dim: int
     return weight.reshape(num_heads, head_dim, -1)
 
 
+def layer_circuits(model: nn.Module, layers: Iterable[int]) -> dict[int, tuple[Tensor, tuple[int, ...]]]:
+    """Per layer: (each query head's slice of the output projection [H, dh, d_model] fp32, the KV head each query
+    head reads) — with the values the attention function sees, a layer's value–output circuits (`ops.shd.Circuits`)."""
+    modules = find_attention_modules(model)
+    circuits = {}
+    for layer in layers:
+        module = modules[layer]
+        dims = attention_dims(module.config)
+        output = _output_projection_per_head(module, dims.num_heads, dims.head_dim).detach().float()
+        group = dims.num_heads // dims.num_kv_heads
+        circuits[layer] = (output, tuple(head // group for head in range(dims.num_heads)))
+    return circuits
+
+
 def capture_attention_forward(
     module: nn.Module,
     query: Tensor,

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.models.capture import AttentionCapture
 from pipeline.objective.terms import StudentForward, Term, TermContext, specs
 from pipeline.objective.terms.attention import YARDSTICK, AttentionKD
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.targets.needs import TargetNeeds
 
 

@@ -13,7 +13,9 @@ teacher map is (`student_log_probs`).
 
 Targets: `DenseTarget` (the packed causal triangle the cache stores, probabilities at τ = 1) or `SparseTarget` (the
 top m entries of every row plus the tail sum R_τ = Σ_tail t^{1/τ} at the loss temperature, so the (m+1)-bucket KL is
-exact at τ). Per query row: `kl` KL(t ‖ s) summed over keys (0 · log 0 = 0), `mse` Σ_keys (s − t)², `cosine`
+exact at τ) — of every query row, or of a sample of rows per sequence (`SparseTarget.rows`): then only the student's
+rows at those positions are formed, in blocks of stored rows, and the sum runs over them. Per query row: `kl`
+KL(t ‖ s) summed over keys (0 · log 0 = 0), `mse` Σ_keys (s − t)², `cosine`
 ½‖t/‖t‖ − s/‖s‖‖² (= 1 − cos). Rows are averaged over heads, then summed over valid query rows (the caller divides
 by the global row count once). Pure tensor maths: nothing here knows about models, ranks or files.
 """
@@ -74,6 +76,9 @@ class SparseTarget(NamedTuple):
     """[B, H, T, m] key positions (any int dtype)."""
     tail: Tensor
     """[B, H, T] R_τ = Σ over the keys not kept of t^{1/τ}, at the temperature of the loss (τ = 1: the tail mass)."""
+    rows: Tensor | None = None
+    """[B, R] sorted query positions of the rows held (values, indices and tail are then [B, H, R, …]); None: all
+    T rows."""
 
 
 MapTarget = DenseTarget | SparseTarget
@@ -106,10 +111,7 @@ def dense_rows(packed: Tensor, start: int, stop: int, width: int) -> Tensor:
 def key_visibility(start: int, stop: int, key_mask: Tensor | None, device: torch.device) -> Tensor:
     """[B|1, 1, rows, stop] bool over keys 0..stop−1 (no later key is visible to rows < stop): key j visible to
     query i when j ≤ i (causal) and key j is not padding."""
-    visible = _causal_positions(start, stop, stop, device)[1][None, None]
-    if key_mask is not None:
-        visible = visible & key_mask[:, :stop].bool()[:, None, None, :]
-    return visible
+    return _visible(_causal_positions(start, stop, stop, device)[2], key_mask)
 
 
 def _repeat_keys(query: Tensor, key: Tensor) -> Tensor:
@@ -147,17 +149,51 @@ def student_log_probs(
     key = _repeat_keys(query, key)
     head_temperature = 1.0 if head_mean else temperature
     scores = query[:, :, start:stop].float() @ key[:, :, :stop].float().transpose(-1, -2) * (scale / head_temperature)
-    if not head_mean:
-        visible = key_visibility(start, stop, key_mask, query.device)
-        return torch.log_softmax(scores.masked_fill(~visible, MASKED), dim=-1)
     future = _causal_positions(start, stop, stop, query.device)[2]
+    return _log_probs(scores, future, key_mask, temperature, head_mean)
+
+
+def student_log_probs_at(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    positions: Tensor,
+    *,
+    temperature: float = 1.0,
+    key_mask: Tensor | None = None,
+    head_mean: bool = False,
+) -> Tensor:
+    """`student_log_probs` of the query rows at `positions` [B, R] (sorted per sample) over keys 0..K−1, K = the
+    last position + 1 → [B, H, R, K] (or [B, 1, R, K] with `head_mean`)."""
+    key = _repeat_keys(query, key)
+    width = int(positions.max()) + 1
+    index = positions[:, None, :, None].expand(query.shape[0], query.shape[1], positions.shape[1], query.shape[-1])
+    rows = query.gather(2, index).float()
+    head_temperature = 1.0 if head_mean else temperature
+    scores = rows @ key[:, :, :width].float().transpose(-1, -2) * (scale / head_temperature)
+    future = torch.arange(width, device=query.device) > positions[:, None, :, None]
+    return _log_probs(scores, future, key_mask, temperature, head_mean)
+
+
+def _visible(future: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Keys a row may see: not in its future, and real tokens (`key_mask` [B, T]) — [B|1, 1, rows, K]."""
+    visible = ~future if future.dim() == 4 else ~future[None, None]
+    if key_mask is not None:
+        visible = visible & key_mask[:, : future.shape[-1]].bool()[:, None, None, :]
+    return visible
+
+
+def _log_probs(scores: Tensor, future: Tensor, key_mask: Tensor | None, temperature: float, head_mean: bool) -> Tensor:
+    """Log-probabilities of score rows [B, H, rows, K] (already scaled, and divided by τ unless `head_mean`) whose
+    `future` keys ([rows, K] or [B, 1, rows, K]) are causally hidden: see `student_log_probs`."""
+    if not head_mean:
+        return torch.log_softmax(scores.masked_fill(~_visible(future, key_mask), MASKED), dim=-1)
     log_probs = torch.log_softmax(scores.masked_fill(future, MASKED), dim=-1)
-    log_mean = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(query.shape[1])
+    log_mean = torch.logsumexp(log_probs, dim=1, keepdim=True) - math.log(scores.shape[1])
     if temperature == 1.0 and key_mask is None:
         return log_mean
     # Masked after the division: causal zeros sit near MASKED and overflow to -inf for τ < 1 until refilled.
-    visible = key_visibility(start, stop, key_mask, query.device)
-    return torch.log_softmax((log_mean / temperature).masked_fill(~visible, MASKED), dim=-1)
+    return torch.log_softmax((log_mean / temperature).masked_fill(~_visible(future, key_mask), MASKED), dim=-1)
 
 
 def _soften_dense(target: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -327,6 +363,32 @@ def _block_loss(
     return per_row.sum()
 
 
+def _stored_block_loss(
+    query: Tensor,
+    key: Tensor,
+    positions: Tensor,
+    query_mask: Tensor | None,
+    key_mask: Tensor | None,
+    values: Tensor,
+    indices: Tensor,
+    tail: Tensor,
+    *,
+    scale: float,
+    temperature: float,
+    head_mean: bool,
+) -> Tensor:
+    """`_block_loss` of the stored query rows at `positions` [B, r] against their top-m target rows."""
+    log_probs = student_log_probs_at(
+        query, key, scale, positions, temperature=temperature, key_mask=key_mask, head_mean=head_mean
+    )
+    future = torch.arange(log_probs.shape[-1], device=query.device) > positions[:, None, :, None]
+    visible = None if key_mask is None else _visible(future, key_mask)
+    per_row = _sparse_row_loss(log_probs, values, indices, tail, temperature, visible).mean(1)
+    if query_mask is not None:
+        per_row = torch.where(query_mask.bool().gather(1, positions), per_row, 0.0)
+    return per_row.sum()
+
+
 def block_rows(batch: int, heads: int, seq_len: int, budget: int = ROW_BLOCK_ELEMENTS) -> int:
     """Query rows per block so that a block's scores hold at most `budget` entries (at least one row)."""
     return max(1, budget // max(1, batch * heads * seq_len))
@@ -342,7 +404,12 @@ def _check_target(query: Tensor, target: MapTarget, head_mean: bool, kind: str) 
         return
     if kind != "kl":
         raise ValueError(f"kind={kind!r}: top-m (sparse) targets support only 'kl'")
-    reference = query.new_empty(batch, target_heads, seq_len, seq_len)
+    if target.rows is not None:
+        count = target.rows.shape[-1]
+        if target.rows.shape != (batch, count) or count > seq_len:
+            raise ValueError(f"target rows {tuple(target.rows.shape)}: expected [B, R] with R ≤ T = {seq_len}")
+        seq_len = count
+    reference = query.new_empty(batch, target_heads, seq_len, query.shape[2])
     check_sparse_target_shapes(
         reference,
         target.values,
@@ -367,7 +434,8 @@ def map_loss_sum(
     rows_per_block: int | None = None,
 ) -> Tensor:
     """Σ over valid query rows of the loss between the student maps softmax(q kᵀ · scale) and `target`, each row
-    averaged over heads → fp32 scalar with autograd graph into `query` and `key`.
+    averaged over heads → fp32 scalar with autograd graph into `query` and `key`. A `SparseTarget` with `rows` sums
+    over those rows only.
 
     `query` [B, H, T, d] and `key` [B, H_k, T, d] (post-RoPE, as the attention function saw them; H_k divides H);
     `scale` the score scaling (1/√d, or what the model uses); `target` of H heads, or of one head with `head_mean`
@@ -392,6 +460,22 @@ def map_loss_sum(
     step = rows_per_block or block_rows(batch, heads, seq_len)
     recompute = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad)
     total = query.new_zeros((), dtype=torch.float32)
+    if isinstance(target, SparseTarget) and target.rows is not None:
+        block = partial(_stored_block_loss, scale=scale, temperature=temperature, head_mean=head_mean)
+        for start in range(0, target.rows.shape[1], step):
+            parts = (
+                target.rows[:, start : start + step].long(),
+                query_mask,
+                key_mask,
+                target.values[:, :, start : start + step],
+                target.indices[:, :, start : start + step].long(),
+                target.tail[:, :, start : start + step],
+            )
+            if recompute:
+                total = total + checkpoint(block, query, key, *parts, use_reentrant=False)
+            else:
+                total = total + block(query, key, *parts)
+        return total
     if isinstance(target, DenseTarget) and kind == "kl" and not head_mean:
         keys = _repeat_keys(query, key)
         for start in range(0, seq_len, step):

@@ -1,22 +1,28 @@
 """Squeezing-Heads Distillation (SHD): merge a teacher's H_t attention maps into H_s student targets (exact group
-solve, the paper's pairwise merge, or uniform), each head's output share, and the student ↔ teacher layer map. The
-losses that compare student maps with these targets are in `pipeline.ops.map_losses`.
+solve, the paper's pairwise merge, or uniform) and each head's output share — from statistics accumulated over
+blocks of query rows, so that no [B, H, T, T] map has to exist.
 
-Pure tensor maths in fp32 (the tiny per-group Gram systems in fp64); nothing here knows about ranks or models.
-Shapes: B batch, H heads, T tokens, d model width, dh head width. Attention maps are row-stochastic and causal:
-[B, H, T, T] with rows over keys and an upper triangle of exact zeros.
+Everything SHD's α and the head importance need of the maps is, per head group, the Gram of the heads' outputs in
+their values' space: with V the group's values [T, w] (its KV heads side by side) and Y_i = A_i V,
+P_ij = Y_iᵀ Y_j [w, w] and ⟨A_i, A_j⟩_F, summed over query rows (`GroupStats`, fp64). Every objective below is an
+inner product of those with products of the heads' output maps: the T-sized work is one A V product per head and
+row block, as in the attention itself. The map-taking functions (`group_alphas`, `pairwise_alphas`,
+`squeeze_heads`, `head_importance`) accumulate the statistics of whole maps in one block and solve the same way.
+
+Pure tensor maths in fp32 (statistics and the tiny per-group systems in fp64); nothing here knows about ranks or
+models. Shapes: B batch, H heads, T tokens, d model width, dh head width, r heads of a group, w = dh · KV heads of
+a group. Attention maps are row-stochastic and causal.
 """
 
 import math
-from typing import Literal, NamedTuple, get_args
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from pipeline.ops.kd import PROB_FLOOR
-
-SqueezeMethod = Literal["shd", "shd_pairwise", "uniform"]
-SQUEEZE_METHODS: tuple[str, ...] = get_args(SqueezeMethod)
+from pipeline.ops.matching import SQUEEZE_METHODS, SqueezeMethod, head_groups, pairwise_pass_sizes, squeeze_groups
 
 MAX_EXACT_GROUP_SIZE = 10
 """Largest group solved exactly by enumerating the 2^r − 1 supports of the simplex QP; larger groups fall back to
@@ -35,8 +41,7 @@ class Circuits(NamedTuple):
 
     `values` [B, H_kv, T, dh]: each KV head's values once (not repeated per query head under GQA); `output`
     [H, dh, d]: head h's slice of the output projection; `kv_heads`: the KV head (index into `values`) that each of
-    the H query heads reads. SHD's α only needs products A_i V, dh·(KV heads of a group) wide instead of d wide: for
-    SmolLM2 (9 heads on 3 KV heads, dh 64, d 576) 9× fewer FLOPs than with the dense X [B, H, T, d].
+    the H query heads reads.
     """
 
     values: Tensor
@@ -54,124 +59,85 @@ class Circuits(NamedTuple):
         """X [B, H, T, d] fp32."""
         return torch.einsum("bhtk,hkd->bhtd", self.values.float()[:, list(self.kv_heads)], self.output.float())
 
-    def select(self, heads: slice) -> "Circuits":
-        """The circuits of query heads `heads`, keeping only the KV heads they read."""
-        kv_heads = self.kv_heads[heads]
-        used = sorted(set(kv_heads))
-        return Circuits(self.values[:, used], self.output[heads], tuple(used.index(kv) for kv in kv_heads))
+    def group(self, heads: Sequence[int]) -> "GroupCircuits":
+        """The circuits of query heads `heads` in their values' space (see `GroupCircuits`)."""
+        used = sorted({self.kv_heads[head] for head in heads})
+        batch, _, seq, head_dim = self.values.shape
+        values = self.values[:, used].permute(0, 2, 1, 3).reshape(batch, seq, len(used) * head_dim)
+        embedded = self.output.new_zeros(len(heads), len(used) * head_dim, self.output.shape[-1], dtype=torch.float64)
+        for row, head in enumerate(heads):
+            slot = used.index(self.kv_heads[head])
+            embedded[row, slot * head_dim : (slot + 1) * head_dim] = self.output[head].double()
+        return GroupCircuits(values.float(), embedded)
 
 
-def as_circuits(circuits: Tensor | Circuits, maps: Tensor) -> Circuits:
-    """`circuits` (dense [B, H, T, d] or factored) as `Circuits`, checked against `maps` [B, H, T, T]."""
-    batch, heads, seq = maps.shape[:3]
-    if isinstance(circuits, Tensor):
-        if circuits.dim() != 4 or circuits.shape[:3] != maps.shape[:3]:
-            raise ValueError(f"circuits {tuple(circuits.shape)}: expected [{batch}, {heads}, {seq}, d] like the maps")
-        return Circuits.from_dense(circuits)
-    values, output, kv_heads = circuits
-    if (
-        values.dim() != 4
-        or (values.shape[0], values.shape[2]) != (batch, seq)
-        or output.dim() != 3
-        or output.shape[:2] != (heads, values.shape[3])
-        or len(kv_heads) != heads
-        or not all(0 <= kv < values.shape[1] for kv in kv_heads)
-    ):
-        raise ValueError(
-            f"circuits with values {tuple(values.shape)}, output {tuple(output.shape)}, {len(kv_heads)} kv_heads: "
-            f"expected values [{batch}, H_kv, {seq}, dh], output [{heads}, dh, d] and {heads} kv_heads in [0, H_kv)"
-        )
-    return circuits
+class GroupCircuits(NamedTuple):
+    """A head group's circuits in its values' space: X_j = V Ŵ_j."""
+
+    values: Tensor
+    """V [B, T, w] fp32: the group's KV heads' values side by side."""
+    outputs: Tensor
+    """Ŵ [r, w, d] fp64: each head's output map placed at its KV head's rows (0 elsewhere)."""
 
 
-def head_groups(num_teacher_heads: int, num_student_heads: int) -> list[list[int]]:
-    """Which teacher heads each student head is distilled from.
+class GroupStats(NamedTuple):
+    """What α and the importance of one head group need of its maps, summed over query rows (fp64)."""
 
-    H_s <= H_t: H_s contiguous groups whose sizes differ by at most one, larger groups first (numpy.array_split:
-    9 → 2 is [0..4], [5..8]); every teacher head is in exactly one group, so H_s == H_t is the identity.
-    H_s > H_t: student head j copies teacher head floor(j · H_t / H_s); every teacher head is used, some shared.
-    """
-    if num_teacher_heads < 1 or num_student_heads < 1:
-        raise ValueError(f"head counts must be positive, got teacher={num_teacher_heads}, student={num_student_heads}")
-    if num_student_heads > num_teacher_heads:
-        return [[j * num_teacher_heads // num_student_heads] for j in range(num_student_heads)]
-    base, extra = divmod(num_teacher_heads, num_student_heads)
-    groups, start = [], 0
-    for group in range(num_student_heads):
-        size = base + (1 if group < extra else 0)
-        groups.append(list(range(start, start + size)))
-        start += size
-    return groups
+    products: Tensor
+    """[B, r, r, w, w]: P_ij = Σ_rows (A_i V)ᵀ (A_j V)."""
+    overlaps: Tensor
+    """[B, r, r]: ⟨A_i, A_j⟩_F."""
+    values_gram: Tensor
+    """[B, w, w]: VᵀV over every key (what ‖S‖² needs)."""
 
 
-def _pairwise_pass_sizes(num_teacher_heads: int, num_student_heads: int) -> list[int]:
-    """Pairs merged by each pass of `shd_pairwise`: min(⌊H/2⌋, H − H_s) of the H current heads, until H_s remain
-    (9 → 3: [4, 2]; 25 → 12: [12, 1]); empty when H_s >= H_t."""
-    sizes, heads = [], num_teacher_heads
-    while heads > num_student_heads:
-        pairs = min(heads // 2, heads - num_student_heads)
-        sizes.append(pairs)
-        heads -= pairs
-    return sizes
+def new_group_stats(circuits: GroupCircuits, size: int) -> GroupStats:
+    """Empty statistics of a group of `size` heads over `circuits.values`, with VᵀV already summed."""
+    values = circuits.values.double()
+    batch, _, width = values.shape
+    return GroupStats(
+        values.new_zeros(batch, size, size, width, width),
+        values.new_zeros(batch, size, size),
+        values.transpose(1, 2) @ values,
+    )
 
 
-def squeeze_groups(num_teacher_heads: int, num_student_heads: int, method: SqueezeMethod = "shd") -> list[list[int]]:
-    """Which teacher heads each student head is distilled from under `method`.
-
-    "shd" and "uniform": `head_groups`. "shd_pairwise" (SHD's Algorithm 1) squeezes by passes: each pass merges the
-    adjacent pairs (2i, 2i + 1) of the current head list, only the first min(⌊H/2⌋, H − H_s) of them so that the
-    count can stop at any H_s, and carries the rest over; the groups are what the passes build, contiguous and in
-    order (9 → 5: [0, 1], [2, 3], [4, 5], [6, 7], [8]; 9 → 3: [0..3], [4..7], [8]; 9 → 2: [0..7], [8]).
-    H_s >= H_t: `head_groups` for every method.
-    """
-    if method not in SQUEEZE_METHODS:
-        raise ValueError(f"method={method!r}: expected one of {', '.join(map(repr, SQUEEZE_METHODS))}")
-    groups = head_groups(num_teacher_heads, num_student_heads)
-    if method != "shd_pairwise" or num_student_heads >= num_teacher_heads:
-        return groups
-    groups = [[head] for head in range(num_teacher_heads)]
-    for pairs in _pairwise_pass_sizes(num_teacher_heads, num_student_heads):
-        groups = [groups[2 * i] + groups[2 * i + 1] for i in range(pairs)] + groups[2 * pairs :]
-    return groups
+def accumulate_group_stats(stats: GroupStats, maps: Tensor, values: Tensor) -> GroupStats:
+    """`stats` plus the query rows of `maps` [B, r, rows, K] (the group's probabilities of some rows over keys
+    0..K−1) with `values` [B, T, w] (the group's `GroupCircuits.values`; keys ≥ K are 0 in every row)."""
+    maps = maps.float()
+    projected = (maps @ values[:, None, : maps.shape[-1]]).double()
+    products = stats.products + torch.einsum("birv,bjrx->bijvx", projected, projected)
+    overlaps = stats.overlaps + torch.einsum("birk,bjrk->bij", maps.double(), maps.double())
+    return GroupStats(products, overlaps, stats.values_gram)
 
 
-def _value_space(circuits: Circuits) -> tuple[Tensor, Tensor, Tensor]:
-    """A group's circuits in the space of its values: V [B, T, w] fp32, the KV heads' values side by side
-    (w = dh · KV heads), and the w × w products of the output maps, fp32: M = Ŵ_S Ŵ_Sᵀ [w, w] and N_j = Ŵ_S Ŵ_jᵀ
-    [r, w, w], where Ŵ_j [w, d] is head j's output map placed at its KV head's rows (X_j = V Ŵ_j) and Ŵ_S = Σ_j Ŵ_j
-    (S = V Ŵ_S). The d-wide contractions run in fp64; every T-sized product is then w wide instead of d."""
-    values, output, kv_heads = circuits
-    batch, num_kv, seq, head_dim = values.shape
-    stacked = values.float().permute(0, 2, 1, 3).reshape(batch, seq, num_kv * head_dim)
-    embedded = output.new_zeros(len(kv_heads), num_kv * head_dim, output.shape[-1], dtype=torch.float64)
-    for head, kv in enumerate(kv_heads):
-        embedded[head, kv * head_dim : (kv + 1) * head_dim] = output[head].double()
-    summed = embedded.sum(0)
-    return stacked, (summed @ summed.T).float(), torch.einsum("vd,jxd->jvx", summed, embedded).float()
+def _inner(products: Tensor, matrix: Tensor) -> Tensor:
+    """⟨P_ij, M⟩ for every pair: `products` [B, r, r, w, w], `matrix` [w, w] → [B, r, r]."""
+    return torch.einsum("bijvx,vx->bij", products, matrix)
 
 
-def _inner(first: Tensor, second: Tensor) -> Tensor:
-    """Frobenius inner products over the last two dims, accumulated in fp64."""
-    return (first.double() * second.double()).sum((-2, -1))
-
-
-def _pair_alpha(maps: Tensor, circuits: Circuits) -> Tensor:
-    """SHD's closed-form weight of head p when merging heads p, q of `maps` [B, 2, T, T] into α A_p + (1 − α) A_q.
-
-    The merged head applies one map to S = X_p + X_q and should reproduce A_p X_p + A_q X_q; with D = A_p − A_q the
-    residual is D X_p − α D S, minimised over [0, 1] by α* = ⟨D X_p, D S⟩_F / ‖D S‖_F², clipped; α = ½ where ‖D S‖
-    is (relatively) 0, i.e. where α does not matter. Computed with factored circuits, in the values' space: with
-    Q = D V, ⟨D X_p, D S⟩ = ⟨Q N_pᵀ, Q⟩ and ‖D S‖² = ⟨Q M, Q⟩ (see `_value_space`; w × w products instead of T × d
-    ones). Returns α [B] fp32 (1 − α is the weight of q)."""
-    values, sum_gram, cross = _value_space(circuits)
-    diff = maps[:, 0].float() - maps[:, 1].float()
-    projected = diff @ values
-    numerator = _inner(projected @ cross[0].T, projected)
-    denominator = _inner(projected @ sum_gram, projected)
-    scale = diff.square().sum((-2, -1), dtype=torch.float64) * _inner(values @ sum_gram, values)
+def _pair_alpha(products: Tensor, overlaps: Tensor, values_gram: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """SHD's closed-form weight of merged head p (output map `first` [w, d]) against q (`second`): the pair's map is
+    α Ã_p + (1 − α) Ã_q with D = Ã_p − Ã_q = Σ_i d_i A_i given by `overlaps`-sized coefficients folded in by the
+    caller (`products` [B, w, w] = (DV)ᵀ(DV), `overlaps` [B] = ‖D‖²). The merged head applies one map to
+    S = X_p + X_q and should reproduce Ã_p X_p + Ã_q X_q; the residual D X_p − α D S is minimised over [0, 1] by
+    α* = ⟨D X_p, D S⟩_F / ‖D S‖_F², clipped; α = ½ where ‖D S‖ is (relatively) 0, i.e. where α does not matter.
+    Returns α [B] fp32."""
+    summed = first + second
+    numerator = torch.einsum("bvx,vx->b", products, first @ summed.T)
+    denominator = torch.einsum("bvx,vx->b", products, summed @ summed.T)
+    scale = overlaps * torch.einsum("bvx,vx->b", values_gram, summed @ summed.T)
     degenerate = denominator <= DEGENERATE_REL_EPS * scale
     alpha = numerator / torch.where(degenerate, 1.0, denominator)
     return torch.where(degenerate, 0.5, alpha.clamp(0.0, 1.0)).float()
+
+
+def _combined(stats: GroupStats, coefficients: Tensor) -> tuple[Tensor, Tensor]:
+    """((DV)ᵀ(DV) [B, w, w], ‖D‖² [B]) of D = Σ_i c_i A_i, `coefficients` [B, r] (fp64)."""
+    products = torch.einsum("bi,bj,bijvx->bvx", coefficients, coefficients, stats.products)
+    overlaps = torch.einsum("bi,bj,bij->b", coefficients, coefficients, stats.overlaps)
+    return products, overlaps
 
 
 def _qp_objective(gram: Tensor, linear: Tensor, weights: Tensor) -> Tensor:
@@ -242,29 +208,26 @@ def _projected_gradient_simplex_qp(gram: Tensor, linear: Tensor) -> Tensor:
     return best
 
 
-def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size: int = MAX_EXACT_GROUP_SIZE) -> Tensor:
+def group_alphas_from_stats(
+    stats: GroupStats, outputs: Tensor, max_exact_group_size: int = MAX_EXACT_GROUP_SIZE
+) -> Tensor:
     """SHD weights of one group of r heads: α on the simplex minimising ‖Σ_i A_i X_i − (Σ_i α_i A_i) S‖_F²,
-    S = Σ_i X_i.
+    S = Σ_i X_i, from its statistics and output maps `outputs` [r, w, d] → α [B, r] fp32.
 
-    `maps` [B, r, T, T], `circuits` dense [B, r, T, d] or `Circuits` of the r heads → α [B, r] fp32. r = 1: 1;
-    r = 2: `_pair_alpha` (exact). r > 2: the QP with Gram matrix G_ij = ⟨A_i S, A_j S⟩ and c_i = ⟨A_i S, Σ_j A_j X_j⟩,
-    in fp64 after scaling G to unit mean diagonal; solved exactly up to `max_exact_group_size` heads, by projected
-    gradient beyond. G = 0 → uniform. With P_i = A_i V (see `Circuits`), G_ij = ⟨P_i Ŵ_S Ŵ_Sᵀ, P_j⟩ and
-    c_i = ⟨P_i, Σ_j P_j Ŵ_j Ŵ_Sᵀ⟩: the only T × T product is A_i V.
+    r = 1: 1; r = 2: the closed-form pair α (exact). r > 2: the QP with Gram matrix G_ij = ⟨A_i S, A_j S⟩ =
+    ⟨P_ij, Ŵ_S Ŵ_Sᵀ⟩ and c_i = ⟨A_i S, Σ_j A_j X_j⟩ = Σ_j ⟨P_ij, Ŵ_S Ŵ_jᵀ⟩, in fp64 after scaling G to unit mean
+    diagonal; solved exactly up to `max_exact_group_size` heads, by projected gradient beyond. G = 0 → uniform.
     """
-    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
-        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, r, T, T]")
-    circuits = as_circuits(circuits, maps)
-    batch, size = maps.shape[:2]
+    batch, size = stats.overlaps.shape[:2]
     if size == 1:
-        return maps.new_ones(batch, 1, dtype=torch.float32)
+        return stats.overlaps.new_ones(batch, 1, dtype=torch.float32)
     if size == 2:
-        alpha = _pair_alpha(maps, circuits)
+        difference = stats.overlaps.new_tensor([1.0, -1.0]).expand(batch, 2)
+        alpha = _pair_alpha(*_combined(stats, difference), stats.values_gram, outputs[0], outputs[1])
         return torch.stack([alpha, 1 - alpha], dim=1)
-    values, sum_gram, cross = _value_space(circuits)
-    projected = maps.float() @ values[:, None]
-    gram = (projected @ sum_gram).double().flatten(2) @ projected.double().flatten(2).transpose(1, 2)
-    linear = _inner(projected, torch.einsum("bjtx,jvx->btv", projected, cross)[:, None])
+    summed = outputs.sum(0)
+    gram = _inner(stats.products, summed @ summed.T)
+    linear = torch.einsum("bijvx,jvx->bi", stats.products, torch.einsum("vd,jxd->jvx", summed, outputs))
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
     degenerate = scale <= 0
     scale = torch.where(degenerate, 1.0, scale)
@@ -276,103 +239,173 @@ def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size
     return torch.where(degenerate[:, None], 1 / size, weights).float()
 
 
-class _MergedHead(NamedTuple):
-    """A head of `pairwise_alphas`'s current list: its teacher heads, map [B, T, T] fp32, the KV heads its circuit
-    reads and its output map [H_kv, dh, d] fp64, Σ of its teacher heads' W_O placed at their KV heads' rows (the
-    circuit X_p + X_q of a merge is V times the sum of the two output maps)."""
+def pairwise_alphas_from_stats(
+    stats: Sequence[GroupStats], outputs: Sequence[Tensor], groups: Sequence[Sequence[int]], num_teacher_heads: int
+) -> Tensor:
+    """SHD's Algorithm 1: effective weights of merging adjacent pairs pass by pass (see `matching.squeeze_groups`),
+    from the statistics and output maps of each final group (`groups`: `squeeze_groups(..., "shd_pairwise")`; every
+    merge stays inside one of them) → α [B, H_t] fp32, summing to 1 over each group.
 
-    heads: list[int]
-    map: Tensor
-    kv_heads: frozenset[int]
-    output: Tensor
+    Merging current heads p and q takes the closed-form pair α of their current maps (linear combinations of the
+    group's teacher maps) and circuits; the merged head has map α Ã_p + (1 − α) Ã_q and circuit X_p + X_q. A teacher
+    head's weight is the product of the α (or 1 − α) on its path.
+    """
+    batch = stats[0].overlaps.shape[0]
+    home = {head: (index, position) for index, group in enumerate(groups) for position, head in enumerate(group)}
+    alphas = stats[0].overlaps.new_ones(batch, num_teacher_heads, dtype=torch.float32)
+    current = []
+    for head in range(num_teacher_heads):
+        index, position = home[head]
+        coefficients = stats[index].overlaps.new_zeros(batch, len(groups[index]))
+        coefficients[:, position] = 1.0
+        current.append(([head], index, coefficients, outputs[index][position]))
+    for pairs in pairwise_pass_sizes(num_teacher_heads, len(groups)):
+        merged = []
+        for first, second in zip(current[: 2 * pairs : 2], current[1 : 2 * pairs : 2], strict=True):
+            index = first[1]
+            products, overlaps = _combined(stats[index], first[2] - second[2])
+            alpha = _pair_alpha(products, overlaps, stats[index].values_gram, first[3], second[3])
+            alphas[:, first[0]] *= alpha[:, None]
+            alphas[:, second[0]] *= 1 - alpha[:, None]
+            weight = alpha.double()[:, None]
+            coefficients = weight * first[2] + (1 - weight) * second[2]
+            merged.append((first[0] + second[0], index, coefficients, first[3] + second[3]))
+        current = merged + current[2 * pairs :]
+    return alphas
+
+
+def importance_from_stats(stats: Sequence[GroupStats], outputs: Sequence[Tensor]) -> Tensor:
+    """Each head's share of its layer's attention output ‖A_h X_h‖_F / Σ_j ‖A_j X_j‖_F per sample, from the
+    one-head group statistics of every head (in head order) → [B, H] fp32, rows summing to 1 (uniform where every
+    head's output is 0). ‖A_h X_h‖² = ⟨P_hh, Ŵ_h Ŵ_hᵀ⟩."""
+    squared = torch.stack(
+        [_inner(head.products, output[0] @ output[0].T)[:, 0, 0] for head, output in zip(stats, outputs, strict=True)],
+        dim=1,
+    )
+    norms = squared.clamp_min(0).sqrt()
+    total = norms.sum(1, keepdim=True)
+    shares = norms / torch.where(total > 0, total, 1.0)
+    return torch.where(total > 0, shares, 1 / len(stats)).float()
+
+
+def _whole_map_stats(maps: Tensor, circuits: Circuits, heads: Sequence[int]) -> tuple[GroupStats, Tensor]:
+    """(statistics, output maps) of teacher heads `heads` over whole maps [B, H, T, T]: one block of every row."""
+    group = circuits.group(heads)
+    stats = accumulate_group_stats(new_group_stats(group, len(heads)), maps[:, list(heads)], group.values)
+    return stats, group.outputs
+
+
+def as_circuits(circuits: Tensor | Circuits, maps: Tensor) -> Circuits:
+    """`circuits` (dense [B, H, T, d] or factored) as `Circuits`, checked against `maps` [B, H, T, T]."""
+    batch, heads, seq = maps.shape[:3]
+    if isinstance(circuits, Tensor):
+        if circuits.dim() != 4 or circuits.shape[:3] != maps.shape[:3]:
+            raise ValueError(f"circuits {tuple(circuits.shape)}: expected [{batch}, {heads}, {seq}, d] like the maps")
+        return Circuits.from_dense(circuits)
+    values, output, kv_heads = circuits
+    if (
+        values.dim() != 4
+        or (values.shape[0], values.shape[2]) != (batch, seq)
+        or output.dim() != 3
+        or output.shape[:2] != (heads, values.shape[3])
+        or len(kv_heads) != heads
+        or not all(0 <= kv < values.shape[1] for kv in kv_heads)
+    ):
+        raise ValueError(
+            f"circuits with values {tuple(values.shape)}, output {tuple(output.shape)}, {len(kv_heads)} kv_heads: "
+            f"expected values [{batch}, H_kv, {seq}, dh], output [{heads}, dh, d] and {heads} kv_heads in [0, H_kv)"
+        )
+    return circuits
+
+
+def _check_maps(maps: Tensor) -> None:
+    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H, T, T]")
+
+
+def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size: int = MAX_EXACT_GROUP_SIZE) -> Tensor:
+    """`group_alphas_from_stats` of whole maps [B, r, T, T] with circuits (dense [B, r, T, d] or `Circuits`)."""
+    _check_maps(maps)
+    stats, outputs = _whole_map_stats(maps.float(), as_circuits(circuits, maps), range(maps.shape[1]))
+    return group_alphas_from_stats(stats, outputs, max_exact_group_size)
 
 
 def pairwise_alphas(maps: Tensor, circuits: Tensor | Circuits, num_student_heads: int) -> Tensor:
-    """SHD's Algorithm 1: effective weights of merging adjacent pairs pass by pass (see `squeeze_groups`).
+    """`pairwise_alphas_from_stats` of whole maps [B, H_t, T, T] with circuits → α [B, H_t]."""
+    _check_maps(maps)
+    circuits = as_circuits(circuits, maps)
+    groups = squeeze_groups(maps.shape[1], num_student_heads, "shd_pairwise")
+    parts = [_whole_map_stats(maps.float(), circuits, group) for group in groups]
+    return pairwise_alphas_from_stats([stats for stats, _ in parts], [out for _, out in parts], groups, maps.shape[1])
 
-    `maps` [B, H_t, T, T], `circuits` dense [B, H_t, T, d] or `Circuits` → α [B, H_t] fp32, summing to 1 over each
-    `squeeze_groups(..., "shd_pairwise")` group. Merging current heads p and q takes the closed-form `_pair_alpha` of
-    their current maps and circuits; the merged head has map α A_p + (1 − α) A_q and circuit X_p + X_q. A teacher
-    head's weight is the product of the α (or 1 − α) on its path. Factored: a merged circuit is V Ŵ with Ŵ the summed
-    output maps of its teacher heads, so each pair is a `_pair_alpha` on the values of the KV heads it reads, laid
-    side by side as one wide value head (w = dh · those KV heads); H_t − H_s pair solves, each one T × T × w product.
-    """
-    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
-        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H_t, T, T]")
-    values, output, kv_heads = as_circuits(circuits, maps)
-    batch, num_teacher_heads, seq = maps.shape[:3]
-    num_kv, head_dim = values.shape[1], values.shape[3]
-    maps = maps.float()
-    alphas = maps.new_ones(batch, num_teacher_heads)
-    current = []
-    for head, kv in enumerate(kv_heads):
-        placed = output.new_zeros(num_kv, head_dim, output.shape[-1], dtype=torch.float64)
-        placed[kv] = output[head].double()
-        current.append(_MergedHead([head], maps[:, head], frozenset([kv]), placed))
-    for pairs in _pairwise_pass_sizes(num_teacher_heads, num_student_heads):
-        merged = []
-        for first, second in zip(current[: 2 * pairs : 2], current[1 : 2 * pairs : 2], strict=True):
-            used = sorted(first.kv_heads | second.kv_heads)
-            wide_values = values[:, used].permute(0, 2, 1, 3).reshape(batch, 1, seq, len(used) * head_dim)
-            wide_output = torch.stack([first.output[used], second.output[used]]).flatten(1, 2)
-            pair_maps = torch.stack([first.map, second.map], dim=1)
-            alpha = _pair_alpha(pair_maps, Circuits(wide_values, wide_output, (0, 0)))
-            alphas[:, first.heads] *= alpha[:, None]
-            alphas[:, second.heads] *= 1 - alpha[:, None]
-            merged_map = torch.lerp(second.map, first.map, alpha[:, None, None])
-            merged.append(
-                _MergedHead(
-                    first.heads + second.heads,
-                    merged_map,
-                    first.kv_heads | second.kv_heads,
-                    first.output + second.output,
-                )
-            )
-        current = merged + current[2 * pairs :]
+
+def head_importance(maps: Tensor, circuits: Tensor | Circuits) -> Tensor:
+    """`importance_from_stats` of whole maps [B, H, T, T] with circuits → [B, H]: what the `selective` targets and
+    carving a student from the teacher rank heads by."""
+    _check_maps(maps)
+    circuits = as_circuits(circuits, maps)
+    parts = [_whole_map_stats(maps.float(), circuits, [head]) for head in range(maps.shape[1])]
+    return importance_from_stats([stats for stats, _ in parts], [out for _, out in parts])
+
+
+def squeeze_alphas(
+    stats: Sequence[GroupStats] | None,
+    outputs: Sequence[Tensor] | None,
+    groups: Sequence[Sequence[int]],
+    num_teacher_heads: int,
+    method: SqueezeMethod,
+    batch: int,
+) -> Tensor:
+    """Each teacher head's weight inside its group [B, H_t] fp32 under `method`, from the groups' statistics (None
+    for `uniform`, which needs none): the α `squeeze_rows` combines maps with."""
+    if method not in SQUEEZE_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {', '.join(map(repr, SQUEEZE_METHODS))}")
+    alphas = torch.ones(batch, num_teacher_heads)
+    if len(groups) >= num_teacher_heads:
+        return alphas
+    if method == "shd_pairwise":
+        return pairwise_alphas_from_stats(stats, outputs, groups, num_teacher_heads)
+    for index, group in enumerate(groups):
+        if method == "uniform":
+            alphas[:, group] = 1 / len(group)
+        else:
+            alphas[:, group] = group_alphas_from_stats(stats[index], outputs[index]).to(alphas.device)
     return alphas
+
+
+def squeeze_rows(maps: Tensor, alphas: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
+    """Student targets of some query rows: maps [B, H_t, rows, K] → [B, H_s, rows, K], each Σ_i α_i A_i over its
+    group (the group's single head copied when H_s ≥ H_t), so rows stay stochastic and causal."""
+    maps = maps.float()
+    if len(groups) >= maps.shape[1]:
+        return maps if len(groups) == maps.shape[1] else maps[:, [group[0] for group in groups]]
+    alphas = alphas.to(maps.device)
+    return torch.stack(
+        [torch.einsum("br,brqk->bqk", alphas[:, group], maps[:, list(group)]) for group in groups], dim=1
+    )
 
 
 def squeeze_heads(
     maps: Tensor, circuits: Tensor | Circuits | None, num_student_heads: int, method: SqueezeMethod = "shd"
 ) -> tuple[Tensor, Tensor]:
-    """Squeeze teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along `squeeze_groups`.
-
-    Each target is Σ_i α_i A_i over its group with α on the simplex, so rows stay stochastic and causal. "shd"
-    chooses α per sample and group with `group_alphas`, "shd_pairwise" by SHD's pass-wise pair merges
-    (`pairwise_alphas`, on its own grouping); both need `circuits` (dense [B, H_t, T, d] or `Circuits`, as
-    `AttentionCapture` records them). "uniform" (the constant merge baseline) uses 1/r and ignores them; H_s = 1 with
-    "uniform" is the mean map over all heads. H_s == H_t returns `maps` itself (fp32); H_s > H_t copies the shared
-    teacher heads; neither needs circuits. Returns (squeezed fp32, alphas [B, H_t] fp32): the weight of each teacher
-    head inside its group, summing to 1 over each group (all ones when H_s >= H_t).
-    """
-    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
-        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H_t, T, T]")
-    batch, num_teacher_heads = maps.shape[:2]
+    """Squeeze whole teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along
+    `matching.squeeze_groups` → (squeezed fp32, α [B, H_t] fp32: the weight of each teacher head inside its group,
+    summing to 1 over each group; all ones when H_s >= H_t). "shd" and "shd_pairwise" need `circuits`."""
+    _check_maps(maps)
+    num_teacher_heads = maps.shape[1]
     groups = squeeze_groups(num_teacher_heads, num_student_heads, method)
-    maps = maps.float()
-    alphas = maps.new_ones(batch, num_teacher_heads)
-    if num_student_heads >= num_teacher_heads:
-        squeezed = maps if num_student_heads == num_teacher_heads else maps[:, [group[0] for group in groups]]
-        return squeezed, alphas
-    if method != "uniform":
+    stats = outputs = None
+    if method != "uniform" and num_student_heads < num_teacher_heads:
         if circuits is None:
             raise ValueError(
                 f"method={method!r} squeezing {num_teacher_heads} -> {num_student_heads} heads needs the "
                 "value-output circuits [B, H_t, T, d]; pass circuits or use method='uniform'"
             )
         circuits = as_circuits(circuits, maps)
-    if method == "shd_pairwise":
-        alphas = pairwise_alphas(maps, circuits, num_student_heads)
-    squeezed_groups = []
-    for group in groups:
-        heads = slice(group[0], group[-1] + 1)
-        group_maps = maps[:, heads]
-        if method == "uniform":
-            alphas[:, heads] = 1 / len(group)
-        elif method == "shd":
-            alphas[:, heads] = group_alphas(group_maps, circuits.select(heads))
-        squeezed_groups.append(torch.einsum("br,brqk->bqk", alphas[:, heads], group_maps))
-    return torch.stack(squeezed_groups, dim=1), alphas
+        parts = [_whole_map_stats(maps.float(), circuits, group) for group in groups]
+        stats, outputs = [part[0] for part in parts], [part[1] for part in parts]
+    alphas = squeeze_alphas(stats, outputs, groups, num_teacher_heads, method, maps.shape[0])
+    return squeeze_rows(maps, alphas, groups), alphas
 
 
 def reconstruction_error(
@@ -385,10 +418,9 @@ def reconstruction_error(
     """SHD objective summed over groups: Σ_g ‖Σ_{i∈g} A_i X_i − (Σ_{i∈g} α_i A_i) Σ_{i∈g} X_i‖_F².
 
     `maps` [B, H_t, T, T], `circuits` [B, H_t, T, d] (a `Circuits` is made dense), `alphas` [B, H_t] as returned by
-    `squeeze_heads` → [B] fp64 (for logging and for comparing α choices; 0 when H_s >= H_t). `groups`: the grouping
-    the α belong to, one list of teacher heads per student head (default `head_groups`; pass
-    `squeeze_groups(H_t, H_s, "shd_pairwise")` for the pairwise α). Computed directly from the dense circuits: the
-    reference the factored α computation is checked against.
+    `squeeze_heads` → [B] fp64 (for logging and for comparing α choices). `groups`: the grouping the α belong to
+    (default `head_groups`). Computed directly from the dense circuits: the reference the statistics are checked
+    against.
     """
     num_teacher_heads = maps.shape[1]
     if groups is None:
@@ -411,83 +443,3 @@ def reconstruction_error(
         residual = target - merged @ group_circuits.sum(1)
         error = error + residual.square().sum((-2, -1), dtype=torch.float64)
     return error
-
-
-def head_importance(maps: Tensor, circuits: Tensor | Circuits) -> Tensor:
-    """Each teacher head's share of its layer's attention output, ‖A_h X_h‖_F / Σ_j ‖A_j X_j‖_F, per sample: what the
-    `selective` matching mode and carving a student from the teacher rank heads by.
-
-    `maps` [B, H, T, T], `circuits` dense [B, H, T, d] or `Circuits` → [B, H] fp32, each row summing to 1 (uniform
-    where every head's output is 0). In the values' space: with P_h = A_h V_{kv(h)} [B, T, dh] (fp32),
-    ‖P_h W_O^h‖² = ⟨P_hᵀ P_h, W_O^h W_O^hᵀ⟩, two dh × dh matrices accumulated in fp64; no T × d tensor is formed.
-    """
-    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
-        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H, T, T]")
-    values, output, kv_heads = as_circuits(circuits, maps)
-    projected = (maps.float() @ values.float()[:, list(kv_heads)]).double()
-    output = output.double()
-    squared = (projected.mT @ projected * (output @ output.mT)).sum((-2, -1))
-    norms = squared.clamp_min(0).sqrt()
-    total = norms.sum(1, keepdim=True)
-    shares = norms / torch.where(total > 0, total, 1.0)
-    return torch.where(total > 0, shares, 1 / maps.shape[1]).float()
-
-
-def select_heads(importance: Tensor, num_student_heads: int) -> list[int]:
-    """The H_s teacher heads with the largest mean importance, in head order (ties go to the lower index).
-
-    `importance` [N, H_t] (`head_importance` over N calibration samples) or [H_t] (already averaged).
-    """
-    if importance.dim() not in (1, 2) or importance.numel() == 0:
-        raise ValueError(f"importance {tuple(importance.shape)}: expected [N, H_t] or [H_t]")
-    mean = importance.double().reshape(-1, importance.shape[-1]).mean(0).tolist()
-    if not 1 <= num_student_heads <= len(mean):
-        raise ValueError(f"num_student_heads={num_student_heads}: expected an int in [1, {len(mean)}] (teacher heads)")
-    ranked = sorted(range(len(mean)), key=lambda head: (-mean[head], head))
-    return sorted(ranked[:num_student_heads])
-
-
-def layer_map(num_student_layers: int, num_teacher_layers: int, spec: str | list[int]) -> list[int]:
-    """Teacher layer matched by each student layer.
-
-    "uniform": evenly spaced, last to last, m(j) = floor((j + 1) · L_t / L_s) − 1 (4 of 30 → [6, 14, 21, 29]);
-    "spread": evenly spaced, first to last, m(j) = round(j · (L_t − 1) / (L_s − 1)) (4 of 30 → [0, 10, 19, 29]; one
-    student layer → the last) — for students carved from the teacher, which then keep its first layer;
-    "last": the last L_s teacher layers; a list: used as given after checking it has L_s entries, each in
-    [0, L_t), non-decreasing (a list is also the way to share teacher layers when L_s > L_t).
-    """
-    if num_student_layers < 1 or num_teacher_layers < 1:
-        raise ValueError(
-            f"layer counts must be positive, got student={num_student_layers}, teacher={num_teacher_layers}"
-        )
-    if isinstance(spec, str):
-        if spec not in ("uniform", "spread", "last"):
-            raise ValueError(
-                f"layer map {spec!r}: expected 'uniform', 'spread', 'last' or a list of teacher layer indices"
-            )
-        if num_student_layers > num_teacher_layers:
-            raise ValueError(
-                f"layer map {spec!r} needs student layers ({num_student_layers}) <= teacher layers "
-                f"({num_teacher_layers}); give an explicit list to share teacher layers"
-            )
-        if spec == "last":
-            return list(range(num_teacher_layers - num_student_layers, num_teacher_layers))
-        if spec == "spread":
-            if num_student_layers == 1:
-                return [num_teacher_layers - 1]
-            span = (num_teacher_layers - 1) / (num_student_layers - 1)
-            return [int(j * span + 0.5) for j in range(num_student_layers)]
-        return [(j + 1) * num_teacher_layers // num_student_layers - 1 for j in range(num_student_layers)]
-    mapping = list(spec)
-    if len(mapping) != num_student_layers:
-        raise ValueError(
-            f"layer map {mapping} has {len(mapping)} entries, expected one per student layer ({num_student_layers})"
-        )
-    for j, layer in enumerate(mapping):
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_teacher_layers:
-            raise ValueError(f"layer map entry {j} is {layer!r}: expected an int in [0, {num_teacher_layers - 1}]")
-        if j > 0 and layer < mapping[j - 1]:
-            raise ValueError(
-                f"layer map entry {j} is {layer} < entry {j - 1} ({mapping[j - 1]}): must be non-decreasing"
-            )
-    return mapping

@@ -105,7 +105,9 @@ class RunContext:
         max_samples = self.config.cache.max_samples
         if max_samples is not None and len(rows) > max_samples:
             rows = rows.select(range(max_samples))
-        settings, _ = prepare_kinds(teacher, self.splits["train"], self.live_settings(needs))
+        settings, _ = prepare_kinds(
+            teacher, self.splits["train"], self.live_settings(needs), self.config.cache.batch_size
+        )
         fingerprint = cache_fingerprint(
             settings,
             self.provenance("train"),
@@ -125,7 +127,8 @@ class RunContext:
 
     def live_settings(self, needs: TargetNeeds) -> TargetSettings:
         """What the live teacher computes for `needs`: their kinds and layers for the student's head count, with the
-        tail sums of the temperatures they read, in fp32 (nothing stored, nothing rounded)."""
+        tail sums of the temperatures they read, at the rows the cache would store (`cache.attn_row_fraction`), in
+        fp32 (nothing stored, nothing rounded)."""
         named = {kinds.get(need.kind).variant_key: need.variant for need in needs.maps}
         cache = self.config.cache
         return TargetSettings(
@@ -138,6 +141,7 @@ class RunContext:
             temperatures=needs.temperatures(),
             dtype=torch.float32,
             variants=kinds.variants_of(needs.kinds(), named.get),
+            row_fraction=cache.attn_row_fraction,
         )
 
 

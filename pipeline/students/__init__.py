@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from pipeline.config import Config, ConfigError
 from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, model_family
 from pipeline.models.loading import load_teacher_config
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.students.base import SHAPE_KEYS, StudentInit
 from pipeline.students.carved import CarvedStudent
 from pipeline.students.lora import apply_lora

@@ -27,11 +27,12 @@ from pipeline.infra.atomic import atomic_write_text
 from pipeline.infra.runtime import default_device
 from pipeline.models.capture import attention_dims, model_family
 from pipeline.models.loading import load_teacher, load_teacher_config
-from pipeline.ops.shd import layer_map, squeeze_groups
+from pipeline.ops.matching import layer_map, squeeze_groups
 from pipeline.students import carve
 from pipeline.students.base import StudentInit, shape_of
 from pipeline.students.calibration import calibration_ids, calibration_key, teacher_importance
 from pipeline.students.scratch import student_config_from_shape
+from pipeline.targets.compute import calibration_passes
 from pipeline.targets.kinds import get as target_kind
 from pipeline.targets.kinds.selective import SELECTION_SAMPLES
 
@@ -192,7 +193,8 @@ def selective_heads(
     if missing:
         logger.warning("selective heads %s not in %s: choosing them as `distill cache` does", missing, source)
         ids = calibration_ids(config, SELECTION_SAMPLES)
-        selected = target_kind("selective").prepare(teacher, ids, distinct, (heads,))["selected_heads"]
+        passes = calibration_passes(teacher, ids, distinct, config.cache.batch_size)
+        selected = target_kind("selective").prepare(passes, distinct, (heads,))["selected_heads"]
         source = f"chosen on the first {len(ids)} train samples as `distill cache` chooses them"
     chosen = {layer: list(selected[f"L{layer}.H{heads}"]) for layer in set(layers)}
     for layer, teacher_heads in chosen.items():

@@ -1,63 +1,114 @@
-"""One teacher pass → the target tensors of a batch, as the cache stores them and the online source serves them.
+"""One teacher pass → the target tensors of a batch, as the cache stores them and the online source serves them,
+without a [B, H, T, T] map or the [B, T, V] logits ever existing.
 
-The teacher runs once with its target layers captured (`pipeline.models.capture`); the logits give the sparse logit
-targets (`pipeline.targets.logits`); every kind of `settings.kinds` computes its maps of every cached layer from what
-the pass recorded (`pipeline.targets.kinds`), and the cache's encoding stores them (`pipeline.targets.encoding`).
+The teacher runs with SDPA on every layer (`AttentionCapture(eager=False)` keeps what each captured layer's attention
+function was given: post-RoPE queries and keys, the values, the score scale). Its last hidden states go through the
+output layer a chunk of positions at a time, each chunk reduced to its top k at once (`logits.logit_targets`). Then
+each captured layer is computed in up to two passes over its query rows, a block at a time (memory
+O(B · H · block · T)): the statistics every kind's `solve` needs over all rows (SHD's α), then the rows the cache
+stores — all of them, or each sample's `cache.attn_row_fraction` sample (`rows.stored_rows`) — whose probabilities
+are formed once per block for every kind and handed, kind by kind, to the encoding's writers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.models.capture import AttentionCapture
+from pipeline.models.capture import AttentionCapture, layer_circuits
+from pipeline.ops.attention_rows import block_size
+from pipeline.ops.shd import Circuits
 from pipeline.targets import kinds
-from pipeline.targets.encoding import ENCODINGS
-from pipeline.targets.kinds.base import TargetSettings, TeacherPass
+from pipeline.targets.codecs import bits_for, pack_bits
+from pipeline.targets.encoding import ENCODINGS, EncodeOptions
+from pipeline.targets.kinds.base import LayerPass, TargetSettings
 from pipeline.targets.logits import logit_targets
+from pipeline.targets.rows import ROWS_TENSOR, stored_rows, stores_rows
 
 
 @torch.no_grad()
-def compute_targets(teacher: nn.Module, input_ids: Tensor, settings: TargetSettings) -> dict[str, Tensor]:
-    """The cached tensors of one batch, on the CPU in their on-disk dtypes (converted on the teacher's device).
-
-    input_ids: [B, T] (packed sequences, no padding). Returns the tensors `layout.expected_tensors` names except the
-    sample ids and tokens: top-k logits with their tail sums per temperature and, per cached layer, every target map
-    of `settings.kinds` (per variant: student head count, relation heads), encoded, plus the kinds' extras (α).
-    """
+def teacher_passes(teacher: nn.Module, input_ids: Tensor, layers: tuple[int, ...], circuits: bool) -> tuple:
+    """(the last hidden states [B, T, d], `LayerPass` of every layer of `layers`) of one SDPA forward."""
     device = next(teacher.parameters()).device
-    circuits = kinds.needs_capture(settings.kinds, "circuits")
-    qkv = kinds.needs_capture(settings.kinds, "qkv")
-    with AttentionCapture(teacher, settings.layers, circuits=circuits, qkv=qkv) as capture:
-        logits = teacher(input_ids=input_ids.to(device)).logits
-    targets = logit_targets(logits, settings.top_k, settings.temperatures, settings.dtype)
-    del logits
+    with AttentionCapture(teacher, layers, eager=False) as capture:
+        hidden = teacher.base_model(input_ids=input_ids.to(device), use_cache=False).last_hidden_state
+    per_layer = layer_circuits(teacher, layers) if circuits else {}
+    passes = {}
+    for layer in layers:
+        inputs = capture.inputs[layer]
+        layer_pass = LayerPass(inputs.query, inputs.key, inputs.value, inputs.scale)
+        if circuits:
+            output, kv_heads = per_layer[layer]
+            layer_pass.circuits = Circuits(inputs.value.float(), output, kv_heads)
+        passes[layer] = layer_pass
+    return hidden, passes
+
+
+def _position_blocks(positions: Tensor, batch: int, heads: int, seq_len: int) -> Iterator[Tensor]:
+    """The stored rows [B, R] in blocks of columns small enough for one block of probabilities."""
+    step = block_size(batch, heads, seq_len)
+    for start in range(0, positions.shape[1], step):
+        yield positions[:, start : start + step]
+
+
+def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, settings: TargetSettings) -> dict:
+    """The stored tensors of every kind's maps of one layer (and their extras)."""
+    jobs = [(kinds.get(name), variant) for name in settings.kinds for variant in kinds.get(name).variants(settings)]
+    groups = [group for kind, variant in jobs for group in kind.stats_groups(variant, layer_pass.num_heads)]
+    stats = layer_pass.statistics(groups) if groups else {}
+    states = [kind.solve(layer_pass, layer, variant, stats, settings) for kind, variant in jobs]
+    options = EncodeOptions(
+        settings.attn_top_m, settings.dtype, settings.temperatures, settings.attn_value_bits, layer_pass.query.shape[2]
+    )
     encoding = ENCODINGS[settings.encoding]
+    specs = [spec for kind, variant in jobs for spec in kind.maps(layer, variant)]
+    writers = {spec.name: encoding.writer(spec.name, options) for spec in specs}
+    uses_attention = any(kind.uses_attention for kind, _ in jobs)
+    batch, heads, seq_len = layer_pass.query.shape[:3]
+    for block in _position_blocks(positions, batch, heads, seq_len):
+        attention = layer_pass.attention(block) if uses_attention else None
+        for (kind, variant), state in zip(jobs, states, strict=True):
+            for name, maps in kind.rows(layer_pass, layer, variant, state, attention, block).items():
+                writers[name].add(maps, block)
+    targets = {}
+    for writer in writers.values():
+        targets.update(writer.tensors())
+    for (kind, variant), state in zip(jobs, states, strict=True):
+        targets.update(kind.extra_values(layer, variant, state))
+    return targets
+
+
+@torch.no_grad()
+def compute_targets(
+    teacher: nn.Module, input_ids: Tensor, sample_ids: Tensor, settings: TargetSettings
+) -> dict[str, Tensor]:
+    """The cached tensors of one batch, on the CPU in their on-disk dtypes.
+
+    `input_ids` [B, T] (packed sequences, no padding), `sample_ids` [B] (they decide the stored rows). Returns the
+    tensors `layout.expected_tensors` names except the sample ids and tokens.
+    """
+    circuits = kinds.needs_capture(settings.kinds, "circuits")
+    hidden, passes = teacher_passes(teacher, input_ids, settings.layers, circuits)
+    targets = logit_targets(
+        hidden,
+        teacher.get_output_embeddings(),
+        settings.top_k,
+        settings.temperatures,
+        settings.dtype,
+        settings.logit_value_bits,
+    )
+    del hidden
+    seq_len = input_ids.shape[1]
+    positions = stored_rows(sample_ids.cpu(), seq_len, settings.row_fraction)
+    if stores_rows(settings.row_fraction, settings.kinds):
+        targets[ROWS_TENSOR] = pack_bits(positions, bits_for(seq_len))
+    positions = positions.to(next(teacher.parameters()).device)
     for layer in settings.layers:
-        teacher_pass = TeacherPass(
-            {layer: capture.maps.pop(layer)},
-            {layer: capture.circuits.pop(layer)} if layer in capture.circuits else {},
-            {layer: capture.qkv.pop(layer)} if layer in capture.qkv else {},
-        )
-        for name in settings.kinds:
-            kind = kinds.get(name)
-            for variant in kind.variants(settings):
-                maps, extras = kind.compute(teacher_pass, layer, variant, settings)
-                for map_name, values in maps.items():
-                    targets.update(
-                        encoding.encode(
-                            map_name,
-                            values,
-                            attn_top_m=settings.attn_top_m,
-                            dtype=settings.dtype,
-                            temperatures=settings.temperatures,
-                        )
-                    )
-                targets.update(extras)
-        del teacher_pass
+        targets.update(_layer_targets(layer, passes.pop(layer), positions, settings))
     return _to_host(targets)
 
 
@@ -73,17 +124,28 @@ def _to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return host
 
 
+def calibration_passes(
+    teacher: nn.Module, input_ids: Tensor, layers: tuple[int, ...], batch_size: int
+) -> Iterator[dict[int, LayerPass]]:
+    """The teacher's `LayerPass`es of `layers` (with circuits) over `input_ids` [N, T], `batch_size` samples at a
+    time: what a kind's `prepare` reads."""
+    for start in range(0, len(input_ids), batch_size):
+        yield teacher_passes(teacher, input_ids[start : start + batch_size], layers, True)[1]
+
+
 def prepare_kinds(
-    teacher: nn.Module, train_rows: Any, settings: TargetSettings
+    teacher: nn.Module, train_rows: Any, settings: TargetSettings, batch_size: int
 ) -> tuple[TargetSettings, dict[str, Any]]:
     """`settings` with what the kinds choose once per cache (`TargetKind.prepare`: the selective targets' teacher
-    heads, from the first train samples — the cache stage and the online source choose alike), and every record of
-    those choices for the manifest. `train_rows`: the prepared train split."""
+    heads, from the first train samples, `batch_size` at a time — the cache stage and the online source choose
+    alike), and every record of those choices for the manifest. `train_rows`: the prepared train split."""
     records: dict[str, Any] = {}
     for name in settings.kinds:
         kind = kinds.get(name)
-        if kind.calibration_samples:
-            ids = train_rows.with_format("torch", columns=["input_ids"])[: kind.calibration_samples]["input_ids"]
-            records.update(kind.prepare(teacher, ids.long(), settings.layers, settings.head_counts))
+        if not kind.calibration_samples:
+            continue
+        ids = train_rows.with_format("torch", columns=["input_ids"])[: kind.calibration_samples]["input_ids"].long()
+        passes = calibration_passes(teacher, ids, settings.layers, batch_size)
+        records.update(kind.prepare(passes, settings.layers, settings.head_counts))
     chosen = records.get("selected_heads")
     return (dataclasses.replace(settings, selected_heads=chosen) if chosen else settings), records

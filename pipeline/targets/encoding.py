@@ -1,18 +1,21 @@
-"""How a target map is stored: the encodings every target kind can use (`cache.encoding`), and the tensor specs the
-layout, the writer, the reader and `cache verify` share.
+"""How a target map is stored: the encodings every target kind can use (`cache.encoding`), written block by block
+of query rows, and the tensor specs the layout, the writer, the reader and `cache verify` share.
 
-- `dense`: `<name>` f16/bf16 [N, H, T(T+1)/2], the causal lower triangle row-major. Exact; bytes grow with T.
-- `topk`: `<name>.values` f16/bf16 [N, H, T, m] (probabilities, descending), `<name>.indices` int16 (int32 when
-  T > 32767) [N, H, T, m], and per cached τ the row tail sums R_τ = Σ_{not kept} t^{1/τ} f32 [N, H, T]:
-  `<name>.tail` (τ = 1: the mass outside the top m), `<name>.tail.tau<τ>`. Bytes per token do not grow with T.
-
-An encoding turns maps [B, H, T, T] into stored tensors (`encode`), names the tensors a reader needs at a loss
-temperature (`reads`), and turns those back into the loss's target (`target`: `DenseTarget`, `SparseTarget`).
+- `dense`: `<name>` f16/bf16 [N, H, T(T+1)/2], the causal lower triangle row-major: exact, every row, bytes growing
+  with T.
+- `topk`: for every stored row (all rows, or the `cache.attn_row_fraction` sample of `pipeline.targets.rows`) its m
+  largest probabilities and their key indices, plus per cached τ the row's tail sum R_τ = Σ_{not kept} t^{1/τ}
+  (`<name>.tail` at τ = 1: the mass outside the top m; `<name>.tail.tau<τ>`), f32 [N, H, R]. Values: `<name>.values`
+  f16/bf16 [N, H, R, m] (`cache.attn_value_bits: 16`), or 8-bit codes of their log (`<name>.codes` u8
+  [N, H, R, m] with `<name>.offset` and `<name>.step` f16 [N, H, R], `pipeline.targets.codecs`). Key indices:
+  `<name>.indices`, ⌈log2 T⌉ bits each, packed per sample u8 [N, ⌈H·R·m·bits/8⌉]. Bytes per token do not grow with
+  T.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -20,34 +23,52 @@ import torch
 from torch import Tensor
 
 from pipeline.ops.map_losses import DenseTarget, MapTarget, SparseTarget
+from pipeline.targets.codecs import (
+    bits_for,
+    dequantize_log_probs,
+    pack_bits,
+    packed_bytes,
+    quantize_log_probs,
+    unpack_bits,
+)
 from pipeline.targets.kinds.base import MapSpec
+from pipeline.targets.rows import stored_row_count
 
-INT16_MAX_SEQ_LEN = 32767
 VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16"}
-"""On-disk dtype setting → safetensors dtype of probabilities and log-probabilities."""
-INDEX_DTYPES = {torch.int16: "I16", torch.uint16: "U16", torch.int32: "I32"}
+"""On-disk dtype setting → safetensors dtype of 16-bit probabilities and log-probabilities."""
 
 
 class TensorSpec(NamedTuple):
     """A stored tensor: safetensors dtype, shape (None leaves an extent open), what it holds (`role`, for the value
-    checks) and the tensor its sum check reads beside it (`companion`: the τ = 1 tail of top-k/top-m values)."""
+    checks) and the tensors its checks read beside it."""
 
     dtype: str
     shape: tuple[int | None, ...]
     role: str
-    companion: str | None = None
+    companions: tuple[str, ...] = ()
+    """What a check of this tensor reads beside it: the τ = 1 tail of top-k/top-m values (and the offset and step of
+    8-bit codes)."""
     layer: int | None = None
     """The teacher layer of a target tensor (named in error messages)."""
+    unpacked: tuple[int, ...] = ()
+    """Per-sample shape of the integers a packed tensor (u8 bit stream, `codecs.pack_bits`) holds."""
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """What the writer of a map needs beyond its blocks."""
+
+    attn_top_m: int
+    dtype: torch.dtype
+    """The 16-bit value dtype."""
+    temperatures: tuple[float, ...]
+    value_bits: int
+    seq_len: int
 
 
 def tail_name(base: str, temperature: float) -> str:
     """Name of the tail sums R_τ of `base` (`tail_mass`, or `<map>.tail`): the base itself at τ = 1."""
     return base if temperature == 1.0 else f"{base}.tau{temperature:g}"
-
-
-def index_dtype(seq_len: int) -> torch.dtype:
-    """Key indices fit int16 up to T = 32767, halving their bytes."""
-    return torch.int16 if seq_len <= INT16_MAX_SEQ_LEN else torch.int32
 
 
 @cache
@@ -62,10 +83,7 @@ def triangle_size(seq_len: int) -> int:
 
 
 def pack_triangle(maps: Tensor) -> Tensor:
-    """Keep the causal lower triangle, row-major.
-
-    maps: [..., T, T] → [..., T(T+1)/2]. The upper triangle of a causal map is exactly 0, so nothing is lost.
-    """
+    """Keep the causal lower triangle, row-major: [..., T, T] → [..., T(T+1)/2] (the upper triangle is exactly 0)."""
     rows, cols = _triangle_indices(maps.shape[-1])
     return maps[..., rows.to(maps.device), cols.to(maps.device)]
 
@@ -81,21 +99,35 @@ def unpack_triangle(packed: Tensor, seq_len: int) -> Tensor:
 
 
 def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) -> tuple[Tensor, ...]:
-    """The `topk` encoding of maps [..., T, T]: the m largest entries of every row and, for every τ, the row's tail
-    sum R_τ = Σ_{not kept} t^{1/τ} (τ = 1: the mass outside the top m).
+    """The top-m form of map rows [..., K]: the m largest entries of every row and, for every τ, the row's tail sum
+    R_τ = Σ_{not kept} t^{1/τ} (τ = 1: the mass outside the top m).
 
-    Returns (`values` [..., T, m] fp32 probabilities, descending; `indices` [..., T, m] int64; `tails`
-    [..., T, len(temperatures)] fp32), the tails summed over the complement itself, so they are exactly 0 when the
-    top m hold every non-zero key. A query row shorter than m picks some causal zeros: they carry exactly 0 mass.
+    Returns (`values` [..., m] fp32 probabilities, descending; `indices` [..., m] int64; `tails`
+    [..., len(temperatures)] fp32), the tails summed over the complement itself, so they are exactly 0 when the top m
+    hold every non-zero key. A row with fewer than m keys (K < m) is padded with zero columns: the extra entries carry
+    exactly 0 mass at indices ≥ K, keys the row cannot see.
     """
-    num_keys = maps.shape[-1]
-    if not 1 <= m <= num_keys:
-        raise ValueError(f"m={m}: expected 1 <= m <= number of keys {num_keys}")
+    if m < 1:
+        raise ValueError(f"m={m}: expected m >= 1")
     maps = maps.float()
+    if maps.shape[-1] < m:
+        maps = torch.nn.functional.pad(maps, (0, m - maps.shape[-1]))
     values, indices = maps.topk(m, dim=-1)
     rest = maps.scatter(-1, indices, 0.0)
     tails = torch.stack([(rest if tau == 1.0 else rest.pow(1 / tau)).sum(-1) for tau in temperatures], dim=-1)
     return values, indices, tails
+
+
+class MapWriter(ABC):
+    """Collects one map's row blocks (in row order) and gives its stored tensors."""
+
+    @abstractmethod
+    def add(self, block: Tensor, positions: Tensor) -> None:
+        """Probabilities [B, H, rows, K] of the query rows `positions` [B, rows] over keys 0..K−1."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, Tensor]:
+        """The map's stored tensors, in their on-disk dtypes."""
 
 
 class MapEncoding(ABC):
@@ -108,18 +140,33 @@ class MapEncoding(ABC):
         """Name → spec of the stored tensors of map `spec` in a shard of `num_rows` samples."""
 
     @abstractmethod
-    def reads(self, name: str, temperature: float) -> list[str]:
-        """The stored tensors of map `name` a loss at `temperature` reads."""
+    def reads(self, name: str, temperature: float, fingerprint: dict[str, Any]) -> list[str]:
+        """The stored tensors of map `name` a loss at `temperature` reads from a cache with `fingerprint`."""
 
     @abstractmethod
-    def encode(
-        self, name: str, maps: Tensor, *, attn_top_m: int, dtype: torch.dtype, temperatures: tuple[float, ...]
-    ) -> dict[str, Tensor]:
-        """The stored tensors of map `name` from maps [B, H, T, T] (probabilities), in their on-disk dtypes."""
+    def writer(self, name: str, options: EncodeOptions) -> MapWriter:
+        """A writer of map `name`'s tensors."""
 
     @abstractmethod
-    def target(self, raw: dict[str, Tensor], name: str, temperature: float) -> MapTarget:
-        """The loss's target of map `name` from the tensors `reads` named (float32)."""
+    def target(
+        self, raw: dict[str, Tensor], name: str, temperature: float, fingerprint: dict[str, Any], rows: Tensor | None
+    ) -> MapTarget:
+        """The loss's target of map `name` from the tensors `reads` named (float32); `rows` [B, R]: the batch's stored
+        query rows (None: every row)."""
+
+
+class _DenseWriter(MapWriter):
+    def __init__(self, name: str, options: EncodeOptions) -> None:
+        self.name, self.options, self.parts = name, options, []
+
+    def add(self, block: Tensor, positions: Tensor) -> None:
+        first, keys = int(positions[0, 0]), block.shape[-1]
+        rows = torch.arange(first, first + block.shape[2], device=block.device)
+        visible = torch.arange(keys, device=block.device) <= rows[:, None]
+        self.parts.append(block[..., visible].to(self.options.dtype))
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {self.name: torch.cat(self.parts, dim=-1)}
 
 
 class DenseEncoding(MapEncoding):
@@ -130,53 +177,95 @@ class DenseEncoding(MapEncoding):
         shape = (num_rows, spec.heads, triangle_size(fingerprint["seq_len"]))
         return {spec.name: TensorSpec(value_dtype, shape, "map", layer=spec.layer)}
 
-    def reads(self, name: str, temperature: float) -> list[str]:
+    def reads(self, name: str, temperature: float, fingerprint: dict[str, Any]) -> list[str]:
         return [name]
 
-    def encode(
-        self, name: str, maps: Tensor, *, attn_top_m: int, dtype: torch.dtype, temperatures: tuple[float, ...]
-    ) -> dict[str, Tensor]:
-        return {name: pack_triangle(maps).to(dtype)}
+    def writer(self, name: str, options: EncodeOptions) -> MapWriter:
+        return _DenseWriter(name, options)
 
-    def target(self, raw: dict[str, Tensor], name: str, temperature: float) -> MapTarget:
+    def target(
+        self, raw: dict[str, Tensor], name: str, temperature: float, fingerprint: dict[str, Any], rows: Tensor | None
+    ) -> MapTarget:
         return DenseTarget(raw[name].float())
+
+
+class _TopKWriter(MapWriter):
+    def __init__(self, name: str, options: EncodeOptions) -> None:
+        self.name, self.options = name, options
+        self.values: list[Tensor] = []
+        self.indices: list[Tensor] = []
+        self.tails: list[Tensor] = []
+
+    def add(self, block: Tensor, positions: Tensor) -> None:
+        values, indices, tails = topk_rows(block, self.options.attn_top_m, self.options.temperatures)
+        self.values.append(values)
+        self.indices.append(indices)
+        self.tails.append(tails)
+
+    def tensors(self) -> dict[str, Tensor]:
+        options, name = self.options, self.name
+        values, indices, tails = (torch.cat(parts, dim=2) for parts in (self.values, self.indices, self.tails))
+        if options.value_bits == 8:
+            codes, offset, step = quantize_log_probs(values)
+            encoded = {f"{name}.codes": codes, f"{name}.offset": offset, f"{name}.step": step}
+        else:
+            encoded = {f"{name}.values": values.to(options.dtype)}
+        encoded[f"{name}.indices"] = pack_bits(indices.flatten(1), bits_for(options.seq_len))
+        for position, temperature in enumerate(options.temperatures):
+            encoded[tail_name(f"{name}.tail", temperature)] = tails[..., position].contiguous()
+        return encoded
 
 
 class TopKEncoding(MapEncoding):
     name = "topk"
 
     def tensors(self, spec: MapSpec, fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
-        seq_len, value_dtype = fingerprint["seq_len"], VALUE_DTYPES[fingerprint["dtype"]]
-        rows = (num_rows, spec.heads, seq_len, fingerprint["attn_top_m"])
-        tail = f"{spec.name}.tail"
-        tensors = {
-            f"{spec.name}.values": TensorSpec(value_dtype, rows, "map_values", tail, spec.layer),
-            f"{spec.name}.indices": TensorSpec(
-                INDEX_DTYPES[index_dtype(seq_len)], rows, "map_indices", None, spec.layer
-            ),
-        }
+        seq_len, top_m = fingerprint["seq_len"], fingerprint["attn_top_m"]
+        rows = (num_rows, spec.heads, stored_row_count(seq_len, fingerprint["attn_row_fraction"]), top_m)
+        tail, layer = f"{spec.name}.tail", spec.layer
+        if fingerprint["attn_value_bits"] == 8:
+            offset, step = f"{spec.name}.offset", f"{spec.name}.step"
+            tensors = {
+                f"{spec.name}.codes": TensorSpec("U8", rows, "map_codes", (tail, offset, step), layer),
+                offset: TensorSpec("F16", rows[:-1], "code_offset", (), layer),
+                step: TensorSpec("F16", rows[:-1], "code_step", (), layer),
+            }
+        else:
+            value_dtype = VALUE_DTYPES[fingerprint["dtype"]]
+            tensors = {f"{spec.name}.values": TensorSpec(value_dtype, rows, "map_values", (tail,), layer)}
+        count = spec.heads * rows[2] * top_m
+        packed = (num_rows, packed_bytes(count, bits_for(seq_len)))
+        tensors[f"{spec.name}.indices"] = TensorSpec("U8", packed, "map_indices", (), layer, rows[1:])
         for temperature in fingerprint["temperatures"]:
-            tensors[tail_name(tail, temperature)] = TensorSpec("F32", rows[:-1], "tail", None, spec.layer)
+            tensors[tail_name(tail, temperature)] = TensorSpec("F32", rows[:-1], "tail", (), layer)
         return tensors
 
-    def reads(self, name: str, temperature: float) -> list[str]:
-        return [f"{name}.values", f"{name}.indices", tail_name(f"{name}.tail", temperature)]
+    def reads(self, name: str, temperature: float, fingerprint: dict[str, Any]) -> list[str]:
+        values = [f"{name}.codes", f"{name}.offset", f"{name}.step"] if fingerprint["attn_value_bits"] == 8 else []
+        return [*(values or [f"{name}.values"]), f"{name}.indices", tail_name(f"{name}.tail", temperature)]
 
-    def encode(
-        self, name: str, maps: Tensor, *, attn_top_m: int, dtype: torch.dtype, temperatures: tuple[float, ...]
-    ) -> dict[str, Tensor]:
-        values, indices, tails = topk_rows(maps, attn_top_m, temperatures)
-        encoded = {f"{name}.values": values.to(dtype), f"{name}.indices": indices.to(index_dtype(maps.shape[-1]))}
-        for position, temperature in enumerate(temperatures):
-            encoded[tail_name(f"{name}.tail", temperature)] = tails[..., position].contiguous()
-        return encoded
+    def writer(self, name: str, options: EncodeOptions) -> MapWriter:
+        return _TopKWriter(name, options)
 
-    def target(self, raw: dict[str, Tensor], name: str, temperature: float) -> MapTarget:
-        return SparseTarget(
-            raw[f"{name}.values"].float(),
-            raw[f"{name}.indices"].long(),
-            raw[tail_name(f"{name}.tail", temperature)].float(),
-        )
+    def target(
+        self, raw: dict[str, Tensor], name: str, temperature: float, fingerprint: dict[str, Any], rows: Tensor | None
+    ) -> MapTarget:
+        tail = raw[tail_name(f"{name}.tail", temperature)].float()
+        shape = (*tail.shape, fingerprint["attn_top_m"])
+        if f"{name}.codes" in raw:
+            values = dequantize_log_probs(raw[f"{name}.codes"], raw[f"{name}.offset"], raw[f"{name}.step"])
+        else:
+            values = raw[f"{name}.values"].float()
+        indices = unpack_indices(raw[f"{name}.indices"], fingerprint["seq_len"], shape)
+        return SparseTarget(values, indices, tail, rows)
+
+
+def unpack_indices(packed: Tensor, limit: int, shape: tuple[int, ...]) -> Tensor:
+    """Packed key or token indices u8 [N, bytes] → int64 `shape` ([N, …]), each below `limit`."""
+    count = 1
+    for extent in shape[1:]:
+        count *= extent
+    return unpack_bits(packed, bits_for(limit), count).reshape(shape)
 
 
 ENCODINGS: dict[str, MapEncoding] = {encoding.name: encoding for encoding in (DenseEncoding(), TopKEncoding())}

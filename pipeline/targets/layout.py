@@ -18,20 +18,34 @@ import torch
 from safetensors.torch import save
 
 from pipeline.targets import kinds
-from pipeline.targets.encoding import ENCODINGS, INDEX_DTYPES, TensorSpec
+from pipeline.targets.codecs import bits_for, packed_bytes
+from pipeline.targets.encoding import ENCODINGS, TensorSpec
 from pipeline.targets.kinds.base import MapSpec, TargetSettings
 from pipeline.targets.logits import sample_tensors
 from pipeline.targets.needs import TargetNeeds
+from pipeline.targets.rows import ROWS_TENSOR, stored_row_count, stores_rows
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 STORED_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
     torch.int64: "I64",
-    **INDEX_DTYPES,
+    torch.int32: "I32",
+    torch.uint8: "U8",
 }
 """Every torch dtype a shard stores → its safetensors name."""
+
+
+PACKED_LIMITS = {"vocab_indices": "vocab_size", "map_indices": "seq_len", "rows": "seq_len"}
+"""Role of a bit-packed integer tensor → the fingerprint field its values stay below."""
+
+
+def packed_limit(role: str, fingerprint: dict[str, Any]) -> int | None:
+    """The bound of a packed tensor's integers (token ids < vocabulary, key indices and rows < T), None for a tensor
+    that is not packed."""
+    field = PACKED_LIMITS.get(role)
+    return None if field is None else fingerprint[field]
 
 
 def shard_file_name(index: int) -> str:
@@ -59,6 +73,11 @@ def cached_maps(fingerprint: dict[str, Any]) -> list[MapSpec]:
 def expected_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
     """Name → spec of every tensor a shard of `num_rows` samples must hold (and nothing else)."""
     specs = sample_tensors(fingerprint, num_rows)
+    seq_len, fraction = fingerprint["seq_len"], fingerprint["attn_row_fraction"]
+    if stores_rows(fraction, fingerprint["attn_targets"]):
+        count = stored_row_count(seq_len, fraction)
+        rows = packed_bytes(count, bits_for(seq_len))
+        specs[ROWS_TENSOR] = TensorSpec("U8", (num_rows, rows), "rows", unpacked=(count,))
     encoding = ENCODINGS[fingerprint["encoding"]]
     for spec in cached_maps(fingerprint):
         specs.update(encoding.tensors(spec, fingerprint, num_rows))
@@ -76,7 +95,7 @@ def requested_tensors(fingerprint: dict[str, Any], needs: TargetNeeds, num_rows:
     """Name → spec of the tensors a run with `needs` reads from a shard of `num_rows` samples (a subset of
     `expected_tensors`; `needs.check_cache` has made sure the cache holds them)."""
     every = expected_tensors(fingerprint, num_rows)
-    return {name: every[name] for name in needs.tensor_names(fingerprint["encoding"])}
+    return {name: every[name] for name in needs.tensor_names(fingerprint)}
 
 
 def shard_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:

@@ -1,10 +1,16 @@
 """The teacher's sparse logits, stored in every shard beside the sample ids and tokens.
 
 - `sample_ids` int64 [N], `input_ids` int32 [N, T]
-- `topk_values` f16/bf16 [N, T, k]: the teacher's top-k log-probs (`distill.kd.top_k`), descending
-- `topk_indices` uint16 (int32 when the vocabulary exceeds 65536) [N, T, k]: their token ids
-- per cached temperature τ the tail sum R_τ = Σ_{not kept} p^{1/τ} f32 [N, T]: `tail_mass` (τ = 1: the
-  probability outside the top k), `tail_mass.tau<τ>`; with R_τ the (k+1)-bucket KD is exact at τ.
+- the teacher's top-k log-probs per position (`distill.kd.top_k`), descending: `topk_values` f16/bf16 [N, T, k]
+  (`cache.logit_value_bits: 16`), or 8-bit codes of them (`topk_codes` u8 [N, T, k] with `topk_offset` and
+  `topk_step` f16 [N, T]; `pipeline.targets.codecs`, |log p̂ − log p| ≤ step / 2)
+- `topk_indices`: their token ids, ⌈log2 V⌉ bits each (16 for SmolLM2's 49152, 17 for LLaMA-3's 128256), packed per
+  sample u8 [N, ⌈T·k·bits/8⌉]
+- per cached temperature τ the tail sum R_τ = Σ_{not kept} p^{1/τ} f32 [N, T]: `tail_mass` (τ = 1: the probability
+  outside the top k), `tail_mass.tau<τ>`; with R_τ the (k+1)-bucket KD is exact at τ.
+
+The teacher's logits are never formed whole: `logit_targets` takes the last hidden states and applies the output
+layer a chunk of positions at a time, reducing each chunk to its top k at once.
 """
 
 from __future__ import annotations
@@ -12,63 +18,95 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.ops.kd import IGNORE_INDEX, topk_targets
-from pipeline.targets.encoding import INDEX_DTYPES, VALUE_DTYPES, TensorSpec, tail_name
+from pipeline.targets.codecs import bits_for, dequantize_logs, pack_bits, packed_bytes, quantize_logs
+from pipeline.targets.encoding import VALUE_DTYPES, TensorSpec, tail_name, unpack_indices
 
-UINT16_VOCAB_LIMIT = 65536
-SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_values", "topk_indices")
-"""Tensors every reader takes from every shard (plus the logits' tail sums at its temperature)."""
-
-
-def vocab_index_dtype(vocab_size: int) -> torch.dtype:
-    """Token ids of vocabularies up to 65536 (SmolLM2, GPT-2, LLaMA-2) fit uint16: 2 bytes per kept logit, not 4."""
-    return torch.uint16 if vocab_size <= UINT16_VOCAB_LIMIT else torch.int32
+SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_indices")
+"""Tensors every reader takes from every shard (plus the logits' values and tail sums at its temperature)."""
+LOGIT_CHUNK_ELEMENTS = 1 << 26
+"""Logits (positions × vocabulary) formed at a time: 256 MB of fp32 whatever the context length."""
 
 
 def sample_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
     """Name → spec of the ids, tokens and logit targets of a shard of `num_rows` samples."""
-    seq_len, top_k, value_dtype = fingerprint["seq_len"], fingerprint["top_k"], VALUE_DTYPES[fingerprint["dtype"]]
+    seq_len, top_k = fingerprint["seq_len"], fingerprint["top_k"]
+    rows = (num_rows, seq_len, top_k)
     specs = {
         "sample_ids": TensorSpec("I64", (num_rows,), "ids"),
         "input_ids": TensorSpec("I32", (num_rows, seq_len), "tokens"),
-        "topk_values": TensorSpec(value_dtype, (num_rows, seq_len, top_k), "logprobs", "tail_mass"),
-        "topk_indices": TensorSpec(
-            INDEX_DTYPES[vocab_index_dtype(fingerprint["vocab_size"])], (num_rows, seq_len, top_k), "vocab_indices"
-        ),
     }
+    if fingerprint["logit_value_bits"] == 8:
+        specs["topk_codes"] = TensorSpec("U8", rows, "logit_codes", ("tail_mass", "topk_offset", "topk_step"))
+        specs["topk_offset"] = TensorSpec("F16", rows[:-1], "code_offset")
+        specs["topk_step"] = TensorSpec("F16", rows[:-1], "code_step")
+    else:
+        specs["topk_values"] = TensorSpec(VALUE_DTYPES[fingerprint["dtype"]], rows, "logprobs", ("tail_mass",))
+    packed = packed_bytes(seq_len * top_k, bits_for(fingerprint["vocab_size"]))
+    specs["topk_indices"] = TensorSpec("U8", (num_rows, packed), "vocab_indices", unpacked=rows[1:])
     for temperature in fingerprint["temperatures"]:
         specs[tail_name("tail_mass", temperature)] = TensorSpec("F32", (num_rows, seq_len), "tail")
     return specs
 
 
-def sample_reads(kd_temperature: float) -> list[str]:
-    """The tensors every reader takes: ids, tokens, top-k log-probs and ids, the tail sums at the KD temperature."""
-    return [*SAMPLE_TENSORS, tail_name("tail_mass", kd_temperature)]
+def sample_reads(fingerprint: dict[str, Any], kd_temperature: float) -> list[str]:
+    """The tensors every reader takes: ids, tokens, top-k values and ids, the tail sums at the KD temperature."""
+    values = ["topk_codes", "topk_offset", "topk_step"] if fingerprint["logit_value_bits"] == 8 else ["topk_values"]
+    return [*SAMPLE_TENSORS, *values, tail_name("tail_mass", kd_temperature)]
 
 
-def logit_targets(logits: Tensor, top_k: int, temperatures: tuple[float, ...], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The stored logit tensors of teacher logits [B, T, V] (`ops.kd.topk_targets`), in their on-disk dtypes."""
-    values, indices, tail_sums = topk_targets(logits, top_k, temperatures)
-    targets = {"topk_values": values.to(dtype), "topk_indices": indices.to(vocab_index_dtype(logits.shape[-1]))}
+@torch.no_grad()
+def logit_targets(
+    hidden: Tensor,
+    output_layer: nn.Module,
+    top_k: int,
+    temperatures: tuple[float, ...],
+    dtype: torch.dtype,
+    value_bits: int,
+) -> dict[str, Tensor]:
+    """The stored logit tensors from the teacher's last hidden states [B, T, d] and its output layer, a chunk of
+    positions at a time (`ops.kd.topk_targets` on each), in their on-disk dtypes."""
+    batch, seq_len, _ = hidden.shape
+    vocab_size = output_layer.weight.shape[0]
+    step = max(1, LOGIT_CHUNK_ELEMENTS // max(1, batch * vocab_size))
+    parts = [
+        topk_targets(output_layer(hidden[:, start : start + step]), top_k, temperatures)
+        for start in range(0, seq_len, step)
+    ]
+    values, indices, tail_sums = (torch.cat(part, dim=1) for part in zip(*parts, strict=True))
+    if value_bits == 8:
+        codes, offset, step_sizes = quantize_logs(values)
+        targets = {"topk_codes": codes, "topk_offset": offset, "topk_step": step_sizes}
+    else:
+        targets = {"topk_values": values.to(dtype)}
+    targets["topk_indices"] = pack_bits(indices.flatten(1), bits_for(vocab_size))
     for position, temperature in enumerate(temperatures):
         targets[tail_name("tail_mass", temperature)] = tail_sums[..., position].contiguous()
     return targets
 
 
-def sample_batch(raw: dict[str, Tensor], positions: Tensor, kd_temperature: float) -> dict[str, Any]:
+def sample_batch(
+    raw: dict[str, Tensor], positions: Tensor, kd_temperature: float, fingerprint: dict[str, Any]
+) -> dict[str, Any]:
     """The trainer's form of the sample tensors: int64 ids, next-token labels (-100 at the last position), float32
-    logit targets with the tail sums at the KD temperature (`topk_tail`)."""
+    top-k log-probs (decoded from 8-bit codes where stored so) and int64 token ids, the tail sums at the KD
+    temperature (`topk_tail`)."""
     input_ids = raw["input_ids"].long()
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
+    if "topk_codes" in raw:
+        values = dequantize_logs(raw["topk_codes"], raw["topk_offset"], raw["topk_step"])
+    else:
+        values = raw["topk_values"].float()
+    shape = (*input_ids.shape, fingerprint["top_k"])
     return {
         "sample_ids": raw["sample_ids"].long(),
         "positions": positions,
         "input_ids": input_ids,
         "labels": labels,
-        "topk_values": raw["topk_values"].float(),
-        "topk_indices": raw["topk_indices"].long(),
+        "topk_values": values,
+        "topk_indices": unpack_indices(raw["topk_indices"], fingerprint["vocab_size"], shape),
         "topk_tail": raw[tail_name("tail_mass", kd_temperature)].float(),
     }

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.infra.atomic import atomic_write_bytes
 from pipeline.targets import kinds
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 FINGERPRINT_FIELDS = (
     "layout_version",
@@ -34,6 +34,9 @@ FINGERPRINT_FIELDS = (
     "attn_targets",
     "encoding",
     "attn_top_m",
+    "attn_row_fraction",
+    "attn_value_bits",
+    "logit_value_bits",
     "top_k",
     "temperatures",
     "dtype",

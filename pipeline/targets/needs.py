@@ -17,6 +17,7 @@ from pipeline.targets.encoding import ENCODINGS
 from pipeline.targets.kinds.base import MapSpec
 from pipeline.targets.logits import sample_reads
 from pipeline.targets.manifest import CacheError
+from pipeline.targets.rows import ROWS_TENSOR
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,25 @@ class TargetNeeds:
         """(map name, τ) of every map read, in the order of the needs, each once."""
         return tuple(dict.fromkeys((spec.name, need.temperature) for need in self.maps for spec in need.specs()))
 
-    def tensor_names(self, encoding: str) -> list[str]:
-        """Every stored tensor a reader of these needs takes from a shard written with `encoding`."""
-        names = sample_reads(self.kd_temperature)
-        for name, temperature in self.reads():
-            names += ENCODINGS[encoding].reads(name, temperature)
+    def tensor_names(self, fingerprint: dict[str, Any]) -> list[str]:
+        """Every stored tensor a reader of these needs takes from a shard of a cache with `fingerprint`."""
+        names = sample_reads(fingerprint, self.kd_temperature)
+        reads = self.reads()
+        if reads and fingerprint["attn_row_fraction"] < 1:
+            names.append(ROWS_TENSOR)
+        for name, temperature in reads:
+            names += ENCODINGS[fingerprint["encoding"]].reads(name, temperature, fingerprint)
         return list(dict.fromkeys(names))
+
+
+def stored_row_count(batch: dict[str, Any], *, skip_first: bool = False) -> float:
+    """Query rows a batch's attention targets hold (what a map term's sum runs over): B · T, or B · R of the stored
+    rows `batch["attn_rows"]`; `skip_first` leaves out the rows at position 0 (the sink row, dropped)."""
+    rows = batch.get(ROWS_TENSOR)
+    if rows is None:
+        batch_size, seq_len = batch["input_ids"].shape
+        return float(batch_size * (seq_len - 1 if skip_first else seq_len))
+    return float((rows != 0).sum()) if skip_first else float(rows.numel())
 
 
 def check_cache(

@@ -138,9 +138,10 @@ class LiveTargets(TargetSource):
         located = [order.locate(position) for position in positions.tolist()]
         chunk = self.rows[[shard * self.shard_size + row for shard, row in located]]
         input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
-        targets = compute_targets(self.teacher, input_ids, self.settings)
-        raw = {**targets, "sample_ids": torch.as_tensor(chunk["sample_id"]), "input_ids": input_ids}
-        return training_batch(raw, positions, self.needs, self.settings.encoding)
+        sample_ids = torch.as_tensor(chunk["sample_id"])
+        targets = compute_targets(self.teacher, input_ids, sample_ids, self.settings)
+        raw = {**targets, "sample_ids": sample_ids, "input_ids": input_ids}
+        return training_batch(raw, positions, self.needs, self.fingerprint)
 
     def batches(self, *, batch_size: int, seed: int, start_position: int, rank: int, world_size: int) -> Iterator:
         order = SampleOrder(virtual_shard_sizes(len(self.rows), self.shard_size), seed, shuffle=True)

@@ -257,11 +257,11 @@ def _verify_once(path: Path, entry: ShardEntry) -> None:
         _verified_shards.add(key)
 
 
-def _read_with_companion(
+def _read_with_companions(
     handle: Any, name: str, fingerprint: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    companion = checks.companion_name(fingerprint, name)
-    return handle.get_slice(name)[:], handle.get_slice(companion)[:] if companion else None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    companions = checks.companion_names(fingerprint, name)
+    return handle.get_slice(name)[:], {key: handle.get_slice(key)[:] for key in companions}
 
 
 def check_shard_targets(
@@ -282,8 +282,8 @@ def check_shard_targets(
         if name == "sample_ids":
             problem = checks.sample_id_problem(sample_ids, entry.sample_id_min, entry.sample_id_max)
         else:
-            tensor, companion = _read_with_companion(handle, name, fingerprint)
-            problem = checks.tensor_problem(name, tensor, fingerprint, sample_ids, companion)
+            tensor, companions = _read_with_companions(handle, name, fingerprint)
+            problem = checks.tensor_problem(name, tensor, fingerprint, sample_ids, companions)
         if problem is not None:
             raise CacheError(f"{path}: {problem}; {BAD_SHARD_FIX}")
         _checked_targets.add((key, name))

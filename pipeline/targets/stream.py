@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.targets.encoding import ENCODINGS, TensorSpec
+from pipeline.targets.encoding import ENCODINGS, TensorSpec, unpack_indices
 from pipeline.targets.layout import requested_tensors
 from pipeline.targets.logits import sample_batch
 from pipeline.targets.manifest import MANIFEST_NAME, CacheError, Manifest
 from pipeline.targets.needs import TargetNeeds
 from pipeline.targets.order import SampleOrder, micro_step_start
+from pipeline.targets.rows import ROWS_TENSOR, stored_row_count
 from pipeline.targets.store import ShardReader, open_cache
 
 Item = TypeVar("Item")
@@ -60,14 +61,24 @@ def _prefetched(items: Iterator[Item], depth: int = 1) -> Iterator[Item]:
 
 
 def training_batch(
-    raw: dict[str, torch.Tensor], positions: torch.Tensor, needs: TargetNeeds, encoding: str
+    raw: dict[str, torch.Tensor], positions: torch.Tensor, needs: TargetNeeds, fingerprint: dict[str, Any]
 ) -> dict[str, Any]:
     """Shard tensors of a batch (on-disk names and dtypes) → the batch the trainer consumes: the sample tensors
-    (`logits.sample_batch`) and `maps`: each map the needs read, as its encoding's target (`DenseTarget`: the packed
-    triangle; `SparseTarget`: tail sums at the map's temperature). The online source builds its batches here too, so
-    both feed the trainer the same form."""
-    batch = sample_batch(raw, positions, needs.kd_temperature)
-    batch["maps"] = {name: ENCODINGS[encoding].target(raw, name, temperature) for name, temperature in needs.reads()}
+    (`logits.sample_batch`: 8-bit codes and packed ids decoded), `attn_rows` [B, R] (the stored query rows, when the
+    cache stores a fraction of them) and `maps`: each map the needs read, as its encoding's target (`DenseTarget`: the
+    packed triangle; `SparseTarget`: tail sums at the map's temperature, at the stored rows). The online source builds
+    its batches here too, so both feed the trainer the same form."""
+    batch = sample_batch(raw, positions, needs.kd_temperature, fingerprint)
+    rows = None
+    if ROWS_TENSOR in raw:
+        seq_len = fingerprint["seq_len"]
+        count = stored_row_count(seq_len, fingerprint["attn_row_fraction"])
+        rows = unpack_indices(raw[ROWS_TENSOR], seq_len, (len(raw[ROWS_TENSOR]), count))
+        batch[ROWS_TENSOR] = rows
+    encoding = ENCODINGS[fingerprint["encoding"]]
+    batch["maps"] = {
+        name: encoding.target(raw, name, temperature, fingerprint, rows) for name, temperature in needs.reads()
+    }
     return batch
 
 
@@ -186,7 +197,7 @@ class TargetStream(IterableDataset[dict[str, Any]]):
         restore = torch.empty_like(grouped_slots)
         restore[grouped_slots] = torch.arange(len(grouped_slots))
         raw = {name: torch.cat([part[name] for part in parts])[restore] for name in self.tensor_names}
-        return training_batch(raw, torch.arange(first, stop), self.needs, self.encoding)
+        return training_batch(raw, torch.arange(first, stop), self.needs, self.manifest.fingerprint)
 
     def _batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
         order = SampleOrder([entry.num_samples for entry in self.manifest.shards], self.seed, self.shuffle)

@@ -377,11 +377,15 @@ def write_cache_split(
             shard_rows = rows[first : first + count]
             shard_input_ids = torch.as_tensor(shard_rows["input_ids"], dtype=torch.long)
             batches: list[dict[str, torch.Tensor]] = []
+            shard_sample_ids = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
             for start in range(0, count, batch_size):
-                batches.append(compute_targets(teacher, shard_input_ids[start : start + batch_size], settings))
+                end = start + batch_size
+                batches.append(
+                    compute_targets(teacher, shard_input_ids[start:end], shard_sample_ids[start:end], settings)
+                )
                 progress.update(min(batch_size, count - start) * seq_len)
             tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
-            tensors["sample_ids"] = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
+            tensors["sample_ids"] = shard_sample_ids
             tensors["input_ids"] = shard_input_ids.to(torch.int32)
             _check_schema(tensors, fingerprint, path)
             _check_values(tensors, fingerprint, path)

@@ -8,7 +8,8 @@ Metrics, each a global mean over every rank's share of the split's cache:
   (`topk_indices[..., 0]` of the cache);
 - `eval/attn_kl`: KL(teacher target ‖ student) per query row at τ = 1 against the run's own attention targets,
   averaged over heads and matched layers — a fixed yardstick, whatever attention loss and temperature the run
-  trained with.
+  trained with; over the query rows the validation cache stores (all, or its `cache.attn_row_fraction` sample:
+  then an unbiased estimate of the mean over all rows).
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ class EvalResult:
 
 
 def dense_target(target: MapTarget, seq_len: int) -> Tensor:
-    """The target maps of sample 0 of a batch as dense [H, T, T] (top-m targets scattered back, the tail left out)."""
+    """The target maps of sample 0 of a batch as dense [H, T, T] (top-m targets scattered back, the tail left out;
+    rows the cache does not store are 0)."""
     if isinstance(target, DenseTarget):
         return unpack_triangle(target.packed[0], seq_len)
-    values, indices = target.values[0], target.indices[0]
-    return values.new_zeros(*values.shape[:-1], seq_len).scatter(-1, indices, values)
+    values, indices = target.values[0], target.indices[0].clamp_max(seq_len - 1)
+    rows = values.new_zeros(*values.shape[:-1], seq_len).scatter_add(-1, indices, values)
+    if target.rows is None:
+        return rows
+    maps = values.new_zeros(values.shape[0], seq_len, seq_len)
+    maps[:, target.rows[0]] = rows
+    return maps
 
 
 class Evaluator:

@@ -1,6 +1,7 @@
 """`attn`: attention distillation (`distill.attn`). Per student layer j, the student's attention maps against the
 teacher's cached target map of teacher layer m(j) — headwise squeezed (SHD), selective, or the global mean map —
-per query row averaged over heads and matched layers; summed over query rows.
+per query row averaged over heads and matched layers; summed over the query rows the targets hold (every row, or
+the sample of `cache.attn_row_fraction`).
 
 The student's maps are recomputed from its captured post-RoPE queries and keys in row blocks
 (`pipeline.ops.map_losses.map_loss_sum`); the forward keeps SDPA.
@@ -18,7 +19,7 @@ from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
 from pipeline.ops.map_losses import map_loss_sum
 from pipeline.targets import kinds
-from pipeline.targets.needs import MapNeed
+from pipeline.targets.needs import MapNeed, stored_row_count
 
 YARDSTICK = "attn_kl"
 """The evaluation metric `eval/attn_kl`: KL at τ = 1 against the run's own targets, sink included."""
@@ -102,8 +103,7 @@ class AttentionKD(Term):
         return None
 
     def count(self, batch: dict[str, Any]) -> float:
-        batch_size, seq_len = batch["input_ids"].shape
-        return float(batch_size * (seq_len - 1)) if self.drop_sink else float(batch["input_ids"].numel())
+        return stored_row_count(batch, skip_first=self.drop_sink)
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
         mask = None

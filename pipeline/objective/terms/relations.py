@@ -15,7 +15,7 @@ from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
 from pipeline.ops.map_losses import MapTarget, map_loss_sum
 from pipeline.targets.kinds.relations import RELATIONS, relation_scale, relation_states
-from pipeline.targets.needs import MapNeed
+from pipeline.targets.needs import MapNeed, stored_row_count
 
 
 def relation_loss_sum(
@@ -97,7 +97,7 @@ class RelationKD(Term):
         return list(self.needed)
 
     def count(self, batch: dict[str, Any]) -> float:
-        return float(batch["input_ids"].numel())
+        return stored_row_count(batch)
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
         total = None

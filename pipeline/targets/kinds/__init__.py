@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from pipeline.targets.kinds.base import MapSpec, TargetKind, TargetSettings, TeacherPass, layer_key
+from pipeline.targets.kinds.base import LayerPass, MapSpec, TargetKind, TargetSettings, layer_key
 
 __all__ = [
+    "LayerPass",
     "MapSpec",
     "TargetKind",
     "TargetSettings",
-    "TeacherPass",
     "fingerprint_field_names",
     "fingerprint_fields",
     "get",
@@ -92,6 +92,9 @@ def settings_from_fingerprint(fingerprint: dict[str, Any], dtype: torch.dtype, *
         temperatures=tuple(fingerprint["temperatures"]),
         dtype=dtype,
         variants=variants_of(kinds, lambda key: fingerprint[get_by_key(key).fingerprint_field]),
+        row_fraction=fingerprint["attn_row_fraction"],
+        attn_value_bits=fingerprint["attn_value_bits"],
+        logit_value_bits=fingerprint["logit_value_bits"],
         **extra,
     )
 

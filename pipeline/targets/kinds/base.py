@@ -1,11 +1,17 @@
 """What a target kind is: one kind of teacher target map the cache can hold, declared in one place.
 
-A kind says what it needs from the teacher's forward (attention maps, value–output circuits, q/k/v states), which
-maps it stores for a cached layer (tensor names and head counts), how it computes them from a `TeacherPass`, what it
-stores beside them (SHD's α) and where a cache records what a run needs of it. Config validation, the fingerprint,
-the writer, the online source, the layout, the reader's checks and cache adequacy all ask the registry
-(`pipeline.targets.kinds`) instead of knowing kinds by name. How maps are encoded on disk (dense triangle, top-m
-rows) is the encoding's business (`pipeline.targets.encoding`), the same for every kind.
+A kind says what it needs of the teacher's forward, which maps it stores for a cached layer (tensor names and head
+counts), how it computes their rows from a `LayerPass`, what it stores beside them (SHD's α) and where a cache
+records what a run needs of it. Config validation, the fingerprint, the writer, the online source, the layout, the
+reader's checks and cache adequacy all ask the registry (`pipeline.targets.kinds`) instead of knowing kinds by name.
+How maps are encoded on disk (dense triangle, top-m rows, 8-bit values) is the encoding's business
+(`pipeline.targets.encoding`), the same for every kind.
+
+The teacher runs with SDPA on every layer; a `LayerPass` holds what a captured layer's attention function was given
+(post-RoPE queries and keys, the values, the score scale) and forms probabilities a block of query rows at a time, so
+no [B, H, T, T] map exists. A kind computes a layer in up to two passes over the rows: `solve` (statistics over
+every row, e.g. SHD's α, which needs the Grams of `LayerPass.statistics`) and `rows` (its maps at the stored rows,
+block by block).
 
 A kind's maps of one layer come in *variants*: one per student head count for the head-dependent kinds (the same
 teacher layer squeezed for 3 and for 2 student heads), one per relation-head count for MiniLM relations, a single
@@ -15,13 +21,18 @@ one for the global mean map.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.ops.shd import Circuits
+from pipeline.ops.attention_rows import attention_rows, block_size, row_blocks
+from pipeline.ops.shd import Circuits, GroupStats, accumulate_group_stats, new_group_stats
+
+HeadGroup = tuple[int, ...]
+"""Teacher heads whose statistics are accumulated together."""
 
 
 class MapSpec(NamedTuple):
@@ -58,32 +69,64 @@ class TargetSettings:
     temperatures: tuple[float, ...]
     """Temperatures of the cached tail sums (τ = 1 among them)."""
     dtype: torch.dtype
+    """The 16-bit values' dtype (the live source computes in fp32)."""
     variants: dict[str, int] = field(default_factory=dict)
     """Kind name → its one variant, for the kinds with a `variant_key` (the relation heads R of `relations`)."""
     selected_heads: dict[str, list[int]] | None = None
-    """`L<layer>.H<heads>` → teacher heads of the `selective` targets (`SelectiveKind.choose`)."""
+    """`L<layer>.H<heads>` → teacher heads of the `selective` targets (`SelectiveKind.prepare`)."""
+    row_fraction: float = 1.0
+    """Share of every sample's query rows whose attention targets are stored (`pipeline.targets.rows`)."""
+    attn_value_bits: int = 16
+    logit_value_bits: int = 16
 
 
 @dataclass
-class TeacherPass:
-    """What one teacher forward on a batch recorded, for the kinds to compute their targets from (dicts keyed by
-    teacher layer; `AttentionCapture` documents the shapes)."""
+class LayerPass:
+    """One captured teacher layer of a batch: what its attention function was given, and its circuits."""
 
-    maps: dict[int, Tensor]
-    """Attention probabilities [B, H, T, T] fp32."""
-    circuits: dict[int, Circuits] = field(default_factory=dict)
-    qkv: dict[int, Any] = field(default_factory=dict)
+    query: Tensor
+    """[B, H, T, dh] post-RoPE queries."""
+    key: Tensor
+    """[B, H_kv, T, dh] post-RoPE keys, once per KV head."""
+    value: Tensor
+    """[B, H_kv, T, dh] values, once per KV head."""
+    scale: float
+    circuits: Circuits | None = None
+    """The value–output circuits (values, each head's slice of W_O, its KV head), when a kind needs them."""
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[1]
+
+    def attention(self, positions: Tensor) -> Tensor:
+        """Probabilities [B, H, R, K] of the query rows `positions` ([R] or [B, R], sorted)."""
+        return attention_rows(self.query, self.key, self.scale, positions)
+
+    def statistics(self, groups: Iterable[HeadGroup]) -> dict[HeadGroup, tuple[GroupStats, Tensor]]:
+        """Every group's `GroupStats` over all query rows and its output maps, in one pass of row blocks."""
+        if self.circuits is None:
+            raise ValueError("statistics need the layer's circuits (a kind with capture = {'circuits'})")
+        plans = {group: self.circuits.group(group) for group in dict.fromkeys(groups)}
+        stats = {group: new_group_stats(plan, len(group)) for group, plan in plans.items()}
+        batch, heads, seq_len = self.query.shape[:3]
+        for start, stop in row_blocks(seq_len, block_size(batch, heads, seq_len)):
+            probs = self.attention(torch.arange(start, stop, device=self.query.device))
+            for group, plan in plans.items():
+                stats[group] = accumulate_group_stats(stats[group], probs[:, list(group)], plan.values)
+        return {group: (stats[group], plans[group].outputs) for group in plans}
 
 
 class TargetKind(ABC):
-    """One kind of target map. Subclasses set the class attributes and implement `variants`, `maps` and
-    `compute`; the rest has defaults that fit most kinds."""
+    """One kind of target map. Subclasses set the class attributes and implement `variants`, `maps` and `rows`;
+    the rest has defaults that fit most kinds."""
 
     name: ClassVar[str]
     description: ClassVar[str]
     """One line for the config reference."""
     capture: ClassVar[frozenset[str]] = frozenset()
-    """What the teacher pass must record beyond the maps: `circuits` (value–output circuits), `qkv`."""
+    """What the teacher pass must keep beyond queries, keys and values: `circuits` (each head's slice of W_O)."""
+    uses_attention: ClassVar[bool] = True
+    """Its rows are computed from the teacher's attention probabilities of the block (formed once for all kinds)."""
     per_student_heads: ClassVar[bool] = True
     """Its variants are student head counts (`cache.head_counts`): a student with H heads reads variant H."""
     calibration_samples: ClassVar[int] = 0
@@ -102,25 +145,52 @@ class TargetKind(ABC):
     def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
         """The maps of one variant of teacher layer `layer`."""
 
+    def stats_groups(self, variant: int | None, num_heads: int) -> tuple[HeadGroup, ...]:
+        """Head groups whose statistics over every row `solve` needs (none by default)."""
+        return ()
+
+    def solve(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        stats: dict[HeadGroup, tuple[GroupStats, Tensor]],
+        settings: TargetSettings,
+    ) -> Any:
+        """What the kind decides for a layer before its rows are formed, from the statistics of every row
+        (`stats_groups`) and the settings (SHD's α, the selective heads); None by default."""
+        return None
+
     @abstractmethod
-    def compute(
-        self, teacher_pass: TeacherPass, layer: int, variant: int | None, settings: TargetSettings
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(map name → maps [B, H, T, T] fp32 probabilities, extra tensor name → [B, width] fp32) of one variant of
-        one layer."""
+    def rows(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        state: Any,
+        attention: Tensor | None,
+        positions: Tensor,
+    ) -> dict[str, Tensor]:
+        """Map name → its rows [B, H, R, K] at query `positions` [B, R] (keys 0..K−1), from the block's teacher
+        `attention` [B, H_t, R, K] (None for kinds that do not use it) and the `solve` state."""
 
     def extras(self, layer: int, variant: int | None, teacher_heads: int) -> tuple[ExtraSpec, ...]:
         """Per-sample tensors stored beside the maps of one variant (none by default)."""
         return ()
+
+    def extra_values(self, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
+        """The `extras` of a batch from its `solve` state: name → [B, width] fp32 (none by default)."""
+        return {}
 
     def variant_problem(self, variant: int | None, fingerprint: dict[str, Any]) -> str | None:
         """Why a cache with `fingerprint` lacks `variant` (None when it has it); every variant by default."""
         return None
 
     def prepare(
-        self, teacher: nn.Module, calibration_ids: Tensor, layers: tuple[int, ...], head_counts: tuple[int, ...]
+        self, passes: Iterable[dict[int, LayerPass]], layers: tuple[int, ...], head_counts: tuple[int, ...]
     ) -> dict[str, Any]:
-        """Choices made once per cache before any shard, recorded in the manifest and handed back through
+        """Choices made once per cache before any shard, from the teacher passes of the first
+        `calibration_samples` train samples (batch by batch), recorded in the manifest and handed back through
         `TargetSettings` (none by default; the `selective` kind picks its teacher heads here)."""
         return {}
 
@@ -139,3 +209,8 @@ def student_heads_problem(variant: int | None, fingerprint: dict[str, Any]) -> s
         f"fingerprint field 'student_head_counts' is {have}, but the student has {variant} heads; re-run `distill "
         f"cache` with {variant} in cache.head_counts"
     )
+
+
+def single_heads(num_heads: int) -> Sequence[HeadGroup]:
+    """Every head alone: the groups whose statistics give each head's output share."""
+    return [(head,) for head in range(num_heads)]

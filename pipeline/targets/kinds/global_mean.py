@@ -3,9 +3,11 @@ against the mean of the student's heads)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from pipeline.targets.kinds.base import MapSpec, TargetKind, TargetSettings, TeacherPass
+from pipeline.targets.kinds.base import LayerPass, MapSpec, TargetKind, TargetSettings
 
 
 class GlobalKind(TargetKind):
@@ -19,11 +21,17 @@ class GlobalKind(TargetKind):
     def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
         return (MapSpec(f"attn.L{layer}.global", 1, layer),)
 
-    def compute(
-        self, teacher_pass: TeacherPass, layer: int, variant: int | None, settings: TargetSettings
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def rows(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        state: Any,
+        attention: Tensor | None,
+        positions: Tensor,
+    ) -> dict[str, Tensor]:
         (spec,) = self.maps(layer, variant)
-        return {spec.name: teacher_pass.maps[layer].mean(1, keepdim=True)}, {}
+        return {spec.name: attention.mean(1, keepdim=True)}
 
 
 KINDS = (GlobalKind(),)

@@ -15,8 +15,8 @@ from typing import Any
 
 from torch import Tensor
 
-from pipeline.ops.map_losses import student_log_probs
-from pipeline.targets.kinds.base import MapSpec, TargetKind, TargetSettings, TeacherPass
+from pipeline.ops.attention_rows import attention_rows, repeat_heads
+from pipeline.targets.kinds.base import LayerPass, MapSpec, TargetKind, TargetSettings
 
 RELATIONS = ("q", "k", "v")
 """The three self-relations, in cache-key order (`rel.L<l>.R<r>.q` …)."""
@@ -44,22 +44,13 @@ def relation_scale(relation_states: Tensor) -> float:
     return relation_states.shape[-1] ** -0.5
 
 
-def relation_maps(states: Tensor, num_relation_heads: int, key_mask: Tensor | None = None) -> Tensor:
-    """Teacher relation maps ``softmax(X_r X_rᵀ / √d_r)`` under the causal mask: ``[B, R, T, T]`` fp32 probabilities,
-    exact zeros at masked keys (the same form as attention maps, so the cache encodes them alike)."""
-    relation = relation_states(states.float(), num_relation_heads)
-    length = relation.shape[2]
-    log_probs = student_log_probs(relation, relation, relation_scale(relation), 0, length, key_mask=key_mask)
-    return log_probs.exp()
-
-
 class RelationsKind(TargetKind):
     name = "relations"
     per_student_heads = False
     variant_key = "distill.rel.heads"
     fingerprint_field = "rel_heads"
     description = "MiniLMv2 Q-Q/K-K/V-V relation maps over R relation heads"
-    capture = frozenset({"qkv"})
+    uses_attention = False
 
     def variants(self, settings: TargetSettings) -> tuple[int | None, ...]:
         return (settings.variants.get(self.name),)
@@ -67,12 +58,27 @@ class RelationsKind(TargetKind):
     def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
         return tuple(MapSpec(f"rel.L{layer}.R{variant}.{relation}", int(variant), layer) for relation in RELATIONS)
 
-    def compute(
-        self, teacher_pass: TeacherPass, layer: int, variant: int | None, settings: TargetSettings
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        states = teacher_pass.qkv[layer]
-        specs = self.maps(layer, variant)
-        return {spec.name: relation_maps(state, int(variant)) for spec, state in zip(specs, states, strict=True)}, {}
+    def solve(
+        self, layer_pass: LayerPass, layer: int, variant: int | None, stats: dict, settings: TargetSettings
+    ) -> Any:
+        """The layer's queries, keys and values as R relation heads [B, R, T, H·dh / R] each, in fp32."""
+        heads = layer_pass.num_heads
+        states = (layer_pass.query, repeat_heads(layer_pass.key, heads), repeat_heads(layer_pass.value, heads))
+        return [relation_states(part.float(), int(variant)) for part in states]
+
+    def rows(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        state: Any,
+        attention: Tensor | None,
+        positions: Tensor,
+    ) -> dict[str, Tensor]:
+        return {
+            spec.name: attention_rows(relation, relation, relation_scale(relation), positions)
+            for spec, relation in zip(self.maps(layer, variant), state, strict=True)
+        }
 
     def variant_problem(self, variant: int | None, fingerprint: dict[str, Any]) -> str | None:
         if fingerprint.get("rel_heads") == variant:

@@ -8,19 +8,22 @@ every head's share in `head_importance`); `attn.L<layer>.H<heads>.selective` sto
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.errors import PipelineError
-from pipeline.ops.shd import head_importance, select_heads
+from pipeline.ops.matching import select_heads
+from pipeline.ops.shd import importance_from_stats
 from pipeline.targets.kinds.base import (
+    LayerPass,
     MapSpec,
     TargetKind,
     TargetSettings,
-    TeacherPass,
     layer_key,
+    single_heads,
     student_heads_problem,
 )
 
@@ -44,42 +47,53 @@ class SelectiveKind(TargetKind):
     def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
         return (MapSpec(f"attn.L{layer}.H{variant}.selective", int(variant), layer),)
 
-    def compute(
-        self, teacher_pass: TeacherPass, layer: int, variant: int | None, settings: TargetSettings
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        chosen = (settings.selected_heads or {})[layer_key(layer, int(variant))]
+    def solve(
+        self, layer_pass: LayerPass, layer: int, variant: int | None, stats: dict, settings: TargetSettings
+    ) -> Any:
+        """The teacher heads chosen for `variant` student heads (`prepare`, through the settings)."""
+        return (settings.selected_heads or {})[layer_key(layer, int(variant))]
+
+    def rows(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        state: Any,
+        attention: Tensor | None,
+        positions: Tensor,
+    ) -> dict[str, Tensor]:
         (spec,) = self.maps(layer, variant)
-        return {spec.name: teacher_pass.maps[layer][:, chosen]}, {}
+        return {spec.name: attention[:, state]}
 
     def variant_problem(self, variant: int | None, fingerprint: dict[str, Any]) -> str | None:
         return student_heads_problem(variant, fingerprint)
 
-    @torch.no_grad()
     def prepare(
-        self, teacher: nn.Module, calibration_ids: Tensor, layers: tuple[int, ...], head_counts: tuple[int, ...]
+        self, passes: Iterable[dict[int, LayerPass]], layers: tuple[int, ...], head_counts: tuple[int, ...]
     ) -> dict[str, Any]:
         """{"selected_heads": `L<layer>.H<heads>` → heads sorted by index, "head_importance": `L<layer>` → mean
-        output share per teacher head} over `calibration_ids` [N, T] (every rank passes the same)."""
-        num_heads = teacher.config.num_attention_heads
-        too_many = [heads for heads in head_counts if heads > num_heads]
-        if too_many:
-            raise SelectionError(
-                f"cache.head_counts / student.num_heads: selective targets pick {too_many[0]} of the teacher's "
-                f"{num_heads} heads; use at most {num_heads} student heads with distill.attn.match: selective (or "
-                "leave 'selective' out of cache.attn_targets)"
-            )
-        # transformers (through the capture) is heavy; only the cache stage and online runs choose heads.
-        from pipeline.models.capture import AttentionCapture
-
-        device = next(teacher.parameters()).device
-        with AttentionCapture(teacher, layers, circuits=True) as capture:
-            teacher(input_ids=calibration_ids.to(device))
+        output share per teacher head} over the calibration passes (every rank passes the same samples)."""
+        shares: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        for teacher_pass in passes:
+            for layer in layers:
+                layer_pass = teacher_pass[layer]
+                too_many = [heads for heads in head_counts if heads > layer_pass.num_heads]
+                if too_many:
+                    raise SelectionError(
+                        f"cache.head_counts / student.num_heads: selective targets pick {too_many[0]} of the "
+                        f"teacher's {layer_pass.num_heads} heads; use at most {layer_pass.num_heads} student heads "
+                        "with distill.attn.match: selective (or leave 'selective' out of cache.attn_targets)"
+                    )
+                groups = single_heads(layer_pass.num_heads)
+                stats = layer_pass.statistics(groups)
+                parts = [stats[group] for group in groups]
+                shares[layer].append(importance_from_stats([p[0] for p in parts], [p[1] for p in parts]))
         selected, importance = {}, {}
         for layer in layers:
-            shares = head_importance(capture.maps[layer], capture.circuits[layer]).double().mean(0).cpu()
-            importance[f"L{layer}"] = [round(value, 6) for value in shares.tolist()]
+            mean = torch.cat(shares[layer]).double().mean(0)
+            importance[f"L{layer}"] = [round(value, 6) for value in mean.tolist()]
             for heads in head_counts:
-                selected[layer_key(layer, heads)] = select_heads(shares, heads)
+                selected[layer_key(layer, heads)] = select_heads(mean, heads)
         return {"selected_heads": selected, "head_importance": importance}
 
 

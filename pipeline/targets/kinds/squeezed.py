@@ -1,8 +1,9 @@
 """Headwise targets: each teacher layer's H_t heads squeezed into one map per student head (SHD).
 
-Three kinds share this module, one per squeeze (`pipeline.ops.shd.squeeze_heads`): `shd` (α solved exactly per
-group from the value–output circuits), `shd_pairwise` (the paper's progressive pairwise merge) and `uniform` (α =
-1/r, the constant-merge baseline). Each stores `attn.L<layer>.H<heads>.<squeeze>` (H student heads) and the α behind
+Three kinds share this module, one per squeeze (`pipeline.ops.shd`): `shd` (α solved exactly per group from the
+value–output circuits), `shd_pairwise` (the paper's progressive pairwise merge) and `uniform` (α = 1/r, the
+constant-merge baseline). α comes from statistics of every query row (`solve`), then every stored row is the α-weighted
+sum of its group's teacher rows. Each stores `attn.L<layer>.H<heads>.<squeeze>` (H student heads) and the α behind
 it, `alpha.L<layer>.H<heads>.<squeeze>` [N, H_t]: each teacher head's weight inside its group.
 """
 
@@ -12,13 +13,15 @@ from typing import Any
 
 from torch import Tensor
 
-from pipeline.ops.shd import squeeze_heads
+from pipeline.ops.matching import squeeze_groups
+from pipeline.ops.shd import GroupStats, squeeze_alphas, squeeze_rows
 from pipeline.targets.kinds.base import (
     ExtraSpec,
+    HeadGroup,
+    LayerPass,
     MapSpec,
     TargetKind,
     TargetSettings,
-    TeacherPass,
     layer_key,
     student_heads_problem,
 )
@@ -42,14 +45,46 @@ class SqueezedKind(TargetKind):
         key = f"{layer_key(layer, int(variant))}.{self.name}"
         return (ExtraSpec(f"alpha.{key}", teacher_heads, layer, "alpha", key),)
 
-    def compute(
-        self, teacher_pass: TeacherPass, layer: int, variant: int | None, settings: TargetSettings
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        circuits = teacher_pass.circuits.get(layer)
-        squeezed, alphas = squeeze_heads(teacher_pass.maps[layer], circuits, int(variant), method=self.name)
+    def _groups(self, variant: int | None, num_heads: int) -> list[list[int]]:
+        return squeeze_groups(num_heads, int(variant), self.name)
+
+    def stats_groups(self, variant: int | None, num_heads: int) -> tuple[HeadGroup, ...]:
+        if self.name == "uniform" or int(variant) >= num_heads:
+            return ()
+        return tuple(tuple(group) for group in self._groups(variant, num_heads))
+
+    def solve(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        stats: dict[HeadGroup, tuple[GroupStats, Tensor]],
+        settings: TargetSettings,
+    ) -> Any:
+        """(the squeeze's groups, α [B, H_t]) from the groups' statistics over every row."""
+        num_heads, batch = layer_pass.num_heads, layer_pass.query.shape[0]
+        groups = self._groups(variant, num_heads)
+        needed = self.stats_groups(variant, num_heads)
+        group_stats = [stats[group][0] for group in needed] or None
+        outputs = [stats[group][1] for group in needed] or None
+        return groups, squeeze_alphas(group_stats, outputs, groups, num_heads, self.name, batch)
+
+    def rows(
+        self,
+        layer_pass: LayerPass,
+        layer: int,
+        variant: int | None,
+        state: Any,
+        attention: Tensor | None,
+        positions: Tensor,
+    ) -> dict[str, Tensor]:
+        groups, alphas = state
         (spec,) = self.maps(layer, variant)
-        (alpha,) = self.extras(layer, variant, alphas.shape[1])
-        return {spec.name: squeezed}, {alpha.name: alphas.float()}
+        return {spec.name: squeeze_rows(attention, alphas, groups)}
+
+    def extra_values(self, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
+        (alpha,) = self.extras(layer, variant, state[1].shape[1])
+        return {alpha.name: state[1].float()}
 
     def variant_problem(self, variant: int | None, fingerprint: dict[str, Any]) -> str | None:
         return student_heads_problem(variant, fingerprint)

@@ -1,0 +1,53 @@
+"""Attention probabilities of a block of query rows, recomputed from post-RoPE queries and keys: what the cache stage
+forms its targets from without ever holding a [B, H, T, T] map.
+
+A block is a set of query positions per sample — contiguous rows [a, b), or any sorted rows (a subsample) — against
+the keys up to the block's last row; memory is O(B · H · rows · T). Scores and softmax are fp32 whatever the model's
+dtype (the probabilities are distillation targets), with the causal mask of each row. Pure tensor maths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+ROW_BLOCK_ELEMENTS = 1 << 24
+"""Probabilities (B · H · rows · keys) per block: 64 MB of fp32, a few intermediates of that size alive at a time."""
+
+
+def repeat_heads(key: Tensor, num_heads: int) -> Tensor:
+    """Keys or values [B, H_kv, T, d] repeated per query head → [B, H, T, d]: query head h reads KV head
+    h // (H / H_kv)."""
+    return key if key.shape[1] == num_heads else key.repeat_interleave(num_heads // key.shape[1], dim=1)
+
+
+def block_size(batch: int, heads: int, seq_len: int, budget: int = ROW_BLOCK_ELEMENTS) -> int:
+    """Query rows per block so that a block's probabilities hold at most `budget` entries (at least one row)."""
+    return max(1, budget // max(1, batch * heads * seq_len))
+
+
+def row_blocks(seq_len: int, rows_per_block: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of contiguous query-row blocks covering 0..T−1."""
+    for start in range(0, seq_len, rows_per_block):
+        yield start, min(start + rows_per_block, seq_len)
+
+
+def attention_rows(query: Tensor, key: Tensor, scale: float, positions: Tensor) -> Tensor:
+    """softmax(q kᵀ · scale) of the query rows at `positions` under the causal mask → [B, H, R, K] fp32.
+
+    `query` [B, H, T, d], `key` [B, H_k, T, d] (H_k divides H); `positions` [R] (the same rows in every sample) or
+    [B, R] (per sample), sorted; K = the last position + 1: keys after it are causally 0 in every row of the block.
+    Keys a row may not see are exactly 0.
+    """
+    batch, heads = query.shape[:2]
+    per_sample = positions if positions.dim() == 2 else positions.expand(batch, -1)
+    keys = int(per_sample.max()) + 1
+    index = per_sample[:, None, :, None].expand(batch, heads, per_sample.shape[1], query.shape[-1])
+    rows = query.gather(2, index).float()
+    scores = rows @ repeat_heads(key[:, :, :keys], heads).float().transpose(-1, -2)
+    scores.mul_(scale)
+    blocked = torch.arange(keys, device=query.device) > per_sample[:, None, :, None]
+    scores.masked_fill_(blocked, float("-inf"))
+    return torch.softmax(scores, dim=-1)
