@@ -243,7 +243,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
-        from pipeline.reports.compare import compare_runs, resolve_target
+        from pipeline.reports.compare import compare_runs
+        from pipeline.reports.runs import resolve_target
 
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
