@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import Config, MLflowConfig
 from pipeline.errors import PipelineError
-from pipeline.infra.tracking import resolve_tracking_uri
+from pipeline.infra.mlflow_store import resolve_tracking_uri
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
