@@ -16,7 +16,7 @@ step, on the step's own batch and parameters, before the update:
   score |q·k·scale| of the student, and the share of the attention loss from rows whose target puts ≥ 0.5 on the sink.
 
     .venv/bin/python benchmarks/attention_gradients.py                         # demo config, 24 steps
-    .venv/bin/python benchmarks/attention_gradients.py --steps 48 distill.attn_temperature=2.0
+    .venv/bin/python benchmarks/attention_gradients.py --steps 48 distill.attn.temperature=2.0
     .venv/bin/python benchmarks/attention_gradients.py --csv reports/attention_gradients.csv
 """
 
@@ -27,23 +27,21 @@ import csv
 import dataclasses
 import json
 import statistics
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import dist
-from pipeline.attention import ScoreInputs
-from pipeline.checkpoints import TrainState
 from pipeline.config import Config, load_config
-from pipeline.map_losses import student_log_probs
-from pipeline.objective import AttentionKD, Objective
-from pipeline.runtime import configure_logging, to_device
-from pipeline.students import build_student_model, resolve
-from pipeline.targets.layout import unpack_triangle
-from pipeline.targets.manifest import read_manifest
-from pipeline.train import check_inputs, lr_factor, training_batches
+from pipeline.infra import dist
+from pipeline.infra.runtime import configure_logging, to_device
+from pipeline.objective.loss import build_objective
+from pipeline.objective.terms.attention import AttentionKD
+from pipeline.ops.map_losses import ScoreInputs, student_log_probs
+from pipeline.stages.context import open_run
+from pipeline.students import build_student_model
+from pipeline.targets.encoding import unpack_triangle
+from pipeline.training.schedule import make_scheduler
 
 TINY = torch.finfo(torch.float32).tiny
 
@@ -121,27 +119,28 @@ def sink_figures(term: AttentionKD, forward: Any) -> dict[str, float]:
 
 
 def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
-    config = resolve(config)
-    inputs = check_inputs(config)
-    objective: Objective = inputs.objective
+    context = open_run(config)
+    config = context.config
+    objective = build_objective(config, context.teacher_layers)
     attention = next((term for term in objective.terms if isinstance(term, AttentionKD)), None)
     if attention is None:
-        raise SystemExit("the config has no attention term (distill.w_attn = 0): nothing to diagnose")
-    manifest = read_manifest(Path(config.cache.output_dir) / "train")
-    student = build_student_model(config, inputs.teacher_config, alpha_stats=manifest.alpha_stats)
+        raise SystemExit("the config has no attention term (distill.attn.weight = 0): nothing to diagnose")
+    if not attention.is_yardstick():
+        print(
+            "note: the attention term is not the τ = 1 KL with the sink kept (distill.attn.temperature, "
+            "distill.attn.sink), which the clamped-log gradient computes: old_vs_new_attn_grad includes that difference"
+        )
+    # The run's targets and its student, as `distill train` builds them (a carve reads the cache's α statistics).
+    targets = context.target_source(objective.needs())
+    student = build_student_model(config, context.teacher_config, targets=targets)
     named = [(name, parameter) for name, parameter in student.named_parameters() if parameter.requires_grad]
     parameters = [parameter for _, parameter in named]
     train = config.train
     optimizer = torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
-    factor = partial(
-        lr_factor,
-        warmup_steps=train.warmup_steps,
-        max_steps=train.max_steps,
-        schedule=train.schedule,
-        min_ratio=train.min_lr / train.lr,
+    scheduler = make_scheduler(optimizer, config)
+    batches = targets.batches(
+        batch_size=train.micro_batch_size, seed=train.seed, start_position=0, rank=0, world_size=1
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    batches = training_batches(config, inputs, TrainState(), None)
     names = objective.names
     records = []
     for step in range(steps):
@@ -151,8 +150,8 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
         with objective.forward(student, student, batch) as forward:
             sums = objective.sums(forward)
             terms = dict(zip(names, (sums / counts.clamp_min(1)).unbind(), strict=True))
-            attn = names.index("attn")
-            logit_loss = weights[0] * terms["ce"] + weights[1] * terms["kd"]
+            attn, ce, kd = names.index("attn"), names.index("ce"), names.index("kd")
+            logit_loss = weights[ce] * terms["ce"] + weights[kd] * terms["kd"]
             attention_loss = weights[attn] * terms["attn"]
             old_loss = weights[attn] * clamped_log_attention_sum(attention, forward) / counts[attn]
             logit_grad = torch.autograd.grad(logit_loss, parameters, retain_graph=True, allow_unused=True)
@@ -207,8 +206,11 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("WARNING")
     config = load_config(args.config, ["train.mode=cached", "mlflow.enabled=false", *args.overrides])
-    if config.distill.attn_loss != "kl" or config.attention_kind() == "global":
-        raise SystemExit("this diagnostic compares headwise KL formulations: use distill.attn_loss=kl, headwise")
+    if config.distill.attn.loss != "kl" or config.distill.attn.match == "global":
+        raise SystemExit(
+            "this diagnostic compares per-head KL formulations: use distill.attn.loss=kl and distill.attn.match "
+            "headwise or selective"
+        )
     with dist.launcher_environment():
         records = diagnose(config, args.steps)
     if args.csv is not None:

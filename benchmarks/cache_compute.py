@@ -18,22 +18,19 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from loss_overhead import smollm2_like_config  # benchmarks/ is on sys.path when run as a script
-from timing import time_alternately
+from _common import smollm2_like_config, time_alternately  # benchmarks/ is on sys.path when run as a script
+from datasets import Dataset
 from transformers import LlamaForCausalLM
 
-from pipeline.attention import CAPTURE_ATTENTION
-from pipeline.targets.layout import MAP_KINDS
-from pipeline.targets.writer import TargetSettings, compute_targets
+from pipeline.config import Config
+from pipeline.models.capture import CAPTURE_ATTENTION
+from pipeline.targets import kinds
+from pipeline.targets.compute import compute_targets, prepare_kinds
+from pipeline.targets.kinds.base import TargetSettings
 
-RELATION_HEADS = 4
-"""MiniLMv2 relation heads when `relations` is among the kinds (`distill.rel_heads`' default)."""
-
-
-def selected_heads(layers: list[int], head_counts: tuple[int, ...]) -> dict[str, list[int]]:
-    """Teacher heads of the `selective` targets: the first H of each layer (which heads does not change the cost;
-    `distill cache` chooses them once per cache by output share)."""
-    return {f"L{layer}.H{heads}": list(range(heads)) for layer in layers for heads in head_counts}
+CALIBRATION_SAMPLES, CALIBRATION_LEN = 16, 256
+"""Random samples on which the kinds that choose something once per cache (`selective`: its teacher heads, on its
+first 16 train samples) make their choice, outside the timed calls: which heads does not change the cost."""
 
 
 def main() -> None:
@@ -47,7 +44,7 @@ def main() -> None:
         "--kinds",
         nargs="+",
         default=["shd"],
-        choices=MAP_KINDS,
+        choices=kinds.names(),
         help="target map kinds computed in the pass (cache.attn_targets; default shd)",
     )
     parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="target map encoding")
@@ -67,16 +64,16 @@ def main() -> None:
     stage_teacher.set_attn_implementation(CAPTURE_ATTENTION)
 
     temperatures = tuple(sorted({1.0, *args.temperatures}))
-    print(
-        f"random SmolLM2-shaped teacher, {args.dtype} on {device}; cached layers {args.layers}; kinds {args.kinds}, "
-        f"{args.encoding} fp16{' (m = 32)' if args.encoding == 'topk' else ''}, top-k 64, temperatures "
-        f"{list(temperatures)}"
-    )
-    for seq_len in args.lengths:
-        batch = max(1, args.batch_tokens // seq_len)
-        input_ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
-        for head_counts in ((3,), (3, 2)):
-            settings = TargetSettings(
+    # A kind's variant set by the run (the relation heads R of `relations`) takes the config's default.
+    kind_variants = kinds.variants_of(args.kinds, Config().value)
+    generator = torch.Generator().manual_seed(0)  # the timed batches below draw from the global generator as before
+    calibration_ids = torch.randint(config.vocab_size, (CALIBRATION_SAMPLES, CALIBRATION_LEN), generator=generator)
+    calibration = Dataset.from_dict({"input_ids": calibration_ids.tolist()})
+    settings_by_heads = {
+        head_counts: prepare_kinds(
+            stage_teacher,
+            calibration,
+            TargetSettings(
                 layers=tuple(args.layers),
                 head_counts=head_counts,
                 kinds=tuple(args.kinds),
@@ -85,9 +82,20 @@ def main() -> None:
                 top_k=64,
                 temperatures=temperatures,
                 dtype=torch.float16,
-                rel_heads=RELATION_HEADS if "relations" in args.kinds else None,
-                selected_heads=selected_heads(args.layers, head_counts) if "selective" in args.kinds else None,
-            )
+                variants=kind_variants,
+            ),
+        )[0]
+        for head_counts in ((3,), (3, 2))
+    }
+    print(
+        f"random SmolLM2-shaped teacher, {args.dtype} on {device}; cached layers {args.layers}; kinds {args.kinds}, "
+        f"{args.encoding} fp16{' (m = 32)' if args.encoding == 'topk' else ''}, top-k 64, temperatures "
+        f"{list(temperatures)}"
+    )
+    for seq_len in args.lengths:
+        batch = max(1, args.batch_tokens // seq_len)
+        input_ids = torch.randint(config.vocab_size, (batch, seq_len), device=device)
+        for head_counts, settings in settings_by_heads.items():
 
             def bare_forward(input_ids: torch.Tensor = input_ids) -> None:
                 with torch.no_grad():

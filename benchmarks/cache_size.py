@@ -25,56 +25,44 @@ head (top-m maps) for each; dense maps hold none (they are exact at any τ). All
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from _common import contiguous_window_rows  # benchmarks/ is on sys.path when run as a script
 from safetensors import safe_open
 
-from pipeline.attention import attention_dims
 from pipeline.config import load_config
-from pipeline.data import load_prepared
-from pipeline.models import load_teacher
-from pipeline.shd import layer_map
+from pipeline.models.loading import load_teacher
+from pipeline.ops.shd import layer_map
+from pipeline.stages.cache import cache_settings
+from pipeline.stages.context import open_run
+from pipeline.targets import kinds
+from pipeline.targets.encoding import ENCODINGS, TensorSpec
 from pipeline.targets.fingerprint import cache_fingerprint
-from pipeline.targets.layout import map_name, read_header, shard_file_name, tail_name
-from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
+from pipeline.targets.kinds.base import TargetSettings
+from pipeline.targets.layout import read_header, shard_file_name
+from pipeline.targets.logits import sample_tensors
+from pipeline.targets.writer import write_cache_split
 
 STUDENT_HEADS = 3
+KIND = kinds.get("shd")
 
 
-class WindowRows:
-    """Rows of concatenated packed samples in the shape `write_cache_split` reads: `rows[a:b]` → ids [b-a, T]."""
-
-    def __init__(self, input_ids: torch.Tensor, sample_ids: torch.Tensor) -> None:
-        self.input_ids = input_ids
-        self.sample_ids = sample_ids
-
-    def __len__(self) -> int:
-        return len(self.sample_ids)
-
-    def __getitem__(self, rows: slice) -> dict[str, Any]:
-        return {"input_ids": self.input_ids[rows], "sample_id": self.sample_ids[rows]}
+def map_tensors(fingerprint: dict[str, Any], layer: int, heads: int) -> dict[str, TensorSpec]:
+    """The stored tensors of the SHD map of teacher layer `layer` for `heads` student heads, in the cache's encoding
+    (a dense triangle; or top-m values, indices and the tail sums per τ)."""
+    (spec,) = KIND.maps(layer, heads)
+    return ENCODINGS[fingerprint["encoding"]].tensors(spec, fingerprint, 0)
 
 
-def contiguous_windows(sample_ids: np.ndarray, length: int, count: int) -> list[int]:
-    """First rows of `count` windows of `length` rows whose sample ids are consecutive (contiguous packed text).
-
-    The train split lacks the validation samples, so neighbouring rows are not always neighbouring text; windows are
-    taken from runs of consecutive ids, spread evenly over all such runs (different plays).
-    """
-    breaks = np.flatnonzero(np.diff(sample_ids) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(sample_ids)]])
-    usable = [int(start) for start, stop in zip(starts, stops, strict=True) if stop - start >= length]
-    if len(usable) < count:
-        raise SystemExit(f"only {len(usable)} runs of {length} consecutive samples in the split, asked for {count}")
-    picks = np.linspace(0, len(usable) - 1, count).round().astype(int)
-    return [usable[pick] for pick in picks]
+def logit_tensors(fingerprint: dict[str, Any]) -> list[str]:
+    """The stored logit targets: top-k log-probs, their token ids and the tail sums per τ (not the ids and tokens)."""
+    return [name for name, spec in sample_tensors(fingerprint, 0).items() if spec.role not in ("ids", "tokens")]
 
 
 def tensor_bytes(header: dict[str, Any], names: list[str]) -> int:
@@ -98,87 +86,93 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    config = load_config(args.config)
-    splits, meta = load_prepared(Path(args.data))
-    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
+    temperatures = sorted({1.0, *args.temperatures})
+    # What `distill cache` would cache for the config's student (its shape, data and teacher), SHD maps only.
+    overrides = [
+        f"teacher.path={args.teacher}",
+        f"data.output_dir={args.data}",
+        f"cache.attn_targets=[{KIND.name}]",
+        f"cache.temperatures={temperatures}",
+        "cache.dtype=float16",
+    ]
+    context = open_run(load_config(args.config, overrides))
+    config, dims, meta = context.config, context.dims, context.meta
+    train = context.splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
     base_len = meta["seq_len"]
-    teacher_dir = Path(args.teacher)
+    teacher_dir = context.teacher_dir
     teacher = load_teacher(teacher_dir, dtype=torch.float32)
-    dims = attention_dims(teacher.config)
-    vocab = teacher.config.vocab_size
+    vocab = context.teacher_config.vocab_size
     layers = layer_map(config.student.num_layers, dims.num_layers, "uniform")
-    teacher_sha = weights_sha256(teacher_dir)
-    top_k = config.distill.top_k
+    base_settings = dataclasses.replace(cache_settings(context), layers=tuple(layers))
+    top_k = base_settings.top_k
     workdir = Path(tempfile.mkdtemp(prefix="cache-size-", dir=args.workdir))
 
-    temperatures = sorted({1.0, *args.temperatures})
-    logit_tensors = ["topk_values", "topk_indices", *(tail_name("tail_mass", tau) for tau in temperatures)]
-
-    def write_shard(name: str, rows: Any, layers: list[int], overrides: list[str], seq_len: int, batch: int) -> Path:
-        """One shard of `rows` written by `write_cache_split` with the settings of the config plus `overrides`."""
-        common = ["cache.attn_targets=[shd]", f"cache.temperatures={temperatures}"]
-        variant = load_config(args.config, [*common, *overrides])
-        variant_meta = {**meta, "seq_len": seq_len, "fingerprint": f"{meta['fingerprint']}+T{seq_len}"}
-        fingerprint = cache_fingerprint(variant, variant_meta, "train", teacher_sha, dims, vocab, layers)
-        settings = TargetSettings.from_fingerprint(fingerprint, torch.float16)
+    def write_shard(
+        name: str, rows: Any, settings: TargetSettings, seq_len: int, batch: int
+    ) -> tuple[Path, dict[str, Any]]:
+        """One shard of `rows` (T = `seq_len`) written by `write_cache_split` with `settings`; (its path, the
+        cache's fingerprint)."""
+        origin = {
+            **context.provenance("train"),
+            "seq_len": seq_len,
+            "data_fingerprint": f"{meta['fingerprint']}+T{seq_len}",
+        }
+        fingerprint = cache_fingerprint(
+            settings, origin, teacher_num_heads=dims.num_heads, vocab_size=vocab, dtype=config.cache.dtype
+        )
         directory = workdir / name
         write_cache_split(teacher, rows, directory, settings, fingerprint, shard_size=len(rows), batch_size=batch)
-        return directory / shard_file_name(0)
+        return directory / shard_file_name(0), fingerprint
 
     try:
         # Dense, demo settings: one shard of the first samples.
         dense_rows = train.select(range(args.dense_samples))
-        dense_path = write_shard(
+        dense_path, dense_fingerprint = write_shard(
             "dense",
             dense_rows,
-            layers,
-            ["cache.head_counts=[3, 2]", "cache.encoding=dense", "cache.dtype=float16"],
+            dataclasses.replace(base_settings, head_counts=(2, 3), encoding="dense"),
             base_len,
             min(args.dense_samples, config.cache.batch_size),
         )
         header, _ = read_header(str(dense_path))
         dense_tokens = args.dense_samples * base_len
-        h3_names = [map_name(layer, "shd", STUDENT_HEADS) for layer in layers]
-        h2_names = [map_name(layer, "shd", 2) for layer in layers]
+        h3_names = [name for layer in layers for name in map_tensors(dense_fingerprint, layer, STUDENT_HEADS)]
+        h2_names = [name for layer in layers for name in map_tensors(dense_fingerprint, layer, 2)]
         dense_h3 = tensor_bytes(header, h3_names) / dense_tokens / len(layers)
         dense_h2 = tensor_bytes(header, h2_names) / dense_tokens / len(layers)
         naive = dims.num_heads * base_len * 4
         bound = (dims.num_heads / STUDENT_HEADS) * 2 * (2 * base_len / (base_len + 1))
-        logit_bytes = tensor_bytes(header, logit_tensors) / dense_tokens
+        logit_names = logit_tensors(dense_fingerprint)
+        logit_bytes = tensor_bytes(header, logit_names) / dense_tokens
         shard_size_bytes = dense_path.stat().st_size
-        logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in logit_tensors)
+        logit_dtypes = ", ".join(f"{name} {header[name]['dtype']}" for name in logit_names)
 
         # Top-k at several T: windows of consecutive samples, one writer call (one captured layer) per layer.
-        longest = max(args.seq_lens)
         if any(seq_len % base_len for seq_len in args.seq_lens):
             raise SystemExit(f"--seq-lens must be multiples of the packed length {base_len}")
-        sample_ids = np.asarray(train["sample_id"][:])
-        window_starts = contiguous_windows(sample_ids, longest // base_len, args.topk_samples)
-        windows = [train[start : start + longest // base_len] for start in window_starts]
+        windows = contiguous_window_rows(train, base_len, args.seq_lens, args.topk_samples)
         topk_results = []
         for seq_len in args.seq_lens:
-            parts = seq_len // base_len
-            input_ids = torch.stack([window["input_ids"][:parts].reshape(-1) for window in windows]).long()
-            first_ids = torch.stack([window["sample_id"][0] for window in windows])
-            rows = WindowRows(input_ids, first_ids)
+            rows = windows[seq_len]
             per_layer_bytes, per_layer_mass, late_mass, per_layer_seconds = [], [], [], []
             for layer in layers:
-                overrides = [
-                    f"cache.head_counts=[{STUDENT_HEADS}]",
-                    "cache.encoding=topk",
-                    "cache.dtype=float16",
-                    f"cache.attn_top_m={args.attn_top_m}",
-                    f"cache.layers=[{layer}]",
-                ]
+                settings = dataclasses.replace(
+                    base_settings,
+                    layers=(layer,),
+                    head_counts=(STUDENT_HEADS,),
+                    encoding="topk",
+                    attn_top_m=args.attn_top_m,
+                )
                 start = time.perf_counter()
-                path = write_shard(f"topk-T{seq_len}-L{layer}", rows, [layer], overrides, seq_len, 1)
+                path, fingerprint = write_shard(f"topk-T{seq_len}-L{layer}", rows, settings, seq_len, 1)
                 per_layer_seconds.append(time.perf_counter() - start)
                 header_t, _ = read_header(str(path))
-                key = map_name(layer, "shd", STUDENT_HEADS)
-                names = [f"{key}.values", f"{key}.indices", *(tail_name(f"{key}.tail", tau) for tau in temperatures)]
-                per_layer_bytes.append(tensor_bytes(header_t, names) / (len(rows) * seq_len))
+                stored = map_tensors(fingerprint, layer, STUDENT_HEADS)
+                per_layer_bytes.append(tensor_bytes(header_t, list(stored)) / (len(rows) * seq_len))
+                # The values' companion: the tail sums at τ = 1, the mass outside the kept entries.
+                mass_outside = next(spec.companion for spec in stored.values() if spec.role == "map_values")
                 with safe_open(str(path), framework="pt") as shard:
-                    tail = shard.get_tensor(f"{key}.tail").double()
+                    tail = shard.get_tensor(mass_outside).double()
                 per_layer_mass.append((1 - tail).mean().item())
                 # Query rows i < m have at most m causal keys: all their mass is kept by construction.
                 late_mass.append((1 - tail[..., args.attn_top_m :]).mean().item())
@@ -196,7 +190,7 @@ def main() -> None:
     print(f"  naive fp32 full maps of all {dims.num_heads} teacher heads   {naive:9.1f} B/token/layer")
     print(
         f"  attn.L*.H{STUDENT_HEADS}.shd measured                      {dense_h3:9.1f} B/token/layer   "
-        f"{naive / dense_h3:6.2f}× smaller  (bound 3 · 2 · 2T/(T+1) = {bound:.2f}×)"
+        f"{naive / dense_h3:6.2f}× smaller  (bound {dims.num_heads / STUDENT_HEADS:g} · 2 · 2T/(T+1) = {bound:.2f}×)"
     )
     print(f"  (attn.L*.H2.shd measured                      {dense_h2:9.1f} B/token/layer   {naive / dense_h2:6.2f}×)")
     print(

@@ -12,9 +12,10 @@ medians are printed, with the median of the ratios taken within each repeat and 
 least disturbed on a shared machine) beside them (issue target: cache tokens/s ÷ eager tokens/s ≥ 0.85).
 
 Where the cache-stage time goes is measured in the same runs by timing the writer's own calls (teacher forward
-including capture, logit top-k with tail sums, squeeze + α, map encoding (triangle packing and fp16 cast),
-serialisation, sha256, write + fsync, manifest, α statistics); "other" is the rest of `write_cache_split` (casts of
-the logits to the on-disk dtypes, copies to the CPU, concatenation of the batches, reading the rows).
+including capture, logit top-k with tail sums, squeeze + α, map encoding (triangle packing and fp16 cast), the
+shard's value checks, serialisation, sha256, write + fsync, manifest, α statistics); "other" is the rest of
+`write_cache_split` (casts of the logits to the on-disk dtypes, copies to the CPU, concatenation of the batches,
+reading the rows, the schema check).
 
     .venv/bin/python benchmarks/cache_throughput.py                     # SmolLM2 teacher, batch 8 × 256, fp32
     .venv/bin/python benchmarks/cache_throughput.py --dtype bfloat16    # the teacher in bf16 (demo's `auto` here)
@@ -24,6 +25,7 @@ the logits to the on-disk dtypes, copies to the CPU, concatenation of the batche
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -37,27 +39,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import shd
-from pipeline.attention import attention_dims
 from pipeline.config import load_config
-from pipeline.data import load_prepared
-from pipeline.models import load_teacher
-from pipeline.shd import layer_map
-from pipeline.targets import writer
-from pipeline.targets.fingerprint import cache_fingerprint
-from pipeline.targets.writer import TargetSettings, weights_sha256, write_cache_split
+from pipeline.models.loading import load_teacher
+from pipeline.ops import shd
+from pipeline.ops.shd import layer_map
+from pipeline.stages.cache import cache_settings
+from pipeline.stages.context import open_run
+from pipeline.targets import logits, writer
+from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.fingerprint import cache_fingerprint, weights_sha256
+from pipeline.targets.kinds import squeezed
+from pipeline.targets.writer import write_cache_split
 
 HEAD_COUNT_VARIANTS = ((3,), (3, 2))
-TIMED_WRITER_CALLS = {
-    "topk_targets": "logit top-k (block maxima, top-k, exp sums)",
-    "squeeze_heads": "squeeze + SHD α",
-    "encode_maps": "encode maps (pack triangle, cast to fp16)",
-    "shard_bytes": "serialise shard (safetensors)",
-    "sha256_bytes": "sha256 of the shard",
-    "atomic_write_bytes": "write + fsync + rename",
-    "write_manifest": "manifest writes",
-    "_alpha_statistics": "α statistics (re-reads shard)",
-}
+TIMED_CALLS: tuple[tuple[Any, str, str], ...] = (
+    (logits, "topk_targets", "logit top-k (block maxima, top-k, exp sums)"),
+    (squeezed, "squeeze_heads", "squeeze + SHD α"),
+    *((encoding, "encode", "encode maps (pack triangle, cast to fp16)") for encoding in ENCODINGS.values()),
+    (writer, "_check_values", "value checks of the shard (checks.shard_problem)"),
+    (writer, "shard_bytes", "serialise shard (safetensors)"),
+    (writer, "sha256_bytes", "sha256 of the shard"),
+    (writer, "atomic_write_bytes", "write + fsync + rename"),
+    (writer, "write_manifest", "manifest writes"),
+    (writer, "_alpha_statistics", "α statistics (re-reads shard)"),
+)
+"""(owner, attribute, label) of every call timed inside `write_cache_split`: the names its modules look up when
+they call (module globals), and the encodings' `encode` (per instance)."""
+LABELS = tuple(dict.fromkeys(label for _, _, label in TIMED_CALLS))
 FORWARD_PART = "teacher forward + capture (4 eager layers, values)"
 ALPHA_PART = "  of which SHD α solve (shd.group_alphas)"
 
@@ -81,9 +89,9 @@ class WriterProfile:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Route the writer's module-level calls and the teacher's forward through timers; restore them after."""
+        """Route the timed calls and the teacher's forward through timers; restore them after."""
         self.seconds = defaultdict(float)
-        originals = {name: getattr(writer, name) for name in TIMED_WRITER_CALLS}
+        originals = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name, _ in TIMED_CALLS]
         original_group_alphas = shd.group_alphas
         forward_start: list[float] = []
 
@@ -97,16 +105,19 @@ class WriterProfile:
             self.teacher.register_forward_pre_hook(before_forward, with_kwargs=True),
             self.teacher.register_forward_hook(after_forward, with_kwargs=True),
         ]
-        for name, label in TIMED_WRITER_CALLS.items():
-            setattr(writer, name, self._wrap(label, originals[name]))
+        for (owner, name, label), (_, _, function, _) in zip(TIMED_CALLS, originals, strict=True):
+            setattr(owner, name, self._wrap(label, function))
         # Nested inside squeeze_heads (which looks it up in its module), so it is shown as a share of that line.
         shd.group_alphas = self._wrap(ALPHA_PART, original_group_alphas)
         try:
             yield
         finally:
             shd.group_alphas = original_group_alphas
-            for name, function in originals.items():
-                setattr(writer, name, function)
+            for owner, name, function, own in originals:
+                if own:
+                    setattr(owner, name, function)
+                else:  # a method of the instance's class: drop the instance's timed copy
+                    delattr(owner, name)
             for hook in hooks:
                 hook.remove()
 
@@ -125,22 +136,32 @@ def main() -> None:
 
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    config = load_config(args.config)
-    splits, meta = load_prepared(Path(args.data))
+    # What `distill cache` would cache for the config's student (its shape, data and teacher): SHD maps, dense fp16.
+    overrides = [
+        f"teacher.path={args.teacher}",
+        f"data.output_dir={args.data}",
+        "cache.attn_targets=[shd]",
+        "cache.encoding=dense",
+        "cache.dtype=float16",
+        "cache.temperatures=[1.0]",
+    ]
+    context = open_run(load_config(args.config, overrides))
+    config = context.config
     num_rows = args.batch * args.batches
-    rows = splits["train"].select(range(num_rows)).with_format("torch", columns=["sample_id", "input_ids"])
+    rows = context.splits["train"].select(range(num_rows)).with_format("torch", columns=["sample_id", "input_ids"])
     input_ids = torch.as_tensor(rows[0:num_rows]["input_ids"], dtype=torch.long)
     batches = list(input_ids.split(args.batch))
     seq_len = input_ids.shape[1]
     tokens = input_ids.numel()
 
-    teacher_dir = Path(args.teacher)
+    teacher_dir = context.teacher_dir
     eager_teacher = load_teacher(teacher_dir, dtype=dtype, attn_implementation="eager")
     cache_teacher = load_teacher(teacher_dir, dtype=dtype)
-    dims = attention_dims(cache_teacher.config)
+    dims = context.dims
     layers = layer_map(config.student.num_layers, dims.num_layers, "uniform")
+    base_settings = dataclasses.replace(cache_settings(context), layers=tuple(layers))
     start = time.perf_counter()
-    teacher_sha = weights_sha256(teacher_dir)
+    weights_sha256(teacher_dir)  # done once per job by `open_run`, timed here again for the line below
     sha_seconds = time.perf_counter() - start
 
     workdir = Path(tempfile.mkdtemp(prefix="cache-throughput-", dir=args.workdir))
@@ -158,20 +179,14 @@ def main() -> None:
             cache_teacher(input_ids=batch)
 
     def cache_stage(head_counts: tuple[int, ...]) -> Callable[[], None]:
-        variant_config = load_config(
-            args.config,
-            [
-                f"cache.head_counts={list(head_counts)}",
-                "cache.encoding=dense",
-                "cache.dtype=float16",
-                "cache.attn_targets=[shd]",
-                "cache.temperatures=[1.0]",
-            ],
-        )
+        settings = dataclasses.replace(base_settings, head_counts=head_counts)
         fingerprint = cache_fingerprint(
-            variant_config, meta, "train", teacher_sha, dims, cache_teacher.config.vocab_size, layers
+            settings,
+            context.provenance("train"),
+            teacher_num_heads=dims.num_heads,
+            vocab_size=context.teacher_config.vocab_size,
+            dtype=config.cache.dtype,
         )
-        settings = TargetSettings.from_fingerprint(fingerprint, torch.float16)
         name = f"cache stage H{list(head_counts)}"
 
         def run() -> None:
@@ -215,7 +230,7 @@ def main() -> None:
         f"teacher {teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads on {dims.num_kv_heads} KV heads, "
         f"vocab {cache_teacher.config.vocab_size}), {args.dtype}; {args.batches} batches of {args.batch} × T "
         f"{seq_len} = {tokens} tokens per run (one shard); cached layers {layers}, squeeze shd, dense fp16, "
-        f"top-k {config.distill.top_k}; {torch.get_num_threads()} threads; median of {args.repeats}"
+        f"top-k {base_settings.top_k}; {torch.get_num_threads()} threads; median of {args.repeats}"
     )
     for name, value in medians.items():
         print(
@@ -236,8 +251,8 @@ def main() -> None:
     for name, runs in breakdowns.items():
         total = statistics.median(run["total"] for run in runs)
         print(f"where the time goes, {name} (median over {len(runs)} runs; write_cache_split {total:.2f} s):")
-        labels = [FORWARD_PART, *TIMED_WRITER_CALLS.values()]
-        labels.insert(labels.index(TIMED_WRITER_CALLS["squeeze_heads"]) + 1, ALPHA_PART)
+        labels = [FORWARD_PART, *LABELS]
+        labels.insert(labels.index("squeeze + SHD α") + 1, ALPHA_PART)
         for label in labels:
             seconds = statistics.median(run.get(label, 0.0) for run in runs)
             print(f"  {label:52s} {seconds:7.3f} s  {100 * seconds / total:5.1f} %")

@@ -4,10 +4,11 @@ On the tiny random LLaMA teacher (`teacher.source: tiny-random-llama`, 4 layers,
 (dense targets for 2- and 3-head students, teacher layers 1 and 3), with T = 32 and a synthetic corpus big enough
 for the largest count (words drawn from the tiny corpus's vocabulary):
 
-1. Cache stage, peak RSS against the number of cached samples: `distill cache` (`stages.cache_stage`, the writer as
-   it is) with `cache.max_samples` = each count, each in a fresh process, so its `ru_maxrss` is that run's peak.
-2. Full read pass, peak RSS against the sample count: one epoch of the training stream
-   (`train.training_batches`, the reader as training uses it), again one fresh process per count.
+1. Cache stage, peak RSS against the number of cached samples: `distill cache` (`stages.cache.cache_stage`, the
+   writer as it is) with `cache.max_samples` = each count, each in a fresh process, so its `ru_maxrss` is that run's
+   peak.
+2. Full read pass, peak RSS against the sample count: one epoch of the training stream (the run's target source,
+   `RunContext.target_source`, read as training reads it), again one fresh process per count.
 3. Reader samples/s with 0, 2 and 4 DataLoader workers on the largest cache (one epoch each, fresh processes),
    against what a tiny training step consumes: the median `train/step_time_s` of `distill train` on the same
    cache (`train.micro_batch_size` samples per step).
@@ -68,7 +69,7 @@ def overrides(root: Path, count: int, *extra: str) -> list[str]:
 
 def write_corpus(directory: Path, samples: int, seed: int = 0) -> None:
     """Text files of random words from the tiny corpus, enough tokens for `samples` sequences of `SEQ_LEN`."""
-    from pipeline.models import TINY_CORPUS
+    from pipeline.models.loading import TINY_CORPUS
 
     vocabulary = sorted(set(TINY_CORPUS.split()))
     words = int(samples * SEQ_LEN / TOKENS_PER_WORD_FLOOR * 1.1)
@@ -122,35 +123,41 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 def phase_setup(root: Path, count: int) -> dict[str, Any]:
-    from pipeline import stages
     from pipeline.config import load_config
+    from pipeline.stages.prepare import prepare_stage
+    from pipeline.stages.teacher import teacher_stage
 
     write_corpus(root / "corpus", count)
     config = load_config(CONFIG, overrides(root, count))
-    stages.teacher_stage(config)
-    meta = stages.prepare_stage(config)
+    teacher_stage(config)
+    meta = prepare_stage(config)
     return {"train_samples": meta["splits"]["train"]["samples"]}
 
 
 def phase_cache(root: Path, count: int) -> dict[str, Any]:
-    from pipeline import stages
     from pipeline.config import load_config
+    from pipeline.stages.cache import cache_stage
 
     started = time.perf_counter()
-    stages.cache_stage(load_config(CONFIG, overrides(root, count)))
+    cache_stage(load_config(CONFIG, overrides(root, count)))
     return {"seconds": round(time.perf_counter() - started, 1), **peak_rss_mb()}
 
 
 def phase_read(root: Path, count: int, workers: int) -> dict[str, Any]:
-    """One epoch of the training stream over the cache of `count` samples."""
+    """One epoch of the training stream over the cache of `count` samples: the batches `distill train` reads (the
+    run's target source for its training objective)."""
     import math
 
-    from pipeline.checkpoints import TrainState
     from pipeline.config import load_config
-    from pipeline.train import check_inputs, training_batches
+    from pipeline.objective.loss import build_objective
+    from pipeline.stages.context import open_run
 
-    config = load_config(CONFIG, overrides(root, count, f"train.num_workers={workers}"))
-    batches = training_batches(config, check_inputs(config), TrainState(), None)
+    context = open_run(load_config(CONFIG, overrides(root, count, f"train.num_workers={workers}")))
+    config = context.config
+    targets = context.target_source(build_objective(config, context.teacher_layers).needs())
+    batches = targets.batches(
+        batch_size=config.train.micro_batch_size, seed=config.train.seed, start_position=0, rank=0, world_size=1
+    )
     steps = math.ceil(count / config.train.micro_batch_size)
     started = time.perf_counter()
     first = len(next(batches)["sample_ids"])
@@ -170,12 +177,13 @@ def phase_read(root: Path, count: int, workers: int) -> dict[str, Any]:
 def phase_train(root: Path, count: int, steps: int) -> dict[str, Any]:
     """`distill train` for `steps` steps on the cache; the samples per second a step consumes (median)."""
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.stages.train import train_stage
+    from pipeline.training.trainer import METRICS_LOG
 
     extra = (f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0", "train.resume=never")
     config = load_config(CONFIG, overrides(root, count, *extra))
-    train(config, overwrite=True)
-    records = [json.loads(line) for line in (Path(config.train.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_stage(config, overwrite=True)
+    records = [json.loads(line) for line in (Path(config.train.output_dir) / METRICS_LOG).read_text().splitlines()]
     times = [record["train/step_time_s"] for record in records if "train/step_time_s" in record][2:]
     per_step = config.train.micro_batch_size * config.train.grad_accum
     return {
@@ -206,7 +214,7 @@ def main() -> None:
     root = args.root.resolve()
     if args.phase is not None:
         global SAMPLER
-        from pipeline.runtime import configure_logging
+        from pipeline.infra.runtime import configure_logging
 
         SAMPLER = AnonymousPeak()
 

@@ -4,7 +4,7 @@ For every context length T (batch = --batch-tokens ÷ T, so every batch holds ab
 backward of the student on one batch with
 
 - CE only: `kd.cross_entropy` of the logits, as plain language-model training computes it;
-- CE + KD: the objective's CE and top-k KD terms (`pipeline.objective`: one fused pass over the vocabulary with a
+- CE + KD: the objective's CE and top-k KD terms (`pipeline.objective.terms`: one fused pass over the vocabulary with a
   hand-written backward, which keeps no [B, T, V] log-probabilities and so peaks lower than plain cross_entropy);
   "vs KD" in the table is CE + KD + attention ÷ this, the attention term's own share;
 - CE + KD + attention: the same plus the attention KL of every matched layer as the trainer builds it — the student
@@ -14,12 +14,12 @@ backward of the student on one batch with
 
 Each loss is Σ_terms w · (sum over its units ÷ its unit count), as `Trainer.train_step` forms it on one rank, and
 its backward runs as the trainer's (one backward of Σ factors · term sums).
-Targets are random (costs depend on shapes, not values), encoded by `layout.encode_maps` and `kd.topk_targets` and
-converted by `reader.training_batch`, exactly the form a cached batch has.
+Targets are random (costs depend on shapes, not values), encoded by the cache's encoders (`encoding.ENCODINGS`,
+`logits.logit_targets`) and converted by `stream.training_batch`, exactly the form a cached batch has.
 
-Time: the variants alternate within every repeat (`timing.time_alternately`); medians and their ratios are printed.
+Time: the variants alternate within every repeat (`_common.time_alternately`); medians and their ratios are printed.
 Peak memory: one fresh process per (T, variant) builds the student and the batch, runs one warm-up step, then
-measures one step (`peak_memory`: the CPU's resident-set high-water mark reset right before the step, or
+measures one step (`_common.PeakMemory`: the CPU's resident-set high-water mark reset right before the step, or
 `torch.cuda.max_memory_allocated`). "peak" is what the process holds at the step's peak above what it held before
 the model and batch existed (model, gradients, batch, activations, loss temporaries; the CE-only batch holds only
 tokens and labels, as plain training's does, so the targets count against distillation); "step" is the step's own
@@ -35,42 +35,37 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from peak_memory import PeakMemory, report, run_child  # benchmarks/ is on sys.path when run as a script
-from timing import time_alternately
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    PeakMemory,
+    measure_in_child,
+    megabytes,
+    report_memory,
+    smollm2_like_config,
+    time_alternately,
+)
 from torch import nn
-from transformers import LlamaConfig
 
-from pipeline.kd import cross_entropy, topk_targets
-from pipeline.models import build_student
-from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
-from pipeline.runtime import to_device
-from pipeline.shd import layer_map
-from pipeline.targets.layout import TargetRequest, encode_maps, map_name, vocab_index_dtype
-from pipeline.targets.reader import training_batch
+from pipeline.infra.runtime import to_device
+from pipeline.models.loading import build_student
+from pipeline.objective.loss import Objective
+from pipeline.objective.terms.attention import AttentionKD
+from pipeline.objective.terms.ce import CrossEntropy
+from pipeline.objective.terms.kd import LogitKD
+from pipeline.ops.kd import cross_entropy
+from pipeline.ops.shd import layer_map
+from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.logits import logit_targets
+from pipeline.targets.needs import MapNeed
+from pipeline.targets.stream import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
-TEACHER_LAYERS = 30
-"""Layers of the teacher whose geometry the targets have (SmolLM2-135M); the matched layers are its uniform map."""
-
-
-def smollm2_like_config() -> LlamaConfig:
-    """The real teacher's geometry (SmolLM2-135M: 30 layers, 9 heads on 3 KV heads, vocab 49152); no weights."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=TEACHER_LAYERS,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        tie_word_embeddings=True,
-    )
+KIND = "shd"
+"""The target kind of every matched layer."""
 
 
 def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -80,17 +75,18 @@ def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Ge
     return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
-def target_names(args: argparse.Namespace) -> tuple[str, ...]:
-    """The SHD target map of every student layer: teacher layers by the uniform layer map."""
-    return tuple(map_name(layer, "shd", args.heads) for layer in layer_map(args.layers, TEACHER_LAYERS, "uniform"))
+def attention_needs(args: argparse.Namespace) -> tuple[MapNeed, ...]:
+    """The SHD target of every student layer: layers of the SmolLM2-shaped teacher by the uniform layer map."""
+    teacher_layers = smollm2_like_config().num_hidden_layers
+    return tuple(MapNeed(KIND, layer, args.heads) for layer in layer_map(args.layers, teacher_layers, "uniform"))
 
 
 def objectives(args: argparse.Namespace) -> dict[str, Objective]:
     """The distillation variants as objectives of the trainer's terms (all weights 1, τ = 1)."""
-    logit_terms = [CrossEntropy(1.0, 1.0), LogitKD(1.0, 1.0)]
+    logit_terms = [CrossEntropy(1.0), LogitKD(1.0, 1.0, args.top_k)]
     return {
         "kd": Objective(logit_terms),
-        "full": Objective([*logit_terms, AttentionKD(1.0, target_names(args), kind="kl")]),
+        "full": Objective([*logit_terms, AttentionKD(1.0, attention_needs(args), kind="kl")]),
     }
 
 
@@ -101,29 +97,20 @@ def make_batch(
     `targets=False` only the tokens and labels (what plain language-model training holds)."""
     generator = torch.Generator().manual_seed(seq_len)
     vocab = smollm2_like_config().vocab_size
-    values, indices, tails = topk_targets(torch.randn(batch, seq_len, vocab, generator=generator), args.top_k)
+    logits = torch.randn(batch, seq_len, vocab, generator=generator)
     raw = {
         "sample_ids": torch.arange(batch),
         "input_ids": torch.randint(vocab, (batch, seq_len), generator=generator, dtype=torch.int32),
-        "topk_values": values.half(),
-        "topk_indices": indices.to(vocab_index_dtype(vocab)),
-        "tail_mass": tails[..., 0],
+        **logit_targets(logits, args.top_k, (1.0,), torch.float16),
     }
-    names = target_names(args)
-    for name in names:
+    needs = objectives(args)["full"].needs()
+    for name, _ in needs.reads():
         maps = random_causal_maps(batch, args.heads, seq_len, generator)
+        attn_top_m = min(args.attn_top_m, seq_len)
         raw.update(
-            encode_maps(
-                name,
-                maps,
-                encoding=args.encoding,
-                attn_top_m=min(args.attn_top_m, seq_len),
-                dtype=torch.float16,
-                temperatures=(1.0,),
-            )
+            ENCODINGS[args.encoding].encode(name, maps, attn_top_m=attn_top_m, dtype=torch.float16, temperatures=(1.0,))
         )
-    request = TargetRequest(tuple((name, 1.0) for name in names))
-    converted = training_batch(raw, torch.arange(batch), request, args.encoding)
+    converted = training_batch(raw, torch.arange(batch), needs, args.encoding)
     if not targets:
         converted = {key: converted[key] for key in ("input_ids", "labels")}
     return to_device(converted, device)
@@ -177,7 +164,7 @@ def memory_child(args: argparse.Namespace) -> None:
     student.zero_grad(set_to_none=True)
     meter.reset()
     step()
-    report(meter.figures())
+    report_memory(meter.figures())
 
 
 def measure_memory(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, int]]:
@@ -185,8 +172,7 @@ def measure_memory(args: argparse.Namespace) -> dict[tuple[int, str], dict[str, 
     figures = {}
     for seq_len in args.seq_lens:
         for variant in VARIANTS:
-            command = [sys.executable, __file__, *sys.argv[1:], "--memory-of", f"{seq_len}:{variant}"]
-            figures[seq_len, variant] = run_child(command, args.child_timeout)
+            figures[seq_len, variant] = measure_in_child(__file__, f"{seq_len}:{variant}", args.child_timeout)
     return figures
 
 
@@ -202,10 +188,6 @@ def measure_time(args: argparse.Namespace, device: torch.device) -> dict[int, di
         )
         del batch, variants
     return times
-
-
-def mb(value: float) -> str:
-    return f"{value / 2**20:9.1f}"
 
 
 def print_tables(
@@ -237,7 +219,7 @@ def print_tables(
             cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s} {'-':>6s}")
         if memory is not None:
             ce_mb, full_mb, kd_mb = (peak(seq_len, variant) for variant in ("ce", "full", "kd"))
-            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f} {full_mb / kd_mb:6.3f}")
+            cells.append(f"{megabytes(ce_mb)} {megabytes(full_mb)} {full_mb / ce_mb:6.3f} {full_mb / kd_mb:6.3f}")
         print(" | ".join(cells))
     print(
         "ratio: CE + KD + attention ÷ CE only (targets at T = 2048: time ≤ 1.25, peak memory ≤ 1.2); vs KD: "
@@ -261,7 +243,8 @@ def print_tables(
         print("memory, MB (peak: above the process before model and batch; step: above the RSS just before the step):")
         for seq_len in args.seq_lens:
             parts = [
-                f"{name} peak {mb(peak(seq_len, variant)).strip()} step {mb(peak(seq_len, variant, 'before')).strip()}"
+                f"{name} peak {megabytes(peak(seq_len, variant)).strip()} "
+                f"step {megabytes(peak(seq_len, variant, 'before')).strip()}"
                 for variant, name in VARIANTS.items()
             ]
             step_ratio = peak(seq_len, "full", "before") / peak(seq_len, "kd", "before")

@@ -4,18 +4,20 @@ Builds a cache of the demo's shape — synthetic shards of valid targets with ex
 (`layout.expected_tensors`) names for the demo (4 cached layers, SHD targets for head counts [3, 2] of a 9-head
 teacher with their α, T 256, fp16 packed triangles — or with `--encoding topk` top-m rows with their tail sums —,
 top-k 64 over a 49152 vocabulary with uint16 indices and the tail mass; 320 samples in shards of 64, like
-`cache.max_samples`), filled with random row-stochastic maps: the reader's cost depends on shapes and bytes, not
-values. Then times `TargetStream` (the request of a 3-head student matched to the 4 layers: its SHD maps and the
-logits at τ = 1; batch 8, shuffled, checksums on) through a `DataLoader(batch_size=None)` with and without its
+`cache.max_samples`), encoded by the pipeline's own encoders (`logits.logit_targets`, `ENCODINGS`) from random
+logits (of 4 samples, repeated) and random row-stochastic maps: the reader's cost depends on shapes and bytes, not
+values. Then times
+`TargetStream` (the needs of a 3-head student matched to the 4 layers: its SHD maps and the logits at τ = 1; batch 8,
+shuffled, checksums on) through a `DataLoader(batch_size=None)` with and without its
 prefetch thread and with 0 and 2 workers, in two states (a batch is then final: the loss expands dense triangles block
 by block on the consumer's device, inside the student step below):
 
 - first epoch: the process has not checksummed any shard yet (every shard is hashed once per process, per worker),
 - steady: every shard already verified (what an endless training stream sees after its first pass).
 
-Beside it, one forward + backward of the demo student (pipeline.models.build_student from the teacher's config: 4
+Beside it, one forward + backward of the demo student (`loading.build_student` from the teacher's config: 4
 layers × 384 hidden, 3 heads on 1 KV head, intermediate 1024, tied 49152 vocabulary) on a batch from the stream with
-the trainer's terms CE + top-k KD + attention KL (`pipeline.objective`): its samples/s is what training consumes.
+the trainer's terms CE + top-k KD + attention KL (`pipeline.objective.terms`): its samples/s is what training consumes.
 Runs alternate, medians are printed, and the ratio reader ÷ consumption (the reader must be far faster). Shards are
 read right after being written, so from the page cache: the figures are those of a warm cache, not of a cold disk.
 
@@ -38,100 +40,105 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
-from pipeline.models import build_student
-from pipeline.objective import AttentionKD, CrossEntropy, LogitKD, Objective
-from pipeline.targets import reader
+from pipeline.models.loading import build_student
+from pipeline.objective.loss import Objective
+from pipeline.objective.terms.attention import AttentionKD
+from pipeline.objective.terms.ce import CrossEntropy
+from pipeline.objective.terms.kd import LogitKD
+from pipeline.targets import store
+from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.fingerprint import cache_fingerprint, provenance
+from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
     STORED_DTYPES,
-    TargetRequest,
-    alpha_name,
     cached_maps,
-    encode_maps,
     expected_tensors,
-    map_name,
     shard_bytes,
     shard_file_name,
-    vocab_index_dtype,
 )
+from pipeline.targets.logits import logit_targets
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
-from pipeline.targets.reader import TargetStream
+from pipeline.targets.needs import MapNeed
+from pipeline.targets.stream import TargetStream
+
+KIND = "shd"
+"""The target kind of the cache and of the student's attention term."""
+LOGIT_ROWS = 4
+"""Samples of random logits [rows, T, vocab] reduced to top-k targets; every shard repeats them (computing them for
+every sample would take most of the set-up, and the reader's cost depends on bytes, not values)."""
 
 
-def synthetic_shard(first: int, rows: int, fingerprint: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every tensor of one shard of a cache with `fingerprint`, in the writer's on-disk names, dtypes and shapes
-    (random values); checked against the layout schema."""
-    seq_len, vocab, top_k = fingerprint["seq_len"], fingerprint["vocab_size"], fingerprint["top_k"]
-    # A teacher distribution over the top k + one tail bucket: log-probabilities (descending) and the tail mass,
-    # summing to 1 as the reader's value checks require; k distinct token ids per position.
-    buckets = torch.randn(rows, seq_len, top_k + 1, generator=generator).mul(2).softmax(-1)
-    probs, tail = buckets[..., :top_k].sort(dim=-1, descending=True).values, buckets[..., top_k]
-    offsets = torch.randint(0, vocab, (rows, seq_len, 1), generator=generator)
-    indices = (offsets + torch.arange(top_k) * (vocab // top_k)) % vocab
-    tensors = {
-        "sample_ids": torch.arange(first, first + rows, dtype=torch.int64),
-        "input_ids": torch.randint(0, vocab, (rows, seq_len), generator=generator, dtype=torch.int32),
-        "topk_values": probs.log().half(),
-        "topk_indices": indices.to(vocab_index_dtype(vocab)),
-        "tail_mass": tail,
-    }
+def random_logit_targets(fingerprint: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The stored logit targets (`logits.logit_targets`) of `LOGIT_ROWS` samples of random teacher logits."""
+    logits = torch.randn(LOGIT_ROWS, fingerprint["seq_len"], fingerprint["vocab_size"], generator=generator)
+    dtype = getattr(torch, fingerprint["dtype"])
+    return logit_targets(logits, fingerprint["top_k"], tuple(fingerprint["temperatures"]), dtype)
+
+
+def synthetic_shard(
+    first: int, rows: int, fingerprint: dict, logit_block: dict[str, torch.Tensor], generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Every tensor of one shard of a cache with `fingerprint`, in the writer's on-disk names, dtypes and shapes,
+    made by the pipeline's own encoders from random teacher outputs (the logit targets `logit_block` repeated);
+    checked against the layout schema."""
+    seq_len, vocab = fingerprint["seq_len"], fingerprint["vocab_size"]
+    temperatures, dtype = tuple(fingerprint["temperatures"]), getattr(torch, fingerprint["dtype"])
+    repeated = torch.arange(rows) % LOGIT_ROWS
+    tensors = {name: tensor[repeated] for name, tensor in logit_block.items()}
+    tensors["sample_ids"] = torch.arange(first, first + rows, dtype=torch.int64)
+    tensors["input_ids"] = torch.randint(0, vocab, (rows, seq_len), generator=generator, dtype=torch.int32)
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    encoding = ENCODINGS[fingerprint["encoding"]]
     for spec in cached_maps(fingerprint):
         scores = torch.randn(rows, spec.heads, seq_len, seq_len, generator=generator)
         maps = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        tensors.update(
-            encode_maps(
-                spec.name,
-                maps,
-                encoding=fingerprint["encoding"],
-                attn_top_m=fingerprint["attn_top_m"] or 1,
-                dtype=torch.float16,
-                temperatures=tuple(fingerprint["temperatures"]),
-            )
-        )
-    for layer in fingerprint["cached_layers"]:
-        for heads in fingerprint["student_head_counts"]:
-            alphas = torch.rand(rows, fingerprint["teacher_num_heads"], generator=generator)
-            tensors[alpha_name(layer, heads, "shd")] = alphas
+        attn_top_m = fingerprint["attn_top_m"] or 1
+        tensors.update(encoding.encode(spec.name, maps, attn_top_m=attn_top_m, dtype=dtype, temperatures=temperatures))
     specs = expected_tensors(fingerprint, rows)
+    for name, spec in specs.items():
+        if spec.role == "alpha":  # the kind's per-sample extras: weights in [0, 1]
+            tensors[name] = torch.rand(spec.shape, generator=generator)
     found = {name: (STORED_DTYPES[tensor.dtype], tuple(tensor.shape)) for name, tensor in tensors.items()}
-    if found != specs:
+    wanted = {name: (spec.dtype, spec.shape) for name, spec in specs.items()}
+    if found != wanted:
         raise RuntimeError(
-            f"synthetic shard differs from the layout schema: {sorted(set(found.items()) ^ set(specs.items()))}"
+            f"synthetic shard differs from the layout schema: {sorted(set(found.items()) ^ set(wanted.items()))}"
         )
     return tensors
 
 
 def write_demo_cache(directory: Path, args: argparse.Namespace, teacher_heads: int, vocab: int) -> int:
-    """A complete dense cache of the demo's shape under `directory`; returns its size in bytes."""
+    """A complete cache of the demo's shape under `directory`; returns its size in bytes."""
     directory.mkdir(parents=True)
-    fingerprint = {
-        "layout_version": LAYOUT_VERSION,
-        "teacher_weights_sha256": "synthetic",
-        "teacher_num_heads": teacher_heads,
-        "vocab_size": vocab,
-        "tokenizer_sha256": "synthetic",
-        "data_fingerprint": "synthetic",
-        "split": "train",
-        "seq_len": args.seq_len,
-        "student_head_counts": sorted(args.head_counts),
-        "cached_layers": sorted(args.layers),
-        "attn_targets": ["shd"],
-        "rel_heads": None,
-        "encoding": args.encoding,
-        "attn_top_m": args.attn_top_m if args.encoding == "topk" else None,
-        "top_k": args.top_k,
-        "temperatures": [1.0],
-        "dtype": "float16",
-    }
+    settings = TargetSettings(
+        layers=tuple(args.layers),
+        head_counts=tuple(args.head_counts),
+        kinds=(KIND,),
+        encoding=args.encoding,
+        attn_top_m=args.attn_top_m,
+        top_k=args.top_k,
+        temperatures=(1.0,),
+        dtype=torch.float16,
+    )
+    data_meta = {"tokenizer_fingerprint": "synthetic", "fingerprint": "synthetic", "seq_len": args.seq_len}
+    fingerprint = cache_fingerprint(
+        settings,
+        provenance(data_meta, "train", "synthetic"),
+        teacher_num_heads=teacher_heads,
+        vocab_size=vocab,
+        dtype="float16",
+    )
     manifest = Manifest(fingerprint=fingerprint, num_samples=args.samples, shard_size=args.shard_size, complete=True)
     generator = torch.Generator().manual_seed(0)
+    logit_block = random_logit_targets(fingerprint, generator)
     for index, first in enumerate(range(0, args.samples, args.shard_size)):
         rows = min(args.shard_size, args.samples - first)
-        tensors = synthetic_shard(first, rows, fingerprint, generator)
+        tensors = synthetic_shard(first, rows, fingerprint, logit_block, generator)
         data = shard_bytes(tensors, {"layout_version": LAYOUT_VERSION, "first_sample": first, "num_samples": rows})
         (directory / shard_file_name(index)).write_bytes(data)
-        manifest.shards.append(ShardEntry(shard_file_name(index), first, rows, len(data), sha256_bytes(data)))
+        entry = ShardEntry(shard_file_name(index), first, rows, len(data), sha256_bytes(data), first, first + rows - 1)
+        manifest.shards.append(entry)
     write_manifest(directory, manifest)
     return sum(entry.bytes for entry in manifest.shards)
 
@@ -164,13 +171,14 @@ def main() -> None:
     batches_per_epoch = -(-args.samples // args.batch)
     shard_paths = [directory / shard_file_name(index) for index in range(-(-args.samples // args.shard_size))]
 
-    names = tuple(map_name(layer, "shd", args.heads) for layer in args.layers)
-    request = TargetRequest(tuple((name, 1.0) for name in names))
+    # The trainer's terms for a student matched to the cached layers (all weights 1, τ = 1).
+    needed = tuple(MapNeed(KIND, layer, args.heads) for layer in args.layers)
+    objective = Objective([CrossEntropy(1.0), LogitKD(1.0, 1.0, args.top_k), AttentionKD(1.0, needed)])
 
     def stream(prefetch: bool) -> TargetStream:
         return TargetStream(
             directory=directory,
-            request=request,
+            needs=objective.needs(),
             batch_size=args.batch,
             num_batches=batches_per_epoch,
             verify_checksums=True,
@@ -179,11 +187,11 @@ def main() -> None:
 
     def read_epoch(prefetch: bool, workers: int, verified: bool) -> float:
         """Seconds to read one epoch of batches from a fresh stream."""
-        reader._verified_shards.clear()
+        store._verified_shards.clear()
         if verified:  # in this process, so forked workers inherit it too
-            manifest = reader.open_cache(directory)
+            manifest = store.open_cache(directory)
             for path, entry in zip(shard_paths, manifest.shards, strict=True):
-                reader._verify_once(path, entry)
+                store._verify_once(path, entry)
         loader = DataLoader(stream(prefetch), batch_size=None, num_workers=workers)
         start = time.perf_counter()
         served = 0
@@ -204,7 +212,6 @@ def main() -> None:
         seed=0,
     ).train()
     sample_batch = next(iter(stream(prefetch=False)))
-    objective = Objective([CrossEntropy(1.0, 1.0), LogitKD(1.0, 1.0), AttentionKD(1.0, names)])
     factors = (objective.weights(0) / objective.counts(sample_batch).clamp_min(1)).float()
 
     def student_step() -> float:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from _common import greedy_text, step0_student  # benchmarks/ is on sys.path when run as a script
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import students
-from pipeline.checkpoints import STUDENT
-from pipeline.config import Config, config_from_dict, load_config
-from pipeline.models import load_teacher, load_teacher_config
-from pipeline.runtime import configure_logging
-from pipeline.targets.manifest import read_manifest
+from pipeline.config import config_from_dict, load_config, variant
+from pipeline.infra.runtime import configure_logging
+from pipeline.models.loading import load_teacher
+from pipeline.training.checkpoints import STUDENT
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,30 +36,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@torch.no_grad()
-def greedy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace) -> str:
-    """`--new-tokens` greedy tokens after `--prompt` with `--repetition-penalty`."""
-    model.eval()
-    ids = tokenizer(args.prompt, return_tensors="pt")
-    output = model.generate(
-        **ids,
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
-        do_sample=False,
-        repetition_penalty=args.repetition_penalty,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0], skip_special_tokens=True)
-
-
-def step0_student(variant: Config, scratch_dir: Path) -> Any:
-    """The variant's student as its run built it before the first update."""
-    config = students.resolve(config_from_dict(variant.to_dict(), [f"train.output_dir={scratch_dir}"]))
-    cached = config.train.mode == "cached"
-    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats if cached else None
-    return students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
-
-
 def main() -> None:
     args = parse_args()
     configure_logging("WARNING")
@@ -70,23 +44,31 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--variants: {unknown} not in run.variants of {args.config} ({sorted(config.run.variants)})")
     names = args.variants or [
-        name for name in config.run.variants if (Path(config.variant(name).train.output_dir) / STUDENT).is_dir()
+        name for name in config.run.variants if (Path(variant(config, name).train.output_dir) / STUDENT).is_dir()
     ]
     if not names:
         raise SystemExit(f"{args.config}: no finished variant under {config.train.output_dir} (run distill run first)")
     tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
+    greedy = partial(
+        greedy_text,
+        tokenizer=tokenizer,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        repetition_penalty=args.repetition_penalty,
+    )
     print(
         f"greedy continuations of {args.prompt!r}, {args.new_tokens} tokens, repetition penalty "
         f"{args.repetition_penalty:g}"
     )
-    print(f"\n[teacher]\n{greedy(load_teacher(config.teacher.path), tokenizer, args)}")
+    print(f"\n[teacher]\n{greedy(load_teacher(config.teacher.path))}")
     for name in names:
-        variant = config.variant(name)
+        run = variant(config, name)
         with tempfile.TemporaryDirectory(prefix="samples-") as scratch:
-            before = step0_student(variant, Path(scratch))
-            print(f"\n[{name}, step 0]\n{greedy(before, tokenizer, args)}")
-        after = AutoModelForCausalLM.from_pretrained(Path(variant.train.output_dir) / STUDENT)
-        print(f"\n[{name}, step {variant.train.max_steps}]\n{greedy(after, tokenizer, args)}")
+            # The run's own directory keeps its records: the rebuilt carve writes its record into the scratch one.
+            before = step0_student(config_from_dict(run.to_dict(), [f"train.output_dir={scratch}"]))
+            print(f"\n[{name}, step 0]\n{greedy(before)}")
+        after = AutoModelForCausalLM.from_pretrained(Path(run.train.output_dir) / STUDENT)
+        print(f"\n[{name}, step {run.train.max_steps}]\n{greedy(after)}")
 
 
 if __name__ == "__main__":

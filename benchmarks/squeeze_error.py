@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.attention import AttentionCapture, attention_dims
-from pipeline.data import load_prepared
-from pipeline.models import load_teacher
-from pipeline.shd import (
+from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import AttentionCapture, attention_dims
+from pipeline.models.loading import load_teacher
+from pipeline.ops.shd import (
     Circuits,
     group_alphas,
     head_groups,

@@ -1,19 +1,21 @@
 """Where a student starts (`student.init`), on the real teacher: perplexity at step 0 and after the demo's budget.
 
-Every run is the real `pipeline.train.train` (DeepSpeed, one process, fp32, MLflow off) on the demo config, one after
-the other in this process: the demo's student shape (4 layers × 384, 3 heads on 1 KV head, MLP 1024), data, budget
-(24 steps of 4 × 256 tokens, lr 2e-3, warm-up 3, cosine) and cache size (the first 64 train and validation samples),
-evaluated at step 0 (before the first update) and at the end on the demo's 4 validation batches.
+Every run is the real `distill train` (`stages.train.train_stage`: DeepSpeed, one process, fp32, MLflow off) on the
+demo config, one after the other in this process: the demo's student shape (4 layers × 384, 3 heads on 1 KV head,
+MLP 1024), data, budget (24 steps of 4 × 256 tokens, lr 2e-3, warm-up 3, cosine) and cache size (the first 64 train
+and validation samples), evaluated at step 0 (before the first update) and at the end on the demo's 4 validation
+batches.
 
-Rows, each with KD (CE + top-k logit KD, `distill.w_attn=0`) and with SHD + KD (the demo's objective):
+Rows, each with KD (CE + top-k logit KD, `distill.attn.weight=0`) and with SHD + KD (the demo's objective at
+attention weight 1, constant, the sink kept):
 
   scratch             random weights, layer map `uniform` ([6, 14, 21, 29] of 30)
   teacher, prune      carved from the teacher: layers by `distill.layer_map=spread` ([0, 10, 19, 29]), each head the
                       most important of its SHD group, KV heads averaged, MLP and width pruned by activation
   teacher, merge      the same, each head the α-weighted average of its group (α from the cache's SHD statistics)
   teacher, fill       merge, and each kept layer fitted to the teacher's hidden state after the layers it stands for
-                      (`student.carve_fill=linear`, ridge `student.carve_fill_ridge`, the config's: 1 by default)
-  teacher, importance the better head init of the two, layers by block importance (`student.carve_layers`)
+                      (`student.carve.fill=linear`, ridge `student.carve.fill_ridge`, the config's: 1 by default)
+  teacher, importance the better head init of the two, layers by block importance (`student.carve.layers`)
   teacher, selective  (SHD + KD replaced by selective + KD) each head the cache's selected teacher head
 
 The cache is built first into `--work-dir` (the demo's cache holds only the `uniform` layers): every teacher layer any
@@ -43,23 +45,29 @@ import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from samples import greedy  # benchmarks/ is on sys.path when run as a script
+from _common import greedy_text, step0_student  # benchmarks/ is on sys.path when run as a script
 
-from pipeline import stages, students
 from pipeline.config import Config, load_config
-from pipeline.models import load_teacher, load_teacher_config
-from pipeline.runtime import configure_logging
-from pipeline.shd import layer_map
-from pipeline.targets.manifest import read_manifest
-from pipeline.train import train
+from pipeline.infra.runtime import configure_logging
+from pipeline.models.loading import load_teacher, load_teacher_config
+from pipeline.objective.loss import matched_layers
+from pipeline.ops.shd import layer_map
+from pipeline.stages.cache import cache_stage
+from pipeline.stages.prepare import prepare_stage
+from pipeline.stages.teacher import teacher_stage
+from pipeline.stages.train import train_stage
+from pipeline.students import resolve
+from pipeline.students.carved import RECORD_FILE
+from pipeline.training.trainer import METRICS_LOG
 
 REPO = Path(__file__).resolve().parents[1]
-KD = ("distill.w_attn=0",)
-SHD_KD = ("distill.w_attn=1", "distill.attn_match=headwise", "distill.squeeze=shd")
-CARVED = ("student.init=teacher", "distill.layer_map=spread", "student.carve_fill=none")
+KD = ("distill.attn.weight=0",)
+SHD_KD = ("distill.attn.weight=1", "distill.attn.match=headwise", "distill.attn.squeeze=shd")
+CARVED = ("student.init=teacher", "distill.layer_map=spread", "student.carve.fill=none")
 """A carved row without the fill unless it says so (the demo config fills)."""
 ROWS = ("scratch", "prune", "merge", "fill", "importance", "selective")
 
@@ -119,8 +127,8 @@ def base_config(args: argparse.Namespace, cache_layers: list[int], *extra: str) 
         "train.resume=never",
         "mlflow.enabled=false",
         # The objective of the table's rows as measured, whatever the demo's defaults became since.
-        "distill.attn_schedule=constant",
-        "distill.attn_sink=keep",
+        "distill.schedule=constant",
+        "distill.attn.sink=keep",
         *([f"train.max_steps={args.max_steps}"] if args.max_steps else []),
         *extra,
     ]
@@ -134,22 +142,22 @@ def planned_runs(rows: list[str], head_init: str) -> list[Run]:
         if row == "scratch":
             init, carve = "scratch", ("student.init=scratch", "distill.layer_map=uniform")
         elif row in ("prune", "merge"):
-            init, carve = f"teacher, {row}", (*CARVED, f"student.head_init={row}")
+            init, carve = f"teacher, {row}", (*CARVED, f"student.carve.heads={row}")
         elif row == "fill":
             init, carve = (
                 "teacher, merge, linear fill",
-                (*CARVED, "student.head_init=merge", "student.carve_fill=linear"),
+                (*CARVED, "student.carve.heads=merge", "student.carve.fill=linear"),
             )
         elif row == "importance":
             init = f"teacher, {head_init}, layers by importance"
             carve = (
                 "student.init=teacher",
-                "student.carve_layers=importance",
-                f"student.head_init={head_init}",
-                "student.carve_fill=none",
+                "student.carve.layers=importance",
+                f"student.carve.heads={head_init}",
+                "student.carve.fill=none",
             )
         else:
-            selective = ("distill.w_attn=1", "distill.attn_match=selective")
+            selective = ("distill.attn.weight=1", "distill.attn.match=selective")
             runs.append(Run("selective_kd", "teacher, selective heads", "selective + KD", (*CARVED, *selective)))
             continue
         runs.append(Run(f"{row}_kd", init, "KD", (*carve, *KD)))
@@ -160,7 +168,7 @@ def planned_runs(rows: list[str], head_init: str) -> list[Run]:
 def eval_records(output_dir: Path) -> dict[int, dict[str, float]]:
     """step → the evaluation record of `metrics.jsonl` (records without `train/loss`)."""
     records = {}
-    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+    for line in (output_dir / METRICS_LOG).read_text().splitlines():
         record = json.loads(line)
         if "eval/ppl" in record:
             records[record["step"]] = record
@@ -172,15 +180,14 @@ def train_run(args: argparse.Namespace, run: Run, cache_layers: list[int], num_t
     output_dir = args.work_dir / "runs" / f"{run.name}-seed{run.seed}"
     shutil.rmtree(output_dir, ignore_errors=True)
     config = base_config(args, cache_layers, f"train.output_dir={output_dir}", f"train.seed={run.seed}", *run.overrides)
-    resolved = students.resolve(config)
-    run.layers = layer_map(resolved.student.num_layers, num_teacher_layers, resolved.distill.layer_map)
+    run.layers = matched_layers(resolve(config), num_teacher_layers)
     started = time.perf_counter()
-    train(config, overwrite=True)
+    train_stage(config, overwrite=True)
     run.seconds = time.perf_counter() - started
     evaluations = eval_records(output_dir)
     first, last = evaluations[min(evaluations)], evaluations[max(evaluations)]
     run.ppl_start, run.ppl_end, run.top1_end = first["eval/ppl"], last["eval/ppl"], last["eval/top1_agreement"]
-    record_file = output_dir / students.RECORD_FILE
+    record_file = output_dir / RECORD_FILE
     run.record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     print(
         f"  {run.name:<22} seed {run.seed} ppl {run.ppl_start:>12,.1f} → {run.ppl_end:>8,.1f}   layers {run.layers}   "
@@ -195,17 +202,21 @@ def samples(args: argparse.Namespace, carved: Run, scratch: Run, cache_layers: l
 
     # The carve rebuilt exactly as the run's trainer built it (its record goes elsewhere, the run's stays).
     output_dir = args.work_dir / "step0"
-    config = students.resolve(base_config(args, cache_layers, f"train.output_dir={output_dir}", *carved.overrides))
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher.path)
-    alpha_stats = read_manifest(Path(config.cache.output_dir) / "train").alpha_stats
-    before = students.build_student_model(config, load_teacher_config(config.teacher.path), alpha_stats=alpha_stats)
-    texts = [("teacher", greedy(load_teacher(config.teacher.path), tokenizer, args))]
-    texts.append((f"{carved.name}, step 0 (carved)", greedy(before, tokenizer, args)))
+    config = base_config(args, cache_layers, f"train.output_dir={output_dir}", *carved.overrides)
+    greedy = partial(
+        greedy_text,
+        tokenizer=AutoTokenizer.from_pretrained(config.teacher.path),
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        repetition_penalty=args.repetition_penalty,
+    )
+    texts = [("teacher", greedy(load_teacher(config.teacher.path)))]
+    texts.append((f"{carved.name}, step 0 (carved)", greedy(step0_student(config))))
     for run in (carved, scratch):
         exported = AutoModelForCausalLM.from_pretrained(
             args.work_dir / "runs" / f"{run.name}-seed{run.seed}" / "student"
         )
-        texts.append((f"{run.name}, after training", greedy(exported, tokenizer, args)))
+        texts.append((f"{run.name}, after training", greedy(exported)))
     return texts
 
 
@@ -215,20 +226,21 @@ def main() -> None:
     logging.getLogger("pipeline.students").setLevel(logging.INFO)
     args.work_dir = args.work_dir.resolve()
     demo = load_config(args.config)
-    stages.teacher_stage(demo)
-    stages.prepare_stage(demo)
+    teacher_stage(demo)
+    prepare_stage(demo)
     num_teacher_layers = load_teacher_config(demo.teacher.path).num_hidden_layers
     steps = args.max_steps or demo.train.max_steps
 
     started = time.perf_counter()
-    layers = {spec: layer_map(4, num_teacher_layers, spec) for spec in ("uniform", "spread")}
+    num_layers = resolve(demo).student.num_layers
+    layers = {spec: layer_map(num_layers, num_teacher_layers, spec) for spec in ("uniform", "spread")}
     if "importance" in args.rows:
-        probe = base_config(args, layers["uniform"], "student.init=teacher", "student.carve_layers=importance")
-        layers["importance"] = students.resolve(probe).distill.layer_map
+        probe = base_config(args, layers["uniform"], "student.init=teacher", "student.carve.layers=importance")
+        layers["importance"] = resolve(probe).distill.layer_map
     cache_layers = sorted({layer for chosen in layers.values() for layer in chosen})
     print(f"teacher layers: {layers}; caching {cache_layers} ({time.perf_counter() - started:.0f} s)", flush=True)
     started = time.perf_counter()
-    stages.cache_stage(base_config(args, cache_layers))
+    cache_stage(base_config(args, cache_layers))
     print(f"cache stage: {time.perf_counter() - started:.0f} s", flush=True)
 
     runs: list[Run] = []

@@ -7,32 +7,36 @@ Three figures, each a ratio of two things measured in the same run:
     peak memory). Both are `Trainer.train_step` on one DeepSpeed engine (the config's ZeRO stage, fp32, one
     process, gloo world of one) holding the demo student, over the same batches read beforehand from a real cache
     of that T, so that only the loss differs: CE + KD + attention is the config's objective (`build_objective`: the
-    attention term recomputes the student's scores from the captured q, k in row blocks), CE only is
-    `distill.w_kd = distill.w_attn = distill.w_rel = 0`, which the trainer runs without attention capture (but still
-    through the fused CE + top-k KD kernel, whose KD term it weights by 0) on batches without target maps. A third
+    attention term recomputes the student's scores from the captured q, k in row blocks), CE only is every other
+    term's weight 0 (`distill.kd.weight`, `distill.attn.weight`, `distill.rel.weight`), which the trainer runs
+    without attention capture (but still through the fused CE + top-k KD kernel, whose KD term it weights by 0) on
+    batches without target maps. A third
     line, a plain `cross_entropy` step on the same engine and batches, shows what the fused kernel costs over pure
     CE (info). Peak memory: one fresh process per (T, variant) builds the engine as `distill train` does, reads its
-    batch from the same cache, runs one warm-up step and measures the next (`peak_memory`: the resident-set
+    batch from the same cache, runs one warm-up step and measures the next (`_common.PeakMemory`: the resident-set
     high-water mark reset right before the step on the CPU, `torch.cuda.max_memory_allocated` on CUDA). "peak" is
     what the process holds at the step's peak above what it held before the engine existed (model, gradients,
     optimizer state, batch, activations); "step" is the step's transient memory above what was resident before it.
 (b) cached ÷ online, at the data's T: `Trainer.train_step` fed by the real cache (`TargetStream` through a DataLoader,
     checksums on, the read made inside the step: prefetch off, so its whole cost is counted) ÷ the same step fed by
-    `OnlineTargets` (the live teacher: forward with capture + `compute_targets` + `reader.training_batch`, as
-    `distill train train.mode=online` does), both with the CE + KD + attention objective (issue target ≤ 0.5).
-(c) loader wait share: the real `pipeline.train.train` on the cache (prefetch on, checksums on, the config's
-    `num_workers`), a few steps; the trainer logs `train/loader_wait_frac` per step in `metrics.jsonl`, and this
-    script measures the same thing from outside (time in `next()` of the iterator `training_batches` returned ÷ the
-    time of each `Trainer.train_step` call) to cross-check it (issue target < 5 %).
+    `LiveTargets` (`RunContext.live_source`: the live teacher's forward with capture + `compute_targets` +
+    `stream.training_batch`, as `distill train train.mode=online` does), both with the CE + KD + attention objective
+    (issue target ≤ 0.5).
+(c) loader wait share: the real `distill train` (`stages.train.train_stage`) on the cache (prefetch on, checksums on,
+    the config's `num_workers`), a few steps; the trainer logs `train/loader_wait_frac` per step in `metrics.jsonl`,
+    and this script measures the same thing from outside (time in `next()` of the iterator the cache's
+    `CachedTargets.batches` returned ÷ the time of each `Trainer.train_step` call) to cross-check it (issue target
+    < 5 %).
 
-The caches are built first, with the real teacher, into a temporary directory: the config's matched teacher layers
-and target kinds for the student's head count, `--encoding` (dense fp16 triangles by default, or top-m rows), top-k
-from the config. At the data's T they hold the first `--cache-samples` packed training samples (what `distill cache`
-would cache); at another T, `--batches` batches of samples made of consecutive packed samples (contiguous text),
-concatenated and cut to T. The teacher runs in the config's `teacher.dtype` (the demo's: float32); the student
-always trains in fp32.
+The caches are built first, with the real teacher, into a temporary directory, as `distill cache` builds them
+(`stages.cache.cache_settings`, `prepare_kinds`, `write_cache_split`) for exactly what the run needs: the target
+kinds of its terms at its matched teacher layers for the student's head count, `--encoding` (dense fp16 triangles by
+default, or top-m rows), top-k from the config. At the data's T they hold the first `--cache-samples` packed training
+samples (what `distill cache` would cache); at another T, `--batches` batches of samples made of consecutive packed
+samples (contiguous text), concatenated and cut to T. The teacher runs in the config's `teacher.dtype` (the demo's:
+float32); the student always trains in fp32.
 
-Variants alternate within each repeat (`timing.time_alternately`) so that noise from a shared machine hits both
+Variants alternate within each repeat (`_common.time_alternately`) so that noise from a shared machine hits both
 alike; medians are printed, with the median of the same-repeat ratios beside the ratio of medians.
 
     .venv/bin/python benchmarks/train_step.py                   # demo student, SmolLM2 teacher, T 256/1024/2048
@@ -49,46 +53,49 @@ import itertools
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from cache_size import WindowRows, contiguous_windows  # benchmarks/ is on sys.path when run as a script
-from peak_memory import PeakMemory, report, run_child
-from timing import time_alternately
-
-from pipeline import train as train_module
-from pipeline.attention import attention_dims
-from pipeline.checkpoints import TrainState
-from pipeline.config import Config, load_config
-from pipeline.data import load_prepared
-from pipeline.deepspeed_config import deepspeed_config
-from pipeline.dist import init_distributed, launcher_environment
-from pipeline.kd import cross_entropy
-from pipeline.models import load_teacher, load_teacher_config
-from pipeline.objective import Objective, build_objective
-from pipeline.online import OnlineTargets, online_settings
-from pipeline.runtime import configure_logging, resolve_dtype
-from pipeline.students import resolve
-from pipeline.targets.fingerprint import cache_fingerprint, cached_layers, student_layers
-from pipeline.targets.manifest import read_manifest
-from pipeline.targets.reader import TargetStream
-from pipeline.targets.writer import (
-    SELECTION_SAMPLES,
-    TargetSettings,
-    select_teacher_heads,
-    weights_sha256,
-    write_cache_split,
+from _common import (  # benchmarks/ is on sys.path when run as a script
+    PeakMemory,
+    contiguous_window_rows,
+    measure_in_child,
+    megabytes,
+    report_memory,
+    time_alternately,
 )
-from pipeline.train import Trainer, build_engine
+from torch import nn
+
+from pipeline.config import Config, load_config
+from pipeline.data.prepare import load_prepared
+from pipeline.infra.dist import init_distributed, launcher_environment
+from pipeline.infra.runtime import configure_logging, resolve_dtype
+from pipeline.models.loading import load_teacher
+from pipeline.objective.loss import Objective, build_objective
+from pipeline.objective.terms import specs
+from pipeline.objective.terms.ce import CrossEntropy
+from pipeline.ops.kd import cross_entropy
+from pipeline.stages.cache import cache_settings
+from pipeline.stages.context import RunContext, open_run
+from pipeline.stages.train import train_stage
+from pipeline.targets.compute import prepare_kinds
+from pipeline.targets.fingerprint import cache_fingerprint
+from pipeline.targets.kinds.base import TargetSettings
+from pipeline.targets.needs import TargetNeeds
+from pipeline.targets.source import CachedTargets
+from pipeline.targets.stream import TargetStream
+from pipeline.targets.writer import write_cache_split
+from pipeline.training.checkpoints import TrainState
+from pipeline.training.deepspeed_config import deepspeed_config
+from pipeline.training.engine import build_engine
+from pipeline.training.trainer import METRICS_LOG, Trainer
 
 NAMES = {
-    "ce": "CE only (trainer, w_kd = w_attn = 0, no capture)",
+    "ce": "CE only (trainer, every other term weighted 0, no capture)",
     "full": "CE + KD + attention (trainer, config's objective)",
     "plain": "plain CE (cross_entropy only, no KD kernel; info)",
 }
@@ -113,18 +120,20 @@ class TimedIterator:
             self.waits.append(time.perf_counter() - start)
 
 
-def benchmark_config(args: argparse.Namespace, workdir: Path, batch: int) -> Config:
-    """The config the benchmark trains with: `--config` with a temporary cache and run directory, fp32, no MLflow,
-    the student's shape resolved as every stage resolves it (`students.resolve`)."""
-    base = resolve(load_config(args.config))
-    return resolve(
+def benchmark_context(args: argparse.Namespace, workdir: Path, batch: int) -> RunContext:
+    """The run the benchmark trains, opened as `distill train` opens it (`open_run`: the student resolved): `--config`
+    with a temporary cache and run directory, fp32, no MLflow, and a cache of exactly what the run needs (its target
+    kinds, matched layers and head count: `cache.attn_targets`, `cache.layers`, `cache.head_counts` empty)."""
+    return open_run(
         load_config(
             args.config,
             [
                 f"train.micro_batch_size={batch}",
                 "train.precision=fp32",
                 "train.resume=never",
-                f"cache.head_counts=[{base.student.num_heads}]",
+                "cache.head_counts=[]",
+                "cache.layers=[]",
+                "cache.attn_targets=[]",
                 f"cache.encoding={args.encoding}",
                 f"cache.output_dir={workdir / 'targets'}",
                 f"cache.shard_size={args.shard_size}",
@@ -137,9 +146,15 @@ def benchmark_config(args: argparse.Namespace, workdir: Path, batch: int) -> Con
 
 
 def ce_only_objective(config: Config, teacher_layers: list[int]) -> Objective:
-    """The trainer's objective with every distillation weight 0: CE (and the fused KD pass, weighted 0)."""
-    distill = dataclasses.replace(config.distill, w_kd=0.0, w_attn=0.0, w_rel=0.0)
-    return build_objective(dataclasses.replace(config, distill=distill), teacher_layers)
+    """The trainer's objective with every term but the task CE weighted 0: CE (and the fused KD pass, weighted 0)."""
+    off = {
+        spec.name: dataclasses.replace(getattr(config.distill, spec.name), weight=0.0)
+        for spec in specs()
+        if spec.name != CrossEntropy.name
+    }
+    return build_objective(
+        dataclasses.replace(config, distill=dataclasses.replace(config.distill, **off)), teacher_layers
+    )
 
 
 def make_trainer(
@@ -150,12 +165,12 @@ def make_trainer(
     return Trainer(config, engine, objective, batches, state, None, None, teacher_layers)
 
 
-def new_engine(config: Config, teacher_config: Any, train_cache: Path) -> Any:
-    """The engine `distill train` builds for a fresh run on the cache `train_cache` (fp32)."""
-    alpha_stats = read_manifest(train_cache).alpha_stats
-    return build_engine(
-        config, teacher_config, deepspeed_config(config, torch.float32), resuming=False, alpha_stats=alpha_stats
-    )
+def new_engine(context: RunContext) -> Any:
+    """The engine `distill train` builds for a fresh run on the train cache of the run's T (fp32; a carve reads the
+    cache's α statistics and selective heads)."""
+    config = context.config
+    ds_config = deepspeed_config(config, torch.float32)
+    return build_engine(config, context.teacher_config, ds_config, resuming=False, targets=context.cached("train"))
 
 
 def cache_directory(workdir: Path, seq_len: int, base_len: int) -> Path:
@@ -165,48 +180,44 @@ def cache_directory(workdir: Path, seq_len: int, base_len: int) -> Path:
     return workdir / f"targets-T{seq_len}" / "train"
 
 
-def read_batches(directory: Path, objective: Objective, batch: int, count: int, seed: int) -> list[dict[str, Any]]:
-    """The first `count` batches of a cache as the trainer's DataLoader serves them, with what `objective` reads."""
-    stream = TargetStream(directory=directory, request=objective.request(), batch_size=batch, seed=seed, prefetch=False)
+def read_batches(directory: Path, needs: TargetNeeds, batch: int, count: int, seed: int) -> list[dict[str, Any]]:
+    """The first `count` batches of a cache as the trainer's DataLoader serves them, with what `needs` name."""
+    stream = TargetStream(directory=directory, needs=needs, batch_size=batch, seed=seed, prefetch=False)
     return list(itertools.islice(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0)), count))
 
 
-def window_rows(splits: Any, base_len: int, seq_len: int, count: int) -> WindowRows:
-    """`count` samples of `seq_len` tokens, each made of consecutive packed samples (contiguous text) cut to T."""
-    train = splits["train"].with_format("torch", columns=["sample_id", "input_ids"])
-    parts = -(-seq_len // base_len)
-    starts = contiguous_windows(np.asarray(train["sample_id"][:]), parts, count)
-    windows = [train[start : start + parts] for start in starts]
-    input_ids = torch.stack([window["input_ids"].reshape(-1)[:seq_len] for window in windows]).long()
-    return WindowRows(input_ids, torch.stack([window["sample_id"][0] for window in windows]))
-
-
 def write_cache(
-    config: Config,
-    teacher: Any,
+    context: RunContext,
+    teacher: nn.Module,
+    targets: tuple[TargetSettings, dict[str, Any]],
     rows: Any,
     directory: Path,
-    meta: dict[str, Any],
     seq_len: int,
     args: argparse.Namespace,
-    calibration: torch.Tensor,
 ) -> float:
-    """Cache `rows` (T = `seq_len`) with the config's targets into `directory`; returns the seconds it took."""
-    dims = attention_dims(teacher.config)
-    layers = cached_layers(config, dims.num_layers)
+    """Cache `rows` (T = `seq_len`) into `directory` with `targets` (what `distill cache` caches for the run:
+    `cache_settings` with the kinds' choices, `prepare_kinds`); returns the seconds it took."""
+    settings, records = targets
+    config = context.config
     fingerprint = cache_fingerprint(
-        config, meta, "train", weights_sha256(Path(config.teacher.path)), dims, teacher.config.vocab_size, layers
+        settings,
+        {**context.provenance("train"), "seq_len": seq_len},
+        teacher_num_heads=context.dims.num_heads,
+        vocab_size=context.teacher_config.vocab_size,
+        dtype=config.cache.dtype,
     )
-    fingerprint["seq_len"] = seq_len
-    selected = None
-    if "selective" in fingerprint["attn_targets"]:
-        selected, _ = select_teacher_heads(
-            teacher, calibration, tuple(layers), tuple(fingerprint["student_head_counts"])
-        )
-    settings = TargetSettings.from_fingerprint(fingerprint, getattr(torch, config.cache.dtype), selected_heads=selected)
-    batch = max(1, config.cache.batch_size * meta["seq_len"] // seq_len)
+    batch = max(1, config.cache.batch_size * context.meta["seq_len"] // seq_len)
     start = time.perf_counter()
-    write_cache_split(teacher, rows, directory, settings, fingerprint, shard_size=args.shard_size, batch_size=batch)
+    write_cache_split(
+        teacher,
+        rows,
+        directory,
+        settings,
+        fingerprint,
+        shard_size=args.shard_size,
+        batch_size=batch,
+        records=records,
+    )
     return time.perf_counter() - start
 
 
@@ -263,7 +274,7 @@ def part_a_time(
     times = {}
     for seq_len in args.seq_lens:
         directory = cache_directory(workdir, seq_len, base_len)
-        batches = read_batches(directory, full, batch_for(args, seq_len), args.batches, config.train.seed)
+        batches = read_batches(directory, full.needs(), batch_for(args, seq_len), args.batches, config.train.seed)
         variants = step_variants(config, engine, batches, teacher_layers)
         timed = time_alternately(variants, args.repeats, engine.device)
         times[seq_len] = timed
@@ -279,23 +290,21 @@ def part_a_memory_child(args: argparse.Namespace) -> None:
     with launcher_environment():
         init_distributed()
         batch = batch_for(args, seq_len)
-        config = benchmark_config(args, workdir, batch)
-        teacher_config = load_teacher_config(Path(config.teacher.path))
-        teacher_layers = student_layers(config, attention_dims(teacher_config).num_layers)
+        context = benchmark_context(args, workdir, batch)
+        config, teacher_layers = context.config, context.teacher_layers
         objective = (
             build_objective(config, teacher_layers) if variant == "full" else ce_only_objective(config, teacher_layers)
         )
-        _, meta = load_prepared(Path(config.data.output_dir))
-        directory = cache_directory(workdir, seq_len, meta["seq_len"])
+        directory = cache_directory(workdir, seq_len, context.meta["seq_len"])
         meter = PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         meter.start()
-        engine = new_engine(config, teacher_config, workdir / "targets" / "train")
-        batches = read_batches(directory, objective, batch, 1, config.train.seed)
+        engine = new_engine(context)
+        batches = read_batches(directory, objective.needs(), batch, 1, config.train.seed)
         trainer = make_trainer(config, engine, objective, itertools.cycle(batches), teacher_layers)
         trainer.train_step()
         meter.reset()
         trainer.train_step()
-        report(meter.figures())
+        report_memory(meter.figures())
 
 
 def part_a_memory(args: argparse.Namespace, workdir: Path) -> dict[tuple[int, str], dict[str, int]]:
@@ -303,22 +312,12 @@ def part_a_memory(args: argparse.Namespace, workdir: Path) -> dict[tuple[int, st
     figures = {}
     for seq_len in args.seq_lens:
         for variant in MEMORY_VARIANTS:
-            command = [
-                sys.executable,
-                __file__,
-                *sys.argv[1:],
-                "--memory-of",
-                f"{seq_len}:{variant}",
-                "--memory-workdir",
-                str(workdir),
-            ]
-            figures[seq_len, variant] = run_child(command, args.child_timeout)
+            cell = f"{seq_len}:{variant}"
+            figures[seq_len, variant] = measure_in_child(
+                __file__, cell, args.child_timeout, "--memory-workdir", str(workdir)
+            )
             print(f"(a) T {seq_len}: memory of {variant} measured", flush=True)
     return figures
-
-
-def mb(value: float) -> str:
-    return f"{value / 2**20:9.1f}"
 
 
 def print_part_a(
@@ -350,7 +349,7 @@ def print_part_a(
             cells.append(f"{'-':>9s} {'-':>9s} {'-':>6s}")
         if memory is not None:
             ce_mb, full_mb = peak(seq_len, "ce"), peak(seq_len, "full")
-            cells.append(f"{mb(ce_mb)} {mb(full_mb)} {full_mb / ce_mb:6.3f}")
+            cells.append(f"{megabytes(ce_mb)} {megabytes(full_mb)} {full_mb / ce_mb:6.3f}")
         print(" | ".join(cells))
     print("  targets at T = 2048: time ratio ≤ 1.25, peak memory ratio ≤ 1.2")
     if times is not None:
@@ -364,8 +363,8 @@ def print_part_a(
         print("  memory, MB (peak: above the process before the engine; step: above the RSS just before the step):")
         for seq_len in args.seq_lens:
             parts = [
-                f"{NAMES[variant].split(' (')[0]} peak {mb(peak(seq_len, variant)).strip()} "
-                f"step {mb(peak(seq_len, variant, 'before')).strip()}"
+                f"{NAMES[variant].split(' (')[0]} peak {megabytes(peak(seq_len, variant)).strip()} "
+                f"step {megabytes(peak(seq_len, variant, 'before')).strip()}"
                 for variant in MEMORY_VARIANTS
             ]
             ratio = peak(seq_len, "full", "before") / peak(seq_len, "ce", "before")
@@ -399,7 +398,8 @@ def part_b(
 
 
 def part_c(config: Config, steps: int, workdir: Path) -> None:
-    """The real `train()` on the cache; the wait share from its metrics.jsonl and from timing it from outside."""
+    """The real `distill train` (`train_stage`) on the cache; the wait share from its metrics.jsonl and from timing
+    it from outside."""
     output_dir = workdir / "runs-c"
     config = dataclasses.replace(
         config,
@@ -409,10 +409,10 @@ def part_c(config: Config, steps: int, workdir: Path) -> None:
     )
     sources: list[TimedIterator] = []
     step_times: list[float] = []
-    original_batches, original_step = train_module.training_batches, Trainer.train_step
+    original_batches, original_step = CachedTargets.batches, Trainer.train_step
 
-    def timed_batches(*args: Any, **kwargs: Any) -> TimedIterator:
-        sources.append(TimedIterator(original_batches(*args, **kwargs)))
+    def timed_batches(self: CachedTargets, **kwargs: Any) -> TimedIterator:
+        sources.append(TimedIterator(original_batches(self, **kwargs)))
         return sources[-1]
 
     def timed_step(self: Trainer) -> Any:
@@ -422,22 +422,23 @@ def part_c(config: Config, steps: int, workdir: Path) -> None:
         finally:
             step_times.append(time.perf_counter() - start)
 
-    train_module.training_batches, Trainer.train_step = timed_batches, timed_step
+    CachedTargets.batches, Trainer.train_step = timed_batches, timed_step
     start = time.perf_counter()
     try:
-        train_module.train(config)
+        train_stage(config)
     finally:
-        train_module.training_batches, Trainer.train_step = original_batches, original_step
+        CachedTargets.batches, Trainer.train_step = original_batches, original_step
     total = time.perf_counter() - start
     (source,) = sources
-    records = [json.loads(line) for line in (output_dir / train_module.METRICS_LOG).read_text().splitlines()]
+    records = [json.loads(line) for line in (output_dir / METRICS_LOG).read_text().splitlines()]
     logged = [record for record in records if "train/loader_wait_frac" in record]
     logged_frac = [record["train/loader_wait_frac"] for record in logged]
     own_frac = [wait / step for wait, step in zip(source.waits, step_times, strict=True)]
     steady = slice(1, None)  # step 1 also opens and checksums the first shard and waits for the first read
     print(
-        f"(c) loader wait share, real `train()` on the cache: {steps} steps, num_workers {config.train.num_workers}, "
-        f"prefetch on, checksums on (whole run {total:.1f} s incl. engine set-up, final checkpoint and export):"
+        f"(c) loader wait share, real `distill train` on the cache: {steps} steps, num_workers "
+        f"{config.train.num_workers}, prefetch on, checksums on (whole run {total:.1f} s incl. engine set-up, final "
+        "checkpoint and export):"
     )
     print(
         f"  step 1: logged {100 * logged_frac[0]:.2f} %, measured {100 * own_frac[0]:.2f} % "
@@ -498,29 +499,28 @@ def main() -> None:
 def run(args: argparse.Namespace, workdir: Path) -> None:
     """Build the caches, then measure the parts asked for."""
     torch.manual_seed(0)
-    base = load_config(args.config)
-    splits, meta = load_prepared(Path(base.data.output_dir))
+    _, meta = load_prepared(Path(load_config(args.config).data.output_dir))
     base_len = meta["seq_len"]
-    config = benchmark_config(args, workdir, batch_for(args, base_len))
-    teacher_dir = Path(config.teacher.path)
+    context = benchmark_context(args, workdir, batch_for(args, base_len))
+    config, dims, splits, teacher_layers = context.config, context.dims, context.splits, context.teacher_layers
     teacher_dtype = resolve_dtype(args.teacher_dtype or config.teacher.dtype, torch.device("cpu"))
-    teacher = load_teacher(teacher_dir, dtype=teacher_dtype)
-    dims = attention_dims(teacher.config)
-    teacher_layers = student_layers(config, dims.num_layers)
-    calibration = splits["train"].with_format("torch", columns=["input_ids"])[:SELECTION_SAMPLES]["input_ids"].long()
+    teacher = load_teacher(context.teacher_dir, dtype=teacher_dtype)
+    targets = prepare_kinds(teacher, splits["train"], cache_settings(context))
+    settings = targets[0]
 
     rows = splits["train"].select(range(args.cache_samples)).with_format("torch", columns=["sample_id", "input_ids"])
     base_directory = cache_directory(workdir, base_len, base_len)
-    cache_seconds = {base_len: write_cache(config, teacher, rows, base_directory, meta, base_len, args, calibration)}
+    cache_seconds = {base_len: write_cache(context, teacher, targets, rows, base_directory, base_len, args)}
     if "a" in args.parts:
         for seq_len in args.seq_lens:
             if seq_len in cache_seconds:
                 continue
-            windows = window_rows(splits, base_len, seq_len, args.batches * batch_for(args, seq_len))
+            count = args.batches * batch_for(args, seq_len)
+            windows = contiguous_window_rows(splits["train"], base_len, [seq_len], count)[seq_len]
             directory = cache_directory(workdir, seq_len, base_len)
-            cache_seconds[seq_len] = write_cache(config, teacher, windows, directory, meta, seq_len, args, calibration)
+            cache_seconds[seq_len] = write_cache(context, teacher, targets, windows, directory, seq_len, args)
 
-    engine = new_engine(config, teacher.config, base_directory)
+    engine = new_engine(context)
     student_params = sum(param.numel() for param in engine.module.parameters())
     teacher_params = sum(param.numel() for param in teacher.parameters())
     print(
@@ -532,11 +532,11 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         f"{', '.join(f'{term.name} (w {term.weight:g})' for term in build_objective(config, teacher_layers).terms)}"
     )
     print(
-        f"teacher {teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads / {dims.num_kv_heads} KV, "
+        f"teacher {context.teacher_dir} ({dims.num_layers} layers, {dims.num_heads} heads / {dims.num_kv_heads} KV, "
         f"{teacher_params / 1e6:.1f}M parameters = {teacher_params / student_params:.1f}× the student, "
         f"{str(teacher_dtype).removeprefix('torch.')}); matched teacher layers {teacher_layers}; caches "
-        f"({config.cache.encoding} {config.cache.dtype}, kinds {config.cache_attn_targets()}, top-k "
-        f"{config.distill.top_k}) written in "
+        f"({settings.encoding} {config.cache.dtype}, kinds {list(settings.kinds)}, layers {list(settings.layers)}, "
+        f"top-k {settings.top_k}) written in "
         + ", ".join(f"{seconds:.1f} s (T {seq_len})" for seq_len, seconds in cache_seconds.items())
     )
 
@@ -553,26 +553,18 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         print_part_a(args, times, memory)
     if "b" in args.parts:
         start = time.perf_counter()
-        objective = build_objective(config, teacher_layers)
-        request = objective.request()
-        online = OnlineTargets(
-            teacher,
-            rows,
-            online_settings(config, teacher_layers, request, teacher, splits["train"]),
-            request,
-            batch_size=config.train.micro_batch_size,
-            shard_size=args.shard_size,
-            seed=config.train.seed,
+        needs = build_objective(config, teacher_layers).needs()
+        train = config.train
+        # The live teacher as `train.mode=online` runs it, and the cache as training reads it (prefetch off: the
+        # read is counted inside the step), in the same global order.
+        online = context.live_source(teacher, needs).batches(
+            batch_size=train.micro_batch_size, seed=train.seed, start_position=0, rank=0, world_size=1
         )
-        stream = TargetStream(
-            directory=base_directory,
-            request=request,
-            batch_size=config.train.micro_batch_size,
-            seed=config.train.seed,
-            prefetch=False,
+        stream = context.cached("train", needs).stream(
+            batch_size=train.micro_batch_size, seed=train.seed, prefetch=False
         )
         cached = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=0))
-        part_b(args, config, engine, iter(online), cached, teacher_layers)
+        part_b(args, config, engine, online, cached, teacher_layers)
         print(f"    ((b) took {time.perf_counter() - start:.0f} s)")
     del engine, teacher
     gc.collect()

@@ -1,10 +1,10 @@
 """Per-rank parameter + optimizer-state memory of the real DeepSpeed engine at 1 and 2 ranks, ZeRO-3 (and ZeRO-2).
 
 For each ZeRO stage and world size this script starts the DeepSpeed launcher on itself (CPU accelerator, gloo, one
-thread per rank). Every rank builds the engine exactly as `distill train` does (`pipeline.train.build_engine` with the
-JSON of `pipeline.deepspeed_config.deepspeed_config`, the stage's preset from `configs/deepspeed/`, fp32), runs one
-optimizer step on a random batch (AdamW creates its moments at the first step), then sums the bytes of the tensors the
-engine actually holds — nothing is computed from parameter counts:
+thread per rank). Every rank builds the engine exactly as `distill train` does for a scratch student of the shape
+asked for (`engine.build_engine` with the JSON of `deepspeed_config.deepspeed_config`, the stage's preset from
+`configs/deepspeed/`, fp32), runs one optimizer step on a random batch (AdamW creates its moments at the first step),
+then sums the bytes of the tensors the engine actually holds — nothing is computed from parameter counts:
 
   parameters       each module parameter's `data` and, under ZeRO-3, its partition `param.ds_tensor`, plus the flat
                    buffers they live in (`fp16_partitioned_groups_flat` for ZeRO-3, `bit16_groups_flat` for ZeRO-1/2)
@@ -123,11 +123,11 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     from pipeline.config import load_config
-    from pipeline.deepspeed_config import deepspeed_config
-    from pipeline.dist import init_distributed
-    from pipeline.runtime import configure_logging
+    from pipeline.infra.dist import init_distributed
+    from pipeline.infra.runtime import configure_logging
     from pipeline.students import resolve
-    from pipeline.train import build_engine
+    from pipeline.training.deepspeed_config import deepspeed_config
+    from pipeline.training.engine import build_engine
 
     configure_logging("WARNING")
     init_distributed()
@@ -136,6 +136,7 @@ def worker(args: argparse.Namespace) -> None:
         load_config(
             args.config,
             [
+                "student.init=scratch",  # random weights of the asked shape: memory depends on shapes only
                 f"student.num_layers={args.layers}",
                 f"student.hidden_size={args.hidden}",
                 f"student.num_heads={args.heads}",
@@ -151,9 +152,7 @@ def worker(args: argparse.Namespace) -> None:
     teacher_config = AutoConfig.from_pretrained(config.teacher.path, local_files_only=True)
     rss_before = proc_status_kib("VmRSS") * 1024
     start = time.perf_counter()
-    engine = build_engine(
-        config, teacher_config, deepspeed_config(config, torch.float32), resuming=False, alpha_stats=None
-    )
+    engine = build_engine(config, teacher_config, deepspeed_config(config, torch.float32), resuming=False, targets=None)
     build_seconds = time.perf_counter() - start
     rss_built = proc_status_kib("VmRSS") * 1024
     generator = torch.Generator().manual_seed(rank)

@@ -12,10 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.atomic import is_disk_full, storage_error
 from pipeline.config import Config, ConfigError, load_config, reference_markdown
 from pipeline.errors import PipelineError
-from pipeline.runtime import configure_logging
+from pipeline.infra.atomic import is_disk_full, storage_error
+from pipeline.infra.runtime import configure_logging
 
 logger = logging.getLogger("pipeline")
 
@@ -134,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--experiment", metavar="NAME", help="experiment (default: the config's mlflow.experiment)")
     compare.add_argument("--runs", nargs="+", default=[], metavar="ID_OR_NAME", help="only these runs (ids or names)")
     compare.add_argument(
-        "--filter", default="", metavar="MLFLOW_FILTER", help="MLflow filter, e.g. \"params.distill.squeeze = 'shd'\""
+        "--filter",
+        default="",
+        metavar="MLFLOW_FILTER",
+        help="MLflow filter, e.g. \"params.distill.attn.squeeze = 'shd'\"",
     )
     compare.add_argument(
         "--output", type=Path, default=Path("reports"), metavar="DIR", help="writes DIR/<experiment>/ (default reports)"
@@ -142,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--tracking-uri", metavar="URI", help="MLflow store (default: config, MLFLOW_TRACKING_URI, sqlite:///mlflow.db)"
     )
+
+    study = commands.add_parser(
+        "study",
+        parents=[common],
+        help="which objective pays for this teacher and student: a seeded grid of variants × settings laid out by "
+        "the config's `study:` section (configs/quality.yaml), tuned on validation, reported on the test split; "
+        "resumable",
+    )
+    _add_config_arguments(study)
+    study.add_argument("--plan", action="store_true", help="print what would run and the time estimate, then stop")
+    study.add_argument("--quick", action="store_true", help="the config's study.quick subset and budget, no search")
+    study.add_argument("--work", "--work-dir", type=Path, metavar="DIR", help="default study.work_dir (+ -quick)")
+    study.add_argument("--report", "--report-dir", type=Path, metavar="DIR", help="default study.report_dir (+ -quick)")
+    study.add_argument("--report-only", action="store_true", help="rebuild the report from the finished runs")
+    study.add_argument("--keep-models", action="store_true", help="keep each run's checkpoint and exported student")
+    study.add_argument("--run-logs", action="store_true", help="each run's own INFO messages too (DeepSpeed config…)")
 
     mlflow = commands.add_parser("mlflow", parents=[common], help="MLflow utilities")
     mlflow_commands = mlflow.add_subparsers(dest="mlflow_command", required=True, metavar="ACTION")
@@ -185,8 +204,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _dispatch(args: argparse.Namespace) -> None:
-    from pipeline import stages
-
+    # Each branch imports only its stage: DeepSpeed, MLflow and transformers take seconds to import.
     if args.command == "config" and args.reference:
         print(reference_markdown(), end="")
     elif args.command == "config":
@@ -194,30 +212,50 @@ def _dispatch(args: argparse.Namespace) -> None:
             raise ConfigError("usage: distill config CONFIG [overrides] | distill config --reference")
         print(_load(args).dump(), end="")
     elif args.command == "teacher":
-        stages.teacher_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.teacher import teacher_stage
+
+        teacher_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "prepare":
-        stages.prepare_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.prepare import prepare_stage
+
+        prepare_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "cache" and args.config == "verify":
         if len(args.overrides) != 1 or args.overwrite:
             raise ConfigError("usage: distill cache verify DIR")
-        stages.verify_stage(Path(args.overrides[0]))
+        from pipeline.stages.cache import verify_stage
+
+        verify_stage(Path(args.overrides[0]))
     elif args.command == "cache":
+        from pipeline.stages.cache import cache_stage
+
         args.config = Path(args.config)
-        stages.cache_stage(_load(args), overwrite=args.overwrite)
+        cache_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "train":
-        stages.train_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.train import train_stage
+
+        train_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "eval":
-        stages.eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
+        from pipeline.stages.evaluate import eval_stage
+
+        eval_stage(_load(args), model_dir=args.model, checkpoint=args.checkpoint, split=args.split)
     elif args.command == "run":
-        stages.run_stage(_load(args), overwrite=args.overwrite)
+        from pipeline.stages.run import run_stage
+
+        run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
-        from pipeline.compare import compare_runs, resolve_target
+        from pipeline.reports.compare import compare_runs
+        from pipeline.reports.runs import resolve_target
 
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
         print(report.markdown, end="")
+    elif args.command == "study":
+        from pipeline.study.stage import study_stage
+
+        options = ("quick", "plan", "report_only", "work", "report", "keep_models", "run_logs", "log_level")
+        study_stage(args.config, args.overrides, **{name: getattr(args, name) for name in options})
     elif args.command == "mlflow":
-        from pipeline.tracking import sync_local_runs
+        from pipeline.infra.mlflow_sync import sync_local_runs
 
         for local_id, copy_id in sync_local_runs(args.run_dir, args.tracking_uri).items():
             print(f"{local_id} -> {copy_id}")

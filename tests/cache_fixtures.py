@@ -10,19 +10,52 @@ from pathlib import Path
 
 import torch
 
-from pipeline.targets.layout import (
-    LAYOUT_VERSION,
-    alpha_name,
-    encode_maps,
-    map_name,
-    shard_bytes,
-    shard_file_name,
-    vocab_index_dtype,
-)
+from pipeline.targets import kinds
+from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
+from pipeline.targets.logits import vocab_index_dtype
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
+from pipeline.targets.needs import MapNeed, TargetNeeds
 
 SAMPLE_ID_OFFSET = 1000
 VOCAB_SIZE = 50
+
+
+def map_name(layer: int, kind: str, heads: int | None = None) -> str:
+    """The tensor name of `kind`'s map of teacher layer `layer` for `heads` student heads (the kind's own spelling)."""
+    variant = heads if kinds.get(kind).per_student_heads else None
+    return kinds.get(kind).maps(layer, variant)[0].name
+
+
+def relation_name(layer: int, relation_heads: int, relation: str) -> str:
+    """The tensor name of the teacher's `relation` (q, k or v) map of layer `layer` over R relation heads."""
+    specs = kinds.get("relations").maps(layer, relation_heads)
+    return next(spec.name for spec in specs if spec.name.endswith(f".{relation}"))
+
+
+def alpha_name(layer: int, heads: int, squeeze: str) -> str:
+    """The name of the squeeze weights stored beside `map_name(layer, squeeze, heads)`."""
+    return kinds.get(squeeze).extras(layer, heads, 0)[0].name
+
+
+def encode_maps(
+    name: str, maps: torch.Tensor, *, encoding: str, attn_top_m: int, dtype: torch.dtype, temperatures: tuple
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of map `name` in `encoding` (the cache's own encoder)."""
+    return ENCODINGS[encoding].encode(name, maps, attn_top_m=attn_top_m, dtype=dtype, temperatures=temperatures)
+
+
+def squeeze_needs(
+    layers: list[int] | tuple[int, ...],
+    heads: int,
+    kd_temperature: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 4,
+) -> TargetNeeds:
+    """What a run matching `heads` student heads to the `shd` targets of teacher `layers` needs (the synthetic
+    caches' kind), logits at `kd_temperature`."""
+    maps = tuple(MapNeed("shd", layer, heads, temperature) for layer in layers)
+    return TargetNeeds(maps, kd_temperature, top_k)
 
 
 def _causal_maps(generator: torch.Generator, rows: int, heads: int, seq_len: int) -> torch.Tensor:

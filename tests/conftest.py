@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import write_tiny_teacher
+from pipeline.models.loading import write_tiny_teacher
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,15 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, BatchEncoding, BertConfig, PreTrainedModel
 
-import pipeline.attention as attention
-from pipeline.attention import (
+import pipeline.models.capture as attention
+from pipeline.models.capture import (
     CAPTURE_ATTENTION,
     AttentionCapture,
     attention_dims,
     find_attention_modules,
 )
-from pipeline.map_losses import student_maps
-from pipeline.models import build_student, load_teacher, load_tokenizer
+from pipeline.models.loading import build_student, load_teacher, load_tokenizer
+from pipeline.ops.map_losses import student_maps
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "A spider has eight legs."]
 FAMILIES = ["tiny_llama_dir", "tiny_gpt2_dir"]

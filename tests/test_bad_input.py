@@ -22,12 +22,13 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from pipeline import cli
-from pipeline.atomic import StorageError, atomic_write_bytes, staged_directory
-from pipeline.data import load_prepared
-from pipeline.targets import reader, writer
-from pipeline.targets.layout import TargetRequest, read_header, shard_bytes
+from pipeline.data.prepare import load_prepared
+from pipeline.infra.atomic import StorageError, atomic_write_bytes, staged_directory
+from pipeline.targets import store, writer
+from pipeline.targets.layout import read_header, shard_bytes
 from pipeline.targets.manifest import read_manifest, sha256_bytes, write_manifest
-from pipeline.targets.reader import TargetStream
+from pipeline.targets.needs import TargetNeeds
+from pipeline.targets.stream import TargetStream
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny.yaml")
@@ -207,12 +208,12 @@ def test_atomic_writes_on_a_full_disk_keep_the_old_file_and_leave_no_temporary(
 
 
 def test_a_publish_killed_mid_way_is_recovered_by_the_next_one(tmp_path: Path) -> None:
-    """A kill between the two renames leaves only `.x.retired-*` (the old output): the next publish puts it back
+    """A kill between the two renames leaves only `.x.retired` (the old output): the next publish puts it back
     before staging; a kill inside the block leaves `.x.staging-*`: it is removed."""
     published = tmp_path / "published"
     published.mkdir()
     (published / "keep.txt").write_text("old")
-    published.rename(tmp_path / ".published.retired-0000dead")
+    published.rename(tmp_path / ".published.retired")
     (tmp_path / ".published.staging-0000beef").mkdir()
     with pytest.raises(RuntimeError, match="stop"), staged_directory(published):
         assert (published / "keep.txt").read_text() == "old"  # put back before anything else
@@ -408,7 +409,7 @@ def test_a_cache_of_other_sizes_or_inputs_is_replaced_only_with_overwrite(
     refusals = {
         "cache.max_samples=20": "num_samples (cache.max_samples) = 77, the config asks for 20",
         "cache.shard_size=16": "shard_size (cache.shard_size) = 8, the config asks for 16",
-        "distill.top_k=8": "fingerprint field 'top_k' = 16, the config asks for 8",
+        "distill.kd.top_k=8": "fingerprint field 'top_k' = 16, the config asks for 8",
     }
     for override, culprit in refusals.items():
         _fails(["cache", CONFIG, *overrides, override], caplog, manifest, culprit, "distill cache CONFIG --overwrite")
@@ -471,9 +472,8 @@ def test_a_non_finite_target_is_refused_by_the_reader_and_without_that_check_sto
     extra = ("train.save_every=3", "train.eval_every=0", "train.keep_checkpoints=0")
     train = ["train", CONFIG, *_run_overrides(tiny_cache, teachers, runs, f"cache.output_dir={cache}", *extra)]
     assert cli.main([*train, "train.max_steps=3"]) == 0
-    stream = TargetStream(
-        directory=cache / "train", request=TargetRequest(()), batch_size=4, seed=0, num_batches=6, prefetch=False
-    )
+    needs = TargetNeeds((), 1.0, read_manifest(cache / "train").fingerprint["top_k"])
+    stream = TargetStream(directory=cache / "train", needs=needs, batch_size=4, seed=0, num_batches=6, prefetch=False)
     step_six = list(stream)[5]["sample_ids"].tolist()
     name = _attention_map(cache / "train")
     log = "runs/metrics.jsonl"
@@ -487,7 +487,7 @@ def test_a_non_finite_target_is_refused_by_the_reader_and_without_that_check_sto
 
     shard = _plant(cache / "train", step_six[1], name, (0, 7), float("inf"))
     before = _snapshot(tmp_path)
-    monkeypatch.setattr(reader, "check_shard_targets", lambda *args: None)
+    monkeypatch.setattr(store, "check_shard_targets", lambda *args: None)
     message = _fails([*train, "train.max_steps=8"], caplog, "step 6: loss term attn is not finite", str(step_six))
     assert "nothing was updated or saved after the last checkpoint" in message
     assert_earlier_output_kept(before)

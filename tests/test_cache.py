@@ -19,19 +19,22 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline import stages
-from pipeline.attention import AttentionCapture
 from pipeline.config import Config, load_config
-from pipeline.data import load_prepared
-from pipeline.kd import topk_targets
-from pipeline.map_losses import DenseTarget, SparseTarget, map_loss_sum
-from pipeline.models import load_teacher
-from pipeline.relations import relation_maps
-from pipeline.shd import head_importance, select_heads, squeeze_heads
+from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import AttentionCapture
+from pipeline.models.loading import load_teacher
+from pipeline.ops.kd import topk_targets
+from pipeline.ops.map_losses import DenseTarget, SparseTarget, map_loss_sum
+from pipeline.ops.shd import head_importance, select_heads, squeeze_heads
+from pipeline.stages.cache import cache_stage, verify_stage
+from pipeline.stages.prepare import prepare_stage
+from pipeline.stages.teacher import teacher_stage
 from pipeline.targets import writer
-from pipeline.targets.layout import map_name, relation_name, unpack_triangle
+from pipeline.targets.encoding import unpack_triangle
+from pipeline.targets.kinds.relations import relation_maps
 from pipeline.targets.manifest import CacheError, read_manifest
-from pipeline.targets.reader import open_cache, verify_cache
+from pipeline.targets.store import open_cache, verify_cache
+from tests.cache_fixtures import map_name, relation_name
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -57,8 +60,8 @@ def tiny_config(workdir: Path, *overrides: str) -> Config:
 
 def _prepare(workdir: Path, family: str) -> Path:
     config = tiny_config(workdir, f"teacher.source=tiny-random-{family}")
-    stages.teacher_stage(config)
-    stages.prepare_stage(config)
+    teacher_stage(config)
+    prepare_stage(config)
     return workdir
 
 
@@ -76,7 +79,7 @@ def prepared_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cache_into(prepared: Path, directory: Path, *overrides: str, overwrite: bool = False) -> Config:
     config = tiny_config(prepared, f"cache.output_dir={directory}", *overrides)
-    stages.cache_stage(config, overwrite=overwrite)
+    cache_stage(config, overwrite=overwrite)
     return config
 
 
@@ -87,7 +90,7 @@ def _fresh_targets(config: Config, sample_rows: torch.Tensor, layer: int, heads:
         logits = teacher(input_ids=sample_rows).logits
     # Dense circuits: the writer's factored α path is checked against the direct one.
     squeezed, _ = squeeze_heads(capture.maps[layer], capture.circuits[layer].dense(), heads, method="shd")
-    values, indices, tails = topk_targets(logits, config.distill.top_k)
+    values, indices, tails = topk_targets(logits, config.distill.kd.top_k)
     return squeezed, values, indices, tails[..., 0]
 
 
@@ -155,7 +158,7 @@ def test_one_pass_caches_every_target_kind_each_equal_to_a_fresh_computation(pre
     are the heads of largest mean output share on the first train samples."""
     kinds = "[shd, shd_pairwise, uniform, selective, global, relations]"
     config = _cache_into(
-        prepared, tmp_path / "all", f"cache.attn_targets={kinds}", "cache.temperatures=[2.0]", "distill.rel_heads=4"
+        prepared, tmp_path / "all", f"cache.attn_targets={kinds}", "cache.temperatures=[2.0]", "distill.rel.heads=4"
     )
     manifests = {split: verify_cache(tmp_path / "all" / split) for split in ("train", "validation")}
     fingerprint = manifests["train"].fingerprint
@@ -200,7 +203,7 @@ def test_one_pass_caches_every_target_kind_each_equal_to_a_fresh_computation(pre
             for relation, states in zip("qkv", capture.qkv[layer], strict=True):
                 expected = relation_maps(states, 4)
                 torch.testing.assert_close(cached(relation_name(layer, 4, relation)), expected, atol=1e-3, rtol=0)
-        tails = topk_targets(teacher(input_ids=input_ids).logits, config.distill.top_k, (1.0, 2.0))[2]
+        tails = topk_targets(teacher(input_ids=input_ids).logits, config.distill.kd.top_k, (1.0, 2.0))[2]
         torch.testing.assert_close(shard.get_tensor("tail_mass.tau2"), tails[..., 1], rtol=1e-4, atol=0)
 
 
@@ -261,11 +264,11 @@ def test_a_cache_of_other_inputs_is_refused_not_overwritten(prepared: Path, tmp_
     with pytest.raises(CacheError, match=r"fingerprint field 'student_head_counts'"):
         _cache_into(prepared, directory, "cache.head_counts=[2]")
     with pytest.raises(CacheError, match=r"fingerprint field 'attn_targets'"):
-        _cache_into(prepared, directory, "distill.squeeze=uniform")
+        _cache_into(prepared, directory, "distill.attn.squeeze=uniform")
     with pytest.raises(CacheError, match=r"fingerprint field 'temperatures'"):
         _cache_into(prepared, directory, "cache.temperatures=[2.0]")
     with pytest.raises(CacheError, match=r"fingerprint field 'top_k'"):
-        _cache_into(prepared, directory, "distill.top_k=8")
+        _cache_into(prepared, directory, "distill.kd.top_k=8")
     assert _digests(directory) == before
 
 
@@ -280,7 +283,7 @@ def test_verify_names_a_corrupt_shard(prepared: Path, tmp_path: Path) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(CacheError, match=r"shard-00003\.safetensors"):
         verify_cache(copy / "train")
-    assert stages.verify_stage(directory) is None
+    assert verify_stage(directory) is None
 
 
 def _alpha_reference(directory: Path, key: str) -> dict[str, object]:
@@ -329,7 +332,7 @@ def test_other_sizes_are_refused_and_overwrite_replaces_the_cache_whole(
             _cache_into(prepared_llama, directory, override)
         assert _digests(directory) == before
 
-    wanted = ("cache.max_samples=20", "cache.shard_size=16", "distill.top_k=8")
+    wanted = ("cache.max_samples=20", "cache.shard_size=16", "distill.kd.top_k=8")
     reference = tmp_path / "reference"
     _cache_into(prepared_llama, reference, *wanted)
 
@@ -346,24 +349,24 @@ def test_other_sizes_are_refused_and_overwrite_replaces_the_cache_whole(
     monkeypatch.setattr(writer, "compute_targets", crash_in_the_second_shard)
     config = tiny_config(prepared_llama, f"cache.output_dir={directory}", *wanted)
     with pytest.raises(Crash):
-        stages.cache_stage(config, overwrite=True)
+        cache_stage(config, overwrite=True)
     monkeypatch.undo()
     assert _published(directory) == before  # the old cache, whole ...
     verify_cache(directory / "train")  # ... and readable
     assert [path.name for path in (directory / ".train.overwrite").glob("shard-*")] == ["shard-00000.safetensors"]
     with pytest.raises(CacheError, match=r"fingerprint field 'top_k' = 16, .* unfinished replacement waits in"):
-        stages.cache_stage(config)
+        cache_stage(config)
     assert _published(directory) == before
 
-    stages.cache_stage(config, overwrite=True)
+    cache_stage(config, overwrite=True)
     assert _digests(directory) == _digests(reference)
     assert sorted(path.name for path in directory.iterdir()) == ["train", "validation"]
 
     # Killed between the swap's two renames: the old split aside, the complete replacement not yet in place.
-    _cache_into(prepared_llama, directory, "distill.top_k=4", overwrite=True)
+    _cache_into(prepared_llama, directory, "distill.kd.top_k=4", overwrite=True)
     os.rename(directory / "train", directory / ".train.retired")
     shutil.copytree(reference / "train", directory / ".train.overwrite")
-    stages.cache_stage(config, overwrite=True)
+    cache_stage(config, overwrite=True)
     assert sorted(path.name for path in directory.iterdir()) == ["train", "validation"]
     assert _digests(directory) == _digests(reference)
 

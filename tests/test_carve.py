@@ -9,21 +9,13 @@ import pytest
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from pipeline.attention import AttentionCapture, attention_dims, model_family
-from pipeline.carve import (
-    CarveError,
-    CarvePlan,
-    Importance,
-    carve_student,
-    decoder_layers,
-    fill_dropped_layers,
-    measure_importance,
-    plan_carve,
-    plan_heads,
-    select_layers,
-)
-from pipeline.models import load_teacher, make_student_config, write_tiny_teacher
-from pipeline.shd import head_groups, head_importance, squeeze_groups
+from pipeline.models.capture import AttentionCapture, attention_dims, model_family
+from pipeline.models.loading import load_teacher, make_student_config, write_tiny_teacher
+from pipeline.ops.shd import head_groups, head_importance, squeeze_groups
+from pipeline.students.blocks import decoder_layers
+from pipeline.students.carve import CarveError, CarvePlan, carve_student, plan_carve, plan_heads, select_layers
+from pipeline.students.fill import fill_dropped_layers
+from pipeline.students.importance import Importance, measure_importance
 
 
 def calibration(seed: int = 0, samples: int = 6, tokens: int = 24) -> torch.Tensor:
@@ -342,6 +334,6 @@ def test_linear_fill_needs_increasing_layers(tiny_llama_dir: Path) -> None:
     teacher = load_teacher(tiny_llama_dir).eval()
     student, plan = carve(teacher, student_config(teacher, num_layers=2), [2, 0], "prune")
     state = {key: value.clone() for key, value in student.state_dict().items()}
-    with pytest.raises(CarveError, match=r"student\.carve_fill: linear .* must increase; got \[2, 0\]"):
+    with pytest.raises(CarveError, match=r"student\.carve\.fill: linear .* must increase; got \[2, 0\]"):
         fill_dropped_layers(teacher, student, plan, calibration(), batch_size=4, ridge=1.0)
     assert all(torch.equal(value, state[key]) for key, value in student.state_dict().items())

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline import checkpoints
-from pipeline.checkpoints import (
+from pipeline.config import config_from_dict
+from pipeline.training import checkpoints
+from pipeline.training.checkpoints import (
     CHECKPOINT_MANIFEST,
     CHECKPOINTS,
     CheckpointError,
@@ -30,7 +31,6 @@ from pipeline.checkpoints import (
     save_checkpoint,
     verify_checkpoint,
 )
-from pipeline.config import config_from_dict
 
 WEIGHTS = {"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "bias": torch.ones(2)}
 DISK_FULL = (

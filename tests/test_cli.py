@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from pipeline import cli, stages
+from pipeline import cli
 from pipeline.cli import parse_arguments
 from pipeline.config import ConfigError
+from pipeline.stages.run import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -68,6 +69,17 @@ def test_unknown_options_are_usage_errors(argv: list[str], capsys: pytest.Captur
     assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
 
 
+STAGE_MODULES = {
+    "teacher_stage": "teacher",
+    "prepare_stage": "prepare",
+    "cache_stage": "cache",
+    "train_stage": "train",
+    "eval_stage": "evaluate",
+    "run_stage": "run",
+}
+"""The module of each stage driver (the CLI imports a stage's module only when that command runs)."""
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict]]:
     """Replace every stage driver by a recorder of (name, config, keyword arguments)."""
@@ -77,8 +89,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, dict]]:
         def record(config: Any, *args: Any, name: str = name, **kwargs: Any) -> None:
             recorded.append((name, config, kwargs))
 
-        monkeypatch.setattr(stages, name, record)
-    monkeypatch.setattr(stages, "verify_stage", lambda directory: recorded.append(("verify_stage", directory, {})))
+        monkeypatch.setattr(f"pipeline.stages.{STAGE_MODULES[name]}.{name}", record)
+    monkeypatch.setattr(
+        "pipeline.stages.cache.verify_stage", lambda directory: recorded.append(("verify_stage", directory, {}))
+    )
     return recorded
 
 
@@ -125,11 +139,11 @@ def test_run_hands_overwrite_to_every_stage(monkeypatch: pytest.MonkeyPatch) -> 
         def record(config: Any, *, overwrite: bool = False, name: str = name) -> None:
             seen.append((name, overwrite))
 
-        monkeypatch.setattr(stages, name, record)
+        monkeypatch.setattr(f"pipeline.stages.run.{name}", record)
     config = cli.load_config(CONFIG, ["mlflow.enabled=false"])
     for overwrite in (True, False):
         seen.clear()
-        stages.run_stage(config, overwrite=overwrite)
+        run_stage(config, overwrite=overwrite)
         variants = len(config.run.variants)
         assert seen == [
             ("teacher_stage", overwrite),
@@ -142,7 +156,7 @@ def _fail_with(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
     def stage(config: Any, **kwargs: Any) -> None:
         raise error
 
-    monkeypatch.setattr(stages, "prepare_stage", stage)
+    monkeypatch.setattr("pipeline.stages.prepare.prepare_stage", stage)
 
 
 def test_a_user_error_exits_2_with_one_message_and_a_traceback_only_with_debug(
@@ -201,7 +215,7 @@ def test_mlflow_sync_command_copies_a_fallback_run(tmp_path: Path, capsys: pytes
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import config_from_dict
-    from pipeline.tracking import create_tracker
+    from pipeline.infra.tracking import create_tracker
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

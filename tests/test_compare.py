@@ -16,24 +16,8 @@ from matplotlib import image as mpimg
 from matplotlib import pyplot as plt
 
 from pipeline.cli import main
-from pipeline.compare import (
-    BEST_PPL_COLUMN,
-    SUMMARY_TAG,
-    CompareError,
-    CompareReport,
-    RunSummary,
-    compare_runs,
-    comparison_table,
-    latest_images,
-    metric_bands,
-    plot_metric_bands,
-    resolve_target,
-    seed_variants,
-    variants_table,
-)
 from pipeline.config import config_from_dict
-from pipeline.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
-from pipeline.mlflow_ui import (
+from pipeline.infra.mlflow_ui import (
     EXPERIMENT_KIND_TAG,
     MACHINE_LEARNING_KIND,
     PRIMARY_METRIC_TAG,
@@ -41,13 +25,18 @@ from pipeline.mlflow_ui import (
     VIEW_ID,
     tag_experiment,
 )
+from pipeline.reports.compare import CompareReport, compare_runs
+from pipeline.reports.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
+from pipeline.reports.plots import latest_images, metric_bands, plot_metric_bands
+from pipeline.reports.runs import SUMMARY_TAG, CompareError, RunSummary, resolve_target, seed_variants
+from pipeline.reports.tables import BEST_PPL_COLUMN, comparison_table, variants_table
 
 EXPERIMENT = "sweep"
 CONSTANT_PARAMS = {"train.lr": "0.001", "data.seq_len": "32", "teacher.source": "tiny-random-llama"}
 RUNS = {
     # name → (params that vary, {metric: [(step, value)]}); h3-uniform never logs train/loss_attn
     "h2-shd": (
-        {"student.num_heads": "2", "distill.squeeze": "shd", "distill.w_kd": "1.0"},
+        {"student.num_heads": "2", "distill.attn.squeeze": "shd", "distill.kd.weight": "1.0"},
         {
             "train/loss": [(1, 5.0), (2, 4.25), (3, 3.5), (4, 3.125)],
             "train/loss_attn": [(1, 0.75), (2, 0.5), (3, 0.375), (4, 0.3125)],
@@ -57,7 +46,7 @@ RUNS = {
         },
     ),
     "h3-shd": (
-        {"student.num_heads": "3", "distill.squeeze": "shd", "distill.w_kd": "1.0"},
+        {"student.num_heads": "3", "distill.attn.squeeze": "shd", "distill.kd.weight": "1.0"},
         {
             "train/loss": [(1, 4.5), (2, 3.75), (3, 3.0), (4, 2.875)],
             "train/loss_attn": [(1, 0.625), (2, 0.5), (3, 0.25), (4, 0.1875)],
@@ -67,7 +56,7 @@ RUNS = {
         },
     ),
     "h3-uniform": (
-        {"student.num_heads": "3", "distill.squeeze": "uniform", "distill.w_kd": "0.5"},
+        {"student.num_heads": "3", "distill.attn.squeeze": "uniform", "distill.kd.weight": "0.5"},
         {
             "train/loss": [(1, 4.75), (2, 4.0), (3, 3.25), (4, 3.0625)],
             "train/tokens": [(1, 128.0), (2, 256.0), (3, 384.0), (4, 512.0)],
@@ -76,7 +65,7 @@ RUNS = {
         },
     ),
 }
-DIFFERING = ["distill.squeeze", "distill.w_kd", "student.num_heads"]
+DIFFERING = ["distill.attn.squeeze", "distill.kd.weight", "student.num_heads"]
 IMAGES = ["figures/alpha_step_5.png", "figures/alpha_step_10.png", "figures/attention/heatmap_step_10.png"]
 
 
@@ -229,7 +218,7 @@ def test_summary_run_holds_the_report_and_is_excluded_next_time(store: dict, rep
 
 
 def test_filter_and_run_selection(store: dict, tmp_path: Path) -> None:
-    shd = compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.squeeze = 'shd'", output=tmp_path)
+    shd = compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.attn.squeeze = 'shd'", output=tmp_path)
     assert [row[0] for row in shd.rows] == ["h2-shd", "h3-shd"]
     assert shd.columns[:2] == ["run", "student.num_heads"]  # squeeze and w_kd are constant within the selection
     picked = compare_runs(
@@ -244,9 +233,9 @@ def test_nothing_matching_is_a_named_error(store: dict, tmp_path: Path) -> None:
     with pytest.raises(CompareError, match="no run with id or name 'h9-shd' in experiment 'sweep'"):
         compare_runs(store["uri"], EXPERIMENT, run_refs=["h9-shd"], output=tmp_path)
     with pytest.raises(CompareError, match="no runs to compare in experiment 'sweep' with filter"):
-        compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.squeeze = 'none'", output=tmp_path)
+        compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.attn.squeeze = 'none'", output=tmp_path)
     with pytest.raises(CompareError, match="--filter"):
-        compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.squeeze ==== 3", output=tmp_path)
+        compare_runs(store["uri"], EXPERIMENT, filter_string="params.distill.attn.squeeze ==== 3", output=tmp_path)
     with pytest.raises(CompareError, match="no MLflow store"):
         compare_runs(f"sqlite:///{tmp_path}/missing.db", EXPERIMENT, output=tmp_path)
     assert not (tmp_path / "missing.db").exists()
@@ -372,7 +361,12 @@ def test_seed_bands_are_the_mean_and_sample_std_over_seeds(tmp_path: Path) -> No
 
 def test_runs_differing_only_in_seeds_form_named_variants() -> None:
     def run(name: str, seed: str, w_attn: str) -> RunSummary:
-        params = {"train.seed": seed, "data.seed": seed, "distill.w_attn": w_attn, "train.output_dir": f"runs/{name}"}
+        params = {
+            "train.seed": seed,
+            "data.seed": seed,
+            "distill.attn.weight": w_attn,
+            "train.output_dir": f"runs/{name}",
+        }
         return _summary(name, {}, params)
 
     runs = [
@@ -387,8 +381,8 @@ def test_runs_differing_only_in_seeds_form_named_variants() -> None:
     }
     unnamed = [run("a", "0", "0"), run("b", "1", "0"), run("c", "0", "1")]
     assert {name: len(members) for name, members in seed_variants(unnamed).items()} == {
-        "distill.w_attn=0": 2,
-        "distill.w_attn=1": 1,
+        "distill.attn.weight=0": 2,
+        "distill.attn.weight=1": 1,
     }
 
 
@@ -410,7 +404,7 @@ def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for seed in seeds:
             name = f"{variant}-seed{seed}"
             run_id = client.create_run(experiment_id, run_name=name).info.run_id
-            params = {"train.seed": str(seed), "distill.w_attn": "1" if variant == "shd" else "0"}
+            params = {"train.seed": str(seed), "distill.attn.weight": "1" if variant == "shd" else "0"}
             histories = _seeded_histories(variant, seed)
             points = [Metric(key, value, 0, step) for key, history in histories.items() for step, value in history]
             client.log_batch(run_id, params=[Param(key, value) for key, value in params.items()], metrics=points)
@@ -454,7 +448,7 @@ def test_compare_tags_the_experiment_for_the_mlflow_ui(seeded_store: dict) -> No
     assert state["selectedColumns"] == [
         "metrics.`train/loss`",
         "metrics.`eval/ppl`",
-        "params.`distill.w_attn`",
+        "params.`distill.attn.weight`",
         "params.`train.seed`",
     ]
     assert state["orderByKey"] == "metrics.`eval/ppl`" and state["orderByAsc"] is True
@@ -469,8 +463,10 @@ def test_tagging_a_new_experiment_and_again_keeps_one_view(seeded_store: dict, t
     tag_experiment(client, experiment_id)
     _, first, state = _view(client, experiment_id)
     assert state["selectedColumns"] == ["metrics.`eval/ppl`", "metrics.`eval/top1_agreement`", "metrics.`train/loss`"]
-    tag_experiment(client, experiment_id, ["train/loss"], ["distill.squeeze"])
+    tag_experiment(client, experiment_id, ["train/loss"], ["distill.attn.squeeze"])
     tags, again, state = _view(client, experiment_id)
     assert again["createdAt"] == first["createdAt"] and again["updatedAt"] >= first["updatedAt"]
-    assert state == {"selectedColumns": ["metrics.`train/loss`", "params.`distill.squeeze`"]}  # no eval/ppl to sort by
+    assert state == {
+        "selectedColumns": ["metrics.`train/loss`", "params.`distill.attn.squeeze`"]
+    }  # no eval/ppl to sort by
     assert sum(key.startswith(SAVED_VIEW_TAG_PREFIX) for key in tags) == 1

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_from_dict, load_config
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, load_yaml
+from pipeline.study.layout import SECTION as STUDY_SECTION
+from pipeline.study.layout import load_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    config = load_config(path)
+    # a study config is a pipeline config plus its `study:` section, which `distill study` checks
+    config = load_study(path)[1] if STUDY_SECTION in load_yaml(path.read_text()) else load_config(path)
     assert isinstance(config, Config)
     if config.deepspeed.preset:
         assert (CONFIGS.parent / config.deepspeed.preset).is_file(), config.deepspeed.preset
@@ -56,14 +59,14 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path: Path, written: str, 
         ({"student": {"num_head": 3}}, [], "student.num_head"),
         ({"bogus": {}}, [], "bogus"),
         ({}, ["train.max_step=3"], "train.max_step"),
-        ({"distill": {"squeeze": "average"}}, [], "distill.squeeze"),
-        ({"distill": {"attn_loss": "l1"}}, [], "distill.attn_loss"),
+        ({"distill": {"squeeze": "average"}}, [], "distill.attn.squeeze"),
+        ({"distill": {"attn_loss": "l1"}}, [], "distill.attn.loss"),
         ({"distill": {"layer_map": "middle"}}, [], "distill.layer_map"),
         ({"student": {"num_layers": 2}, "distill": {"layer_map": [1, 2, 3]}}, [], "distill.layer_map"),
         ({"student": {"hidden_size": 100, "num_heads": 3}}, [], "student.hidden_size"),
         ({"student": {"num_heads": 4, "num_kv_heads": 3}}, [], "student.num_kv_heads"),
-        ({"distill": {"attn_temperature": 0}}, [], "distill.attn_temperature"),
-        ({"distill": {"w_kd": -1}}, [], "distill.w_kd"),
+        ({"distill": {"attn_temperature": 0}}, [], "distill.attn.temperature"),
+        ({"distill": {"w_kd": -1}}, [], "distill.kd.weight"),
         ({"cache": {"head_counts": [2, "three"]}}, [], "cache.head_counts[1]"),
         ({"cache": {"head_counts": [2, 2]}}, [], "cache.head_counts"),
         ({"cache": {"encoding": "sparse"}}, [], "cache.encoding"),

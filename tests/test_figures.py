@@ -10,7 +10,7 @@ import torch
 from matplotlib import colors
 from matplotlib import image as mpimg
 
-from pipeline.figures import (
+from pipeline.reports.figures import (
     HEATMAP_GAMMA,
     HEATMAP_MAX_TOKENS,
     HEATMAP_ZOOM_TOKENS,

@@ -25,8 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import stages
 from pipeline.config import load_config
+from pipeline.stages.prepare import prepare_stage
+from pipeline.stages.teacher import teacher_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -150,8 +151,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaMA teacher and the tiny corpus packed with its tokenizer."""
     root = tmp_path_factory.mktemp("kill-prepared")
     config = load_config(CONFIG, [f"teacher.path={root}/teacher", f"data.output_dir={root}/data"])
-    stages.teacher_stage(config)
-    stages.prepare_stage(config)
+    teacher_stage(config)
+    prepare_stage(config)
     return root
 
 

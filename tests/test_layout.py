@@ -5,18 +5,11 @@ import math
 import pytest
 import torch
 
-from pipeline.targets.layout import (
-    TargetRequest,
-    cached_maps,
-    encode_maps,
-    expected_tensors,
-    map_name,
-    relation_name,
-    requested_tensors,
-    tail_name,
-    topk_rows,
-    unpack_triangle,
-)
+from pipeline.targets import kinds
+from pipeline.targets.encoding import tail_name, topk_rows, unpack_triangle
+from pipeline.targets.layout import cached_maps, expected_tensors, requested_tensors
+from pipeline.targets.needs import MapNeed, TargetNeeds
+from tests.cache_fixtures import encode_maps, map_name
 
 
 def _maps(seed: int, batch: int = 2, heads: int = 3, seq: int = 8) -> torch.Tensor:
@@ -73,7 +66,7 @@ def test_encoded_maps_match_the_schema_and_round_trip() -> None:
         "attn.L1.H3.shd.tail.tau2",
     }
     for name, tensor in encoded.items():
-        assert specs[name][1] == tuple(tensor.shape)
+        assert specs[name].shape == tuple(tensor.shape)
     dense = encode_maps("x", maps, encoding="dense", attn_top_m=1, dtype=torch.float32, temperatures=(1.0,))
     torch.testing.assert_close(unpack_triangle(dense["x"], 8), maps)
 
@@ -90,17 +83,22 @@ def test_schema_names_every_map_kind_once() -> None:
     ]
     assert len(names) == len(set(names)) == 2 * (1 + 3 + 2 + 2)
     specs = expected_tensors(_fingerprint(), 5)
-    assert specs["alpha.L3.H2.uniform"] == ("F32", (5, 6)) and "alpha.L3.H2.global" not in str(specs)
-    assert specs[tail_name("tail_mass", 2.0)] == ("F32", (5, 8)) and tail_name("tail_mass", 1.0) == "tail_mass"
-    assert map_name(3, "selective", 2) == "attn.L3.H2.selective" and relation_name(1, 4, "v") == "rel.L1.R4.v"
-    with pytest.raises(ValueError, match="map kind 'relations'"):
-        map_name(1, "relations", 2)
+    alpha = specs["alpha.L3.H2.uniform"]
+    assert (alpha.dtype, alpha.shape, alpha.role, alpha.layer) == ("F32", (5, 6), "alpha", 3)
+    assert "alpha.L3.H2.global" not in str(specs)
+    tail = specs[tail_name("tail_mass", 2.0)]
+    assert (tail.dtype, tail.shape, tail.role) == ("F32", (5, 8), "tail") and tail_name("tail_mass", 1.0) == "tail_mass"
+    assert specs["attn.L1.H3.shd.values"].companion == "attn.L1.H3.shd.tail"
+    assert map_name(3, "selective", 2) == "attn.L3.H2.selective"
+    assert [spec.name for spec in kinds.get("relations").maps(1, 4)] == ["rel.L1.R4.q", "rel.L1.R4.k", "rel.L1.R4.v"]
+    with pytest.raises(KeyError, match="unknown target kind 'relation'"):
+        kinds.get("relation")
 
 
-def test_requested_tensors_are_a_subset_and_name_what_is_missing() -> None:
+def test_requested_tensors_are_the_needs_tensors() -> None:
     fingerprint = _fingerprint()
-    request = TargetRequest((("attn.L1.H3.shd", 2.0), ("rel.L3.R4.k", 1.0)), kd_temperature=2.0)
-    names = set(requested_tensors(fingerprint, request, 4))
+    needs = TargetNeeds((MapNeed("shd", 1, 3, 2.0), MapNeed("relations", 3, 4, 1.0)), 2.0, 4)
+    names = set(requested_tensors(fingerprint, needs, 4))
     assert names == {
         "sample_ids",
         "input_ids",
@@ -110,11 +108,6 @@ def test_requested_tensors_are_a_subset_and_name_what_is_missing() -> None:
         "attn.L1.H3.shd.values",
         "attn.L1.H3.shd.indices",
         "attn.L1.H3.shd.tail.tau2",
-        "rel.L3.R4.k.values",
-        "rel.L3.R4.k.indices",
-        "rel.L3.R4.k.tail",
+        *(f"rel.L3.R4.{relation}.{part}" for relation in "qkv" for part in ("values", "indices", "tail")),
     }
-    with pytest.raises(KeyError, match=r"tail_mass\.tau3"):
-        requested_tensors(fingerprint, TargetRequest((), kd_temperature=3.0), 4)
-    with pytest.raises(KeyError, match=r"attn\.L1\.H3\.selective"):
-        requested_tensors(fingerprint, TargetRequest((("attn.L1.H3.selective", 1.0),)), 4)
+    assert names <= set(expected_tensors(fingerprint, 4))

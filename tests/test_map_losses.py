@@ -1,6 +1,6 @@
 """Blocked map losses from scores: equal to unblocked fp64 references (values and gradients) for every kind, encoding,
-temperature, GQA and padding; exact bucket KL for top-m targets; bounded gradients where the old clamped-log loss
-exploded."""
+temperature, GQA and padding; exact bucket KL for top-m targets; zero for a student equal to its teacher in every
+mode; bounded gradients where the old clamped-log loss exploded."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-from pipeline.map_losses import (
+from pipeline.ops.map_losses import (
     DenseTarget,
     SparseTarget,
     dense_rows,
     map_loss_sum,
     student_maps,
 )
-from pipeline.targets.layout import pack_triangle
+from pipeline.targets.encoding import pack_triangle
+from tests import reference_maps
 
 BATCH, HEADS, KV_HEADS, SEQ, DIM = 2, 4, 2, 9, 8
 SCALE = DIM**-0.5
@@ -53,10 +54,7 @@ def _targets(seed: int, heads: int = HEADS) -> torch.Tensor:
 
 
 def _reference_student(query, key, temperature, head_mean=False):
-    key = key.repeat_interleave(HEADS // key.shape[1], dim=1)
-    scores = query @ key.transpose(-1, -2) * SCALE / temperature
-    probs = torch.softmax(scores.masked_fill(~_visible(_valid()), -math.inf), -1)
-    return probs.mean(1, keepdim=True) if head_mean else probs
+    return reference_maps.student_maps(query, key, SCALE, temperature, _visible(_valid()), head_mean)
 
 
 def _soften(maps, temperature):
@@ -347,3 +345,107 @@ def test_a_nan_target_makes_the_loss_nan_instead_of_vanishing() -> None:
     values = sparse.values.clone()
     values[1, 0, 5, 1] = math.nan
     assert math.isnan(map_loss_sum(query.float(), key.float(), SCALE, sparse._replace(values=values)).item())
+
+
+def _sink_qk(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k fp64 whose maps hold most of every row on key 0 (an attention sink, as in trained models): every head's
+    top few keys of every row include it, so top-m targets keep it and dropping it takes it out exactly."""
+    query, key = _qk(seed, sharpness=1.0)
+    key[:, :, 0] = 0.0
+    key[:, :, 0, 0] = 8.0
+    query[..., 0] = 2.0
+    return query, key
+
+
+def _sink_mask() -> torch.Tensor:
+    mask = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    mask[:, 0] = False
+    return mask
+
+
+@pytest.mark.parametrize("mode", ["headwise", "selective", "global"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("sink", ["keep", "drop"])
+@pytest.mark.parametrize("target_kind", ["dense kl", "dense mse", "dense cosine", "top-m m=T", "top-m m<T"])
+def test_a_student_equal_to_its_teacher_has_zero_loss(mode: str, temperature: float, sink: str, target_kind: str):
+    """The teacher maps come from the very q, k the loss is given (selective: two of the heads; global: the mean over
+    all heads, as the cache stores it). Student and target go through the same operation in every mode, at every τ,
+    with the sink kept or dropped, dense or top-m (R_τ of the fp64 maps), so every row's loss is 0 to fp32 rounding."""
+    query, key = _sink_qk(17)
+    teacher = reference_maps.head_maps(query, key, SCALE)
+    if mode == "selective":
+        chosen = [0, 3]
+        query, key = query[:, chosen], key.repeat_interleave(HEADS // KV_HEADS, dim=1)[:, chosen]
+        teacher = teacher[:, chosen]
+    elif mode == "global":
+        teacher = teacher.mean(1, keepdim=True)
+    mask, rows = (_sink_mask(), BATCH * (SEQ - 1)) if sink == "drop" else (None, BATCH * SEQ)
+    kind = "kl"
+    if target_kind.startswith("dense"):
+        target: DenseTarget | SparseTarget = DenseTarget(pack_triangle(teacher).float())
+        kind = target_kind.removeprefix("dense ")
+    else:
+        target = _sparse(teacher, SEQ if target_kind == "top-m m=T" else 3, temperature)
+        assert (target.indices[..., 1:, :] == 0).any(-1).all()  # the sink is kept: dropping it leaves the tail exact
+    loss = map_loss_sum(
+        query.float(),
+        key.float(),
+        SCALE,
+        target,
+        kind=kind,
+        temperature=temperature,
+        head_mean=mode == "global",
+        query_mask=mask,
+        key_mask=mask,
+        rows_per_block=4,
+    )
+    assert abs(loss.item()) / rows < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse", "cosine", "top-m"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_global_loss_softens_the_mean_of_the_heads_and_drops_the_sink_after(kind: str, temperature: float) -> None:
+    """Global mode pins one definition: the student's heads' τ = 1 maps are averaged over all causal keys, then the
+    mean map is restricted to keys 1..i, raised to 1/τ and renormalised — the operation the cached mean teacher map
+    goes through. Values and gradients equal the fp64 formula on full maps."""
+    query, key = _qk(18)
+    logits = torch.randn(BATCH, 1, SEQ, SEQ, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    target = reference_maps.masked_softmax(logits, reference_maps.causal_visibility(SEQ))
+    target[..., 0] += 1.0  # a sink, kept by every top-m row
+    target = target / target.sum(-1, keepdim=True)
+    mask = _sink_mask()
+    if kind == "top-m":
+        encoded: DenseTarget | SparseTarget = _sparse(target, 3, temperature)
+        assert (encoded.indices[..., 1:, :] == 0).any(-1).all()
+    else:
+        encoded = DenseTarget(pack_triangle(target).float())
+    ours_q, ours_k = query.float().requires_grad_(), key.float().requires_grad_()
+    loss = map_loss_sum(
+        ours_q,
+        ours_k,
+        SCALE,
+        encoded,
+        kind="kl" if kind == "top-m" else kind,
+        temperature=temperature,
+        head_mean=True,
+        query_mask=mask,
+        key_mask=mask,
+        rows_per_block=4,
+    )
+    loss.backward()
+
+    ref_q, ref_k = query.clone().requires_grad_(), key.clone().requires_grad_()
+    visible = reference_maps.causal_visibility(SEQ, mask)
+    mean_map = reference_maps.head_maps(ref_q, ref_k, SCALE).mean(1, keepdim=True)
+    student = reference_maps.softened(mean_map, temperature, visible)
+    teacher = reference_maps.softened(target, temperature, visible)
+    if kind == "top-m":
+        per_row = reference_maps.bucket_kl(student, teacher, target.topk(3, dim=-1).indices)
+    else:
+        per_row = reference_maps.row_losses(student, teacher, kind)
+    reference = per_row[:, :, 1:].sum()
+    reference.backward()
+    assert reference.item() > 0.05
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-5)
+    torch.testing.assert_close(ours_q.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_k.grad.double(), ref_k.grad, rtol=1e-4, atol=1e-6)

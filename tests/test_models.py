@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from pipeline.attention import CAPTURE_ATTENTION, attention_dims
-from pipeline.models import (
+from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims
+from pipeline.models.loading import (
     TINY_CORPUS,
     build_student,
     load_teacher,

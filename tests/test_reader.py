@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from pipeline.map_losses import DenseTarget, SparseTarget
-from pipeline.targets import reader
-from pipeline.targets.layout import TargetRequest, map_name, read_header, shard_bytes, shard_file_name, unpack_triangle
+from pipeline.ops.map_losses import DenseTarget, SparseTarget
+from pipeline.targets import store
+from pipeline.targets.encoding import unpack_triangle
+from pipeline.targets.layout import read_header, shard_bytes, shard_file_name
 from pipeline.targets.manifest import (
     FINGERPRINT_FIELDS,
     CacheError,
@@ -25,8 +26,10 @@ from pipeline.targets.manifest import (
     sha256_bytes,
     write_manifest,
 )
-from pipeline.targets.reader import TargetStream, open_cache, verify_cache
-from tests.cache_fixtures import SAMPLE_ID_OFFSET, VOCAB_SIZE, write_synthetic_cache
+from pipeline.targets.needs import MapNeed, TargetNeeds
+from pipeline.targets.store import open_cache, verify_cache
+from pipeline.targets.stream import TargetStream
+from tests.cache_fixtures import SAMPLE_ID_OFFSET, VOCAB_SIZE, squeeze_needs, write_synthetic_cache
 
 NUM_SAMPLES = 37
 SHARD_SIZE = 8
@@ -59,13 +62,13 @@ def fresh_cache(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def request(layers: list[int], heads: int) -> TargetRequest:
+def request(layers: list[int], heads: int) -> TargetNeeds:
     """The shd targets of `layers` for `heads` student heads, at τ = 1."""
-    return TargetRequest(tuple((map_name(layer, "shd", heads), 1.0) for layer in layers))
+    return squeeze_needs(layers, heads)
 
 
 def make_stream(directory: Path, layers: tuple[int, ...] = (1, 3), heads: int = 2, **overrides: Any) -> TargetStream:
-    options: dict[str, Any] = {"request": request(list(layers), heads), "batch_size": BATCH, **overrides}
+    options: dict[str, Any] = {"needs": request(list(layers), heads), "batch_size": BATCH, **overrides}
     return TargetStream(directory=directory, **options)
 
 
@@ -292,12 +295,12 @@ def test_only_the_requested_tensors_are_read(
 ) -> None:
     sliced: set[str] = set()
     loaded: set[str] = set()
-    real_safe_open = reader.safe_open
+    real_safe_open = store.safe_open
 
     def spy_safe_open(*args: Any, **kwargs: Any) -> SpyHandle:
         return SpyHandle(real_safe_open(*args, **kwargs), sliced, loaded)
 
-    monkeypatch.setattr(reader, "safe_open", spy_safe_open)
+    monkeypatch.setattr(store, "safe_open", spy_safe_open)
     stream = make_stream(dense_cache, layers=[3], heads=2, num_batches=13)
     collect(stream)
     assert sliced == {"sample_ids", "input_ids", "topk_values", "topk_indices", "tail_mass", "attn.L3.H2.shd"}
@@ -414,40 +417,48 @@ def test_incomplete_cache_and_gaps_are_refused(fresh_cache: Path) -> None:
         open_cache(fresh_cache)
 
 
-def changed(field: str, value: Any) -> Any:
-    """A requirement that the cache's fingerprint value does not meet."""
+NEEDED_FIELDS = ("student_head_counts", "cached_layers", "attn_targets", "temperatures", "top_k")
+"""Fingerprint fields a run's needs are checked against (membership); every other field must equal the run's."""
+
+
+def unmet(field: str, value: Any) -> tuple[dict[str, Any], TargetNeeds]:
+    """(provenance, needs) of a run that the cache's fingerprint value of `field` does not serve."""
+    needs = squeeze_needs([1, 3], 2)
     if field == "student_head_counts":
-        return 5
+        return {}, squeeze_needs([1, 3], 5)
     if field == "cached_layers":
-        return [0, 1]
+        return {}, squeeze_needs([0, 1], 2)
     if field == "attn_targets":
-        return ["global"]
+        return {}, TargetNeeds((MapNeed("global", 1, None),), 1.0, 4)
     if field == "temperatures":
-        return {"distill.kd_temperature": 3.0}
+        return {}, squeeze_needs([1, 3], 2, kd_temperature=3.0)
+    if field == "top_k":
+        return {}, squeeze_needs([1, 3], 2, top_k=value + 1)
     if isinstance(value, str):
-        return value + "-other"
-    return 7 if value is None else value + 1
+        return {field: value + "-other"}, needs
+    return {field: 7 if value is None else value + 1}, needs
 
 
 @pytest.mark.parametrize("field", FINGERPRINT_FIELDS)
 def test_fingerprint_mismatch_names_the_field(dense_cache: Path, field: str) -> None:
     found = open_cache(dense_cache).fingerprint
+    provenance, needs = unmet(field, found[field])
     with pytest.raises(CacheError, match=f"fingerprint field '{field}'"):
-        open_cache(dense_cache, {field: changed(field, found[field])})
+        open_cache(dense_cache, provenance, needs)
     with pytest.raises(CacheError, match=f"fingerprint field '{field}'"):
-        make_stream(dense_cache, expected={"seq_len": SEQ_LEN, field: changed(field, found[field])})
+        TargetStream(directory=dense_cache, needs=needs, provenance={"seq_len": SEQ_LEN, **provenance}, batch_size=1)
 
 
-def test_matching_expectations_and_uncached_requests(dense_cache: Path) -> None:
+def test_matching_needs_and_uncached_requests(dense_cache: Path) -> None:
     found = open_cache(dense_cache).fingerprint
-    expected = {**found, "student_head_counts": 3, "cached_layers": [3]}
-    assert len(make_stream(dense_cache, heads=3, expected=expected, num_batches=1)) == 1
-    with pytest.raises(CacheError, match=r"holds no tensor 'attn\.L1\.H4\.shd' .*student_head_counts \[2, 3\]"):
+    provenance = {key: found[key] for key in ("teacher_weights_sha256", "data_fingerprint", "split", "seq_len")}
+    assert len(make_stream(dense_cache, heads=3, layers=(3,), provenance=provenance, num_batches=1)) == 1
+    with pytest.raises(CacheError, match=r"'student_head_counts' is \[2, 3\], but the student has 4 heads"):
         make_stream(dense_cache, heads=4)
-    with pytest.raises(CacheError, match=r"holds no tensor 'attn\.L2\.H2\.shd' .*cached_layers \[1, 3\]"):
+    with pytest.raises(CacheError, match=r"'cached_layers' is \[1, 3\], but .* needs teacher layer 2"):
         make_stream(dense_cache, layers=[1, 2])
-    with pytest.raises(CacheError, match=r"holds no tensor 'tail_mass\.tau2' .*temperatures \[1\.0\]"):
-        TargetStream(directory=dense_cache, request=TargetRequest((), kd_temperature=2.0), batch_size=BATCH)
+    with pytest.raises(CacheError, match=r"τ 2 is 2, but the cache holds tail sums only for τ in \[1\.0\]"):
+        TargetStream(directory=dense_cache, needs=TargetNeeds((), 2.0, 4), batch_size=BATCH)
 
 
 def test_verify_checks_tensor_shapes_dtypes_and_sample_ids(fresh_cache: Path) -> None:
@@ -582,14 +593,14 @@ def test_the_value_check_covers_only_what_a_run_reads_and_runs_once_per_shard(
     rewrite_shard(fresh_cache, 2, _damaged(original, "attn.L1.H3.shd", _set((0, 0, 0), float("nan"))))
     assert len(collect(make_stream(fresh_cache, heads=2, num_batches=13))) == 13  # heads=2 never reads H3 maps
     calls: list[str] = []
-    real = reader.checks.tensor_problem
+    real = store.checks.tensor_problem
 
     def counting(name: str, *args: Any, **kwargs: Any) -> str | None:
         calls.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(reader.checks, "tensor_problem", counting)
-    reader._checked_targets.clear()
+    monkeypatch.setattr(store.checks, "tensor_problem", counting)
+    store._checked_targets.clear()
     collect(make_stream(fresh_cache, heads=2, num_batches=26, prefetch=False))  # two epochs
     read = ["input_ids", "topk_values", "topk_indices", "tail_mass", "attn.L1.H2.shd", "attn.L3.H2.shd"]
     assert sorted(calls) == sorted(read * NUM_SHARDS)  # each tensor of each shard checked once, not per epoch
@@ -639,13 +650,13 @@ def test_sample_id_uniqueness_from_the_manifests_ranges(fresh_cache: Path, monke
     """With the writer's per-shard id ranges, `open_cache` proves uniqueness without opening a shard; a shard whose
     ids leave its range is refused on first use; overlapping ranges make `open_cache` read and compare those ids."""
     opened: list[str] = []
-    real_safe_open = reader.safe_open
+    real_safe_open = store.safe_open
 
     def counting_safe_open(path: str, *args: Any, **kwargs: Any) -> Any:
         opened.append(Path(path).name)
         return real_safe_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(reader, "safe_open", counting_safe_open)
+    monkeypatch.setattr(store, "safe_open", counting_safe_open)
     open_cache(fresh_cache)
     assert sorted(opened) == [shard_file_name(index) for index in range(NUM_SHARDS)]  # no ranges: every shard's ids
     record_sample_id_ranges(fresh_cache)

@@ -1,4 +1,5 @@
-"""The README is part of the product: its commands are the ones CI runs and its config reference is current."""
+"""The README and docs/ are part of the product: the README's commands are the ones CI runs, the config reference in
+docs/config.md is current, and every relative link in them leads to a file and heading that exist."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from pipeline.config import reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+CONFIG_REFERENCE = ROOT / "docs" / "config.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+FENCED_BLOCK = re.compile(r"^```.*?^```", flags=re.DOTALL | re.MULTILINE)
 
 
 def _bash_blocks(text: str) -> list[str]:
@@ -24,8 +28,40 @@ def _with_reference(text: str) -> str:
 
 
 def update() -> None:
-    """Rewrite the README's config reference from pipeline/config.py."""
-    README.write_text(_with_reference(README.read_text()))
+    """Rewrite docs/config.md's generated tables from pipeline/config (the text around the markers is kept)."""
+    CONFIG_REFERENCE.write_text(_with_reference(CONFIG_REFERENCE.read_text()))
+
+
+def _without_code(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans, where `[a](b)` is not a link."""
+    return re.sub(r"`[^`\n]*`", "", FENCED_BLOCK.sub("", text))
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces as hyphens, and
+    `-1`, `-2` … appended to repeats."""
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", FENCED_BLOCK.sub("", text), flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+def broken_links(document: Path) -> list[str]:
+    """The relative links of a markdown document whose file, or heading anchor in that file, does not exist."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", _without_code(document.read_text())):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not checked offline
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path) if path else document
+        if not linked.exists() or (anchor and anchor not in heading_anchors(linked.read_text())):
+            broken.append(target)
+    return broken
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -42,10 +78,25 @@ def test_readme_main_command_runs_the_pipeline() -> None:
 
 
 def test_config_reference_is_current() -> None:
-    text = README.read_text()
+    text = CONFIG_REFERENCE.read_text()
     assert text == _with_reference(text), (
-        "README config reference is stale: run .venv/bin/python -c 'from tests.test_readme import update; update()'"
+        "docs/config.md is stale: run .venv/bin/python -c 'from tests.test_readme import update; update()'"
     )
+
+
+def test_every_relative_link_resolves() -> None:
+    broken = {document.relative_to(ROOT).as_posix(): broken_links(document) for document in DOCUMENTS}
+    assert not any(broken.values()), {name: links for name, links in broken.items() if links}
+
+
+def test_link_check_finds_missing_files_and_anchors(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Does SHD pay? The quality study\n## `teacher` — The frozen teacher.\n## Notes\n## Notes\n"
+        "[a](#notes-1) [b](#teacher--the-frozen-teacher) [c](page.md#does-shd-pay-the-quality-study) [d](https://x.y)\n"
+        "[e](#missing) [f](absent.md) [g](page.md#notes-2) `[code](absent.md)`\n```\n[block](absent.md)\n```\n"
+    )
+    assert broken_links(page) == ["#missing", "absent.md", "page.md#notes-2"]
 
 
 def test_launch_scripts_parse_and_document_their_usage() -> None:

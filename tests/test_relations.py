@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.map_losses import DenseTarget, SparseTarget
-from pipeline.relations import relation_loss_sum, relation_maps
-from pipeline.targets.layout import pack_triangle
+from pipeline.objective.terms.relations import relation_loss_sum
+from pipeline.ops.map_losses import DenseTarget, SparseTarget
+from pipeline.targets.encoding import pack_triangle
+from pipeline.targets.kinds.relations import relation_maps
 
 
 def _qkv(batch: int, heads: int, length: int, head_dim: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -6,19 +6,23 @@ import math
 import pytest
 import torch
 
-from pipeline.shd import (
+from pipeline.ops.shd import (
     Circuits,
     group_alphas,
     head_groups,
     head_importance,
     layer_map,
-    pair_alpha,
     pairwise_alphas,
     reconstruction_error,
     select_heads,
     squeeze_groups,
     squeeze_heads,
 )
+
+
+def pair_alpha(a_p: torch.Tensor, a_q: torch.Tensor, x_p: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """SHD's closed-form pair weight α of head p, as the pipeline computes it: `group_alphas` of a two-head group."""
+    return group_alphas(torch.stack([a_p, a_q], dim=1), torch.stack([x_p, x_q], dim=1))[:, 0]
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -21,9 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import carve, students
-from pipeline.lora import ADAPTER_BASE_DIR, ADAPTER_DIR
-from pipeline.train import train
+from pipeline import students
+from pipeline.stages.train import train_stage as train
+from pipeline.students import calibration
+from pipeline.students.carved import RECORD_FILE
+from pipeline.students.lora import ADAPTER_BASE_DIR, ADAPTER_DIR
 from tests.train_fixtures import FAST_TRAIN, TinyCache, read_metrics, run_two_ranks
 
 pytestmark = [pytest.mark.slow]
@@ -33,10 +35,10 @@ KINDS: dict[str, tuple[str, ...]] = {
     "scratch": (),
     "pretrained": ("student.init={pretrained}",),
     "teacher_prune": (*CARVED, "student.hidden_size=24", "student.intermediate_size=64"),
-    "teacher_merge": (*CARVED, "student.head_init=merge"),
+    "teacher_merge": (*CARVED, "student.carve.heads=merge"),
     "teacher_lora": (*CARVED, "student.lora.r=4"),
-    "teacher_importance": (*CARVED, "student.carve_layers=importance"),
-    "teacher_selective": (*CARVED, "distill.attn_match=selective"),
+    "teacher_importance": (*CARVED, "student.carve.layers=importance"),
+    "teacher_selective": (*CARVED, "distill.attn.match=selective"),
 }
 """Every `student.init` kind (pretrained: a directory written by the `pretrained` fixture) and every carve option:
 prune with the MLP and the width pruned too, merge with the cache's α, LoRA on the carve, layers by importance,
@@ -49,13 +51,15 @@ LORA_ZERO3 = (*CARVED, "student.lora.r=4", "deepspeed.zero_stage=3", *FAST_TRAIN
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> TinyCache:
     """The tiny teacher, its data, and a cache of every teacher layer (a carve by importance may keep any two) with
     SHD and selective targets for 2 and 3 heads."""
-    from pipeline import stages
+    from pipeline.stages.cache import cache_stage
+    from pipeline.stages.prepare import prepare_stage
+    from pipeline.stages.teacher import teacher_stage
 
     cache = TinyCache(tmp_path_factory.mktemp("student_runs"))
     config = cache.config(cache.root / "runs", "cache.layers=[0, 1, 2, 3]", "cache.attn_targets=[shd, selective]")
-    stages.teacher_stage(config)
-    stages.prepare_stage(config)
-    stages.cache_stage(config)
+    teacher_stage(config)
+    prepare_stage(config)
+    cache_stage(config)
     return cache
 
 
@@ -65,8 +69,8 @@ def pretrained(tiny_cache: TinyCache) -> Path:
     (byte for byte: the tokenizer fingerprint hashes the files)."""
     from transformers import AutoConfig
 
-    from pipeline.data import TOKENIZER_FILES
-    from pipeline.models import build_student
+    from pipeline.data.prepare import TOKENIZER_FILES
+    from pipeline.models.loading import build_student
 
     teacher = tiny_cache.root / "teacher"
     directory = tiny_cache.root / "pretrained"
@@ -93,14 +97,14 @@ def test_every_init_kind_resumes_exactly(
     train(_config(tiny_cache, tmp_path / "whole", kind, pretrained, "train.max_steps=4"))
     train(_config(tiny_cache, tmp_path / "halves", kind, pretrained, "train.max_steps=2"))
     if kind.startswith("teacher"):
-        first_carve = json.loads((tmp_path / "halves" / students.RECORD_FILE).read_text())
+        first_carve = json.loads((tmp_path / "halves" / RECORD_FILE).read_text())
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a resumed run carved or calibrated again")
 
-    students._MEMO.clear()
-    monkeypatch.setattr(students, "_carve", refuse)
-    monkeypatch.setattr(carve, "measure_importance", refuse)
+    calibration._MEMO.clear()
+    monkeypatch.setattr("pipeline.students.carved._carve", refuse)
+    monkeypatch.setattr(calibration, "measure_importance", refuse)
     train(_config(tiny_cache, tmp_path / "halves", kind, pretrained, "train.max_steps=4"))
 
     whole, whole_eval = read_metrics(tmp_path / "whole")
@@ -114,7 +118,7 @@ def test_every_init_kind_resumes_exactly(
     assert whole[1]["train/loss"] != pytest.approx(whole[4]["train/loss"], rel=1e-3)  # it trained
     if kind == "teacher_importance":
         assert (
-            json.loads((tmp_path / "whole" / students.RECORD_FILE).read_text())["teacher_layers"]
+            json.loads((tmp_path / "whole" / RECORD_FILE).read_text())["teacher_layers"]
             == (first_carve["teacher_layers"])
         )
     if kind == "teacher_selective":

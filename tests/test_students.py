@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,24 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from pipeline import carve, students
-from pipeline.attention import CAPTURE_ATTENTION
+from pipeline import students
 from pipeline.config import Config, ConfigError, config_from_dict, load_config
-from pipeline.data import prepare_dataset
-from pipeline.models import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
+from pipeline.data.prepare import prepare_dataset
+from pipeline.models.capture import CAPTURE_ATTENTION, AttentionCapture
+from pipeline.models.loading import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
+from pipeline.students import calibration, carve
+from pipeline.students.carved import RECORD_FILE
+from pipeline.students.importance import measure_importance
+from pipeline.targets.kinds.selective import SELECTION_SAMPLES
+
+
+@dataclass
+class Targets:
+    """What a carve reads of the run's `TargetSource`: the α statistics and the selective heads."""
+
+    alpha_stats: dict = field(default_factory=dict)
+    selected_heads: dict = field(default_factory=dict)
+
 
 CORPUS = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_corpus.txt"
 
@@ -192,7 +206,7 @@ def test_carved_student_of_the_teachers_shape_is_the_teacher(
     assert model.config._attn_implementation == CAPTURE_ATTENTION
     teacher = load_teacher(teacher_dir)
     assert torch.equal(model(input_ids=ids()).logits, teacher(input_ids=ids()).logits)
-    record = json.loads((tmp_path / students.RECORD_FILE).read_text())
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
     assert record["teacher_layers"] == [0, 1, 2, 3] and record["head_init"] == head_init
     assert record["carve_seconds"] >= 0 and len(record["block_importance"]) == 4
 
@@ -201,7 +215,7 @@ def test_linear_fill_is_applied_and_recorded(tiny_llama_dir: Path, llama_data: P
     student = {"init": "teacher", "num_layers": 2, "carve_fill": "linear", "carve_fill_ridge": 0.5}
     config = students.resolve(make_config(tiny_llama_dir, llama_data, tmp_path, student, distill={"layer_map": [0, 2]}))
     filled = students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir)).eval()
-    record = json.loads((tmp_path / students.RECORD_FILE).read_text())
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
     assert record["carve_fill"] == "linear" and record["carve_fill_ridge"] == 0.5
     assert [fill["teacher_layers"] for fill in record["fills"]] == [[0, 1], [2, 3]]
     assert all(after < before for before, after in (fill["relative_error"] for fill in record["fills"]))
@@ -215,13 +229,13 @@ def test_linear_fill_is_applied_and_recorded(tiny_llama_dir: Path, llama_data: P
         )
     )
     plain = students.build_student_model(plain_config, AutoConfig.from_pretrained(tiny_llama_dir)).eval()
-    assert json.loads((tmp_path / "plain" / students.RECORD_FILE).read_text())["fills"] == []
+    assert json.loads((tmp_path / "plain" / RECORD_FILE).read_text())["fills"] == []
     assert not torch.equal(filled(input_ids=ids()).logits, plain(input_ids=ids()).logits)
 
 
 @pytest.mark.parametrize("ridge", [0, -1.0, float("inf")])
 def test_carve_fill_ridge_must_be_positive_and_finite(ridge: float, tiny_llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"student\.carve_fill_ridge: got .*expected a finite ridge strength > 0"):
+    with pytest.raises(ConfigError, match=r"student\.carve\.fill_ridge: got .*expected a finite ridge strength > 0"):
         config_from_dict({"teacher": {"path": str(tiny_llama_dir)}, "student": {"carve_fill_ridge": ridge}})
 
 
@@ -241,8 +255,10 @@ def test_merge_takes_alpha_from_the_cache_statistics(
     alpha = [0.9, 0.1, 0.25, 0.75, 0.5, 0.5]
     decoy = {"per_teacher_head_mean": [0.0] * 6}  # another head count or squeeze: not this student's α
     stats = {"L1.H3.shd": {"per_teacher_head_mean": alpha}, "L1.H2.shd": decoy, "L3.H3.uniform": decoy}
-    with caplog.at_level(logging.WARNING, logger="pipeline.students"):
-        model = students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir), alpha_stats=stats)
+    with caplog.at_level(logging.WARNING, logger="pipeline.students.carved"):
+        model = students.build_student_model(
+            config, AutoConfig.from_pretrained(tiny_llama_dir), targets=Targets(alpha_stats=stats)
+        )
     assert "teacher layers [3]" in caplog.text
     teacher = load_teacher(tiny_llama_dir)
     for student_layer, teacher_layer, weights in [(0, 1, alpha), (1, 3, [0.5] * 6)]:
@@ -265,19 +281,19 @@ def test_importance_carve_sets_the_layer_map_and_resumes_without_calibration(
     )
     config = students.resolve(raw)
     teacher = load_teacher(tiny_llama_dir)
-    importance = carve.measure_importance(teacher, students.calibration_ids(raw), batch_size=4)
+    importance = measure_importance(teacher, calibration.calibration_ids(raw), batch_size=4)
     assert config.distill.layer_map == carve.select_layers(importance.block, 2)
     assert students.resolve(config) == config
     teacher_config = AutoConfig.from_pretrained(tiny_llama_dir)
     model = students.build_student_model(config, teacher_config)
-    assert json.loads((tmp_path / students.RECORD_FILE).read_text())["teacher_layers"] == config.distill.layer_map
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["teacher_layers"] == config.distill.layer_map
 
-    students._MEMO.clear()
+    calibration._MEMO.clear()
 
     def no_calibration(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("calibration ran on resume")
 
-    monkeypatch.setattr(carve, "measure_importance", no_calibration)
+    monkeypatch.setattr(calibration, "measure_importance", no_calibration)
     assert students.resolve(raw) == config
     structure = students.build_student_model(config, teacher_config, structure_only=True)
     assert structure.config._attn_implementation == CAPTURE_ATTENTION
@@ -337,8 +353,10 @@ def test_selective_matching_carves_each_head_from_its_target_head(
     model = students.build_student_model(
         config,
         AutoConfig.from_pretrained(tiny_llama_dir),
-        selected_heads=selected,
-        alpha_stats={"L1.H3.shd": {"per_teacher_head_mean": [0.9, 0.1, 0.25, 0.75, 0.5, 0.5]}},
+        targets=Targets(
+            alpha_stats={"L1.H3.shd": {"per_teacher_head_mean": [0.9, 0.1, 0.25, 0.75, 0.5, 0.5]}},
+            selected_heads=selected,
+        ),
     )
     teacher = load_teacher(tiny_llama_dir)
     for student_layer, teacher_layer, heads, kv_weights in [
@@ -353,7 +371,7 @@ def test_selective_matching_carves_each_head_from_its_target_head(
         assert torch.equal(carved.o_proj.weight.double(), o[:, heads].reshape(48, 24))
         expected_k = kv_weights[0] * k[0] + kv_weights[1] * k[1]
         torch.testing.assert_close(carved.k_proj.weight.double(), expected_k, rtol=1e-6, atol=1e-7)
-    record = json.loads((tmp_path / students.RECORD_FILE).read_text())
+    record = json.loads((tmp_path / RECORD_FILE).read_text())
     assert record["heads"] == [[[0], [3], [5]], [[1], [2], [4]]]
     assert record["head_groups"].startswith("selective") and record["merge_alpha_layers"] is None
 
@@ -363,9 +381,6 @@ def test_selective_heads_without_a_cache_are_chosen_as_the_cache_chooses(
 ) -> None:
     """No manifest: the heads of the largest mean output share ‖A_h X_h‖ / Σ‖A X‖ on the first 16 train samples,
     against a float64 reference from the captured maps and dense value–output circuits."""
-    from pipeline.attention import AttentionCapture
-    from pipeline.targets.writer import SELECTION_SAMPLES
-
     config = students.resolve(
         make_config(
             tiny_llama_dir,
@@ -378,7 +393,7 @@ def test_selective_heads_without_a_cache_are_chosen_as_the_cache_chooses(
     )
     students.build_student_model(config, AutoConfig.from_pretrained(tiny_llama_dir))
     teacher = load_teacher(tiny_llama_dir)
-    samples = students.calibration_ids(config, SELECTION_SAMPLES)
+    samples = calibration.calibration_ids(config, SELECTION_SAMPLES)
     assert samples.shape[0] == SELECTION_SAMPLES
     with torch.no_grad(), AttentionCapture(teacher, [0, 2], circuits=True) as capture:
         teacher(input_ids=samples)
@@ -387,4 +402,4 @@ def test_selective_heads_without_a_cache_are_chosen_as_the_cache_chooses(
         norms = (capture.maps[layer].double() @ capture.circuits[layer].dense().double()).square().sum((-2, -1)).sqrt()
         shares = (norms / norms.sum(1, keepdim=True)).mean(0)
         expected.append([[head] for head in sorted(shares.argsort(descending=True)[:2].tolist())])
-    assert json.loads((tmp_path / students.RECORD_FILE).read_text())["heads"] == expected
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["heads"] == expected

@@ -15,23 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import tracking
 from pipeline.config import config_from_dict
-from pipeline.figures import alpha_figure, attention_heatmap_figure
-from pipeline.tracking import (
+from pipeline.infra import mlflow_store, tracking
+from pipeline.infra.mlflow_store import (
     DEFAULT_TRACKING_URI,
     LOCAL_STORE,
     TAG_TRACKING_URI,
-    FallbackTracker,
-    Tracker,
-    TrackingError,
-    create_tracker,
-    default_run_name,
     local_store_uri,
     resolve_tracking_uri,
-    sigterm_as_keyboard_interrupt,
-    sync_local_runs,
 )
+from pipeline.infra.mlflow_sync import TrackingError, sync_local_runs
+from pipeline.infra.tracking import (
+    FallbackTracker,
+    Tracker,
+    create_tracker,
+    default_run_name,
+    sigterm_as_keyboard_interrupt,
+)
+from pipeline.reports.figures import alpha_figure, attention_heatmap_figure
 
 ALPHA_STATS = {
     "L1.H2": {
@@ -177,7 +178,7 @@ def test_an_unreachable_server_is_a_warning_and_the_run_logs_locally(
     uri = f"http://127.0.0.1:{_closed_port()}"
     config = _config(tmp_path, tmp_path / "run", tracking_uri=uri)
     started = time.perf_counter()
-    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+    with caplog.at_level("WARNING", logger="pipeline.infra.tracking"):
         tracker = create_tracker(config, rank=0)
     elapsed = time.perf_counter() - started
     assert elapsed < 15, elapsed  # the local sqlite store's creation included; MLflow's defaults took ~4 minutes
@@ -196,10 +197,10 @@ def test_an_unreachable_server_is_a_warning_and_the_run_logs_locally(
 
 
 def test_http_limits_are_set_only_where_the_user_set_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in tracking.HTTP_LIMITS:
+    for key in mlflow_store.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
-    tracking.bound_http_requests()
+    mlflow_store.bound_http_requests()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
@@ -229,7 +230,7 @@ def test_a_server_that_answers_errors_is_left_for_the_local_store(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        with caplog.at_level("WARNING", logger="pipeline.infra.tracking"):
             tracker = create_tracker(_config(tmp_path, tmp_path / "run", tracking_uri=uri), rank=0)
     finally:
         server.shutdown()
@@ -255,7 +256,7 @@ def test_a_store_failing_mid_run_moves_the_run_to_the_local_store_and_sync_appen
         raise ConnectionError("the server went away")
 
     tracker._current._client.log_batch = refuse  # the store dies between two steps
-    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+    with caplog.at_level("WARNING", logger="pipeline.infra.tracking"):
         for step, loss in logged[2:]:
             tracker.log_metrics({"train/loss": loss}, step=step)
     assert tracker.local and "the server went away" in caplog.text
@@ -372,7 +373,7 @@ def test_when_the_local_store_fails_too_the_run_goes_on_untracked(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tracking, "MLflowTracker", broken)
-    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+    with caplog.at_level("WARNING", logger="pipeline.infra.tracking"):
         tracker = create_tracker(_config(tmp_path), rank=0)
     assert not tracker.active and tracker.run_id is None and "untracked" in caplog.text
     with tracker.running():

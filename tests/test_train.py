@@ -21,9 +21,10 @@ import torch
 from deepspeed import DeepSpeedEngine
 from safetensors.torch import load_file
 
-from pipeline.deepspeed_config import deepspeed_config, merge
 from pipeline.errors import PipelineError
-from pipeline.train import lr_factor, train
+from pipeline.stages.train import train_stage as train
+from pipeline.training.deepspeed_config import deepspeed_config, merge
+from pipeline.training.schedule import lr_factor
 from tests.train_fixtures import (
     BIN,
     FAST_TRAIN,
@@ -63,11 +64,11 @@ TRAIN_METRICS = (
 )
 EVAL_METRICS = ("eval/ppl", "eval/top1_agreement", "eval/attn_kl", "eval/loss_ce", "eval/loss_kd", "eval/loss_attn")
 MODES = {
-    "global": ("distill.attn_match=global",),
-    "selective": ("distill.attn_match=selective",),
-    "pairwise": ("distill.squeeze=shd_pairwise",),
-    "relations": ("distill.w_rel=1.0", "distill.attn_loss=mse"),
-    "tau2": ("distill.kd_temperature=2.0", "distill.attn_temperature=2.0", "distill.attn_schedule=linear"),
+    "global": ("distill.attn.match=global",),
+    "selective": ("distill.attn.match=selective",),
+    "pairwise": ("distill.attn.squeeze=shd_pairwise",),
+    "relations": ("distill.rel.weight=1.0", "distill.attn.loss=mse"),
+    "tau2": ("distill.kd.temperature=2.0", "distill.attn.temperature=2.0", "distill.schedule=linear"),
 }
 """Matching modes and objective settings, each checked for the same loss and update on 1 rank and on 2."""
 
@@ -157,9 +158,9 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr() -> None:
     [
         ("distill.layer_map=[0,3]", "needs teacher layer 0"),
         ("student.num_heads=4", "the student has 4 heads"),
-        ("distill.top_k=8", "fingerprint field 'top_k'"),
-        ("distill.kd_temperature=3.0", r"distill\.kd_temperature is 3, .* τ in \[1\.0, 2\.0\]"),
-        ("distill.rel_heads=3 distill.w_rel=1", "fingerprint field 'rel_heads'"),
+        ("distill.kd.top_k=8", "fingerprint field 'top_k'"),
+        ("distill.kd.temperature=3.0", r"distill\.kd\.temperature is 3, .* τ in \[1\.0, 2\.0\]"),
+        ("distill.rel.heads=3 distill.rel.weight=1", "fingerprint field 'rel_heads'"),
     ],
 )
 def test_incompatible_cache_is_refused_naming_the_field(
@@ -215,40 +216,20 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_cache: TinyCache, t
 def test_online_targets_come_in_the_cache_order_and_form(tiny_cache: TinyCache) -> None:
     """Rank 1 of 2 from position 5: the live teacher's batch is the cached batch, up to the cache's fp16 — for the
     attention maps, the selective heads (chosen alike) and the relation maps, with tail sums at τ = 2."""
-    from pipeline.data import load_prepared
-    from pipeline.models import load_teacher
-    from pipeline.objective import build_objective
-    from pipeline.online import OnlineTargets, online_settings
-    from pipeline.targets.reader import TargetStream
+    from pipeline.models.loading import load_teacher
+    from pipeline.objective.loss import build_objective
+    from pipeline.stages.context import open_run
 
     config = tiny_cache.config(
-        tiny_cache.root / "unused", "distill.attn_match=selective", "distill.w_rel=1", "distill.kd_temperature=2"
+        tiny_cache.root / "unused", "distill.attn.match=selective", "distill.rel.weight=1", "distill.kd.temperature=2"
     )
-    splits, _ = load_prepared(Path(config.data.output_dir))
+    context = open_run(config)
     teacher = load_teacher(config.teacher.path)
-    request = build_objective(config, [1, 3]).request()
-    assert request.kd_temperature == 2.0 and len(request.maps) == 2 + 2 * 3
-    online = OnlineTargets(
-        teacher,
-        splits["train"].with_format("torch", columns=["sample_id", "input_ids"]),
-        online_settings(config, [1, 3], request, teacher, splits["train"]),
-        request,
-        batch_size=4,
-        shard_size=config.cache.shard_size,
-        seed=config.train.seed,
-        rank=1,
-        world_size=2,
-        start_position=5,
-    )
-    stream = TargetStream(
-        directory=Path(config.cache.output_dir) / "train",
-        request=request,
-        batch_size=4,
-        rank=1,
-        world_size=2,
-        seed=config.train.seed,
-        start_position=5,
-    )
+    needs = build_objective(context.config, [1, 3]).needs()
+    assert needs.kd_temperature == 2.0 and len(needs.reads()) == 2 + 2 * 3
+    options = {"batch_size": 4, "seed": config.train.seed, "start_position": 5, "rank": 1, "world_size": 2}
+    online = context.live_source(teacher, needs).batches(**options)
+    stream = context.cached("train", needs).batches(**options)
     for live, cached in zip(online, stream, strict=False):
         assert live.keys() == cached.keys() and live["maps"].keys() == cached["maps"].keys()
         for key in ("sample_ids", "positions", "input_ids", "labels"):
@@ -278,10 +259,10 @@ def test_online_and_cached_training_give_the_same_losses(tiny_cache: TinyCache, 
 @pytest.mark.slow
 def test_topk_targets_with_m_equal_to_seq_len_give_the_dense_attention_loss(tiny_cache: TinyCache) -> None:
     """A top-m cache (m = T keeps every key) next to the dense one: same attention loss, through the sparse KL."""
-    from pipeline import stages
+    from pipeline.stages.cache import cache_stage
 
     topk = ("cache.encoding=topk", "cache.attn_top_m=32", f"cache.output_dir={tiny_cache.root}/targets_topk")
-    stages.cache_stage(tiny_cache.config(tiny_cache.root / "unused", *topk))
+    cache_stage(tiny_cache.config(tiny_cache.root / "unused", *topk))
     common = (*FAST_TRAIN, "train.max_steps=2", "train.eval_every=0", "mlflow.enabled=false")
     train(tiny_cache.config(tiny_cache.root / "runs_dense", *common))
     train(tiny_cache.config(tiny_cache.root / "runs_topk", *common, *topk))
@@ -464,7 +445,7 @@ def _initial_weights(tiny_cache: TinyCache) -> dict[str, torch.Tensor]:
     """The student's weights before training (same seed as every run)."""
     from transformers import AutoConfig
 
-    from pipeline.models import build_student
+    from pipeline.models.loading import build_student
 
     config = tiny_cache.config(tiny_cache.root / "unused")
     student = build_student(
@@ -507,15 +488,15 @@ def test_exported_students_load_with_plain_transformers_and_generate(two_rank_ru
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_eval_command_on_the_export_and_on_a_checkpoint(two_rank_runs: dict[str, Path], tiny_cache: TinyCache) -> None:
-    from pipeline import stages
+    from pipeline.stages.evaluate import eval_stage
 
     output = two_rank_runs["zero2"]
     config = tiny_cache.config(output, "mlflow.enabled=false")
-    exported = stages.eval_stage(config)
+    exported = eval_stage(config)
     assert set(EVAL_METRICS) <= set(exported)
     written = json.loads((output / "eval.json").read_text())
     assert written["step"] == 12 and written["eval/ppl"] == pytest.approx(exported["eval/ppl"])
-    from_checkpoint = stages.eval_stage(config, checkpoint=output / "checkpoints" / "step-00000012")
+    from_checkpoint = eval_stage(config, checkpoint=output / "checkpoints" / "step-00000012")
     for key, value in exported.items():
         assert from_checkpoint[key] == pytest.approx(value, rel=1e-5), key
 

@@ -70,13 +70,15 @@ ALL_TARGETS = (
 def build_tiny_cache(root: Path) -> TinyCache:
     """Teacher (4 layers, 6 heads on 2 KV heads) → packed data (77 train, 9 validation samples of 32 tokens) →
     dense cache of teacher layers [1, 3] for 2- and 3-head students, every target kind (`ALL_TARGETS`)."""
-    from pipeline import stages
+    from pipeline.stages.cache import cache_stage
+    from pipeline.stages.prepare import prepare_stage
+    from pipeline.stages.teacher import teacher_stage
 
     cache = TinyCache(root)
     config = cache.config(root / "runs", *ALL_TARGETS)
-    stages.teacher_stage(config)
-    stages.prepare_stage(config)
-    stages.cache_stage(config)
+    teacher_stage(config)
+    prepare_stage(config)
+    cache_stage(config)
     return cache
 
 
@@ -135,8 +137,8 @@ def read_metrics(output_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
 def main(argv: list[str]) -> None:
     """Under the launcher: `train_fixtures.py RUNS.json`, RUNS.json = [{"overrides": [...]}, ...] on tiny.yaml."""
     from pipeline.config import load_config
-    from pipeline.runtime import configure_logging
-    from pipeline.train import train
+    from pipeline.infra.runtime import configure_logging
+    from pipeline.stages.train import train_stage as train
 
     configure_logging("WARNING")
     arguments = [argument for argument in argv if not argument.startswith("--local_rank")]

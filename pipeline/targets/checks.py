@@ -15,51 +15,32 @@ file and add the fix. Tensors are checked a few million entries at a time, so th
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.targets.layout import SAMPLE_TENSORS, cached_maps, expected_tensors, triangle_size
+from pipeline.targets.encoding import triangle_size
+from pipeline.targets.layout import expected_tensors
+from pipeline.targets.logits import SAMPLE_TENSORS
 
 COMPUTE_SLACK = 1e-4
 """Error allowed for the fp32 computation behind a stored sum (softmax, squeeze, block sums of the logits' tail)."""
 CHUNK_ELEMENTS = 1 << 22
 """Entries checked at a time (fp64 work buffers of 32 MiB)."""
-_LAYER = re.compile(r"^(?:attn|rel|alpha)\.L(\d+)\.")
 
 
 def tensor_roles(fingerprint: dict[str, Any]) -> dict[str, str]:
-    """Tensor name → what it holds, for every tensor a shard of this fingerprint has: `ids`, `tokens`, `logprobs`,
+    """Tensor name → what it holds (`TensorSpec.role` of the layout): `ids`, `tokens`, `logprobs`,
     `vocab_indices`, `tail` (tail sums), `alpha`, `map` (a dense triangle), `map_values`, `map_indices` (top-m)."""
-    fixed = {"sample_ids": "ids", "input_ids": "tokens", "topk_values": "logprobs", "topk_indices": "vocab_indices"}
-    maps = {spec.name for spec in cached_maps(fingerprint)}
-    roles = {}
-    for name in expected_tensors(fingerprint, 0):
-        if name in fixed:
-            roles[name] = fixed[name]
-        elif name in maps:
-            roles[name] = "map"
-        elif name.startswith("alpha."):
-            roles[name] = "alpha"
-        elif name.endswith(".values"):
-            roles[name] = "map_values"
-        elif name.endswith(".indices"):
-            roles[name] = "map_indices"
-        else:
-            roles[name] = "tail"
-    return roles
+    return {name: spec.role for name, spec in expected_tensors(fingerprint, 0).items()}
 
 
-def companion_name(name: str, role: str) -> str | None:
-    """The tensor a sum check of `name` needs beside it: the τ = 1 tail mass of the logits or of a top-m map."""
-    if role == "logprobs":
-        return "tail_mass"
-    if role == "map_values":
-        return f"{name.removesuffix('.values')}.tail"
-    return None
+def companion_name(fingerprint: dict[str, Any], name: str) -> str | None:
+    """The tensor a sum check of `name` needs beside it (`TensorSpec.companion`: the τ = 1 tail of the logits or of
+    a top-m map), or None."""
+    return expected_tensors(fingerprint, 0)[name].companion
 
 
 def row_tolerance(dtype: torch.dtype, entries: int | Tensor, mass: float | Tensor = 1.0) -> float | Tensor:
@@ -70,9 +51,9 @@ def row_tolerance(dtype: torch.dtype, entries: int | Tensor, mass: float | Tenso
     return info.eps * mass + entries * info.tiny * info.eps + COMPUTE_SLACK
 
 
-def _layer_note(name: str) -> str:
-    match = _LAYER.match(name)
-    return f" (teacher layer {match.group(1)})" if match else ""
+def _label(name: str, layer: int | None) -> str:
+    """How a message names a tensor: `tensor 'attn.L3.H2.shd' (teacher layer 3)`."""
+    return f"tensor '{name}'" + (f" (teacher layer {layer})" if layer is not None else "")
 
 
 def _place(role: str, index: tuple[int, ...]) -> str:
@@ -95,10 +76,10 @@ def _place(role: str, index: tuple[int, ...]) -> str:
     return ""
 
 
-def _culprit(name: str, role: str, index: tuple[int, ...], sample_ids: Tensor, found: str, expected: str) -> str:
+def _culprit(label: str, role: str, index: tuple[int, ...], sample_ids: Tensor, found: str, expected: str) -> str:
     row = index[0]
     return (
-        f"tensor '{name}'{_layer_note(name)}: {found} at sample id {int(sample_ids[row])} (shard row {row})"
+        f"{label}: {found} at sample id {int(sample_ids[row])} (shard row {row})"
         f"{_place(role, index[1:])}; expected {expected}"
     )
 
@@ -118,23 +99,23 @@ def _chunks(tensor: Tensor) -> list[tuple[int, Tensor]]:
     return [(start, tensor[start : start + step]) for start in range(0, len(tensor), step)]
 
 
-def _range_problem(name: str, role: str, tensor: Tensor, sample_ids: Tensor, limit: int, what: str) -> str | None:
+def _range_problem(label: str, role: str, tensor: Tensor, sample_ids: Tensor, limit: int, what: str) -> str | None:
     for start, chunk in _chunks(tensor):
         values = chunk.to(torch.int64)
         where = _first((values < 0) | (values >= limit))
         if where is not None:
             index = (where[0] + start, *where[1:])
-            return _culprit(name, role, index, sample_ids, f"{what} {int(values[where])}", f"0 ≤ {what} < {limit}")
+            return _culprit(label, role, index, sample_ids, f"{what} {int(values[where])}", f"0 ≤ {what} < {limit}")
     return None
 
 
-def _value_problem(name: str, role: str, tensor: Tensor, sample_ids: Tensor, upper: float | None) -> str | None:
+def _value_problem(label: str, role: str, tensor: Tensor, sample_ids: Tensor, upper: float | None) -> str | None:
     """Finite everywhere, and (for probabilities, tails, α) ≥ 0 and at most `upper`."""
     for start, chunk in _chunks(tensor):
         where = _first(~torch.isfinite(chunk))
         if where is not None:
             index = (where[0] + start, *where[1:])
-            return _culprit(name, role, index, sample_ids, f"{float(chunk[where])}", "a finite value")
+            return _culprit(label, role, index, sample_ids, f"{float(chunk[where])}", "a finite value")
         if role == "logprobs":
             continue
         outside = chunk < 0 if upper is None else (chunk < 0) | (chunk > upper)
@@ -142,12 +123,12 @@ def _value_problem(name: str, role: str, tensor: Tensor, sample_ids: Tensor, upp
         if where is not None:
             index = (where[0] + start, *where[1:])
             bounds = "a value ≥ 0" if upper is None else f"a value in [0, {upper:g}]"
-            return _culprit(name, role, index, sample_ids, f"{float(chunk[where]):.6g}", bounds)
+            return _culprit(label, role, index, sample_ids, f"{float(chunk[where]):.6g}", bounds)
     return None
 
 
 def _sum_problem(
-    name: str, role: str, sums: Tensor, tolerance: Tensor | float, start: int, sample_ids: Tensor, what: str
+    label: str, role: str, sums: Tensor, tolerance: Tensor | float, start: int, sample_ids: Tensor, what: str
 ) -> str | None:
     where = _first((sums - 1).abs() > tolerance)
     if where is None:
@@ -155,29 +136,29 @@ def _sum_problem(
     allowed = tolerance if isinstance(tolerance, float) else float(tolerance.expand_as(sums)[where])
     index = (where[0] + start, *where[1:])
     found = f"{what} sum to {float(sums[where]):.6g}"
-    return _culprit(name, role, index, sample_ids, found, f"1 ± {allowed:.2g} (a probability distribution)")
+    return _culprit(label, role, index, sample_ids, found, f"1 ± {allowed:.2g} (a probability distribution)")
 
 
-def _dense_row_problem(name: str, packed: Tensor, seq_len: int, sample_ids: Tensor) -> str | None:
+def _dense_row_problem(label: str, packed: Tensor, seq_len: int, sample_ids: Tensor) -> str | None:
     """Each query row i of a packed causal triangle [N, H, T(T+1)/2] holds i + 1 probabilities summing to 1."""
     ends = torch.tensor([triangle_size(row + 1) - 1 for row in range(seq_len)])
     tolerance = row_tolerance(packed.dtype, torch.arange(1, seq_len + 1, dtype=torch.float64))
     for start, chunk in _chunks(packed):
         cumulative = chunk.double().cumsum(-1)[..., ends]
         sums = torch.diff(cumulative, dim=-1, prepend=torch.zeros_like(cumulative[..., :1]))
-        problem = _sum_problem(name, "tail", sums, tolerance, start, sample_ids, "the entries of a causal row")
+        problem = _sum_problem(label, "tail", sums, tolerance, start, sample_ids, "the entries of a causal row")
         if problem is not None:
             return problem
     return None
 
 
-def _topk_row_problem(name: str, values: Tensor, tail: Tensor, sample_ids: Tensor) -> str | None:
+def _topk_row_problem(label: str, values: Tensor, tail: Tensor, sample_ids: Tensor) -> str | None:
     """A top-m row's values [N, H, T, m] plus its τ = 1 tail [N, H, T] sum to 1."""
     tolerance = row_tolerance(values.dtype, values.shape[-1])
     for start, chunk in _chunks(values):
         sums = chunk.double().sum(-1) + tail[start : start + len(chunk)].double()
         problem = _sum_problem(
-            name, "tail", sums, tolerance, start, sample_ids, "the top-m values and the tail of a row"
+            label, "tail", sums, tolerance, start, sample_ids, "the top-m values and the tail of a row"
         )
         if problem is not None:
             return problem
@@ -194,7 +175,13 @@ def _logit_problem(values: Tensor, tail: Tensor, sample_ids: Tensor) -> str | No
         sums = probs.sum(-1) + tail[start : start + len(chunk)].double()
         tolerance = 2 * (probs * torch.expm1(half_eps * logprobs.abs())).sum(-1) + COMPUTE_SLACK
         problem = _sum_problem(
-            "topk_values", "tail", sums, tolerance, start, sample_ids, "the top-k probabilities and the tail mass"
+            "tensor 'topk_values'",
+            "tail",
+            sums,
+            tolerance,
+            start,
+            sample_ids,
+            "the top-k probabilities and the tail mass",
         )
         if problem is not None:
             return problem
@@ -226,27 +213,29 @@ def tensor_problem(
 
     `companion` is the tensor `companion_name` names (the τ = 1 tail beside top-k log-probs or top-m values).
     """
-    role = tensor_roles(fingerprint)[name]
+    specs = expected_tensors(fingerprint, 0)
+    spec = specs[name]
+    role, label = spec.role, _label(name, spec.layer)
     if role == "map":
-        return _value_problem(name, role, tensor, sample_ids, None) or _dense_row_problem(
-            name, tensor, fingerprint["seq_len"], sample_ids
+        return _value_problem(label, role, tensor, sample_ids, None) or _dense_row_problem(
+            label, tensor, fingerprint["seq_len"], sample_ids
         )
     if role == "ids":
         return sample_id_problem(tensor)
     if role == "tokens" or role == "vocab_indices":
-        return _range_problem(name, role, tensor, sample_ids, fingerprint["vocab_size"], "token id")
+        return _range_problem(label, role, tensor, sample_ids, fingerprint["vocab_size"], "token id")
     if role == "map_indices":
-        return _range_problem(name, role, tensor, sample_ids, fingerprint["seq_len"], "key index")
-    problem = _value_problem(name, role, tensor, sample_ids, 1.0 + COMPUTE_SLACK if role == "alpha" else None)
-    if problem is not None or companion is None:
+        return _range_problem(label, role, tensor, sample_ids, fingerprint["seq_len"], "key index")
+    problem = _value_problem(label, role, tensor, sample_ids, 1.0 + COMPUTE_SLACK if role == "alpha" else None)
+    if problem is not None or companion is None or spec.companion is None:
         return problem
+    tail_label = _label(spec.companion, specs[spec.companion].layer)
     if role == "map_values":
-        tail = f"{name.removesuffix('.values')}.tail"
-        return _value_problem(tail, "tail", companion, sample_ids, None) or _topk_row_problem(
-            name, tensor, companion, sample_ids
+        return _value_problem(tail_label, "tail", companion, sample_ids, None) or _topk_row_problem(
+            label, tensor, companion, sample_ids
         )
     if role == "logprobs":
-        return _value_problem("tail_mass", "tail", companion, sample_ids, None) or _logit_problem(
+        return _value_problem(tail_label, "tail", companion, sample_ids, None) or _logit_problem(
             tensor, companion, sample_ids
         )
     return None
@@ -254,10 +243,10 @@ def tensor_problem(
 
 def shard_problem(tensors: dict[str, Tensor], fingerprint: dict[str, Any]) -> str | None:
     """The first problem among every tensor of a shard (the writer checks a shard this way before writing it)."""
-    roles = tensor_roles(fingerprint)
+    specs = expected_tensors(fingerprint, 0)
     sample_ids = tensors["sample_ids"]
     for name in (*SAMPLE_TENSORS, *sorted(set(tensors) - set(SAMPLE_TENSORS))):
-        companion = companion_name(name, roles[name])
+        companion = specs[name].companion
         problem = tensor_problem(name, tensors[name], fingerprint, sample_ids, tensors.get(companion or ""))
         if problem is not None:
             return problem

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import PipelineError
+from pipeline.infra.atomic import atomic_write_bytes
+from pipeline.targets import kinds
 
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -31,13 +32,14 @@ FINGERPRINT_FIELDS = (
     "student_head_counts",
     "cached_layers",
     "attn_targets",
-    "rel_heads",
     "encoding",
     "attn_top_m",
     "top_k",
     "temperatures",
     "dtype",
+    *kinds.fingerprint_field_names(),
 )
+"""Every field a cache's fingerprint holds: the provenance and settings, then what the target kinds add."""
 
 
 class CacheError(PipelineError):
@@ -138,52 +140,3 @@ def read_manifest(directory: Path) -> Manifest:
         head_importance=raw.get("head_importance", {}),
         complete=raw.get("complete", False),
     )
-
-
-def check_compatible(found: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
-    """Refuse a cache whose provenance differs from what the caller needs, naming the first differing field.
-
-    `expected` holds a subset of the fingerprint fields. Membership requirements: `student_head_counts` (the
-    student's head count), `cached_layers` (every layer its layer map needs), `attn_targets` (every target map kind
-    its loss terms read) and `temperatures` (config key → τ, or a list of τ: the tail sums of each temperature; the
-    attention's only against top-m targets). Every other field must be equal.
-    """
-    for key, wanted in expected.items():
-        have = found.get(key)
-        if key == "student_head_counts":
-            if wanted not in (have or []):
-                raise CacheError(
-                    f"{source}: fingerprint field 'student_head_counts' is {have}, "
-                    f"but the student has {wanted} heads; re-run `distill cache` with {wanted} in cache.head_counts"
-                )
-        elif key == "cached_layers":
-            missing = [layer for layer in wanted if layer not in (have or [])]
-            if missing:
-                raise CacheError(
-                    f"{source}: fingerprint field 'cached_layers' is {have}, but the student's layer map needs "
-                    f"teacher layer {missing[0]}; cache it (cache.layers) or change distill.layer_map"
-                )
-        elif key == "attn_targets":
-            missing = [kind for kind in wanted if kind not in (have or [])]
-            if missing:
-                raise CacheError(
-                    f"{source}: fingerprint field 'attn_targets' is {have}, but the run needs {missing[0]!r} targets "
-                    f"(distill.attn_match / distill.squeeze / distill.w_rel); add it to cache.attn_targets and "
-                    "re-run `distill cache` into a new cache.output_dir"
-                )
-        elif key == "temperatures":
-            named = wanted if isinstance(wanted, dict) else {f"temperature {value:g}": value for value in wanted}
-            for config_key, temperature in named.items():
-                if config_key == "distill.attn_temperature" and found.get("encoding") != "topk":
-                    continue
-                if not any(abs(temperature - cached) <= 1e-9 for cached in have or []):
-                    raise CacheError(
-                        f"{source}: {config_key} is {temperature:g}, but the cache holds tail sums only for τ in "
-                        f"{have} (fingerprint field 'temperatures'), so the sparse targets cannot be softened "
-                        f"exactly; use one of those or add {temperature:g} to cache.temperatures and re-run "
-                        "`distill cache` into a new cache.output_dir"
-                    )
-        elif have != wanted:
-            raise CacheError(
-                f"{source}: fingerprint field '{key}' is {have!r} in the cache, the config needs {wanted!r}"
-            )

@@ -8,46 +8,33 @@ fingerprint, so a job killed at any moment resumes to the same bytes as an unint
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
+from torch import nn
 from tqdm import tqdm
-from transformers import PreTrainedModel
 
-from pipeline import dist
-from pipeline.atomic import atomic_write_bytes, fsync_directory
-from pipeline.attention import AttentionCapture
-from pipeline.kd import topk_targets
-from pipeline.relations import relation_maps
-from pipeline.shd import head_importance, select_heads, squeeze_heads
-from pipeline.targets import checks
+from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_bytes, recover_directory, replacement_directory, swap_directory
+from pipeline.targets import checks, kinds
+from pipeline.targets.compute import compute_targets
+from pipeline.targets.fingerprint import fingerprint_digest
+from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.layout import (
     LAYOUT_VERSION,
-    RELATIONS,
-    SQUEEZES,
     STORED_DTYPES,
-    alpha_name,
     declared_file_size,
-    encode_maps,
     expected_tensors,
-    map_name,
     read_header,
-    relation_name,
     shard_bytes,
     shard_file_name,
-    tail_name,
-    vocab_index_dtype,
 )
 from pipeline.targets.manifest import (
     MANIFEST_NAME,
@@ -71,146 +58,6 @@ class SampleRows(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, rows: slice) -> dict[str, Any]: ...
-
-
-SELECTION_SAMPLES = 16
-"""Train samples on which the `selective` targets' teacher heads are chosen (by mean output share), once per cache."""
-
-
-@dataclass(frozen=True)
-class TargetSettings:
-    """What to compute for every sample."""
-
-    layers: tuple[int, ...]
-    head_counts: tuple[int, ...]
-    kinds: tuple[str, ...]
-    """Target map kinds (`layout.MAP_KINDS`)."""
-    encoding: str
-    attn_top_m: int
-    top_k: int
-    temperatures: tuple[float, ...]
-    """Temperatures of the cached tail sums (τ = 1 among them)."""
-    dtype: torch.dtype
-    rel_heads: int | None = None
-    selected_heads: dict[str, list[int]] | None = None
-    """`L<layer>.H<heads>` → teacher heads of the `selective` targets (see `select_teacher_heads`)."""
-
-    @classmethod
-    def from_fingerprint(cls, fingerprint: dict[str, Any], dtype: torch.dtype, **extra: Any) -> TargetSettings:
-        """The settings that write a cache with this fingerprint."""
-        return cls(
-            layers=tuple(fingerprint["cached_layers"]),
-            head_counts=tuple(fingerprint["student_head_counts"]),
-            kinds=tuple(fingerprint["attn_targets"]),
-            encoding=fingerprint["encoding"],
-            attn_top_m=fingerprint["attn_top_m"] or 1,
-            top_k=fingerprint["top_k"],
-            temperatures=tuple(fingerprint["temperatures"]),
-            dtype=dtype,
-            rel_heads=fingerprint["rel_heads"],
-            **extra,
-        )
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """A digest of a model directory's weight files (names and bytes), the teacher's identity in fingerprints."""
-    files = sorted(Path(model_dir).glob("*.safetensors")) or sorted(Path(model_dir).glob("*.bin"))
-    if not files:
-        raise CacheError(f"{model_dir}: no *.safetensors or *.bin weight files to fingerprint")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
-def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of a fingerprint; stamped into every shard's metadata."""
-    return sha256_bytes(json.dumps(fingerprint, sort_keys=True).encode())
-
-
-@torch.no_grad()
-def select_teacher_heads(
-    teacher: PreTrainedModel, input_ids: torch.Tensor, layers: tuple[int, ...], head_counts: tuple[int, ...]
-) -> tuple[dict[str, list[int]], dict[str, list[float]]]:
-    """The `selective` targets' teacher heads: for every layer and student head count H, the H heads with the largest
-    mean output share ‖A_h X_h‖ / Σ‖A X‖ over `input_ids` [N, T] (calibration samples; every rank passes the same).
-
-    Returns (`L<layer>.H<heads>` → heads sorted by index, `L<layer>` → mean share per teacher head), as recorded in the
-    manifest.
-    """
-    device = next(teacher.parameters()).device
-    with AttentionCapture(teacher, layers, circuits=True) as capture:
-        teacher(input_ids=input_ids.to(device))
-    selected, importance = {}, {}
-    for layer in layers:
-        shares = head_importance(capture.maps[layer], capture.circuits[layer]).double().mean(0).cpu()
-        importance[f"L{layer}"] = [round(value, 6) for value in shares.tolist()]
-        for heads in head_counts:
-            selected[f"L{layer}.H{heads}"] = select_heads(shares, heads)
-    return selected, importance
-
-
-@torch.no_grad()
-def compute_targets(
-    teacher: PreTrainedModel, input_ids: torch.Tensor, settings: TargetSettings
-) -> dict[str, torch.Tensor]:
-    """The cached tensors of one batch, on the CPU in their on-disk dtypes (converted on the teacher's device).
-
-    input_ids: [B, T] (packed sequences, no padding). Returns the tensors `layout.expected_tensors` names except the
-    sample ids and tokens: top-k logits with their tail sums per temperature and, per cached layer, every target map
-    of `settings.kinds` (per student head count where the kind has heads), encoded, plus the squeeze weights α.
-    """
-    device = next(teacher.parameters()).device
-    circuits = any(kind in ("shd", "shd_pairwise") for kind in settings.kinds)
-    with AttentionCapture(teacher, settings.layers, circuits=circuits, qkv="relations" in settings.kinds) as capture:
-        logits = teacher(input_ids=input_ids.to(device)).logits
-    vocab_size = logits.shape[-1]
-    values, indices, tail_sums = topk_targets(logits, settings.top_k, settings.temperatures)
-    del logits
-    targets = {"topk_values": values.to(settings.dtype), "topk_indices": indices.to(vocab_index_dtype(vocab_size))}
-    for position, temperature in enumerate(settings.temperatures):
-        targets[tail_name("tail_mass", temperature)] = tail_sums[..., position].contiguous()
-    encode = partial(
-        encode_maps,
-        encoding=settings.encoding,
-        attn_top_m=settings.attn_top_m,
-        dtype=settings.dtype,
-        temperatures=settings.temperatures,
-    )
-    for layer in settings.layers:
-        maps = capture.maps.pop(layer)
-        layer_circuits = capture.circuits.pop(layer, None)
-        for kind in settings.kinds:
-            if kind in SQUEEZES:
-                for heads in settings.head_counts:
-                    squeezed, alphas = squeeze_heads(maps, layer_circuits, heads, method=kind)
-                    targets.update(encode(map_name(layer, kind, heads), squeezed))
-                    targets[alpha_name(layer, heads, kind)] = alphas.float()
-            elif kind == "selective":
-                for heads in settings.head_counts:
-                    chosen = settings.selected_heads[f"L{layer}.H{heads}"]
-                    targets.update(encode(map_name(layer, kind, heads), maps[:, chosen]))
-            elif kind == "global":
-                targets.update(encode(map_name(layer, kind), maps.mean(1, keepdim=True)))
-            else:
-                for relation, states in zip(RELATIONS, capture.qkv.pop(layer), strict=True):
-                    relation_targets = relation_maps(states, settings.rel_heads)
-                    targets.update(encode(relation_name(layer, settings.rel_heads, relation), relation_targets))
-        del maps, layer_circuits
-    return _to_host(targets)
-
-
-def _to_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors on the CPU. From a GPU, through pinned buffers with one synchronisation for the whole batch: a
-    pageable `.cpu()` per tensor, each waiting for the device, took half the cache stage's time on an H100."""
-    if not any(tensor.is_cuda for tensor in tensors.values()):
-        return tensors
-    host = {name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for name, tensor in tensors.items()}
-    for name, tensor in tensors.items():
-        host[name].copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return host
 
 
 def _shard_metadata(
@@ -259,10 +106,11 @@ def _check_schema(tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any],
             f"{path}: the writer produced tensors {sorted(set(tensors) ^ set(specs))} that differ from the layout "
             "schema (a bug: the writer and layout.expected_tensors disagree)"
         )
-    for name, (dtype, shape) in specs.items():
+    for name, spec in specs.items():
         found = (STORED_DTYPES.get(tensors[name].dtype, str(tensors[name].dtype)), tuple(tensors[name].shape))
-        if found != (dtype, shape):
-            raise CacheError(f"{path}: tensor '{name}' is {found}, the layout schema needs {(dtype, shape)} (a bug)")
+        if found != (spec.dtype, spec.shape):
+            wanted = (spec.dtype, spec.shape)
+            raise CacheError(f"{path}: tensor '{name}' is {found}, the layout schema needs {wanted} (a bug)")
 
 
 def _remove_stale_temporaries(directory: Path, file_name: str) -> None:
@@ -296,10 +144,12 @@ def _alpha_statistics(directory: Path, shards: list[ShardEntry], settings: Targe
     shares the file's memory map, so keeping one would keep the shard's pages resident).
     """
     keys = {
-        f"L{layer}.H{heads}.{squeeze}": alpha_name(layer, heads, squeeze)
+        extra.statistics_key: extra.name
         for layer in settings.layers
-        for squeeze in (kind for kind in settings.kinds if kind in SQUEEZES)
-        for heads in settings.head_counts
+        for kind in map(kinds.get, settings.kinds)
+        for variant in kind.variants(settings)
+        for extra in kind.extras(layer, variant, 0)
+        if extra.role == "alpha"
     }
     if not keys:
         return {}
@@ -337,17 +187,6 @@ def _alpha_statistics(directory: Path, shards: list[ShardEntry], settings: Targe
     }
 
 
-def _staging_directory(directory: Path) -> Path:
-    """Where `--overwrite` builds the replacement of `directory`: beside it, under a fixed name, so that a killed
-    replacement resumes like any cache run."""
-    return directory.with_name(f".{directory.name}.overwrite")
-
-
-def _retired_directory(directory: Path) -> Path:
-    """Where the replaced cache waits for its removal during the swap."""
-    return directory.with_name(f".{directory.name}.retired")
-
-
 def _settings_difference(
     manifest: Manifest, fingerprint: dict[str, Any], num_samples: int, shard_size: int
 ) -> tuple[str, Any, Any] | None:
@@ -367,29 +206,6 @@ def _is_complete_cache(directory: Path) -> bool:
         return read_manifest(directory).complete
     except CacheError:
         return False
-
-
-def _finish_interrupted_swap(directory: Path) -> None:
-    """Rank 0, before anything else: complete a swap an earlier `--overwrite` run was killed in (the replacement
-    renamed into place, or the old cache put back when no complete replacement exists), and remove a replaced
-    cache whose removal did not finish."""
-    staging, retired = _staging_directory(directory), _retired_directory(directory)
-    if not directory.exists() and retired.exists():
-        os.rename(staging if _is_complete_cache(staging) else retired, directory)
-        fsync_directory(directory.parent)
-    if directory.exists() and retired.exists():
-        shutil.rmtree(retired)
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Replace the cache in `directory` with the complete one in `staging`: the old directory is renamed aside, the
-    new one renamed into place, then the old one removed. A crash in between is finished by the next run
-    (`_finish_interrupted_swap`); readers see the old cache, no cache, or the new one — never a mixture."""
-    retired = _retired_directory(directory)
-    os.rename(directory, retired)
-    os.rename(staging, directory)
-    fsync_directory(directory.parent)
-    shutil.rmtree(retired)
 
 
 def _up_to_date(directory: Path, fingerprint: dict[str, Any], num_samples: int, shard_size: int) -> bool:
@@ -422,7 +238,7 @@ def _write_target(
     without `overwrite`: it is not a cache.
     """
     manifest_path = directory / MANIFEST_NAME
-    staging = _staging_directory(directory)
+    staging = replacement_directory(directory)
     if not manifest_path.exists():
         if directory.exists() and not directory.is_dir():
             raise CacheError(f"{directory}: is a file, not a cache directory; choose another cache.output_dir")
@@ -485,7 +301,7 @@ def _kept_sample_ids(path: Path) -> torch.Tensor:
 
 
 def write_cache_split(
-    teacher: PreTrainedModel,
+    teacher: nn.Module,
     rows: SampleRows,
     directory: Path,
     settings: TargetSettings,
@@ -493,15 +309,17 @@ def write_cache_split(
     *,
     shard_size: int,
     batch_size: int,
-    head_importance: dict[str, list[float]] | None = None,
+    records: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Manifest:
     """Cache one split into `directory`; call on every rank. Returns the final manifest (on every rank).
 
-    `head_importance` (from `select_teacher_heads`) is recorded in the manifest beside the selected heads. A cache
+    `records` (what the kinds chose once per cache, `TargetKind.prepare`, e.g. `head_importance`) are recorded in
+    the manifest beside `settings.selected_heads`. A cache
     of the same inputs and sizes is resumed (or left alone when complete); one of other inputs, `num_samples` or
     `shard_size` is refused naming the field, or with `overwrite` rebuilt beside it and swapped in once complete
-    (`_write_target`, `_swap_in`). Every shard's values are checked (`checks.shard_problem`) before it is written.
+    (`_write_target`, `infra.atomic.swap_directory`). Every shard's values are checked
+    (`checks.shard_problem`) before it is written.
 
     `rows[a:b]` must give `{"input_ids": LongTensor [b-a, T], "sample_id": LongTensor [b-a]}`, e.g. a prepared
     `datasets.Dataset` in torch format (memory-mapped, so a split larger than memory is fine).
@@ -512,10 +330,10 @@ def write_cache_split(
         num_samples=num_samples,
         shard_size=shard_size,
         selected_heads=dict(settings.selected_heads or {}),
-        head_importance=dict(head_importance or {}),
+        head_importance=dict((records or {}).get("head_importance", {})),
     )
     if dist.is_main():
-        _finish_interrupted_swap(directory)
+        recover_directory(directory, _is_complete_cache)
     dist.barrier()
     if _up_to_date(directory, fingerprint, num_samples, shard_size):
         logger.info(
@@ -589,7 +407,7 @@ def write_cache_split(
         write_manifest(target, manifest)
         _remove_temporaries(target)
         if target != directory:
-            _swap_in(target, directory)
+            swap_directory(target, directory)
             logger.info("%s: replaced the earlier cache", directory)
         logger.info("%s: %d shards, %d samples written", directory, len(all_entries), num_samples)
     dist.barrier()

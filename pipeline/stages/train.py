@@ -1,0 +1,169 @@
+"""`distill train`: the run's inputs (`stages.context`) → its targets (cached or live) → the student in a DeepSpeed
+engine → resume → the loop (`training.trainer`) → the exported student.
+
+One process, or one process per rank under the DeepSpeed launcher. Checkpoints, resuming (also at another world
+size) and the export: `training.checkpoints`. Outputs in `train.output_dir` besides the trainer's: `student/` (the
+exported HF model) and `mlflow_run_id` (the run a resumed job continues).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.infra import dist
+from pipeline.infra.runtime import default_device, resolve_dtype
+from pipeline.infra.tracking import Tracker, create_tracker, sigterm_as_keyboard_interrupt
+from pipeline.objective.loss import build_objective
+from pipeline.reports.figures import alpha_figure
+from pipeline.stages.context import RunContext, open_run
+from pipeline.targets.manifest import MANIFEST_NAME
+from pipeline.targets.source import TargetSource
+from pipeline.training.checkpoints import (
+    RUN_ID_FILE,
+    STUDENT,
+    TrainState,
+    convert_to_universal,
+    plan_resume,
+)
+from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
+from pipeline.training.engine import build_engine, load_resume_point, released
+from pipeline.training.evaluator import Evaluator
+from pipeline.training.export import export_student
+from pipeline.training.trainer import METRICS_LOG, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def train_stage(config: Config, *, overwrite: bool = False) -> dict[str, float]:
+    """`distill train`: train the configured student; returns the final global metrics (on every rank).
+
+    `overwrite` lets `train.resume: never` replace a run already in `train.output_dir` (refused otherwise). Outside
+    a launcher the process joins a world of one, and keeps that group for its lifetime: DeepSpeed caches its
+    process groups, so a second run in the same process (tests, notebooks) must find the same group.
+    """
+    with dist.launcher_environment():
+        dist.init_distributed()
+        return _train(open_run(config), overwrite)
+
+
+def evaluator(context: RunContext, split: str = "validation", max_batches: int | None = -1) -> Evaluator | None:
+    """The evaluator of the `split` cache (None, with a warning, when that cache is missing), checked against the
+    run now rather than at the first evaluation. `max_batches=-1` means `train.eval_batches`; None: every sample."""
+    directory = context.cache_directory(split)
+    if not (directory / MANIFEST_NAME).is_file():
+        logger.warning("%s: no %s cache; evaluation is skipped", directory, split)
+        return None
+    train = context.config.train
+    return Evaluator(
+        context.cached(split),
+        context.evaluation,
+        batch_size=train.micro_batch_size,
+        max_batches=train.eval_batches if max_batches == -1 else max_batches,
+    )
+
+
+def _run_id_from_file(output_dir: Path) -> str | None:
+    path = output_dir / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or None
+
+
+def _log_run_inputs(tracker: Tracker, config: Config, ds_config: dict, targets: TargetSource) -> None:
+    """Params, provenance tags and input artifacts of a run (rank 0's tracker; a no-op elsewhere)."""
+    if not tracker.active:
+        return
+    tracker.log_params(config.flat())
+    tracker.set_tags({f"cache.{key}": value for key, value in targets.fingerprint.items()})
+    tracker.log_text(config.dump(), "config.yaml")
+    tracker.log_text(json.dumps(ds_config, indent=2), "deepspeed.json")
+    if targets.manifest_path is not None:
+        tracker.log_artifact(targets.manifest_path, "cache")
+        tracker.log_figure(alpha_figure(targets.alpha_stats), "alpha_histograms.png")
+
+
+def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
+    config = context.config
+    train_cfg = config.train
+    output_dir = Path(train_cfg.output_dir)
+    device = default_device()
+    dtype = resolve_dtype(train_cfg.precision, device)
+    objective = build_objective(config, context.teacher_layers)
+    targets = context.target_source(objective.needs())
+
+    state = TrainState(
+        world_size=dist.world_size(),
+        zero_stage=zero_stage(config),
+        bf16=dtype == torch.bfloat16,
+        student=asdict(config.student),
+    )
+    resume = plan_resume(config, state.world_size, state.zero_stage, state.bf16, overwrite=overwrite)
+    if resume is not None and resume.state.step >= train_cfg.max_steps and (output_dir / STUDENT).is_dir():
+        logger.info("already trained: step %d of train.max_steps %d", resume.state.step, train_cfg.max_steps)
+        return {}
+    if resume is not None and resume.universal:
+        if dist.is_main():
+            convert_to_universal(resume.save_dir, resume.tag)
+        dist.barrier()
+    ds_config = deepspeed_config(config, dtype, load_universal=resume is not None and resume.universal)
+    if dist.is_main():
+        logger.info("DeepSpeed config (world size %d):\n%s", state.world_size, json.dumps(ds_config, indent=2))
+        logger.info("loss terms: %s", ", ".join(f"{term.name} (w {term.weight:g})" for term in objective.terms))
+    engine = build_engine(config, context.teacher_config, ds_config, resuming=resume is not None, targets=targets)
+    with released(engine):
+        if resume is not None:
+            state = load_resume_point(engine, resume, state)
+        elif dist.is_main() and (output_dir / METRICS_LOG).exists():
+            (output_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
+        if state.step >= train_cfg.max_steps:  # trained, but the export is missing
+            export_student(engine.module, state.zero_stage, context.teacher_dir, output_dir / STUDENT)
+            return {}
+        return _loop(context, objective, engine, state, targets, ds_config, dtype, resumed=resume is not None)
+
+
+def _loop(
+    context: RunContext,
+    objective: Any,
+    engine: Any,
+    state: TrainState,
+    targets: TargetSource,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    *,
+    resumed: bool,
+) -> dict[str, float]:
+    """The tracked part of a run: MLflow run, batches, evaluator, the loop, the export."""
+    config = context.config
+    output_dir = Path(config.train.output_dir)
+    run_id = state.mlflow_run_id or (_run_id_from_file(output_dir) if resumed else None)
+    tracker = create_tracker(config, rank=dist.rank(), run_id=run_id)
+    # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
+    with sigterm_as_keyboard_interrupt(), tracker.running():
+        state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
+        if dist.is_main():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if state.mlflow_run_id:
+                (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
+        _log_run_inputs(tracker, config, ds_config, targets)
+        precision = str(dtype).removeprefix("torch.")
+        tracker.set_tags({"world_size": state.world_size, "precision": precision, "zero_stage": state.zero_stage})
+        batches = targets.batches(
+            batch_size=config.train.micro_batch_size,
+            seed=config.train.seed,
+            start_position=state.position,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+        )
+        trainer = Trainer(
+            config, engine, objective, batches, state, tracker, evaluator(context), context.teacher_layers
+        )
+        metrics = trainer.run()
+        export_student(engine.module, state.zero_stage, context.teacher_dir, output_dir / STUDENT)
+    return metrics

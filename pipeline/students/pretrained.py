@@ -1,0 +1,111 @@
+"""`student.init: <directory>`: a pretrained student of the teacher's family, vocabulary and tokenizer, any shape."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from pipeline.config import Config, ConfigError
+from pipeline.data import DataError
+from pipeline.data.prepare import TOKENIZER_FILES, tokenizer_fingerprint
+from pipeline.models.capture import CAPTURE_ATTENTION, model_family
+from pipeline.students.base import StudentInit, shape_of
+
+logger = logging.getLogger(__name__)
+
+
+def _pretrained_config(directory: Path) -> PretrainedConfig:
+    if not directory.is_dir():
+        raise ConfigError(f"student.init: {str(directory)!r} is neither 'scratch', 'teacher' nor an existing directory")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"student.init: {str(directory)!r} holds no config.json; expected a pretrained HF model")
+    return AutoConfig.from_pretrained(directory, local_files_only=True)
+
+
+def check_same_tokenizer(directory: Path, teacher_dir: Path) -> None:
+    """Refuse a pretrained student whose tokenizer files differ from the teacher's (`data.tokenizer_fingerprint`)."""
+    try:
+        found = tokenizer_fingerprint(directory)
+    except DataError:
+        raise ConfigError(
+            f"student.init: {str(directory)!r} holds none of the tokenizer files ({', '.join(TOKENIZER_FILES)}), so "
+            "its tokenizer_fingerprint cannot be compared with the teacher's; save the tokenizer with the model"
+        ) from None
+    expected = tokenizer_fingerprint(teacher_dir)
+    if found == expected:
+        return
+    differing = [
+        name
+        for name in TOKENIZER_FILES
+        if (directory / name).is_file() != (teacher_dir / name).is_file()
+        or ((directory / name).is_file() and (directory / name).read_bytes() != (teacher_dir / name).read_bytes())
+    ]
+    raise ConfigError(
+        f"student.init: {str(directory)!r} has tokenizer_fingerprint {found[:12]}…, the teacher {str(teacher_dir)!r} "
+        f"has {expected[:12]}… (tokenizer files that differ: {', '.join(differing)}); a pretrained student must "
+        "share the teacher's tokenizer"
+    )
+
+
+class PretrainedStudent(StudentInit):
+    name = "pretrained"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    def shape(self, config: Config, teacher_config: PretrainedConfig) -> dict[str, int]:
+        """The directory's own shape; every set key must agree with it."""
+        directory, student = self.directory, config.student
+        hf_config = _pretrained_config(directory)
+        try:
+            family = model_family(hf_config)
+        except ValueError as error:
+            raise ConfigError(f"student.init: {str(directory)!r}: {error}") from None
+        if family != model_family(teacher_config):
+            raise ConfigError(
+                f"student.init: {str(directory)!r} is a {family} model ({hf_config.model_type}), the teacher a "
+                f"{model_family(teacher_config)} model ({teacher_config.model_type}); expected the teacher's family"
+            )
+        if hf_config.vocab_size != teacher_config.vocab_size:
+            raise ConfigError(
+                f"student.init: {str(directory)!r} has vocab_size {hf_config.vocab_size}, the teacher "
+                f"{teacher_config.vocab_size}; expected the teacher's vocabulary"
+            )
+        check_same_tokenizer(directory, Path(config.teacher.path))
+        shape = shape_of(hf_config)
+        for key, value in shape.items():
+            configured = getattr(student, key)
+            if configured is not None and configured != value:
+                raise ConfigError(
+                    f"student.{key}: got {configured}, but the pretrained student {str(directory)!r} has {value}; "
+                    f"leave student.{key} unset (null) or set it to {value}"
+                )
+        return shape
+
+    def check_shape(self, shape: dict[str, int], teacher_config: PretrainedConfig) -> None:
+        """A pretrained model's shape is what it is (a LLaMA head dim need not split its width)."""
+
+    def hf_config(self, config: Config, teacher_config: PretrainedConfig) -> PretrainedConfig:
+        hf_config = _pretrained_config(self.directory)
+        for key, value in hf_config.to_dict().items():
+            if (key.endswith("dropout") or key.endswith("_pdrop")) and isinstance(value, float):
+                setattr(hf_config, key, 0.0)
+        return hf_config
+
+    def build(
+        self, config: Config, teacher_config: PretrainedConfig, hf_config: PretrainedConfig, targets: Any, seed: int
+    ) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(
+            self.directory,
+            config=hf_config,
+            attn_implementation=CAPTURE_ATTENTION,
+            dtype=torch.float32,
+            local_files_only=True,
+        )
+        logger.info("student: pretrained weights from %s", self.directory)
+        return model

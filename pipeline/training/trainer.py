@@ -1,0 +1,237 @@
+"""The student loop of `distill train`: one optimizer step after another over the run's target batches, with
+evaluation, logging and checkpoints on schedule. Built by the stage driver (`pipeline.stages.train`).
+
+Normalisation. The loss is a list of terms (`pipeline.objective`); each is a SUM over its valid units — CE over
+labels ≠ -100, KD over every position, attention and relations over query rows (per row averaged over heads and
+matched layers) — divided once by the GLOBAL count of those units in the optimizer step (all micro-batches of all
+ranks, all-reduced before the first backward). DeepSpeed averages gradients over ranks and divides the loss by the
+accumulation steps, so each micro-batch's loss is scaled by world_size · grad_accum / global_count before
+`engine.backward`. The gradient is then that of the global mean, for any split of the global batch into ranks and
+micro-batches; the logged values are the same global means.
+
+A step whose loss is not finite stops the run with an error naming the step, the term and the sample ids, before any
+update or checkpoint (the last good checkpoint stays the newest).
+
+Outputs in `train.output_dir`: `checkpoints/`, `metrics.jsonl` (rank 0: one line per step with the train metrics and
+`position`, the global sample position the step started at; one per evaluation with the eval metrics and the
+position reached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.infra import dist
+from pipeline.infra.runtime import to_device
+from pipeline.objective.loss import Objective
+from pipeline.reports.figures import attention_heatmap_figures
+from pipeline.training.checkpoints import CHECKPOINTS, TrainState, save_checkpoint
+
+METRICS_LOG = "metrics.jsonl"
+logger = logging.getLogger(__name__)
+
+
+class TrainError(PipelineError):
+    """A run cannot start or resume as configured; the message names the key, file or field."""
+
+
+@dataclass
+class StepMetrics:
+    """Global metrics of one optimizer step."""
+
+    step: int
+    position: int
+    """Global sample position the step started at."""
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    """Owns the engine, the batch iterator and the tracker of one run; `run()` is the loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Any,
+        objective: Objective,
+        batches: Iterator[dict[str, Any]],
+        state: TrainState,
+        tracker: Any,
+        evaluator: Any,
+        teacher_layers: list[int],
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.objective = objective
+        self.batches = batches
+        self.state = state
+        self.tracker = tracker
+        self.evaluator = evaluator
+        self.teacher_layers = teacher_layers
+        self.device = engine.device
+        self.world_size = dist.world_size()
+        self.output_dir = Path(config.train.output_dir)
+        self.save_dir = self.output_dir / CHECKPOINTS
+        self.zero_stage = engine.zero_optimization_stage()
+
+    def _grad_norm_before_step(self) -> float | None:
+        """The global gradient norm where DeepSpeed does not compute one (ZeRO 0 in fp32): gradients are already
+        averaged over ranks once the last micro-batch's backward has run."""
+        if self.zero_stage != 0 or self.engine.bfloat16_enabled():
+            return None
+        norms = [
+            param.grad.detach().float().norm() for param in self.engine.module.parameters() if param.grad is not None
+        ]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+    def _check_finite(self, sums: Tensor, batch: dict[str, Any]) -> None:
+        """Stop before a non-finite loss reaches an update (a silent skip would train on, or drop, bad targets)."""
+        finite = torch.isfinite(sums.detach())
+        if bool(finite.all()):
+            return
+        bad = [name for name, ok in zip(self.objective.names, finite.tolist(), strict=True) if not ok]
+        values = ", ".join(
+            f"{name} = {value:g}" for name, value in zip(self.objective.names, sums.tolist(), strict=True)
+        )
+        raise TrainError(
+            f"step {self.state.step + 1}: loss term {', '.join(bad)} is not finite ({values}) "
+            f"on sample ids {batch['sample_ids'].tolist()}; nothing was updated or saved after the last checkpoint — "
+            "check those samples' targets (`distill cache verify`) or lower train.lr"
+        )
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step: fetch its micro-batches, count units globally, backward each, step."""
+        accumulation = self.config.train.grad_accum
+        started = time.perf_counter()
+        micro_batches, waited = [], 0.0
+        for _ in range(accumulation):
+            before = time.perf_counter()
+            batch = next(self.batches)
+            waited += time.perf_counter() - before
+            micro_batches.append(to_device(batch, self.device))
+        counts = dist.all_reduce(torch.stack([self.objective.counts(batch) for batch in micro_batches]).sum(0))
+        weights = self.objective.weights(self.state.step)
+        # DeepSpeed averages gradients over ranks and divides by the accumulation steps: undo both, then divide
+        # by the global unit count, so the gradient is that of Σ terms / global count.
+        factors = (weights * self.world_size * accumulation / counts.clamp_min(1)).float().to(self.device)
+        sums = torch.zeros(len(self.objective.terms), dtype=torch.float64)
+        lr = self.engine.get_lr()[0]
+        grad_norm = None
+        self.engine.train()
+        for index, batch in enumerate(micro_batches):
+            # Backward inside the forward's capture block: with activation checkpointing the recomputed forward
+            # must take the same (captured) attention path as the first one.
+            with self.objective.forward(self.engine, self.engine.module, batch) as forward:
+                batch_sums = self.objective.sums(forward)
+                self._check_finite(batch_sums, batch)
+                self.engine.backward((batch_sums * factors).sum())
+            sums += batch_sums.detach().double().cpu()
+            if index == accumulation - 1:
+                grad_norm = self._grad_norm_before_step()
+            self.engine.step()
+            del forward, batch_sums
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        means = dist.term_means(sums, counts)
+        waited_total = float(dist.all_reduce(torch.tensor([waited], dtype=torch.float64))[0])
+        elapsed = time.perf_counter() - started
+        positions = float(sum(batch["labels"].numel() for batch in micro_batches))
+        tokens = float(dist.all_reduce(torch.tensor([positions], dtype=torch.float64))[0])
+        values = {
+            "train/loss": float((means * weights).sum()),
+            **{f"train/loss_{name}": float(mean) for name, mean in zip(self.objective.names, means, strict=True)},
+            **{
+                f"train/w_{term.name}": float(weight)
+                for term, weight in zip(self.objective.terms, weights, strict=True)
+                if self.objective.schedule.varies(term.name)
+            },
+            "train/lr": lr,
+            "train/tokens_per_s": tokens / elapsed,
+            "train/loader_wait_frac": waited_total / self.world_size / elapsed,
+            "train/step_time_s": elapsed,
+        }
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        metrics = StepMetrics(self.state.step + 1, self.state.position, values)
+        self.state.step += 1
+        self.state.position += int(tokens) // micro_batches[0]["labels"].shape[1]
+        values["train/tokens"] = float(self.state.position * micro_batches[0]["labels"].shape[1])
+        return metrics
+
+    def _record(self, metrics: StepMetrics) -> None:
+        if dist.is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS_LOG, "a") as log:
+                log.write(json.dumps({"step": metrics.step, "position": metrics.position, **metrics.values}) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on the validation cache, log the metrics and (per `train.heatmaps`) the attention heat maps at
+        the current step."""
+        if self.evaluator is None:
+            return {}
+        setting = self.config.train.heatmaps
+        heatmap = setting == "every" or (setting == "final" and self.state.step == self.config.train.max_steps)
+        result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
+        self.tracker.log_metrics(result.metrics, step=self.state.step)
+        self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
+        if result.heatmap is not None and self.tracker.active:
+            figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
+            for name, figure in figures.items():
+                self.tracker.log_figure(figure, f"heatmaps/step-{self.state.step:08d}/{name}.png")
+        logger.info(
+            "eval step %d: %s",
+            self.state.step,
+            " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.metrics.items()),
+        )
+        return result.metrics
+
+    def run(self) -> dict[str, float]:
+        """Train to `train.max_steps`, evaluating (first at step 0, before any update), logging and checkpointing on
+        schedule; returns the last metrics."""
+        train = self.config.train
+        last: dict[str, float] = {}
+        if self.state.step == 0:
+            last = self.evaluate()
+        progress = tqdm(
+            total=train.max_steps, initial=self.state.step, desc="train", unit="step", disable=not dist.is_main()
+        )
+        with progress:
+            while self.state.step < train.max_steps:
+                metrics = self.train_step()
+                last = metrics.values
+                self._record(metrics)
+                step = self.state.step
+                if step % train.log_every == 0 or step == train.max_steps:
+                    self.tracker.log_metrics(metrics.values, step=step)
+                    terms = " ".join(f"{name} {last[f'train/loss_{name}']:.4f}" for name in self.objective.names)
+                    logger.info(
+                        "step %d/%d loss %.4f (%s) lr %.3g grad norm %.3g %.0f tok/s loader wait %.0f%%",
+                        step,
+                        train.max_steps,
+                        last["train/loss"],
+                        terms,
+                        last["train/lr"],
+                        last.get("train/grad_norm", math.nan),
+                        last["train/tokens_per_s"],
+                        100 * last["train/loader_wait_frac"],
+                    )
+                progress.set_postfix(loss=f"{last['train/loss']:.4f}", refresh=False)
+                progress.update(1)
+                final = step == train.max_steps
+                if final or (train.eval_every and step % train.eval_every == 0):
+                    last = {**last, **self.evaluate()}
+                if final or (train.save_every and step % train.save_every == 0):
+                    save_checkpoint(self.engine, self.save_dir, self.state, train.keep_checkpoints)
+        return last
