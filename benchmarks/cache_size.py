@@ -38,7 +38,7 @@ from safetensors import safe_open
 
 from pipeline.config import load_config
 from pipeline.models.loading import load_teacher
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.stages.cache import cache_settings
 from pipeline.stages.context import open_run
 from pipeline.targets import kinds

@@ -42,7 +42,7 @@ from torch import nn
 from pipeline.config import load_config
 from pipeline.models.loading import load_teacher
 from pipeline.ops import shd
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.stages.cache import cache_settings
 from pipeline.stages.context import open_run
 from pipeline.targets import logits, writer

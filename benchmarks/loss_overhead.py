@@ -57,7 +57,7 @@ from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.ce import CrossEntropy
 from pipeline.objective.terms.kd import LogitKD
 from pipeline.ops.kd import cross_entropy
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.targets.encoding import ENCODINGS
 from pipeline.targets.logits import logit_targets
 from pipeline.targets.needs import MapNeed

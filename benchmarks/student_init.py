@@ -55,7 +55,7 @@ from pipeline.config import Config, load_config
 from pipeline.infra.runtime import configure_logging
 from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.objective.loss import matched_layers
-from pipeline.ops.shd import layer_map
+from pipeline.ops.matching import layer_map
 from pipeline.stages.cache import cache_stage
 from pipeline.stages.prepare import prepare_stage
 from pipeline.stages.teacher import teacher_stage

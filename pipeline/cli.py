@@ -263,7 +263,8 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         run_stage(_load(args), overwrite=args.overwrite)
     elif args.command == "compare":
-        from pipeline.reports.compare import compare_runs, resolve_target
+        from pipeline.reports.compare import compare_runs
+        from pipeline.reports.runs import resolve_target
 
         uri, experiment = resolve_target(_load(args) if args.config else None, args.experiment, args.tracking_uri)
         report = compare_runs(uri, experiment, run_refs=args.runs, filter_string=args.filter, output=args.output)
@@ -274,7 +275,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         options = ("quick", "plan", "report_only", "work", "report", "keep_models", "run_logs", "log_level")
         study_stage(args.config, args.overrides, **{name: getattr(args, name) for name in options})
     elif args.command == "mlflow":
-        from pipeline.infra.tracking import sync_local_runs
+        from pipeline.infra.mlflow_sync import sync_local_runs
 
         for local_id, copy_id in sync_local_runs(args.run_dir, args.tracking_uri).items():
             print(f"{local_id} -> {copy_id}")

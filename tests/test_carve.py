@@ -13,18 +13,10 @@ from pipeline.models.capture import AttentionCapture, attention_dims, model_fami
 from pipeline.models.loading import load_teacher, make_student_config, write_tiny_teacher
 from pipeline.ops.matching import head_groups, squeeze_groups
 from pipeline.ops.shd import head_importance
-from pipeline.students.carve import (
-    CarveError,
-    CarvePlan,
-    Importance,
-    carve_student,
-    decoder_layers,
-    fill_dropped_layers,
-    measure_importance,
-    plan_carve,
-    plan_heads,
-    select_layers,
-)
+from pipeline.students.blocks import decoder_layers
+from pipeline.students.carve import CarveError, CarvePlan, carve_student, plan_carve, plan_heads, select_layers
+from pipeline.students.fill import fill_dropped_layers
+from pipeline.students.importance import Importance, measure_importance
 
 
 def calibration(seed: int = 0, samples: int = 6, tokens: int = 24) -> torch.Tensor:

@@ -25,22 +25,11 @@ from pipeline.infra.mlflow_ui import (
     VIEW_ID,
     tag_experiment,
 )
-from pipeline.reports.compare import (
-    BEST_PPL_COLUMN,
-    SUMMARY_TAG,
-    CompareError,
-    CompareReport,
-    RunSummary,
-    compare_runs,
-    comparison_table,
-    latest_images,
-    metric_bands,
-    plot_metric_bands,
-    resolve_target,
-    seed_variants,
-    variants_table,
-)
+from pipeline.reports.compare import CompareReport, compare_runs
 from pipeline.reports.figures import MONTAGE_MAX_WIDTH, attention_heatmap_figures, save_figure
+from pipeline.reports.plots import latest_images, metric_bands, plot_metric_bands
+from pipeline.reports.runs import SUMMARY_TAG, CompareError, RunSummary, resolve_target, seed_variants
+from pipeline.reports.tables import BEST_PPL_COLUMN, comparison_table, variants_table
 
 EXPERIMENT = "sweep"
 CONSTANT_PARAMS = {"train.lr": "0.001", "data.seq_len": "32", "teacher.source": "tiny-random-llama"}

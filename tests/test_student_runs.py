@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from pipeline import students
 from pipeline.stages.train import train_stage as train
-from pipeline.students import calibration, carve
+from pipeline.students import calibration
 from pipeline.students.carved import RECORD_FILE
 from pipeline.students.lora import ADAPTER_BASE_DIR, ADAPTER_DIR
 from tests.train_fixtures import FAST_TRAIN, TinyCache, read_metrics, run_two_ranks
@@ -104,7 +104,7 @@ def test_every_init_kind_resumes_exactly(
 
     calibration._MEMO.clear()
     monkeypatch.setattr("pipeline.students.carved._carve", refuse)
-    monkeypatch.setattr(carve, "measure_importance", refuse)
+    monkeypatch.setattr(calibration, "measure_importance", refuse)
     train(_config(tiny_cache, tmp_path / "halves", kind, pretrained, "train.max_steps=4"))
 
     whole, whole_eval = read_metrics(tmp_path / "whole")

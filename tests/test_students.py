@@ -22,6 +22,7 @@ from pipeline.models.capture import CAPTURE_ATTENTION, AttentionCapture
 from pipeline.models.loading import TINY_CORPUS, build_student, load_teacher, write_tiny_teacher
 from pipeline.students import calibration, carve
 from pipeline.students.carved import RECORD_FILE
+from pipeline.students.importance import measure_importance
 from pipeline.targets.kinds.selective import SELECTION_SAMPLES
 
 
@@ -280,7 +281,7 @@ def test_importance_carve_sets_the_layer_map_and_resumes_without_calibration(
     )
     config = students.resolve(raw)
     teacher = load_teacher(tiny_llama_dir)
-    importance = carve.measure_importance(teacher, calibration.calibration_ids(raw), batch_size=4)
+    importance = measure_importance(teacher, calibration.calibration_ids(raw), batch_size=4)
     assert config.distill.layer_map == carve.select_layers(importance.block, 2)
     assert students.resolve(config) == config
     teacher_config = AutoConfig.from_pretrained(tiny_llama_dir)
@@ -292,7 +293,7 @@ def test_importance_carve_sets_the_layer_map_and_resumes_without_calibration(
     def no_calibration(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("calibration ran on resume")
 
-    monkeypatch.setattr(carve, "measure_importance", no_calibration)
+    monkeypatch.setattr(calibration, "measure_importance", no_calibration)
     assert students.resolve(raw) == config
     structure = students.build_student_model(config, teacher_config, structure_only=True)
     assert structure.config._attn_implementation == CAPTURE_ATTENTION

@@ -505,7 +505,7 @@ def test_the_report_from_finished_results(context: Context, caplog: pytest.LogCa
 def test_the_report_is_logged_to_a_summary_run(context: Context) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.reports.compare import SUMMARY_TAG
+    from pipeline.reports.runs import SUMMARY_TAG
 
     context.work.mkdir(parents=True)
     client = MlflowClient(tracking_uri=context.tracking_uri)

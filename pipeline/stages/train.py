@@ -30,12 +30,12 @@ from pipeline.training.checkpoints import (
     STUDENT,
     TrainState,
     convert_to_universal,
-    export_student,
     plan_resume,
 )
 from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
+from pipeline.training.export import export_student
 from pipeline.training.trainer import METRICS_LOG, Trainer
 
 logger = logging.getLogger(__name__)

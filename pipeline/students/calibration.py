@@ -18,11 +18,11 @@ from pipeline.config import Config
 from pipeline.data.prepare import load_prepared
 from pipeline.infra.runtime import default_device
 from pipeline.models.loading import load_teacher
-from pipeline.students import carve
+from pipeline.students.importance import Importance, measure_importance
 
 logger = logging.getLogger(__name__)
 
-_MEMO: dict[str, tuple[carve.Importance, float]] = {}
+_MEMO: dict[str, tuple[Importance, float]] = {}
 """The last calibration statistics of this process and the seconds they took (stage drivers resolve, then train
 carves: one teacher pass)."""
 
@@ -53,8 +53,8 @@ def calibration_key(config: Config) -> dict[str, Any]:
     }
 
 
-def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -> tuple[carve.Importance, float]:
-    """(`carve.Importance` of the teacher on the calibration batches, seconds the measurement took), measured once
+def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -> tuple[Importance, float]:
+    """(`Importance` of the teacher on the calibration batches, seconds the measurement took), measured once
     per process and inputs; loads the teacher unless given (in its checkpoint's dtype, like the carve: copying
     weights from a teacher cast to `teacher.dtype` would round the student's fp32 weights)."""
     key = json.dumps(calibration_key(config), sort_keys=True)
@@ -64,7 +64,7 @@ def teacher_importance(config: Config, teacher: PreTrainedModel | None = None) -
     if teacher is None:
         teacher = load_teacher(config.teacher.path, device=default_device())
     ids = calibration_ids(config)
-    importance = carve.measure_importance(teacher, ids, config.cache.batch_size)
+    importance = measure_importance(teacher, ids, config.cache.batch_size)
     seconds = time.perf_counter() - started
     logger.info(
         "calibration: importance of %d teacher layers on %d × %d tokens in %.1f s",

@@ -1,7 +1,6 @@
 """Carve a student out of the teacher (Minitron-style structured pruning): keep layers, heads and channels.
 
-Everything the carve decides comes from importance measured once on calibration batches (`measure_importance`,
-one teacher forward with hooks, no T × T maps held):
+Everything the carve decides comes from the teacher's importance on calibration batches (`students.importance`):
 
 - depth: the teacher layer each student layer copies, from the layer map or by block importance
   1 − cos(block input, block output) averaged over tokens (ShortGPT / Minitron), the largest kept in order;
@@ -21,23 +20,25 @@ are mean-pooled as in the GQA paper's MHA → GQA conversion.
 
 A teacher head copied into several student heads (H_s > H_t) has its o slice divided among them, so that the
 carved student with the teacher's own shape computes exactly the teacher's function.
+
+This module plans the carve (`plan_carve`) and copies the weights (`carve_student`); `students.fill` then optionally
+fits a linear map into each kept layer that stands for dropped ones.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from pipeline.errors import PipelineError
-from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, find_attention_modules, model_family
+from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, model_family
+from pipeline.students.importance import Importance
 
 HeadInit = Literal["prune", "merge"]
 
@@ -47,149 +48,7 @@ class CarveError(PipelineError):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Importance on calibration batches
-
-
-@dataclass
-class Importance:
-    """Importance statistics of every teacher layer, float64 on the CPU (L_t layers, H_t heads, I MLP, d hidden)."""
-
-    block: Tensor
-    """[L_t] mean over tokens of 1 − cos(block input, block output)."""
-    heads: Tensor
-    """[L_t, H_t] mean over samples of each head's share of the layer's attention output norm."""
-    mlp: Tensor
-    """[L_t, I] mean |activation| of each MLP intermediate channel (input of the down projection)."""
-    hidden: Tensor
-    """[L_t + 1, d] mean |output| of each hidden channel, summed over a layer's norms; row L_t: the final norm."""
-    samples: int
-    tokens: int
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The transformer blocks of a LLaMA-like or GPT-2 causal LM."""
-    return model.transformer.h if model_family(model.config) == "gpt2" else model.model.layers
-
-
-def _final_norm(model: PreTrainedModel) -> nn.Module:
-    return model.transformer.ln_f if model_family(model.config) == "gpt2" else model.model.norm
-
-
-def _block_norms(layer: nn.Module) -> list[nn.Module]:
-    """The norms of a block that see the model width (LLaMA input/post-attention norms, GPT-2 ln_1/ln_2)."""
-    return [child for child in layer.children() if "norm" in type(child).__name__.lower()]
-
-
-def _output_maps(attention: nn.Module, num_heads: int, head_dim: int) -> Tensor:
-    """Each head's slice of the output projection [H, dh, d] fp32: head h writes x_h @ W[h] to the model."""
-    # LLaMA o_proj is an nn.Linear [d, H·dh], GPT-2 c_proj a Conv1D [H·dh, d].
-    weight = attention.o_proj.weight.T if hasattr(attention, "o_proj") else attention.c_proj.weight
-    return weight.float().reshape(num_heads, head_dim, -1)
-
-
-def _mlp_output_projection(layer: nn.Module) -> nn.Module:
-    return layer.mlp.c_proj if hasattr(layer.mlp, "c_proj") else layer.mlp.down_proj
-
-
-def head_output_norms(head_outputs: Tensor, output_maps: Tensor) -> Tensor:
-    """‖A_h X_h‖_F per sample and head → [B, H] fp32, from the heads' attention outputs A_h V_h [B, T, H, dh] (the
-    output projection's input) and their output maps W_O^h [H, dh, d]: ‖(A_h V_h) W_O^h‖² = ⟨G_h, W_O^h W_O^hᵀ⟩
-    with G_h = (A_h V_h)ᵀ (A_h V_h), so no [B, T, d] product is formed per head. The same quantity as
-    `shd.head_importance`, read from a hook instead of captured maps: no T × T map is ever held, so calibration
-    costs what a plain forward costs at any context length."""
-    values = head_outputs.float()
-    gram = torch.einsum("bthk,bthl->bhkl", values, values)
-    output_gram = output_maps @ output_maps.transpose(1, 2)
-    return (gram * output_gram).sum((-2, -1)).clamp_min(0).sqrt()
-
-
-@contextmanager
-def _hooks(handles: list[Any]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def measure_importance(teacher: PreTrainedModel, input_ids: Tensor, batch_size: int) -> Importance:
-    """One forward of `teacher` over `input_ids` [N, T] (packed, no padding) in batches, measuring `Importance`.
-
-    Hooks read each block's input and output, each attention's output-projection input (the heads' A_h V_h side by
-    side), each MLP's down-projection input and each norm's output; nothing of size T × T is held.
-    """
-    dims = attention_dims(teacher.config)
-    layers = decoder_layers(teacher)
-    attention = find_attention_modules(teacher)
-    device = next(teacher.parameters()).device
-    num_layers = len(layers)
-    width = _mlp_output_projection(layers[0])
-    intermediate = width.weight.shape[0] if model_family(teacher.config) == "gpt2" else width.weight.shape[1]
-    block = torch.zeros(num_layers, dtype=torch.float64, device=device)
-    heads = torch.zeros(num_layers, dims.num_heads, dtype=torch.float64, device=device)
-    mlp = torch.zeros(num_layers, intermediate, dtype=torch.float64, device=device)
-    hidden = torch.zeros(num_layers + 1, dims.d_model, dtype=torch.float64, device=device)
-    inputs: dict[int, Tensor] = {}
-    output_maps = {index: _output_maps(attention[index], dims.num_heads, dims.head_dim) for index in range(num_layers)}
-
-    def block_input(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[index] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def block_output(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            out = output[0] if isinstance(output, tuple) else output
-            cosine = nn.functional.cosine_similarity(inputs.pop(index).float(), out.float(), dim=-1)
-            block[index] += (1 - cosine).sum(dtype=torch.float64)
-
-        return hook
-
-    def head_share(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            outputs = args[0]
-            norms = head_output_norms(
-                outputs.reshape(*outputs.shape[:2], dims.num_heads, dims.head_dim), output_maps[index]
-            )
-            total = norms.sum(-1, keepdim=True)
-            shares = torch.where(total > 0, norms / torch.where(total > 0, total, 1.0), 1 / dims.num_heads)
-            heads[index] += shares.sum(0, dtype=torch.float64)
-
-        return hook
-
-    def channel_sum(target: Tensor, row: int, read_input: bool) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any = None) -> None:
-            values = args[0] if read_input else output
-            target[row] += values.float().abs().sum((0, 1), dtype=torch.float64)
-
-        return hook
-
-    handles = []
-    for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(block_input(index), with_kwargs=True))
-        handles.append(layer.register_forward_hook(block_output(index), with_kwargs=True))
-        module = attention[index]
-        projection = module.o_proj if hasattr(module, "o_proj") else module.c_proj
-        handles.append(projection.register_forward_pre_hook(head_share(index)))
-        handles.append(_mlp_output_projection(layer).register_forward_pre_hook(channel_sum(mlp, index, True)))
-        for norm in _block_norms(layer):
-            handles.append(norm.register_forward_hook(channel_sum(hidden, index, False)))
-    handles.append(_final_norm(teacher).register_forward_hook(channel_sum(hidden, num_layers, False)))
-    with _hooks(handles):
-        for start in range(0, len(input_ids), batch_size):
-            batch = input_ids[start : start + batch_size].to(device=device, dtype=torch.long)
-            teacher(input_ids=batch, use_cache=False)
-    samples, tokens = input_ids.shape[0], input_ids.numel()
-    return Importance(
-        block=(block / tokens).cpu(),
-        heads=(heads / samples).cpu(),
-        mlp=(mlp / tokens).cpu(),
-        hidden=(hidden / tokens).cpu(),
-        samples=samples,
-        tokens=tokens,
-    )
+# The plan: which teacher layers, heads and channels each part of the student takes
 
 
 def select_layers(block_importance: Tensor, num_layers: int) -> list[int]:
@@ -205,10 +64,6 @@ def top_channels(importance: Tensor, count: int) -> Tensor:
     """Indices [count] of the largest entries of `importance` [C], in increasing order (ties: the earlier)."""
     order = sorted(range(importance.numel()), key=lambda channel: (-importance[channel].item(), channel))
     return torch.tensor(sorted(order[:count]), dtype=torch.long)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The plan: which teacher layers, heads and channels each part of the student takes
 
 
 @dataclass(frozen=True)
@@ -455,140 +310,3 @@ def carve_student(
     carved = carve_state_dict(teacher.state_dict(), keys, family, plan, attention_dims(teacher.config).head_dim)
     student.load_state_dict(carved, strict=True)
     return student.train()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Linear fill of the dropped layers (ReplaceMe-style, training-free)
-
-
-@dataclass(frozen=True)
-class SegmentFill:
-    """The linear map fitted into one student layer that stands for several teacher layers."""
-
-    student_layer: int
-    teacher_layers: tuple[int, int]
-    """First and last teacher layer the student layer stands for (its own and the dropped ones after it)."""
-    error_before: float
-    """‖block output − teacher hidden state‖ / ‖teacher hidden state‖ on the calibration batches, before the fill."""
-    error_after: float
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "student_layer": self.student_layer,
-            "teacher_layers": list(self.teacher_layers),
-            "relative_error": [round(self.error_before, 6), round(self.error_after, 6)],
-        }
-
-
-def segment_ends(layers: list[int], num_teacher_layers: int) -> list[int]:
-    """For each kept teacher layer, the teacher layer where its segment ends (exclusive): the next kept layer, the
-    teacher's depth for the last one. Kept layers must increase: a segment is a run of consecutive teacher layers."""
-    if any(later <= earlier for earlier, later in itertools.pairwise(layers)):
-        raise CarveError(
-            f"student.carve.fill: linear replaces the teacher layers between kept ones, so the kept teacher layers "
-            f"must increase; got {layers}"
-        )
-    return [*layers[1:], num_teacher_layers]
-
-
-def ridge_map(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
-    """argmin_T ‖M T − D‖² + ρ̄ ‖T − I‖² = (MᵀM + ρ̄ I)⁻¹ (MᵀD + ρ̄ I), from `gram` MᵀM and `cross` MᵀD (float64),
-    with ρ̄ = `ridge` · tr(MᵀM) / d: the shrinkage is toward the identity (no change) and scale-free."""
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    strength = ridge * gram.diagonal().mean()
-    return torch.linalg.solve(gram + strength * eye, cross + strength * eye)
-
-
-def _apply_output_map(projection: nn.Module, transform: Tensor) -> None:
-    """Make the MLP output projection write y T instead of y (LLaMA nn.Linear [d, I], GPT-2 Conv1D [I, d])."""
-    weight = projection.weight
-    transform = transform.to(device=weight.device)
-    if isinstance(projection, nn.Linear):
-        weight.copy_((transform.T @ weight.double()).to(weight.dtype))
-    else:
-        weight.copy_((weight.double() @ transform).to(weight.dtype))
-    if getattr(projection, "bias", None) is not None:
-        projection.bias.copy_((projection.bias.double() @ transform).to(projection.bias.dtype))
-
-
-@torch.no_grad()
-def fill_dropped_layers(
-    teacher: PreTrainedModel,
-    student: PreTrainedModel,
-    plan: CarvePlan,
-    input_ids: Tensor,
-    batch_size: int,
-    ridge: float,
-) -> list[SegmentFill]:
-    """Fit, in place, each carved layer that stands for dropped teacher layers so that its output approximates the
-    teacher's hidden state where its segment ends (ReplaceMe, Shopkhoev et al. 2025: a linear map estimated on
-    calibration data replaces the pruned blocks, fused into the preceding MLP's output projection).
-
-    Student layer j copies teacher layer m(j); the teacher layers after it up to the next kept one are gone. With
-    M its MLP output, R the rest of its output (residual + attention) and Y the teacher's hidden state after its last
-    dropped layer (the kept hidden channels), T = `ridge_map` of ‖M T + R − Y‖², then W_out ← W_out T. Layers are
-    fitted in order on the student's own activations, so each map sees what the earlier fills made. A layer whose
-    segment is itself alone is left as carved (a carve that keeps every layer stays exact).
-    """
-    teacher_layers, student_layers = decoder_layers(teacher), decoder_layers(student)
-    ends = segment_ends(plan.layers, len(teacher_layers))
-    fitted = [j for j, (start, end) in enumerate(zip(plan.layers, ends, strict=True)) if end - start > 1]
-    if not fitted:
-        return []
-    teacher_device = next(teacher.parameters()).device
-    student_device = next(student.parameters()).device
-    was_training = student.training
-    student.eval().to(teacher_device)
-    hidden = plan.hidden.to(teacher_device)
-    batches = [
-        input_ids[start : start + batch_size].to(device=teacher_device, dtype=torch.long)
-        for start in range(0, len(input_ids), batch_size)
-    ]
-    captured: dict[str, Tensor] = {}
-
-    def keep(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            captured[name] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    # The teacher's states at the segment ends, kept in fp32 (exact for a bf16 teacher, half of fp64's memory).
-    targets: dict[int, list[Tensor]] = {j: [] for j in fitted}
-    handles = [teacher_layers[ends[j] - 1].register_forward_hook(keep(f"teacher{j}")) for j in fitted]
-    with _hooks(handles):
-        for batch in batches:
-            teacher(input_ids=batch, use_cache=False)
-            for j in fitted:
-                targets[j].append(captured.pop(f"teacher{j}").index_select(-1, hidden).float())
-    fills = []
-    for j in fitted:
-        projection = _mlp_output_projection(student_layers[j])
-        handles = [
-            projection.register_forward_hook(keep("mlp")),
-            student_layers[j].register_forward_hook(keep("block")),
-        ]
-        width = hidden.numel()
-        gram = torch.zeros(width, width, dtype=torch.float64, device=teacher_device)
-        cross = torch.zeros_like(gram)
-        sums = torch.zeros(3, dtype=torch.float64, device=teacher_device)  # ‖D‖², ‖Y‖², ‖M − D‖² (the carve's error)
-        with _hooks(handles):
-            for batch, stored in zip(batches, targets[j], strict=True):
-                student(input_ids=batch, use_cache=False)
-                mlp = captured.pop("mlp").double().reshape(-1, width)
-                rest = captured.pop("block").double().reshape(-1, width) - mlp
-                target = stored.double().reshape(-1, width)
-                wanted = target - rest
-                gram += mlp.T @ mlp
-                cross += mlp.T @ wanted
-                sums += torch.stack([wanted.square().sum(), target.square().sum(), (mlp - wanted).square().sum()])
-        transform = ridge_map(gram, cross, ridge)
-        # ‖M T − D‖² = tr(Tᵀ G T) − 2 tr(Tᵀ C) + ‖D‖², with G = MᵀM, C = MᵀD.
-        residual = (transform * (gram @ transform)).sum() - 2 * (transform * cross).sum() + sums[0]
-        scale = sums[1].sqrt()
-        before = (sums[2].sqrt() / scale).item()
-        after = (residual.clamp_min(0).sqrt() / scale).item()
-        _apply_output_map(projection, transform)
-        fills.append(SegmentFill(j, (plan.layers[j], ends[j] - 1), before, after))
-    student.to(student_device)
-    student.train(was_training)
-    return fills

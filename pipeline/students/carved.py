@@ -1,7 +1,7 @@
-"""`student.init: teacher`: the student carved out of the teacher (`pipeline.students.carve` holds the carve's
-maths), Minitron-style, on calibration batches: depth by the layer map or block importance, heads per squeeze group
-(prune or merge) or the selective targets' heads, MLP and width by activation, and optionally a linear fill of each
-kept layer that stands for dropped ones.
+"""`student.init: teacher`: the student carved out of the teacher (`pipeline.students.importance`, `.carve` and
+`.fill` hold the maths), Minitron-style, on calibration batches: depth by the layer map or block importance, heads
+per squeeze group (prune or merge) or the selective targets' heads, MLP and width by activation, and optionally a
+linear fill of each kept layer that stands for dropped ones.
 
 A carved run writes `student_init.json` into `train.output_dir` (rank 0): what was kept, the block importance of
 every teacher layer and the carve's wall time. `resolve` reads the kept layers back from it when it was made from the
@@ -31,6 +31,8 @@ from pipeline.ops.matching import layer_map, squeeze_groups
 from pipeline.students import carve
 from pipeline.students.base import StudentInit, shape_of
 from pipeline.students.calibration import calibration_ids, calibration_key, teacher_importance
+from pipeline.students.fill import SegmentFill, fill_dropped_layers
+from pipeline.students.importance import Importance
 from pipeline.students.scratch import student_config_from_shape
 from pipeline.targets.compute import calibration_passes
 from pipeline.targets.kinds import get as target_kind
@@ -137,7 +139,7 @@ def _recorded_layers(config: Config) -> list[int] | None:
     return list(record["teacher_layers"]) if same else None
 
 
-def carved_layers(config: Config, importance: carve.Importance | None = None) -> list[int]:
+def carved_layers(config: Config, importance: Importance | None = None) -> list[int]:
     """The teacher layer each student layer of a carve copies (= its layer map), for a resolved `init: teacher`
     config: `distill.layer_map`, or the layers of largest block importance (from `importance`, an earlier carve's
     record, or a calibration pass) — checked against an explicit layer map."""
@@ -242,9 +244,9 @@ def _carve(
     alphas = merge_alphas(alpha_stats, layers, student.num_heads, squeeze) if merging else None
     plan = carve.plan_carve(teacher_config, hf_config, layers, importance, student.carve.heads, groups, alphas)
     model = carve.carve_student(teacher, hf_config, plan)
-    fills: list[carve.SegmentFill] = []
+    fills: list[SegmentFill] = []
     if student.carve.fill == "linear":
-        fills = carve.fill_dropped_layers(
+        fills = fill_dropped_layers(
             teacher, model, plan, calibration_ids(config), config.cache.batch_size, student.carve.fill_ridge
         )
         for fill in fills:

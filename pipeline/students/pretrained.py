@@ -11,7 +11,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.prepare import TOKENIZER_FILES, DataError, tokenizer_fingerprint
+from pipeline.data import DataError
+from pipeline.data.prepare import TOKENIZER_FILES, tokenizer_fingerprint
 from pipeline.models.capture import CAPTURE_ATTENTION, model_family
 from pipeline.students.base import StudentInit, shape_of
 

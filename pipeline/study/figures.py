@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.reports.compare import RunSummary, metric_bands
 from pipeline.reports.figures import Curve, curve_figure, save_figure
+from pipeline.reports.plots import metric_bands
+from pipeline.reports.runs import RunSummary
 from pipeline.study.grid import TUNE_STAGE
 from pipeline.study.stats import grid_runs
 

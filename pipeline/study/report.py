@@ -17,7 +17,8 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.infra.atomic import staged_directory
-from pipeline.reports.compare import SUMMARY_TAG, compare_runs
+from pipeline.reports.compare import compare_runs
+from pipeline.reports.runs import SUMMARY_TAG
 from pipeline.study.figures import band_figure, delta_figure, tuning_figure
 from pipeline.study.grid import TUNE_STAGE, RunSpec
 from pipeline.study.layout import format_override

@@ -27,7 +27,7 @@ PROGRESS_LOGGERS = (
     "pipeline.stages",
     "pipeline.targets.writer",
     "pipeline.students",
-    "pipeline.data.prepare",
+    "pipeline.data",
 )
 """Loggers kept at INFO whatever the level: what the study, the cache, carve and data stages are doing."""
 LIBRARY_LOGGERS = ("transformers", "mlflow", "alembic")

@@ -1,4 +1,5 @@
-"""Checkpoints of `distill train`: where they live, what they hold, how a run resumes, and the final export.
+"""Checkpoints of `distill train`: where they live, what they hold, how a run resumes (the final export of the
+student is `training.export`).
 
 A checkpoint is `train.output_dir/checkpoints/<tag>` (DeepSpeed's `latest` file names the newest): DeepSpeed's files
 plus `trainer_state.json` (step, global sample position, world size, ZeRO stage, precision, student shape, MLflow
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
@@ -432,43 +433,3 @@ def load_checkpoint_weights(save_dir: Path, tag: str) -> dict[str, Tensor]:
     if not states.is_file():
         raise CheckpointError(f"{directory}: not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
     return torch.load(states, map_location="cpu", weights_only=True)["module"]
-
-
-def gathered_state_dict(module: nn.Module, zero_stage: int) -> dict[str, Tensor] | None:
-    """Full CPU state dict of `module` on rank 0 (None elsewhere); under ZeRO-3 gathered from every rank."""
-    if zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if not dist.is_main():
-                return None
-            return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-    if not dist.is_main():
-        return None
-    return {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
-
-
-def export_student(module: nn.Module, zero_stage: int, teacher_dir: Path, directory: Path) -> Path:
-    """Write the student as a plain HF directory (safetensors, config, the teacher's tokenizer); call on every rank.
-
-    A LoRA student is written with its adapters merged into the weights (a plain model again), and the adapter
-    itself in PEFT format goes to `adapter/` inside the directory (see `lora.save_adapter`). The directory is
-    published atomically: a reader sees the previous export or the complete new one.
-    """
-    from transformers import AutoTokenizer
-
-    from pipeline.infra.atomic import staged_directory
-    from pipeline.students.lora import ADAPTER_DIR, is_lora, merged_model, save_adapter
-
-    state_dict = gathered_state_dict(module, zero_stage)
-    if dist.is_main():
-        with staged_directory(directory) as staging:
-            if is_lora(module):
-                merged_model(module, state_dict).save_pretrained(staging, safe_serialization=True)
-                save_adapter(module, state_dict, staging / ADAPTER_DIR, directory / ADAPTER_DIR)
-            else:
-                module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-            AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True).save_pretrained(staging)
-        logger.info("exported the student to %s", directory)
-    dist.barrier()
-    return directory
