@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from pipeline.targets import kinds
-from pipeline.targets.codecs import bits_for, pack_bits, quantize_logs
+from pipeline.targets.codecs import bits_for, pack_bits
 from pipeline.targets.encoding import ENCODINGS, EncodeOptions, unpack_indices
 from pipeline.targets.layout import LAYOUT_VERSION, expected_tensors, packed_limit, shard_bytes, shard_file_name
+from pipeline.targets.logits import stored_logit_tensors
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 from pipeline.targets.needs import MapNeed, TargetNeeds
 from pipeline.targets.rows import ROWS_TENSOR, stored_rows
@@ -133,16 +134,12 @@ def shard_tensors(
     logprobs = torch.randn(num_rows, seq_len, VOCAB_SIZE, generator=generator).log_softmax(dim=-1)
     topk_values, topk_indices = logprobs.topk(k, dim=-1)
     sample_ids = torch.arange(first_sample, first_sample + num_rows, dtype=torch.int64) + SAMPLE_ID_OFFSET
+    tail = (1 - topk_values.exp().sum(dim=-1, keepdim=True)).clamp_min(0)
     tensors = {
         "sample_ids": sample_ids,
         "input_ids": torch.randint(0, VOCAB_SIZE, (num_rows, seq_len), generator=generator, dtype=torch.int32),
-        "topk_indices": pack_bits(topk_indices.flatten(1), bits_for(VOCAB_SIZE)),
-        "tail_mass": (1 - topk_values.exp().sum(dim=-1)).clamp_min(0),
+        **stored_logit_tensors(topk_values, topk_indices, tail, VOCAB_SIZE, (1.0,), dtype, logit_value_bits),
     }
-    if logit_value_bits == 8:
-        tensors["topk_codes"], tensors["topk_offset"], tensors["topk_step"] = quantize_logs(topk_values)
-    else:
-        tensors["topk_values"] = topk_values.to(dtype)
     rows = None
     if row_fraction < 1:
         rows = stored_rows(sample_ids, seq_len, row_fraction)

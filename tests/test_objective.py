@@ -17,9 +17,9 @@ from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.relations import RelationKD
 from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
 from pipeline.ops.map_losses import DenseTarget
-from pipeline.targets.codecs import bits_for, pack_bits
-from pipeline.targets.encoding import pack_triangle, tail_name
+from pipeline.targets.encoding import pack_triangle
 from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
+from pipeline.targets.logits import stored_logit_tensors
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 from pipeline.targets.needs import MapNeed, TargetNeeds
 from pipeline.targets.stream import TargetStream
@@ -162,9 +162,7 @@ def _write_top_m_cache(
     tensors = {
         "sample_ids": torch.arange(SAMPLES) + SAMPLE_ID_OFFSET,
         "input_ids": input_ids.int(),
-        "topk_values": values.half(),
-        "topk_indices": pack_bits(indices.flatten(1), bits_for(logits.shape[-1])),
-        **{tail_name("tail_mass", tau): tails[..., column].contiguous() for column, tau in enumerate(temperatures)},
+        **stored_logit_tensors(values, indices, tails, logits.shape[-1], temperatures, torch.float16, 16),
     }
     for name, target in maps.items():
         tensors.update(

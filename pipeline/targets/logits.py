@@ -76,6 +76,20 @@ def logit_targets(
         for start in range(0, seq_len, step)
     ]
     values, indices, tail_sums = (torch.cat(part, dim=1) for part in zip(*parts, strict=True))
+    return stored_logit_tensors(values, indices, tail_sums, vocab_size, temperatures, dtype, value_bits)
+
+
+def stored_logit_tensors(
+    values: Tensor,
+    indices: Tensor,
+    tail_sums: Tensor,
+    vocab_size: int,
+    temperatures: tuple[float, ...],
+    dtype: torch.dtype,
+    value_bits: int,
+) -> dict[str, Tensor]:
+    """`topk_targets`' output (log-probs [B, T, k], token ids [B, T, k], tail sums [B, T, len(temperatures)]) in
+    the stored form: 16-bit values or 8-bit codes, packed ids, one tail tensor per τ."""
     if value_bits == 8:
         codes, offset, step_sizes = quantize_logs(values)
         targets = {"topk_codes": codes, "topk_offset": offset, "topk_step": step_sizes}
