@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from pipeline import cli
 from pipeline.config import Config, load_config
 from pipeline.data.prepare import load_prepared
 from pipeline.models.capture import AttentionCapture
@@ -38,7 +40,9 @@ from pipeline.targets.compute import compute_targets
 from pipeline.targets.encoding import unpack_triangle
 from pipeline.targets.fingerprint import cache_fingerprint
 from pipeline.targets.kinds.base import TargetSettings
+from pipeline.targets.layout import read_header
 from pipeline.targets.manifest import CacheError, read_manifest
+from pipeline.targets.plan import plan_rows
 from pipeline.targets.rows import stored_rows
 from pipeline.targets.store import open_cache, verify_cache
 from tests.cache_fixtures import map_name, relation_name, unpacked
@@ -363,6 +367,8 @@ def test_a_cache_of_other_inputs_is_refused_not_overwritten(prepared: Path, tmp_
         _cache_into(prepared, directory, "cache.temperatures=[2.0]")
     with pytest.raises(CacheError, match=r"fingerprint field 'top_k'"):
         _cache_into(prepared, directory, "distill.kd.top_k=8")
+    with pytest.raises(CacheError, match=r"fingerprint field 'logit_value_bits'"):
+        _cache_into(prepared, directory, "cache.logit_value_bits=8")
     assert _digests(directory) == before
 
 
@@ -536,3 +542,65 @@ def test_the_real_teacher_s_targets_equal_its_own_output_attentions(smollm2_teac
 def _real_fingerprint(settings: TargetSettings, seq_len: int) -> dict:
     """The fingerprint of `settings` for SmolLM2 at `seq_len` (what unpacking the stored tensors needs)."""
     return cache_fingerprint(settings, {"seq_len": seq_len}, teacher_num_heads=9, vocab_size=49152, dtype="float16")
+
+
+def test_the_plan_prices_every_tensor_the_writer_writes(prepared: Path, tmp_path: Path, capsys) -> None:
+    """`distill cache --plan`: per tensor pattern, the planner's bytes are the written shards' tensor bytes (from
+    their headers), for a compact top-m cache; the CLI prints the table and each split's total without writing."""
+    compact = ("cache.encoding=topk", "cache.attn_top_m=4", "cache.attn_row_fraction=0.25", "cache.attn_value_bits=8")
+    config = _cache_into(prepared, tmp_path / "compact", *compact, "cache.logit_value_bits=8")
+    manifest = open_cache(tmp_path / "compact" / "train")
+    written: dict[str, int] = {}
+    for entry in manifest.shards:
+        header, _ = read_header(str(tmp_path / "compact" / "train" / entry.file))
+        for name, tensor in header.items():
+            pattern = re.sub(r"\.L\d+\.", ".L*.", name)
+            written[pattern] = written.get(pattern, 0) + tensor["data_offsets"][1] - tensor["data_offsets"][0]
+    planned = {row.pattern: row.bytes_per_sample * manifest.num_samples for row in plan_rows(manifest.fingerprint)}
+    assert planned == written
+    assert "attn_rows" in planned and "topk_codes" in planned
+    arguments = ["cache", str(ROOT / "configs" / "tiny.yaml"), "--plan", *_plan_overrides(config), *compact]
+    assert cli.main([*arguments, "cache.logit_value_bits=8", f"cache.output_dir={tmp_path / 'never'}"]) == 0
+    table = capsys.readouterr().out
+    total = sum(planned.values()) / manifest.num_samples / config.data.seq_len
+    assert f"{total:.2f}" in table and "train: " in table
+    assert not (tmp_path / "never").exists()
+
+
+def _plan_overrides(config: Config) -> list[str]:
+    return [
+        f"teacher.path={config.teacher.path}",
+        f"data.output_dir={config.data.output_dir}",
+        f"student.num_kv_heads={config.student.num_kv_heads}",
+    ]
+
+
+def test_the_plan_of_the_llama3_8b_template_is_the_issue_s_arithmetic(capsys) -> None:
+    """The LLaMA-3-8B template (vocab 128256: 17-bit token ids), T 2048, 16 layers, one head count of 8, top-k 64,
+    top-m 16 at an eighth of the rows, 8-bit values: the bytes per token written out by hand."""
+    layers = "[" + ",".join(str(layer) for layer in range(0, 32, 2)) + "]"
+    overrides = [
+        "data.seq_len=2048",
+        f"cache.layers={layers}",
+        "cache.head_counts=[8]",
+        "cache.attn_targets=[shd]",
+        "distill.kd.top_k=64",
+        "cache.encoding=topk",
+        "cache.attn_top_m=16",
+        "cache.attn_row_fraction=0.125",
+        "cache.attn_value_bits=8",
+        "cache.logit_value_bits=8",
+        "data.output_dir=/nonexistent",
+    ]
+    assert (
+        cli.main(["cache", str(ROOT / "configs" / "demo.yaml"), "--plan", "--template", "llama3-8b", *overrides]) == 0
+    )
+    table = capsys.readouterr().out
+    logits = 64 * 1 + 2 + 2 + 64 * 17 / 8 + 4  # codes, offset, step, 17-bit ids, tail
+    rows = 2048 // 8
+    per_row = 8 * (16 * 1 + 2 + 2 + 16 * 11 / 8 + 4)  # 8 heads: codes, offset, step, 11-bit key indices, tail
+    attention = 16 * (rows * per_row + 32 * 4) / 2048  # 16 layers, α of 32 teacher heads per sample
+    expected = 4 + 8 / 2048 + logits + (rows * 11 / 8) / 2048 + attention
+    total = float(re.search(r"^total\s+([\d.]+)", table, re.MULTILINE).group(1))
+    assert total == pytest.approx(expected, abs=0.01) and total < 2000
+    assert "template llama3-8b (32 layers, 32 heads, vocab 128256)" in table

@@ -661,6 +661,88 @@ def test_bad_topk_targets_are_refused(topk_cache: Path, tmp_path: Path, case: st
     assert snapshot(directory) == before
 
 
+@pytest.fixture(scope="module")
+def compact_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The topk cache's shape at half the query rows, with 8-bit attention values and logits."""
+    directory = tmp_path_factory.mktemp("compact")
+    write_synthetic_cache(
+        directory,
+        NUM_SAMPLES,
+        SHARD_SIZE,
+        SEQ_LEN,
+        encoding="topk",
+        seed=2,
+        row_fraction=0.5,
+        attn_value_bits=8,
+        logit_value_bits=8,
+    )
+    return directory
+
+
+def _shift(index: tuple, amount: float) -> Any:
+    def change(tensor: torch.Tensor) -> None:
+        tensor[index] += amount
+
+    return change
+
+
+COMPACT_DAMAGE = {
+    "a stored row the sample id does not draw": (
+        "attn_rows",
+        _set_packed((4, 0), 5, SEQ_LEN, (3,)),
+        r"tensor 'attn_rows': query row 5 at sample id 1020 \(shard row 4\), stored row 0; expected row [01] "
+        r"\(the rows",
+    ),
+    "codes in a row whose step is 0": (
+        "attn.L3.H2.shd.step",
+        _set((5, 1, 2), 0.0),
+        r"tensor 'attn\.L3\.H2\.shd\.codes' \(teacher layer 3\): code \d+ in a row whose step is 0 at sample id 1021 "
+        r"\(shard row 5\), head 1, stored row 2, entry \d; expected code 0 or 255",
+    ),
+    "a logit offset off by one nat": (
+        "topk_offset",
+        _shift((2, 4), 1.0),
+        r"tensor 'topk_codes': the top-k probabilities and the tail mass sum to [\d.]+ at sample id 1018 \(shard row "
+        r"2\), position 4; expected 1 ± ",
+    ),
+    "a token id beyond the vocabulary": (
+        "topk_indices",
+        _set_packed((1, 2, 0), VOCAB_SIZE + 5, VOCAB_SIZE, (SEQ_LEN, 4)),
+        rf"tensor 'topk_indices': token id {VOCAB_SIZE + 5} at sample id 1017 \(shard row 1\), position 2, entry 0; "
+        rf"expected 0 ≤ token id < {VOCAB_SIZE}",
+    ),
+}
+
+
+def test_a_compact_cache_reads_its_stored_rows_and_decodes_its_codes(compact_cache: Path) -> None:
+    expected = shard_rows(compact_cache)
+    for batch in collect(make_stream(compact_cache, layers=[3], heads=2, batch_size=5, num_batches=8)):
+        target = batch["maps"]["attn.L3.H2.shd"]
+        assert target.values.shape == (5, 2, 3, 3) and torch.equal(target.rows, batch["attn_rows"])
+        torch.testing.assert_close(target.values.sum(-1) + target.tail, torch.ones(5, 2, 3), atol=0.05, rtol=0)
+        for slot, sample_id in enumerate(batch["sample_ids"].tolist()):
+            assert torch.equal(batch["attn_rows"][slot], expected[sample_id]["attn_rows"])
+            assert torch.equal(target.indices[slot], expected[sample_id]["attn.L3.H2.shd.indices"])
+
+
+@pytest.mark.parametrize("case", list(COMPACT_DAMAGE))
+def test_bad_compact_targets_are_refused(compact_cache: Path, tmp_path: Path, case: str) -> None:
+    """`cache verify` and the reader check the packed and coded tensors: rows, decodable codes, sums, ranges."""
+    directory = tmp_path / "compact"
+    shutil.copytree(compact_cache, directory)
+    name, change, message = COMPACT_DAMAGE[case]
+    original = {key: tensor.clone() for key, tensor in load_file(directory / shard_file_name(2)).items()}
+    rewrite_shard(directory, 2, _damaged(original, name, change))
+    before = snapshot(directory)
+    for action in (
+        lambda: verify_cache(directory),
+        lambda: collect(make_stream(directory, layers=[3], heads=2, num_batches=13)),
+    ):
+        with pytest.raises(CacheError, match=rf"shard-00002\.safetensors: {message}"):
+            action()
+    assert snapshot(directory) == before
+
+
 def test_sample_id_uniqueness_from_the_manifests_ranges(fresh_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the writer's per-shard id ranges, `open_cache` proves uniqueness without opening a shard; a shard whose
     ids leave its range is refused on first use; overlapping ranges make `open_cache` read and compare those ids."""

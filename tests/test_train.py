@@ -275,6 +275,34 @@ def test_topk_targets_with_m_equal_to_seq_len_give_the_dense_attention_loss(tiny
 
 
 @pytest.mark.slow
+def test_a_compact_cache_trains_like_the_live_teacher_at_the_same_rows(tiny_cache: TinyCache) -> None:
+    """Top-m 8 at half the query rows with 8-bit values and logits: training reads it (the attention loss over the
+    stored rows only), and the live teacher — the same rows, unquantised — gives the same losses up to the codes'
+    error; the evaluation's attention KL is measured over the stored rows."""
+    from pipeline.stages.cache import cache_stage
+
+    compact = (
+        "cache.encoding=topk",
+        "cache.attn_top_m=8",
+        "cache.attn_row_fraction=0.5",
+        "cache.attn_value_bits=8",
+        "cache.logit_value_bits=8",
+        f"cache.output_dir={tiny_cache.root}/targets_compact",
+    )
+    cache_stage(tiny_cache.config(tiny_cache.root / "unused", *compact))
+    common = (*FAST_TRAIN, *compact, "train.max_steps=2", "train.eval_every=2", "mlflow.enabled=false")
+    train(tiny_cache.config(tiny_cache.root / "runs_compact", *common))
+    train(tiny_cache.config(tiny_cache.root / "runs_compact_online", *common, "train.mode=online"))
+    cached, cached_eval = read_metrics(tiny_cache.root / "runs_compact")
+    online, _ = read_metrics(tiny_cache.root / "runs_compact_online")
+    for step in (1, 2):
+        for key in ("train/loss_ce", "train/loss_kd", "train/loss_attn"):
+            assert cached[step][key] > 0 and math.isfinite(cached[step][key])
+            assert online[step][key] == pytest.approx(cached[step][key], rel=2e-2), (step, key)
+    assert cached_eval[2]["eval/attn_kl"] > 0 and math.isfinite(cached_eval[2]["eval/attn_kl"])
+
+
+@pytest.mark.slow
 def test_resumed_job_continues_its_mlflow_run_and_keeps_the_newest_checkpoints(
     tiny_cache: TinyCache, tmp_path: Path
 ) -> None:
