@@ -181,7 +181,7 @@ def capture_attention_forward(
         )
         if capture is not None:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            capture.inputs[module.layer_idx] = ScoreInputs(query, key, value, scale)
+            capture.inputs[module.layer_idx] = ScoreInputs(query, key, value, scale, output[0])
         return output
     num_key_value_groups = getattr(module, "num_key_value_groups", 1)
     key_states = repeat_kv(key, num_key_value_groups)

@@ -58,6 +58,8 @@ class ScoreInputs(NamedTuple):
     """``[B, H_kv, T, dh]`` values, once per KV head."""
     scale: float
     """The score scaling the layer uses (1/√dh, times GPT-2's inverse-layer-index factor where configured)."""
+    output: Tensor | None = None
+    """``[B, T, H, dh]`` the attention function's output (each head's A_h V_{kv(h)}, before the output projection)."""
 
 
 class DenseTarget(NamedTuple):

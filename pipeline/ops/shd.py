@@ -102,14 +102,33 @@ def new_group_stats(circuits: GroupCircuits, size: int) -> GroupStats:
     )
 
 
+def group_stats_from_outputs(outputs: Tensor, values: Tensor) -> GroupStats:
+    """The statistics of a group whose heads all read one KV head, from the attention's own outputs: there
+    A_i V = the head's output o_i [B, T, dh] (what SDPA computed), so P_ij = Σ_rows o_iᵀ o_j needs no map. `outputs`
+    [B, r, T, dh], `values` [B, T, dh] (the KV head's). ⟨A_i, A_j⟩ needs the maps and is left NaN: only the pair α
+    (groups of two, the pairwise merge) reads it, and those groups take the map pass."""
+    batch, size, rows, width = outputs.shape
+    flat = outputs.float().transpose(2, 3).reshape(batch, size * width, rows)
+    gram = (flat @ flat.transpose(1, 2)).double().view(batch, size, width, size, width).permute(0, 1, 3, 2, 4)
+    values = values.double()
+    overlaps = gram.new_full((batch, size, size), math.nan)
+    return GroupStats(gram.contiguous(), overlaps, values.transpose(1, 2) @ values)
+
+
 def accumulate_group_stats(stats: GroupStats, maps: Tensor, values: Tensor) -> GroupStats:
     """`stats` plus the query rows of `maps` [B, r, rows, K] (the group's probabilities of some rows over keys
-    0..K−1) with `values` [B, T, w] (the group's `GroupCircuits.values`; keys ≥ K are 0 in every row)."""
+    0..K−1) with `values` [B, T, w] (the group's `GroupCircuits.values`; keys ≥ K are 0 in every row).
+
+    Each block's sums are fp32 matrix products (the block's rows at most), accumulated across blocks in fp64."""
     maps = maps.float()
-    projected = (maps @ values[:, None, : maps.shape[-1]]).double()
-    products = stats.products + torch.einsum("birv,bjrx->bijvx", projected, projected)
-    overlaps = stats.overlaps + torch.einsum("birk,bjrk->bij", maps.double(), maps.double())
-    return GroupStats(products, overlaps, stats.values_gram)
+    batch, size, rows, keys = maps.shape
+    width = values.shape[-1]
+    projected = maps @ values[:, None, :keys].float()
+    flat = projected.transpose(2, 3).reshape(batch, size * width, rows)
+    gram = (flat @ flat.transpose(1, 2)).double().view(batch, size, width, size, width).permute(0, 1, 3, 2, 4)
+    flat_maps = maps.reshape(batch, size, rows * keys)
+    overlaps = (flat_maps @ flat_maps.transpose(1, 2)).double()
+    return GroupStats(stats.products + gram, stats.overlaps + overlaps, stats.values_gram)
 
 
 def _inner(products: Tensor, matrix: Tensor) -> Tensor:

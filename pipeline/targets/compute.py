@@ -40,7 +40,8 @@ def teacher_passes(teacher: nn.Module, input_ids: Tensor, layers: tuple[int, ...
     passes = {}
     for layer in layers:
         inputs = capture.inputs[layer]
-        layer_pass = LayerPass(inputs.query, inputs.key, inputs.value, inputs.scale)
+        output = None if inputs.output is None else inputs.output.transpose(1, 2)
+        layer_pass = LayerPass(inputs.query, inputs.key, inputs.value, inputs.scale, output)
         if circuits:
             output, kv_heads = per_layer[layer]
             layer_pass.circuits = Circuits(inputs.value.float(), output, kv_heads)
@@ -58,8 +59,10 @@ def _position_blocks(positions: Tensor, batch: int, heads: int, seq_len: int) ->
 def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, settings: TargetSettings) -> dict:
     """The stored tensors of every kind's maps of one layer (and their extras)."""
     jobs = [(kinds.get(name), variant) for name in settings.kinds for variant in kinds.get(name).variants(settings)]
-    groups = [group for kind, variant in jobs for group in kind.stats_groups(variant, layer_pass.num_heads)]
-    stats = layer_pass.statistics(groups) if groups else {}
+    heads = layer_pass.num_heads
+    groups = [group for kind, variant in jobs for group in kind.stats_groups(variant, heads)]
+    overlaps = [group for kind, variant in jobs for group in kind.overlap_groups(variant, heads)]
+    stats = layer_pass.statistics(groups, overlaps) if groups else {}
     states = [kind.solve(layer_pass, layer, variant, stats, settings) for kind, variant in jobs]
     options = EncodeOptions(
         settings.attn_top_m, settings.dtype, settings.temperatures, settings.attn_value_bits, layer_pass.query.shape[2]

@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from pipeline.ops.attention_rows import attention_rows, block_size, row_blocks
-from pipeline.ops.shd import Circuits, GroupStats, accumulate_group_stats, new_group_stats
+from pipeline.ops.shd import (
+    Circuits,
+    GroupStats,
+    accumulate_group_stats,
+    group_stats_from_outputs,
+    new_group_stats,
+)
 
 HeadGroup = tuple[int, ...]
 """Teacher heads whose statistics are accumulated together."""
@@ -82,7 +88,7 @@ class TargetSettings:
 
 @dataclass
 class LayerPass:
-    """One captured teacher layer of a batch: what its attention function was given, and its circuits."""
+    """One captured teacher layer of a batch: what its attention function was given, its output, and its circuits."""
 
     query: Tensor
     """[B, H, T, dh] post-RoPE queries."""
@@ -91,6 +97,8 @@ class LayerPass:
     value: Tensor
     """[B, H_kv, T, dh] values, once per KV head."""
     scale: float
+    output: Tensor | None = None
+    """[B, H, T, dh] each head's attention output A_h V_{kv(h)}, as the forward computed it."""
     circuits: Circuits | None = None
     """The value–output circuits (values, each head's slice of W_O, its KV head), when a kind needs them."""
 
@@ -102,17 +110,32 @@ class LayerPass:
         """Probabilities [B, H, R, K] of the query rows `positions` ([R] or [B, R], sorted)."""
         return attention_rows(self.query, self.key, self.scale, positions)
 
-    def statistics(self, groups: Iterable[HeadGroup]) -> dict[HeadGroup, tuple[GroupStats, Tensor]]:
-        """Every group's `GroupStats` over all query rows and its output maps, in one pass of row blocks."""
+    def statistics(
+        self, groups: Iterable[HeadGroup], overlap_groups: Iterable[HeadGroup] = ()
+    ) -> dict[HeadGroup, tuple[GroupStats, Tensor]]:
+        """Every group's `GroupStats` over all query rows and its output maps.
+
+        A group whose heads read one KV head takes its statistics from the heads' fp32 outputs (no map formed); the
+        others, and `overlap_groups` (whose ⟨A_i, A_j⟩ a pair α needs), from the maps, in one pass of row blocks."""
         if self.circuits is None:
             raise ValueError("statistics need the layer's circuits (a kind with capture = {'circuits'})")
         plans = {group: self.circuits.group(group) for group in dict.fromkeys(groups)}
-        stats = {group: new_group_stats(plan, len(group)) for group, plan in plans.items()}
-        batch, heads, seq_len = self.query.shape[:3]
-        for start, stop in row_blocks(seq_len, block_size(batch, heads, seq_len)):
-            probs = self.attention(torch.arange(start, stop, device=self.query.device))
-            for group, plan in plans.items():
-                stats[group] = accumulate_group_stats(stats[group], probs[:, list(group)], plan.values)
+        needs_maps = set(overlap_groups)
+        stats: dict[HeadGroup, GroupStats] = {}
+        for group, plan in plans.items():
+            one_kv_head = plan.values.shape[-1] == self.query.shape[-1]
+            exact_output = self.output is not None and self.output.dtype == torch.float32
+            if one_kv_head and exact_output and group not in needs_maps:
+                stats[group] = group_stats_from_outputs(self.output[:, list(group)], plan.values)
+        mapped = {group: plan for group, plan in plans.items() if group not in stats}
+        for group, plan in mapped.items():
+            stats[group] = new_group_stats(plan, len(group))
+        if mapped:
+            batch, heads, seq_len = self.query.shape[:3]
+            for start, stop in row_blocks(seq_len, block_size(batch, heads, seq_len)):
+                probs = self.attention(torch.arange(start, stop, device=self.query.device))
+                for group, plan in mapped.items():
+                    stats[group] = accumulate_group_stats(stats[group], probs[:, list(group)], plan.values)
         return {group: (stats[group], plans[group].outputs) for group in plans}
 
 
@@ -147,6 +170,10 @@ class TargetKind(ABC):
 
     def stats_groups(self, variant: int | None, num_heads: int) -> tuple[HeadGroup, ...]:
         """Head groups whose statistics over every row `solve` needs (none by default)."""
+        return ()
+
+    def overlap_groups(self, variant: int | None, num_heads: int) -> tuple[HeadGroup, ...]:
+        """Those of `stats_groups` whose map overlaps ⟨A_i, A_j⟩ `solve` reads (none by default)."""
         return ()
 
     def solve(

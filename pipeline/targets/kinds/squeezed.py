@@ -53,6 +53,11 @@ class SqueezedKind(TargetKind):
             return ()
         return tuple(tuple(group) for group in self._groups(variant, num_heads))
 
+    def overlap_groups(self, variant: int | None, num_heads: int) -> tuple[HeadGroup, ...]:
+        """The pair α reads the overlaps: every group of the pairwise merge, and the groups of two of `shd`."""
+        groups = self.stats_groups(variant, num_heads)
+        return groups if self.name == "shd_pairwise" else tuple(group for group in groups if len(group) == 2)
+
     def solve(
         self,
         layer_pass: LayerPass,
