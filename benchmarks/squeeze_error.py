@@ -34,14 +34,9 @@ from torch import Tensor
 from pipeline.data.prepare import load_prepared
 from pipeline.models.capture import AttentionCapture, attention_dims
 from pipeline.models.loading import load_teacher
-from pipeline.ops.shd import (
-    Circuits,
-    group_alphas,
-    head_groups,
-    reconstruction_error,
-    squeeze_groups,
-    squeeze_heads,
-)
+from pipeline.ops.matching import head_groups, squeeze_groups
+from pipeline.ops.shd import Circuits
+from pipeline.ops.shd_maps import group_alphas, reconstruction_error, squeeze_heads
 
 METHODS = ("uniform", "shd", "shd_pairwise", "exact on pairwise groups", "uniform on pairwise groups")
 

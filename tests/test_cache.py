@@ -30,7 +30,7 @@ from pipeline.models.teacher_import import import_teacher
 from pipeline.ops.kd import topk_targets
 from pipeline.ops.map_losses import DenseTarget, SparseTarget, map_loss_sum
 from pipeline.ops.matching import select_heads
-from pipeline.ops.shd import head_importance, squeeze_heads
+from pipeline.ops.shd_maps import head_importance, squeeze_heads
 from pipeline.stages.cache import cache_stage, verify_stage
 from pipeline.stages.prepare import prepare_stage
 from pipeline.stages.teacher import teacher_stage

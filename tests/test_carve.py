@@ -12,7 +12,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from pipeline.models.capture import AttentionCapture, attention_dims, model_family
 from pipeline.models.loading import load_teacher, make_student_config, write_tiny_teacher
 from pipeline.ops.matching import head_groups, squeeze_groups
-from pipeline.ops.shd import head_importance
+from pipeline.ops.shd_maps import head_importance
 from pipeline.students.blocks import decoder_layers
 from pipeline.students.carve import CarveError, CarvePlan, carve_student, plan_carve, plan_heads, select_layers
 from pipeline.students.fill import fill_dropped_layers

@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from pipeline.ops.matching import head_groups, layer_map, select_heads, squeeze_groups
-from pipeline.ops.shd import (
-    Circuits,
-    group_alphas,
-    head_importance,
-    pairwise_alphas,
-    reconstruction_error,
-    squeeze_heads,
-)
+from pipeline.ops.shd import Circuits
+from pipeline.ops.shd_maps import group_alphas, head_importance, pairwise_alphas, reconstruction_error, squeeze_heads
 
 
 def pair_alpha(a_p: torch.Tensor, a_q: torch.Tensor, x_p: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ Everything SHD's α and the head importance need of the maps is, per head group,
 their values' space: with V the group's values [T, w] (its KV heads side by side) and Y_i = A_i V,
 P_ij = Y_iᵀ Y_j [w, w] and ⟨A_i, A_j⟩_F, summed over query rows (`GroupStats`, fp64). Every objective below is an
 inner product of those with products of the heads' output maps: the T-sized work is one A V product per head and
-row block, as in the attention itself. The map-taking functions (`group_alphas`, `pairwise_alphas`,
-`squeeze_heads`, `head_importance`) accumulate the statistics of whole maps in one block and solve the same way.
+row block, as in the attention itself — or none: a group whose heads read one KV head has Y_i = o_i, the head's
+attention output, which the forward already computed (`group_stats_from_outputs`). The same solves on whole maps
+are `pipeline.ops.shd_maps`.
 
 Pure tensor maths in fp32 (statistics and the tiny per-group systems in fp64); nothing here knows about ranks or
 models. Shapes: B batch, H heads, T tokens, d model width, dh head width, r heads of a group, w = dh · KV heads of
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pipeline.ops.kd import PROB_FLOOR
-from pipeline.ops.matching import SQUEEZE_METHODS, SqueezeMethod, head_groups, pairwise_pass_sizes, squeeze_groups
+from pipeline.ops.matching import SQUEEZE_METHODS, SqueezeMethod, pairwise_pass_sizes
 
 MAX_EXACT_GROUP_SIZE = 10
 """Largest group solved exactly by enumerating the 2^r − 1 supports of the simplex QP; larger groups fall back to
@@ -307,66 +308,6 @@ def importance_from_stats(stats: Sequence[GroupStats], outputs: Sequence[Tensor]
     return torch.where(total > 0, shares, 1 / len(stats)).float()
 
 
-def _whole_map_stats(maps: Tensor, circuits: Circuits, heads: Sequence[int]) -> tuple[GroupStats, Tensor]:
-    """(statistics, output maps) of teacher heads `heads` over whole maps [B, H, T, T]: one block of every row."""
-    group = circuits.group(heads)
-    stats = accumulate_group_stats(new_group_stats(group, len(heads)), maps[:, list(heads)], group.values)
-    return stats, group.outputs
-
-
-def as_circuits(circuits: Tensor | Circuits, maps: Tensor) -> Circuits:
-    """`circuits` (dense [B, H, T, d] or factored) as `Circuits`, checked against `maps` [B, H, T, T]."""
-    batch, heads, seq = maps.shape[:3]
-    if isinstance(circuits, Tensor):
-        if circuits.dim() != 4 or circuits.shape[:3] != maps.shape[:3]:
-            raise ValueError(f"circuits {tuple(circuits.shape)}: expected [{batch}, {heads}, {seq}, d] like the maps")
-        return Circuits.from_dense(circuits)
-    values, output, kv_heads = circuits
-    if (
-        values.dim() != 4
-        or (values.shape[0], values.shape[2]) != (batch, seq)
-        or output.dim() != 3
-        or output.shape[:2] != (heads, values.shape[3])
-        or len(kv_heads) != heads
-        or not all(0 <= kv < values.shape[1] for kv in kv_heads)
-    ):
-        raise ValueError(
-            f"circuits with values {tuple(values.shape)}, output {tuple(output.shape)}, {len(kv_heads)} kv_heads: "
-            f"expected values [{batch}, H_kv, {seq}, dh], output [{heads}, dh, d] and {heads} kv_heads in [0, H_kv)"
-        )
-    return circuits
-
-
-def _check_maps(maps: Tensor) -> None:
-    if maps.dim() != 4 or maps.shape[-1] != maps.shape[-2]:
-        raise ValueError(f"maps {tuple(maps.shape)}: expected [B, H, T, T]")
-
-
-def group_alphas(maps: Tensor, circuits: Tensor | Circuits, max_exact_group_size: int = MAX_EXACT_GROUP_SIZE) -> Tensor:
-    """`group_alphas_from_stats` of whole maps [B, r, T, T] with circuits (dense [B, r, T, d] or `Circuits`)."""
-    _check_maps(maps)
-    stats, outputs = _whole_map_stats(maps.float(), as_circuits(circuits, maps), range(maps.shape[1]))
-    return group_alphas_from_stats(stats, outputs, max_exact_group_size)
-
-
-def pairwise_alphas(maps: Tensor, circuits: Tensor | Circuits, num_student_heads: int) -> Tensor:
-    """`pairwise_alphas_from_stats` of whole maps [B, H_t, T, T] with circuits → α [B, H_t]."""
-    _check_maps(maps)
-    circuits = as_circuits(circuits, maps)
-    groups = squeeze_groups(maps.shape[1], num_student_heads, "shd_pairwise")
-    parts = [_whole_map_stats(maps.float(), circuits, group) for group in groups]
-    return pairwise_alphas_from_stats([stats for stats, _ in parts], [out for _, out in parts], groups, maps.shape[1])
-
-
-def head_importance(maps: Tensor, circuits: Tensor | Circuits) -> Tensor:
-    """`importance_from_stats` of whole maps [B, H, T, T] with circuits → [B, H]: what the `selective` targets and
-    carving a student from the teacher rank heads by."""
-    _check_maps(maps)
-    circuits = as_circuits(circuits, maps)
-    parts = [_whole_map_stats(maps.float(), circuits, [head]) for head in range(maps.shape[1])]
-    return importance_from_stats([stats for stats, _ in parts], [out for _, out in parts])
-
-
 def squeeze_alphas(
     stats: Sequence[GroupStats] | None,
     outputs: Sequence[Tensor] | None,
@@ -402,63 +343,3 @@ def squeeze_rows(maps: Tensor, alphas: Tensor, groups: Sequence[Sequence[int]]) 
     return torch.stack(
         [torch.einsum("br,brqk->bqk", alphas[:, group], maps[:, list(group)]) for group in groups], dim=1
     )
-
-
-def squeeze_heads(
-    maps: Tensor, circuits: Tensor | Circuits | None, num_student_heads: int, method: SqueezeMethod = "shd"
-) -> tuple[Tensor, Tensor]:
-    """Squeeze whole teacher maps [B, H_t, T, T] into student targets [B, H_s, T, T] along
-    `matching.squeeze_groups` → (squeezed fp32, α [B, H_t] fp32: the weight of each teacher head inside its group,
-    summing to 1 over each group; all ones when H_s >= H_t). "shd" and "shd_pairwise" need `circuits`."""
-    _check_maps(maps)
-    num_teacher_heads = maps.shape[1]
-    groups = squeeze_groups(num_teacher_heads, num_student_heads, method)
-    stats = outputs = None
-    if method != "uniform" and num_student_heads < num_teacher_heads:
-        if circuits is None:
-            raise ValueError(
-                f"method={method!r} squeezing {num_teacher_heads} -> {num_student_heads} heads needs the "
-                "value-output circuits [B, H_t, T, d]; pass circuits or use method='uniform'"
-            )
-        circuits = as_circuits(circuits, maps)
-        parts = [_whole_map_stats(maps.float(), circuits, group) for group in groups]
-        stats, outputs = [part[0] for part in parts], [part[1] for part in parts]
-    alphas = squeeze_alphas(stats, outputs, groups, num_teacher_heads, method, maps.shape[0])
-    return squeeze_rows(maps, alphas, groups), alphas
-
-
-def reconstruction_error(
-    maps: Tensor,
-    circuits: Tensor | Circuits,
-    num_student_heads: int,
-    alphas: Tensor,
-    groups: list[list[int]] | None = None,
-) -> Tensor:
-    """SHD objective summed over groups: Σ_g ‖Σ_{i∈g} A_i X_i − (Σ_{i∈g} α_i A_i) Σ_{i∈g} X_i‖_F².
-
-    `maps` [B, H_t, T, T], `circuits` [B, H_t, T, d] (a `Circuits` is made dense), `alphas` [B, H_t] as returned by
-    `squeeze_heads` → [B] fp64 (for logging and for comparing α choices). `groups`: the grouping the α belong to
-    (default `head_groups`). Computed directly from the dense circuits: the reference the statistics are checked
-    against.
-    """
-    num_teacher_heads = maps.shape[1]
-    if groups is None:
-        groups = head_groups(num_teacher_heads, num_student_heads)
-    elif len(groups) != num_student_heads or not all(
-        group and all(0 <= head < num_teacher_heads for head in group) for group in groups
-    ):
-        raise ValueError(
-            f"groups {groups}: expected {num_student_heads} non-empty lists of teacher heads in "
-            f"[0, {num_teacher_heads})"
-        )
-    if isinstance(circuits, Circuits):
-        circuits = circuits.dense()
-    maps, circuits, alphas = maps.float(), circuits.float(), alphas.float()
-    error = maps.new_zeros(maps.shape[0], dtype=torch.float64)
-    for group in groups:
-        group_maps, group_circuits = maps[:, group], circuits[:, group]
-        target = (group_maps @ group_circuits).sum(1)
-        merged = torch.einsum("br,brqk->bqk", alphas[:, group], group_maps)
-        residual = target - merged @ group_circuits.sum(1)
-        error = error + residual.square().sum((-2, -1), dtype=torch.float64)
-    return error
