@@ -49,6 +49,7 @@ def init_distributed() -> None:
 
     A gloo group left by an earlier stage of `distill run` is replaced when GPUs want nccl.
     """
+    # here, not at the top: DeepSpeed takes seconds to import; single-process paths never need it
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -134,6 +135,7 @@ def shutdown() -> None:
     notebooks, `distill run`) can join a fresh group instead of tripping over a destroyed one."""
     if not torch_dist.is_initialized():
         return
+    # here, not at the top: DeepSpeed takes seconds to import; single-process paths never need it
     import deepspeed.comm
 
     if deepspeed.comm.is_initialized():

@@ -109,6 +109,7 @@ def find_or_create_experiment(client: MlflowClient, name: str, artifact_location
 def log_new_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> int:
     """Log the params the run lacks; a changed value becomes the tag `param_changed.KEY`. Returns how many were
     logged."""
+    # here, not at the top: MLflow takes seconds to import and only these calls need it
     from mlflow.entities import Param
 
     existing = client.get_run(run_id).data.params

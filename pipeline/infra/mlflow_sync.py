@@ -49,6 +49,7 @@ def sync_local_runs(run_dir: Path, tracking_uri: str | None = None, *, only_mean
     mid-run is appended to the run it continues. `only_meant_for` (the automatic sync of a starting job) skips runs
     meant for another store and, without copying them again, runs already copied there.
     """
+    # here, not at the top: MLflow takes seconds to import and only these calls need it
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -86,6 +87,7 @@ def sync_local_runs(run_dir: Path, tracking_uri: str | None = None, *, only_mean
 
 def _sync_run(local: MlflowClient, run: Any, experiment: str, target_uri: str) -> str:
     """Copy one local run to `target_uri` (see `sync_local_runs`); returns the id of the copy."""
+    # here, not at the top: MLflow takes seconds to import and only these calls need it
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 

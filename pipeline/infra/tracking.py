@@ -143,6 +143,7 @@ class MLflowTracker(Tracker):
         artifact_location: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None:
+        # here, not at the top: MLflow takes seconds to import and only these calls need it
         from mlflow.entities import RunStatus
         from mlflow.tracking import MlflowClient
 
@@ -176,6 +177,7 @@ class MLflowTracker(Tracker):
             self._client.delete_tag(self.run_id, key)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        # here, not at the top: MLflow takes seconds to import and only these calls need it
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)

@@ -73,6 +73,7 @@ def resolve_target(config: Config | None, experiment: str | None, tracking_uri: 
 
 def open_client(tracking_uri: str) -> MlflowClient:
     """A client on an existing store: a sqlite URI whose file is missing would silently create an empty store."""
+    # here, not at the top: MLflow takes seconds to import and only these calls need it
     from mlflow.tracking import MlflowClient
 
     prefix = "sqlite:///"
@@ -96,6 +97,7 @@ def select_runs(
 ) -> list[Run]:
     """Active, non-summary runs of `experiment` matching `filter_string`, oldest first; with `run_refs`, only the
     runs whose id or name is listed (every reference must match at least one run)."""
+    # here, not at the top: MLflow takes seconds to import and only these calls need it
     from mlflow.exceptions import MlflowException
 
     runs: list[Run] = []

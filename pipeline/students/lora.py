@@ -41,6 +41,7 @@ def apply_lora(model: PreTrainedModel, section: LoraSection) -> nn.Module:
     the wrapped model computes what `model` did."""
     if section.r == 0:
         return model
+    # here, not at the top: PEFT is imported only for LoRA students
     from peft import LoraConfig, get_peft_model
 
     targets = section.target_modules
@@ -73,6 +74,7 @@ def apply_lora(model: PreTrainedModel, section: LoraSection) -> nn.Module:
 
 def is_lora(module: nn.Module) -> bool:
     """Whether `module` is a PEFT-wrapped student."""
+    # here, not at the top: PEFT is imported only for LoRA students
     from peft import PeftModel
 
     return isinstance(module, PeftModel)
@@ -81,6 +83,7 @@ def is_lora(module: nn.Module) -> bool:
 def _fresh_copy(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
     """A CPU PEFT model with `module`'s structure and the weights of `state_dict` (a full `module.state_dict()`, e.g.
     gathered from ZeRO-3 partitions), so merging never touches the training model."""
+    # here, not at the top: PEFT is imported only for LoRA students
     from peft import get_peft_model
 
     base = module.get_base_model()

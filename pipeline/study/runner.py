@@ -59,6 +59,7 @@ def discard_unfinished(ctx: Context, spec: RunSpec) -> None:
 
     run_id_file = directory / RUN_ID_FILE
     if run_id_file.is_file():
+        # here, not at the top: MLflow takes seconds to import and only a run to discard needs it
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 

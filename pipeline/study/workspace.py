@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.infra.atomic import atomic_write_text
-from pipeline.study.layout import Study, StudyError, load_base, read_study, split_study_file
+from pipeline.study.layout import Study, StudyError, load_base, load_study, split_study_file
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 """The checkout the study's code comes from: its commit is the one results and reports name."""
@@ -112,12 +112,8 @@ def open_study(
     """Read and check a study config and lay out its work: the base config with this work dir's outputs, `--quick`'s
     overrides and the user's `overrides` (applied last), and the settings, variants and seeds to run."""
     config_path = Path(config_path).resolve()
-    section, values = split_study_file(config_path)
-    probe = load_base(config_path, values, overrides)
-    try:
-        study = read_study(section, probe)
-    except StudyError as error:
-        raise StudyError(f"{config_path}: {error}") from None
+    study, probe = load_study(config_path, overrides)
+    _, values = split_study_file(config_path)
     if quick and study.quick is None:
         raise StudyError(f"{config_path}: study.quick: missing; --quick needs its settings, variants and seeds")
     work = relative_to_cwd(work or default_dir(study.work_dir, "work", probe, quick))
