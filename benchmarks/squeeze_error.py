@@ -34,14 +34,8 @@ from torch import Tensor
 from pipeline.data.prepare import load_prepared
 from pipeline.models.capture import AttentionCapture, attention_dims
 from pipeline.models.loading import load_teacher
-from pipeline.ops.shd import (
-    Circuits,
-    group_alphas,
-    head_groups,
-    reconstruction_error,
-    squeeze_groups,
-    squeeze_heads,
-)
+from pipeline.ops.matching import head_groups, squeeze_groups
+from pipeline.ops.shd import Circuits, group_alphas, reconstruction_error, squeeze_heads
 
 METHODS = ("uniform", "shd", "shd_pairwise", "exact on pairwise groups", "uniform on pairwise groups")
 
@@ -55,10 +49,12 @@ def layer_output_norm(maps: Tensor, circuits: Circuits) -> Tensor:
 
 def exact_alphas(maps: Tensor, circuits: Circuits, groups: list[list[int]]) -> Tensor:
     """`group_alphas` on each of `groups` (contiguous) → α [B, H_t] fp32."""
+    values, output, kv_heads = circuits
     alphas = maps.new_ones(maps.shape[:2], dtype=torch.float32)
     for group in groups:
         heads = slice(group[0], group[-1] + 1)
-        alphas[:, heads] = group_alphas(maps[:, heads], circuits.select(heads))
+        # The group's heads with every KV head's values: `group_alphas` reads only the KV heads they use.
+        alphas[:, heads] = group_alphas(maps[:, heads], Circuits(values, output[heads], kv_heads[heads]))
     return alphas
 
 
