@@ -1,6 +1,7 @@
 """What several benchmark scripts share, so that no script imports another: side-by-side timing, the peak memory
-of one step measured in a fresh process, a random teacher of the real one's shape, samples longer than the packed
-ones made of contiguous text, and greedy text from a student as its run built it at step 0.
+of one step measured in a fresh process, a random teacher of the real one's shape, random targets in the cache's
+stored form, samples longer than the packed ones made of contiguous text, and greedy text from a student as its run
+built it at step 0.
 
 Scripts import it as `_common` (benchmarks/ is on sys.path when a script runs); it is not a benchmark itself.
 """
@@ -25,8 +26,11 @@ from transformers import LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import Config
 from pipeline.objective.loss import build_objective
+from pipeline.ops.kd import topk_targets
 from pipeline.stages.context import open_run
 from pipeline.students import build_student_model
+from pipeline.targets.encoding import ENCODINGS, EncodeOptions
+from pipeline.targets.logits import stored_logit_tensors
 
 # --------------------------------------------------------------------------------------------------------------------
 # Timing
@@ -195,6 +199,49 @@ def smollm2_like_config() -> LlamaConfig:
         max_position_embeddings=8192,
         tie_word_embeddings=True,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Random targets in the cache's stored form (costs depend on shapes and bytes, not values)
+
+
+def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Row-stochastic causal maps [B, H, T, T] standing in for a teacher's attention targets."""
+    scores = torch.randn(batch, heads, seq_len, seq_len, generator=generator)
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def stored_maps(
+    name: str, maps: torch.Tensor, encoding: str, options: EncodeOptions, rows: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of whole maps [N, H, T, T] named `name`, through the cache's own writer in one block
+    (`rows` [N, R]: only those query rows, as a cache with `cache.attn_row_fraction` < 1 stores them; top-m only)."""
+    writer = ENCODINGS[encoding].writer(name, options)
+    if rows is None:
+        seq_len = maps.shape[-1]
+        writer.add(maps, torch.arange(seq_len).expand(len(maps), seq_len))
+    else:
+        index = rows[:, None, :, None].expand(*maps.shape[:2], rows.shape[1], maps.shape[-1])
+        writer.add(maps.gather(2, index), rows)
+    return writer.tensors()
+
+
+def stored_random_logits(
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    top_k: int,
+    temperatures: tuple[float, ...],
+    dtype: torch.dtype,
+    value_bits: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The stored logit targets (`logits.stored_logit_tensors` of `ops.kd.topk_targets`) of random teacher logits
+    [batch, T, vocab]."""
+    logits = torch.randn(batch, seq_len, vocab_size, generator=generator)
+    values, indices, tails = topk_targets(logits, top_k, temperatures)
+    return stored_logit_tensors(values, indices, tails, vocab_size, temperatures, dtype, value_bits)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ backward of the student on one batch with
 
 Each loss is Σ_terms w · (sum over its units ÷ its unit count), as `Trainer.train_step` forms it on one rank, and
 its backward runs as the trainer's (one backward of Σ factors · term sums).
-Targets are random (costs depend on shapes, not values), encoded by the cache's encoders (`encoding.ENCODINGS`,
-`logits.logit_targets`) and converted by `stream.training_batch`, exactly the form a cached batch has.
+Targets are random (costs depend on shapes, not values), stored through the cache's own writers
+(`_common.stored_maps`, `_common.stored_random_logits`) and converted by `stream.training_batch` with the fingerprint
+of those settings, exactly the form a cached batch has.
 
 Time: the variants alternate within every repeat (`_common.time_alternately`); medians and their ratios are printed.
 Peak memory: one fresh process per (T, variant) builds the student and the batch, runs one warm-up step, then
@@ -44,8 +45,11 @@ from _common import (  # benchmarks/ is on sys.path when run as a script
     PeakMemory,
     measure_in_child,
     megabytes,
+    random_causal_maps,
     report_memory,
     smollm2_like_config,
+    stored_maps,
+    stored_random_logits,
     time_alternately,
 )
 from torch import nn
@@ -58,21 +62,15 @@ from pipeline.objective.terms.ce import CrossEntropy
 from pipeline.objective.terms.kd import LogitKD
 from pipeline.ops.kd import cross_entropy
 from pipeline.ops.matching import layer_map
-from pipeline.targets.encoding import ENCODINGS
-from pipeline.targets.logits import logit_targets
-from pipeline.targets.needs import MapNeed
+from pipeline.targets.encoding import EncodeOptions
+from pipeline.targets.fingerprint import cache_fingerprint
+from pipeline.targets.kinds.base import TargetSettings
+from pipeline.targets.needs import MapNeed, TargetNeeds
 from pipeline.targets.stream import training_batch
 
 VARIANTS = {"ce": "CE only", "kd": "CE + KD", "full": "CE + KD + attention"}
 KIND = "shd"
 """The target kind of every matched layer."""
-
-
-def random_causal_maps(batch: int, heads: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """Row-stochastic causal maps [B, H, T, T] standing in for cached squeezed teacher targets."""
-    scores = torch.randn(batch, heads, seq_len, seq_len, generator=generator)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
 
 
 def attention_needs(args: argparse.Namespace) -> tuple[MapNeed, ...]:
@@ -90,27 +88,48 @@ def objectives(args: argparse.Namespace) -> dict[str, Objective]:
     }
 
 
+def target_fingerprint(args: argparse.Namespace, seq_len: int, needs: TargetNeeds) -> dict[str, Any]:
+    """The fingerprint of a cache holding exactly `needs` at T = `seq_len` in `--encoding` (fp16, τ = 1, m capped at
+    T): what `training_batch` decodes the stored tensors by."""
+    settings = TargetSettings(
+        layers=needs.layers(),
+        head_counts=(args.heads,),
+        kinds=needs.kinds(),
+        encoding=args.encoding,
+        attn_top_m=min(args.attn_top_m, seq_len),
+        top_k=args.top_k,
+        temperatures=(1.0,),
+        dtype=torch.float16,
+    )
+    teacher = smollm2_like_config()
+    return cache_fingerprint(
+        settings,
+        {"seq_len": seq_len},
+        teacher_num_heads=teacher.num_attention_heads,
+        vocab_size=teacher.vocab_size,
+        dtype="float16",
+    )
+
+
 def make_batch(
     args: argparse.Namespace, seq_len: int, batch: int, device: torch.device, *, targets: bool = True
 ) -> dict[str, Any]:
     """A batch in the reader's form with random targets: top-k logits and every matched layer's target map; with
     `targets=False` only the tokens and labels (what plain language-model training holds)."""
     generator = torch.Generator().manual_seed(seq_len)
-    vocab = smollm2_like_config().vocab_size
-    logits = torch.randn(batch, seq_len, vocab, generator=generator)
+    needs = objectives(args)["full"].needs()
+    fingerprint = target_fingerprint(args, seq_len, needs)
+    vocab = fingerprint["vocab_size"]
     raw = {
         "sample_ids": torch.arange(batch),
         "input_ids": torch.randint(vocab, (batch, seq_len), generator=generator, dtype=torch.int32),
-        **logit_targets(logits, args.top_k, (1.0,), torch.float16),
+        **stored_random_logits(batch, seq_len, vocab, args.top_k, (1.0,), torch.float16, 16, generator),
     }
-    needs = objectives(args)["full"].needs()
+    options = EncodeOptions(fingerprint["attn_top_m"] or 1, torch.float16, (1.0,), 16, seq_len)
     for name, _ in needs.reads():
         maps = random_causal_maps(batch, args.heads, seq_len, generator)
-        attn_top_m = min(args.attn_top_m, seq_len)
-        raw.update(
-            ENCODINGS[args.encoding].encode(name, maps, attn_top_m=attn_top_m, dtype=torch.float16, temperatures=(1.0,))
-        )
-    converted = training_batch(raw, torch.arange(batch), needs, args.encoding)
+        raw.update(stored_maps(name, maps, args.encoding, options))
+    converted = training_batch(raw, torch.arange(batch), needs, fingerprint)
     if not targets:
         converted = {key: converted[key] for key in ("input_ids", "labels")}
     return to_device(converted, device)

@@ -2,11 +2,15 @@
 
 Builds a cache of the demo's shape — synthetic shards of valid targets with exactly the tensors the layout schema
 (`layout.expected_tensors`) names for the demo (4 cached layers, SHD targets for head counts [3, 2] of a 9-head
-teacher with their α, T 256, fp16 packed triangles — or with `--encoding topk` top-m rows with their tail sums —,
-top-k 64 over a 49152 vocabulary with uint16 indices and the tail mass; 320 samples in shards of 64, like
-`cache.max_samples`), encoded by the pipeline's own encoders (`logits.logit_targets`, `ENCODINGS`) from random
-logits (of 4 samples, repeated) and random row-stochastic maps: the reader's cost depends on shapes and bytes, not
-values. Then times
+teacher with their α, T 256, fp16 packed triangles — or with `--encoding topk` top-m rows with their tail sums and
+bit-packed key indices —, top-k 64 over a 49152 vocabulary with bit-packed token ids and the tail mass; 320 samples
+in shards of 64, like `cache.max_samples`), stored through the cache's own writers (`_common.stored_maps`: the
+encoding's `MapWriter`; `_common.stored_random_logits`: `logits.stored_logit_tensors`) from random logits (of 4
+samples, repeated) and random row-stochastic maps: the reader's cost depends on shapes and bytes, not values. A
+compact cache (`--encoding topk --row-fraction 0.25 --value-bits 8`: the attention targets of a quarter of each
+sample's query rows, `cache.attn_row_fraction`, and 8-bit log-probability codes for the top-m values and the logits,
+`cache.attn_value_bits` and `cache.logit_value_bits`) shows what the loader pays to decode codes and packed indices
+(the issue's bar: loader wait < 5 % of the step). Then times
 `TargetStream` (the needs of a 3-head student matched to the 4 layers: its SHD maps and the logits at τ = 1; batch 8,
 shuffled, checksums on) through a `DataLoader(batch_size=None)` with and without its
 prefetch thread and with 0 and 2 workers, in two states (a batch is then final: the loss expands dense triangles block
@@ -18,10 +22,13 @@ by block on the consumer's device, inside the student step below):
 Beside it, one forward + backward of the demo student (`loading.build_student` from the teacher's config: 4
 layers × 384 hidden, 3 heads on 1 KV head, intermediate 1024, tied 49152 vocabulary) on a batch from the stream with
 the trainer's terms CE + top-k KD + attention KL (`pipeline.objective.terms`): its samples/s is what training consumes.
-Runs alternate, medians are printed, and the ratio reader ÷ consumption (the reader must be far faster). Shards are
-read right after being written, so from the page cache: the figures are those of a warm cache, not of a cold disk.
+Runs alternate, medians are printed, with the ratio reader ÷ consumption (the reader must be far faster) and one
+batch's read time ÷ the student step (what the step would wait for the loader if nothing overlapped: workers 0,
+prefetch off). Shards are read right after being written, so from the page cache: the figures are those of a warm
+cache, not of a cold disk.
 
     .venv/bin/python benchmarks/reader_throughput.py                   # demo shape, 7 repeats
+    .venv/bin/python benchmarks/reader_throughput.py --encoding topk --row-fraction 0.25 --value-bits 8   # compact
     .venv/bin/python benchmarks/reader_throughput.py --samples 64 --shard-size 32 --repeats 1   # a quick look
 """
 
@@ -37,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import random_causal_maps, stored_maps, stored_random_logits  # benchmarks/ is on sys.path as a script
 from torch.utils.data import DataLoader
 from transformers import AutoConfig
 
@@ -46,7 +54,8 @@ from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.ce import CrossEntropy
 from pipeline.objective.terms.kd import LogitKD
 from pipeline.targets import store
-from pipeline.targets.encoding import ENCODINGS
+from pipeline.targets.codecs import bits_for, pack_bits
+from pipeline.targets.encoding import EncodeOptions
 from pipeline.targets.fingerprint import cache_fingerprint, provenance
 from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.layout import (
@@ -57,9 +66,9 @@ from pipeline.targets.layout import (
     shard_bytes,
     shard_file_name,
 )
-from pipeline.targets.logits import logit_targets
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
 from pipeline.targets.needs import MapNeed
+from pipeline.targets.rows import ROWS_TENSOR, stored_rows, stores_rows
 from pipeline.targets.stream import TargetStream
 
 KIND = "shd"
@@ -70,31 +79,45 @@ every sample would take most of the set-up, and the reader's cost depends on byt
 
 
 def random_logit_targets(fingerprint: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """The stored logit targets (`logits.logit_targets`) of `LOGIT_ROWS` samples of random teacher logits."""
-    logits = torch.randn(LOGIT_ROWS, fingerprint["seq_len"], fingerprint["vocab_size"], generator=generator)
-    dtype = getattr(torch, fingerprint["dtype"])
-    return logit_targets(logits, fingerprint["top_k"], tuple(fingerprint["temperatures"]), dtype)
+    """The stored logit targets of `LOGIT_ROWS` samples of random teacher logits, in the fingerprint's form."""
+    return stored_random_logits(
+        LOGIT_ROWS,
+        fingerprint["seq_len"],
+        fingerprint["vocab_size"],
+        fingerprint["top_k"],
+        tuple(fingerprint["temperatures"]),
+        getattr(torch, fingerprint["dtype"]),
+        fingerprint["logit_value_bits"],
+        generator,
+    )
 
 
 def synthetic_shard(
     first: int, rows: int, fingerprint: dict, logit_block: dict[str, torch.Tensor], generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """Every tensor of one shard of a cache with `fingerprint`, in the writer's on-disk names, dtypes and shapes,
-    made by the pipeline's own encoders from random teacher outputs (the logit targets `logit_block` repeated);
-    checked against the layout schema."""
+    stored by the cache's own writers from random teacher outputs (the logit targets `logit_block` repeated) at the
+    stored rows of each sample (`rows.stored_rows`, as the cache stage picks them); checked against the layout
+    schema."""
     seq_len, vocab = fingerprint["seq_len"], fingerprint["vocab_size"]
-    temperatures, dtype = tuple(fingerprint["temperatures"]), getattr(torch, fingerprint["dtype"])
     repeated = torch.arange(rows) % LOGIT_ROWS
     tensors = {name: tensor[repeated] for name, tensor in logit_block.items()}
     tensors["sample_ids"] = torch.arange(first, first + rows, dtype=torch.int64)
     tensors["input_ids"] = torch.randint(0, vocab, (rows, seq_len), generator=generator, dtype=torch.int32)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    encoding = ENCODINGS[fingerprint["encoding"]]
+    positions = None
+    if stores_rows(fingerprint["attn_row_fraction"], fingerprint["attn_targets"]):
+        positions = stored_rows(tensors["sample_ids"], seq_len, fingerprint["attn_row_fraction"])
+        tensors[ROWS_TENSOR] = pack_bits(positions, bits_for(seq_len))
+    options = EncodeOptions(
+        fingerprint["attn_top_m"] or 1,
+        getattr(torch, fingerprint["dtype"]),
+        tuple(fingerprint["temperatures"]),
+        fingerprint["attn_value_bits"],
+        seq_len,
+    )
     for spec in cached_maps(fingerprint):
-        scores = torch.randn(rows, spec.heads, seq_len, seq_len, generator=generator)
-        maps = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        attn_top_m = fingerprint["attn_top_m"] or 1
-        tensors.update(encoding.encode(spec.name, maps, attn_top_m=attn_top_m, dtype=dtype, temperatures=temperatures))
+        maps = random_causal_maps(rows, spec.heads, seq_len, generator)
+        tensors.update(stored_maps(spec.name, maps, fingerprint["encoding"], options, positions))
     specs = expected_tensors(fingerprint, rows)
     for name, spec in specs.items():
         if spec.role == "alpha":  # the kind's per-sample extras: weights in [0, 1]
@@ -120,6 +143,9 @@ def write_demo_cache(directory: Path, args: argparse.Namespace, teacher_heads: i
         top_k=args.top_k,
         temperatures=(1.0,),
         dtype=torch.float16,
+        row_fraction=args.row_fraction,
+        attn_value_bits=args.value_bits if args.encoding == "topk" else 16,
+        logit_value_bits=args.value_bits,
     )
     data_meta = {"tokenizer_fingerprint": "synthetic", "fingerprint": "synthetic", "seq_len": args.seq_len}
     fingerprint = cache_fingerprint(
@@ -155,10 +181,24 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64, help="cached logits per token (default 64)")
     parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="target map encoding")
     parser.add_argument("--attn-top-m", type=int, default=32, help="kept entries per row with topk (default 32)")
+    parser.add_argument(
+        "--row-fraction", type=float, default=1.0, help="share of query rows stored, topk only (default 1: all)"
+    )
+    parser.add_argument(
+        "--value-bits",
+        type=int,
+        choices=(16, 8),
+        default=16,
+        help="16-bit values or 8-bit codes of the logits and, with topk, of the attention values (default 16)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="micro-batch (default 8)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats of every variant (default 7)")
     parser.add_argument("--workdir", default=None, help="where the cache is written (default: system tmp)")
     args = parser.parse_args()
+    if not 0 < args.row_fraction <= 1:
+        parser.error(f"--row-fraction {args.row_fraction}: expected a fraction in (0, 1]")
+    if args.row_fraction < 1 and args.encoding != "topk":
+        parser.error(f"--row-fraction {args.row_fraction}: a dense cache stores every row; add --encoding topk")
 
     torch.manual_seed(0)
     teacher_config = AutoConfig.from_pretrained(args.teacher, local_files_only=True)
@@ -244,12 +284,18 @@ def main() -> None:
     step = medians.pop("student fwd+bwd")
     consumed = args.batch / step
     parameters = sum(p.numel() for p in student.parameters())
+    if args.encoding == "topk":
+        attention = (
+            f"top-m rows (m = {args.attn_top_m}, {args.row_fraction:g} of the rows, "
+            f"{'8-bit codes' if args.value_bits == 8 else 'fp16'})"
+        )
+    else:
+        attention = "fp16 triangles"
     print(
         f"synthetic {args.encoding} cache of the demo shape: {args.samples} samples in shards of {args.shard_size}, T "
         f"{args.seq_len}, layers {args.layers}, head counts {args.head_counts} of {teacher_heads} teacher heads, "
-        f"fp16{f' (m = {args.attn_top_m})' if args.encoding == 'topk' else ''}, top-k {args.top_k} (vocab {vocab}); "
-        f"{cache_bytes / 2**20:.0f} MiB written in {build_seconds:.1f} s "
-        f"(page cache warm)"
+        f"{attention}, top-k {args.top_k} (vocab {vocab}, {'8-bit codes' if args.value_bits == 8 else 'fp16'}); "
+        f"{cache_bytes / 2**20:.1f} MiB written in {build_seconds:.1f} s (page cache warm)"
     )
     print(
         f"stream: the maps of a {args.heads}-head student, batch {args.batch}, shuffled, checksums on, one epoch = "
@@ -267,8 +313,10 @@ def main() -> None:
         per_batch = [1000 * value / batches_per_epoch for value in (seconds, min(times[name]), max(times[name]))]
         print(
             f"  {name}  {rate:8.1f} samples/s  {per_batch[0]:7.1f} ms/batch (min {per_batch[1]:6.1f}, max "
-            f"{per_batch[2]:6.1f})  reader ÷ consumption {rate / consumed:7.1f}×"
+            f"{per_batch[2]:6.1f})  reader ÷ consumption {rate / consumed:7.1f}×  batch read ÷ step "
+            f"{100 * per_batch[0] / (1000 * step):5.2f} %"
         )
+    print("batch read ÷ step: the loader's wait per step if nothing overlapped it (issue bar: < 5 %)")
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ def layer_output_norm(maps: Tensor, circuits: Circuits) -> Tensor:
 
 def exact_alphas(maps: Tensor, circuits: Circuits, groups: list[list[int]]) -> Tensor:
     """`group_alphas` on each of `groups` (contiguous) → α [B, H_t] fp32."""
+    values, output, kv_heads = circuits
     alphas = maps.new_ones(maps.shape[:2], dtype=torch.float32)
     for group in groups:
         heads = slice(group[0], group[-1] + 1)
-        alphas[:, heads] = group_alphas(maps[:, heads], circuits.select(heads))
+        # The group's heads with every KV head's values: `group_alphas` reads only the KV heads they use.
+        alphas[:, heads] = group_alphas(maps[:, heads], Circuits(values, output[heads], kv_heads[heads]))
     return alphas
 
 
