@@ -51,6 +51,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config
 from pipeline.data.prepare import load_prepared
+from pipeline.models.capture import CAPTURE_ATTENTION
 from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.models.templates import TEACHER_TEMPLATES
 from pipeline.stages.cache import cache_settings, shape_context
@@ -88,15 +89,21 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, TargetSettings, dic
     config = load_config(args.config, overrides)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.template:
-        shape = TEACHER_TEMPLATES[args.template](*([args.template_layers] if args.template_layers else []))
+        shape = TEACHER_TEMPLATES[args.template]()  # what is cached is planned on the whole teacher's shape
+        built = TEACHER_TEMPLATES[args.template](*([args.template_layers] if args.template_layers else []))
         torch.manual_seed(0)
-        teacher = AutoModelForCausalLM.from_config(shape, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        model = AutoModelForCausalLM.from_config(built, dtype=dtype, attn_implementation=CAPTURE_ATTENTION)
+        teacher = model.to(device).eval()
         train = None
     else:
         shape = load_teacher_config(config.teacher.path)
         teacher = load_teacher(Path(config.teacher.path), dtype=dtype, device=device)
         train = load_prepared(Path(config.data.output_dir))[0]["train"]
     settings = cache_settings(shape_context(config, shape))
+    depth = teacher.config.num_hidden_layers
+    if any(layer >= depth for layer in settings.layers):  # a shortened template: its first layers stand in
+        kept = tuple(layer for layer in settings.layers if layer < depth) or tuple(range(depth))
+        settings = dataclasses.replace(settings, layers=kept)
     fingerprint = cache_fingerprint(
         settings,
         {"seq_len": 0},

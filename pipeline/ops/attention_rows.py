@@ -13,8 +13,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-ROW_BLOCK_ELEMENTS = 1 << 24
-"""Probabilities (B · H · rows · keys) per block: 64 MB of fp32, a few intermediates of that size alive at a time."""
+ROW_BLOCK_ELEMENTS = 1 << 22
+"""Probabilities (B · H · rows · keys) per block: 16 MB of fp32. The passes over a block (scores, softmax, squeeze,
+top m, sums) are memory-bound on a CPU; at this size a block stays in a large last-level cache between them (2²⁴
+took 1.5× as long at T 8192, 2²⁰ no less: more blocks, more calls)."""
 
 
 def repeat_heads(key: Tensor, num_heads: int) -> Tensor:
@@ -37,17 +39,22 @@ def row_blocks(seq_len: int, rows_per_block: int) -> Iterator[tuple[int, int]]:
 def attention_rows(query: Tensor, key: Tensor, scale: float, positions: Tensor) -> Tensor:
     """softmax(q kᵀ · scale) of the query rows at `positions` under the causal mask → [B, H, R, K] fp32.
 
-    `query` [B, H, T, d], `key` [B, H_k, T, d] (H_k divides H); `positions` [R] (the same rows in every sample) or
-    [B, R] (per sample), sorted; K = the last position + 1: keys after it are causally 0 in every row of the block.
-    Keys a row may not see are exactly 0.
+    `query` [B, H, T, d], `key` [B, H_k, T, d] (H_k divides H; query head h reads key head h // (H / H_k), taken as
+    a grouped matrix product, never repeated); `positions` [R] (the same rows in every sample) or [B, R] (per
+    sample), sorted; K = the last position + 1: keys after it are causally 0 in every row of the block. Keys a row
+    may not see are exactly 0; only the keys after the block's first row can be hidden, so only those are masked.
+    The block is memory-bound on a CPU: every pass over it counts, hence the scale folded into the query rows.
     """
-    batch, heads = query.shape[:2]
+    batch, heads, _, width = query.shape
+    key_heads = key.shape[1]
     per_sample = positions if positions.dim() == 2 else positions.expand(batch, -1)
-    keys = int(per_sample.max()) + 1
-    index = per_sample[:, None, :, None].expand(batch, heads, per_sample.shape[1], query.shape[-1])
-    rows = query.gather(2, index).float()
-    scores = rows @ repeat_heads(key[:, :, :keys], heads).float().transpose(-1, -2)
-    scores.mul_(scale)
-    blocked = torch.arange(keys, device=query.device) > per_sample[:, None, :, None]
-    scores.masked_fill_(blocked, float("-inf"))
+    count = per_sample.shape[1]
+    first, keys = int(per_sample.min()), int(per_sample.max()) + 1
+    index = per_sample[:, None, :, None].expand(batch, heads, count, width)
+    rows = query.gather(2, index).float() * scale
+    grouped = rows.view(batch, key_heads, heads // key_heads * count, width)
+    scores = (grouped @ key[:, :, :keys].float().transpose(-1, -2)).view(batch, heads, count, keys)
+    if keys > first + 1:
+        hidden = torch.arange(first + 1, keys, device=query.device) > per_sample[:, None, :, None]
+        scores[..., first + 1 :].masked_fill_(hidden, float("-inf"))
     return torch.softmax(scores, dim=-1)

@@ -335,11 +335,14 @@ def squeeze_alphas(
 
 def squeeze_rows(maps: Tensor, alphas: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
     """Student targets of some query rows: maps [B, H_t, rows, K] → [B, H_s, rows, K], each Σ_i α_i A_i over its
-    group (the group's single head copied when H_s ≥ H_t), so rows stay stochastic and causal."""
+    group (the group's single head copied when H_s ≥ H_t), so rows stay stochastic and causal. One batched product
+    with the [H_s, H_t] weights: the rows are read once."""
     maps = maps.float()
-    if len(groups) >= maps.shape[1]:
-        return maps if len(groups) == maps.shape[1] else maps[:, [group[0] for group in groups]]
-    alphas = alphas.to(maps.device)
-    return torch.stack(
-        [torch.einsum("br,brqk->bqk", alphas[:, group], maps[:, list(group)]) for group in groups], dim=1
-    )
+    batch, heads = maps.shape[:2]
+    if len(groups) >= heads:
+        return maps if len(groups) == heads else maps[:, [group[0] for group in groups]]
+    weights = maps.new_zeros(batch, len(groups), heads)
+    alphas = alphas.to(maps.device, torch.float32)
+    for student_head, group in enumerate(groups):
+        weights[:, student_head, list(group)] = alphas[:, list(group)]
+    return (weights @ maps.reshape(batch, heads, -1)).view(batch, len(groups), *maps.shape[2:])

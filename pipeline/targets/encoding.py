@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from pipeline.ops.kd import TOPK_BLOCK
 from pipeline.ops.map_losses import DenseTarget, MapTarget, SparseTarget
 from pipeline.targets.codecs import (
     bits_for,
@@ -105,17 +106,36 @@ def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) ->
     Returns (`values` [..., m] fp32 probabilities, descending; `indices` [..., m] int64; `tails`
     [..., len(temperatures)] fp32), the tails summed over the complement itself, so they are exactly 0 when the top m
     hold every non-zero key. A row with fewer than m keys (K < m) is padded with zero columns: the extra entries carry
-    exactly 0 mass at indices ≥ K, keys the row cannot see.
+    exactly 0 mass at indices ≥ K, keys the row cannot see. Long rows are cut into blocks of `TOPK_BLOCK` keys: the
+    m blocks with the largest maxima hold the top m, so only their entries are ranked one by one, and the tail is the
+    other blocks' sums plus the candidates not kept (as `ops.kd.topk_targets` does for the logits).
     """
     if m < 1:
         raise ValueError(f"m={m}: expected m >= 1")
     maps = maps.float()
     if maps.shape[-1] < m:
         maps = torch.nn.functional.pad(maps, (0, m - maps.shape[-1]))
-    values, indices = maps.topk(m, dim=-1)
-    rest = maps.scatter(-1, indices, 0.0)
-    tails = torch.stack([(rest if tau == 1.0 else rest.pow(1 / tau)).sum(-1) for tau in temperatures], dim=-1)
-    return values, indices, tails
+    keys = maps.shape[-1]
+    if 2 * m * TOPK_BLOCK > keys:
+        values, indices = maps.topk(m, dim=-1)
+        rest = maps.scatter(-1, indices, 0.0)
+        tails = torch.stack([(rest if tau == 1.0 else rest.pow(1 / tau)).sum(-1) for tau in temperatures], dim=-1)
+        return values, indices, tails
+    num_blocks = keys // TOPK_BLOCK
+    blocked = maps[..., : num_blocks * TOPK_BLOCK].unflatten(-1, (num_blocks, TOPK_BLOCK))
+    blocks = blocked.amax(-1).topk(m, dim=-1, sorted=False).indices
+    offsets = torch.arange(TOPK_BLOCK, device=maps.device)
+    ragged_end = torch.arange(num_blocks * TOPK_BLOCK, keys, device=maps.device).expand(*maps.shape[:-1], -1)
+    candidates = torch.cat([(blocks[..., None] * TOPK_BLOCK + offsets).flatten(-2), ragged_end], dim=-1)
+    candidate_values = maps.gather(-1, candidates)
+    values, positions = candidate_values.topk(m, dim=-1)
+    tails = []
+    for tau in temperatures:
+        powered_blocks = blocked if tau == 1.0 else blocked.pow(1 / tau)
+        powered_candidates = candidate_values if tau == 1.0 else candidate_values.pow(1 / tau)
+        other_blocks = powered_blocks.sum(-1).scatter_(-1, blocks, 0.0).sum(-1)
+        tails.append(other_blocks + powered_candidates.scatter(-1, positions, 0.0).sum(-1))
+    return values, candidates.gather(-1, positions), torch.stack(tails, dim=-1)
 
 
 class MapWriter(ABC):
