@@ -82,14 +82,16 @@ def cache_stage(config: Config, *, overwrite: bool = False) -> None:
     if settings.selected_heads:
         logger.info("selective targets: teacher heads %s (by mean output share)", settings.selected_heads)
     logger.info(
-        "caching teacher layers %s for student head counts %s (%d teacher heads): %s targets, %s encoding, "
-        "tail sums at τ %s",
+        "caching teacher layers %s for student head counts %s (%d teacher heads): %s targets, %s encoding%s, "
+        "tail sums at τ %s, %d-bit logits",
         list(settings.layers),
         list(settings.head_counts),
         context.dims.num_heads,
         ", ".join(settings.kinds),
         settings.encoding,
+        _topk_form(settings),
         list(settings.temperatures),
+        settings.logit_value_bits,
     )
     for split, rows in context.splits.items():
         if config.cache.max_samples is not None and len(rows) > config.cache.max_samples:
@@ -169,6 +171,13 @@ def _planned_samples(config: Config) -> dict[str, int | None]:
         return {"train": None}
     limit = config.cache.max_samples
     return {split: len(rows) if limit is None else min(limit, len(rows)) for split, rows in splits.items()}
+
+
+def _topk_form(settings: TargetSettings) -> str:
+    """` (m 16, 25 % of the rows, 8-bit values)` for a top-m cache, nothing for a dense one."""
+    if settings.encoding != "topk":
+        return ""
+    return f" (m {settings.attn_top_m}, {settings.row_fraction:.0%} of the rows, {settings.attn_value_bits}-bit values)"
 
 
 def verify_stage(directory: Path) -> None:
