@@ -107,3 +107,66 @@ def test_dump_round_trips() -> None:
     config = load_config(CONFIGS / "tiny.yaml")
     assert config_from_dict(yaml.safe_load(config.dump())) == config
     assert config.flat()["student.num_heads"] == config.student.num_heads
+
+
+DUPLICATES = {
+    "a second section": (
+        "train:\n  lr: 0.5\n  output_dir: mine\nstudent:\n  num_heads: 3\ntrain:\n  max_steps: 3\n",
+        "key 'train' appears twice (line 1 and line 6)",
+    ),
+    "a nested key": (
+        "train:\n  lr: 0.5\n  max_steps: 3\n  lr: 0.1\n",
+        "key 'train.lr' appears twice (line 2 and line 4)",
+    ),
+    "a flow mapping": (
+        "train: {lr: 1, lr: 2}\n",
+        "key 'train.lr' appears twice (line 1, column 9 and line 1, column 16)",
+    ),
+    "a mapping in a list": (
+        "run:\n  variants:\n    a: [train.lr=1]\ndeepspeed:\n  overrides:\n    x: [{y: 1, y: 2}]\n",
+        "key 'deepspeed.overrides.x[0].y' appears twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DUPLICATES, ids=str)
+def test_a_key_given_twice_is_refused_naming_the_file_the_key_and_both_lines(tmp_path: Path, case: str) -> None:
+    """PyYAML keeps the last of two equal keys silently: a second `train:` block would drop the first one's lr."""
+    text, expected = DUPLICATES[case]
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: {expected}"), str(error.value)
+    assert "merge the two into one" in str(error.value)
+
+
+def test_a_study_file_with_a_key_given_twice_is_refused_naming_the_file(tmp_path: Path) -> None:
+    text = (CONFIGS / "quality.yaml").read_text().replace("  ce: {weight: 1.0}\n", "  ce: {weight: 1.0}\n  ce: {}\n", 1)
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    line = text.splitlines().index("  ce: {weight: 1.0}") + 1
+    with pytest.raises(
+        ConfigError, match=rf"^{path}: key 'distill\.ce' appears twice \(line {line} and line {line + 1}"
+    ):
+        load_study(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("teacher: 5\n", "teacher: got an int (5), expected a mapping of its keys (dtype, path, source)"),
+        ("train: [lr, 1]\n", "train: got a list (['lr', 1]), expected a mapping of its keys"),
+        ("- train\n- student\n", "the document is a list (['train', 'student']), expected a mapping of sections"),
+        ("just words\n", "the document is a str ('just words'), expected a mapping of sections (teacher, student"),
+        ("? [a, b]\n: 1\n", "not valid YAML: found unhashable key (while constructing a mapping) at line 1, column 3"),
+        ("train:\n  lr: [1\nstudent: 3\n", "not valid YAML: expected ',' or ']', but got ':'"),
+    ],
+)
+def test_a_document_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "shape.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: {expected}"), str(error.value)
+    assert "\n" not in str(error.value)

@@ -5,7 +5,14 @@ the value found and what is allowed, so that no stage has to re-check its inputs
 `loader` reads files and overrides, `validation` checks ranges and cross-field rules, `reference` documents it all.
 """
 
-from pipeline.config.loader import config_from_dict, load_config, load_yaml, parse_override, variant
+from pipeline.config.loader import (
+    config_from_dict,
+    load_config,
+    load_yaml,
+    parse_override,
+    read_yaml_file,
+    variant,
+)
 from pipeline.config.reference import reference_markdown
 from pipeline.config.schema import (
     CacheConfig,
@@ -39,6 +46,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_override",
+    "read_yaml_file",
     "reference_markdown",
     "variant",
 ]

@@ -52,23 +52,48 @@ def canonical_path(path: list[str]) -> list[str]:
     return [*ALIASES[head], *path[2:]]
 
 
+def _where(mark: yaml.Mark, other: yaml.Mark) -> str:
+    """`line N` of a key, with its column where the other key is on the same line (a flow mapping)."""
+    return f"line {mark.line + 1}" + (f", column {mark.column + 1}" if mark.line == other.line else "")
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats (YAML 1.1 reads `1e-3`, an exponent without a dot as every user
-    writes a learning rate, as a string) and no duplicate keys (PyYAML keeps the last one silently: a second
-    `train:` block would drop the first one's keys)."""
+    writes a learning rate, as a string) and no duplicate keys at any depth (PyYAML keeps the last one silently: a
+    second `train:` block would drop the first one's `lr` and `output_dir`)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._refuse_duplicate_keys(node, "", set())
+        return self.construct_document(node)
+
+    def _refuse_duplicate_keys(self, node: yaml.Node, path: str, visited: set[int]) -> None:
+        """Walk the document's nodes (an anchor's node once) and refuse a mapping key given twice, naming its dotted
+        path and both lines. Keys that are not scalars are left to PyYAML (it refuses the unhashable ones)."""
+        if id(node) in visited:
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._refuse_duplicate_keys(item, f"{path}[{index}]", visited)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            dotted = f"{path}.{key}" if path else str(key)
             if key in seen:
+                first, second = seen[key].start_mark, key_node.start_mark
                 raise ConfigError(
-                    f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); each key may appear "
-                    "once — merge the two into one"
+                    f"key '{dotted}' appears twice ({_where(first, second)} and {_where(second, first)}); YAML would "
+                    "keep only the second silently — merge the two into one"
                 )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+            seen[key] = key_node
+            self._refuse_duplicate_keys(value_node, dotted, visited)
 
 
 _Loader.add_implicit_resolver(
@@ -80,6 +105,31 @@ def load_yaml(text: str) -> Any:
     """The value of a YAML document (a config file or an override's value): safe types only, YAML 1.2 floats, each
     key once per mapping."""
     return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml_file(path: Path, what: str = "config file") -> Any:
+    """`load_yaml` of a file (a config, a study): every problem is a ConfigError that starts with the file's path."""
+    try:
+        return load_yaml(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the {what} ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: not a text file (byte {error.start} is not UTF-8); expected a YAML {what}"
+        ) from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(error)}") from error
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and its line and column (PyYAML's own text spans several lines)."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    context = f" ({error.context})" if error.context else ""
+    return f"{error.problem}{context} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def type_name(annotation: Any) -> str:
@@ -136,11 +186,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: got {value!r}, expected {type_name(annotation)}")
 
 
+def _shown(value: Any) -> str:
+    """A value as an error quotes it: its YAML type and its first characters."""
+    text, kind = repr(value), type(value).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} ({text[:60]}{'…' if len(text) > 60 else ''})"
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"{prefix}: got {_shown(values)}, expected a mapping of its keys ({', '.join(sorted(known))}); write "
+            f"them as indented `key: value` lines under `{prefix}:`"
+        )
     for key in values:
         if key not in known:
             where = f"{prefix}.{key}" if prefix else key
@@ -169,7 +228,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from error
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(error)})") from error
     return path, value
 
 
@@ -217,7 +276,11 @@ def _canonical(values: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Build and validate a `Config` from a nested dict plus `section.key=value` overrides."""
     if not isinstance(values, dict):
-        raise ConfigError(f"config: expected a mapping of sections, got {values!r}")
+        sections = ", ".join(field.name for field in dataclasses.fields(Config))
+        raise ConfigError(
+            f"the document is {_shown(values)}, expected a mapping of sections ({sections}), each `section:` followed "
+            "by its indented `key: value` lines (see configs/tiny.yaml)"
+        )
     merged = _canonical(values)
     for text in overrides or []:
         path, value = parse_override(text)
@@ -242,16 +305,8 @@ def variant(config: Config, name: str) -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file, apply `section.key=value` overrides, validate; errors name the file and key."""
     path = Path(path)
+    values = read_yaml_file(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config file ({error.strerror})") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not a text file ({error.reason} at byte {error.start})") from error
-    try:
-        values = load_yaml(text) or {}
-        return config_from_dict(values, overrides)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        return config_from_dict(values if values is not None else {}, overrides)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

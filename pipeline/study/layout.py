@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import Config, ConfigError, config_from_dict, load_yaml
+from pipeline.config import Config, ConfigError, config_from_dict, read_yaml_file
 from pipeline.config import parse_override as parse_config_override
 from pipeline.errors import PipelineError
 
@@ -99,12 +97,7 @@ def derive(base: Config, overrides: Sequence[str]) -> Config:
 
 def split_study_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the `study:` section, the plain pipeline config) of a study file; errors name the file."""
-    try:
-        values = load_yaml(path.read_text()) or {}
-    except OSError as error:
-        raise StudyError(f"{path}: cannot read the study config ({error.strerror})") from error
-    except yaml.YAMLError as error:
-        raise StudyError(f"{path}: not valid YAML ({error})") from error
+    values = read_yaml_file(path, "study config") or {}
     if not isinstance(values, dict):
         raise StudyError(f"{path}: got a {type(values).__name__}, expected a mapping of config sections")
     section = values.pop(SECTION, None)
