@@ -1,17 +1,20 @@
 """Range and cross-field checks of a built config; each error names the key, the value and what is allowed.
 
-Checks that need the teacher (the resolved student shape, the layer map's range) are made by the stages once the
-teacher's config is read (`pipeline.students.resolve`).
+Checks that need the teacher (the resolved student shape, the layer map's range, `validate_for_teacher`) are made
+by the stages once the teacher's config is read (`pipeline.students.resolve`).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from pipeline.config.schema import Config, DistillConfig, StudentConfig
-from pipeline.errors import require
+from pipeline.errors import ConfigError, require
 from pipeline.objective.terms import specs as term_specs
 
+DIRECTORY_KEYS = ("teacher.path", "data.output_dir", "cache.output_dir", "train.output_dir", "run.report_dir")
+"""The keys that name a directory (a stage's input or output): none of them may be, or lie under, a file."""
 SCRATCH_STUDENT = {"num_layers": 4, "hidden_size": 384, "num_heads": 3}
 """The shape of a `student.init: scratch` student where the config leaves it unset (the defaults before `init`)."""
 
@@ -142,3 +145,67 @@ def validate(config: Config) -> None:
         )
     stage = config.deepspeed.zero_stage
     require(stage is None or stage in (0, 1, 2, 3), "deepspeed.zero_stage", stage, "0, 1, 2, 3 or null")
+    for key in DIRECTORY_KEYS:
+        require_directory_path(config.value(key), key)
+
+
+def require_directory_path(path: str | Path, key: str) -> None:
+    """Refuse a directory key whose path, or a folder above it, is an existing file: every stage would otherwise
+    stop deep inside with an OSError (`File exists`, `Not a directory`)."""
+    path = Path(path)
+    for above in (path, *path.parents):
+        if above.exists() and not above.is_dir():
+            found = "is a file" if above == path else f"lies under {str(above)!r}, which is a file"
+            raise ConfigError(
+                f"{key}: {str(path)!r} {found}; expected a directory (or a path not created yet) — move the file "
+                f"away or set {key} to another path"
+            )
+
+
+def validate_for_teacher(config: Config, *, vocab_size: int, num_heads: int) -> None:
+    """The checks that need the teacher's vocabulary and head count, on a config whose student shape is resolved:
+    the logits' top k fits the vocabulary, and `selective` targets (one teacher head per student head) ask for at
+    most the teacher's heads."""
+    top_k = config.distill.kd.top_k
+    require(
+        top_k <= vocab_size,
+        "distill.kd.top_k",
+        top_k,
+        f"at most the teacher's vocabulary of {vocab_size} tokens (the cached logits are its top k); set "
+        f"distill.kd.top_k to at most {vocab_size}",
+    )
+    student_heads = config.student.num_heads
+    require(
+        config.distill.attn.kind() != "selective" or student_heads <= num_heads,
+        "student.num_heads",
+        student_heads,
+        f"at most the teacher's {num_heads} heads with distill.attn.match: selective (each student head is matched "
+        "with one teacher head of its own); use fewer student heads or another distill.attn.match",
+    )
+    cache = config.cache
+    if "selective" in (cache.attn_targets or [config.distill.attn.kind()]) and cache.head_counts:
+        require(
+            max(cache.head_counts) <= num_heads,
+            "cache.head_counts",
+            cache.head_counts,
+            f"head counts of at most the teacher's {num_heads} heads: the selective targets (cache.attn_targets) "
+            "pick one teacher head per student head; drop the larger counts or leave 'selective' out of "
+            "cache.attn_targets",
+        )
+
+
+def validate_for_data(config: Config, *, train_samples: int, world_size: int) -> None:
+    """Refuse a micro-step (`world_size` ranks × `train.micro_batch_size`) larger than the `train_samples` a run
+    trains on: the stream would serve every sample several times within one micro-batch (1000 of 77 samples: 13
+    times each), the same gradient at many times the cost, with samples seen and throughput overstated."""
+    micro = config.train.micro_batch_size
+    fits = max(train_samples // world_size, 1)
+    ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+    require(
+        world_size * micro <= train_samples,
+        "train.micro_batch_size",
+        micro,
+        f"at most {fits}{ranks}: a training epoch holds {train_samples} samples (the prepared train split, cut at "
+        "cache.max_samples), and a larger micro-batch repeats samples within itself; lower it (raise "
+        "train.grad_accum for the same global batch) or prepare more data",
+    )

@@ -32,6 +32,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.table import InMemoryTable
 
+from pipeline.config.validation import require_directory_path
 from pipeline.data import DataError
 from pipeline.data.sources import (
     BUILDERS,
@@ -277,10 +278,9 @@ def _existing_meta(output_dir: Path, overwrite: bool) -> dict[str, Any] | None:
     A non-empty directory without meta.json is never replaced (it is not ours); a damaged meta.json is replaced
     only with `overwrite=True`.
     """
+    require_directory_path(output_dir, "data.output_dir")
     if not output_dir.exists():
         return None
-    if not output_dir.is_dir():
-        raise DataError(f"data.output_dir {str(output_dir)!r} exists and is not a directory")
     meta_path = output_dir / META_NAME
     if not meta_path.is_file():
         if any(output_dir.iterdir()):

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from pipeline.config.validation import require_directory_path
 from pipeline.infra.atomic import staged_directory
 from pipeline.models import TeacherImportError
 from pipeline.models.gguf_import import find_smollm2_gguf, import_gguf
@@ -198,10 +199,9 @@ def _is_up_to_date(output_dir: Path, source_sha256: str) -> bool:
 
 def _check_replaceable(output_dir: Path, overwrite: bool, source_sha256: str) -> None:
     """Refuse to replace anything in `output_dir` that the user did not ask to lose."""
+    require_directory_path(output_dir, "teacher.path")
     if not output_dir.exists():
         return
-    if not output_dir.is_dir():
-        raise TeacherImportError(f"teacher.path {str(output_dir)!r} exists and is not a directory")
     if not any(output_dir.iterdir()):
         return
     try:

@@ -18,8 +18,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from pipeline.config import Config
+from pipeline.config.validation import validate_for_data
 from pipeline.data.prepare import load_prepared
 from pipeline.errors import PipelineError
+from pipeline.infra import dist
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.models.capture import AttentionDims, attention_dims
 from pipeline.models.loading import check_seq_len, load_teacher, load_teacher_config
@@ -66,6 +68,12 @@ class RunContext:
         """The fingerprint fields a cache of `split` must carry for this run."""
         return provenance(self.meta, split, self.teacher_sha)
 
+    @property
+    def train_samples(self) -> int:
+        """The samples a training epoch reads: the prepared train split, cut at `cache.max_samples`."""
+        max_samples = self.config.cache.max_samples
+        return len(self.splits["train"]) if max_samples is None else min(len(self.splits["train"]), max_samples)
+
     def cache_directory(self, split: str) -> Path:
         return Path(self.config.cache.output_dir) / split
 
@@ -92,6 +100,7 @@ class RunContext:
         """The train split's targets as `train.mode` says: the cache (checked against everything the run is
         evaluated with, read for `needs`), or the teacher live (loaded here in `teacher.dtype`: before any
         DeepSpeed engine exists, so no ZeRO-3 machinery can partition it). The one place that decides."""
+        validate_for_data(self.config, train_samples=self.train_samples, world_size=dist.world_size())
         if self.config.train.mode == "cached":
             return self.cached("train", needs)
         device = default_device()
@@ -102,9 +111,8 @@ class RunContext:
         """`teacher` computing exactly `needs` (the training objective's) batch by batch, on the rows `distill
         cache` would cache, in the order it would serve them."""
         rows = self.splits["train"]
-        max_samples = self.config.cache.max_samples
-        if max_samples is not None and len(rows) > max_samples:
-            rows = rows.select(range(max_samples))
+        if len(rows) > self.train_samples:
+            rows = rows.select(range(self.train_samples))
         settings, _ = prepare_kinds(
             teacher, self.splits["train"], self.live_settings(needs), self.config.cache.batch_size
         )

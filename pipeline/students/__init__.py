@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from pipeline.config import Config, ConfigError
+from pipeline.config.validation import validate_for_teacher
 from pipeline.models.capture import CAPTURE_ATTENTION, attention_dims, model_family
 from pipeline.models.loading import load_teacher_config
 from pipeline.ops.matching import layer_map
@@ -59,11 +60,13 @@ def resolve_student(config: Config, teacher_config: PretrainedConfig) -> Config:
             "GPT-2 has no grouped-query attention"
         )
     resolved = dataclasses.replace(config, student=dataclasses.replace(config.student, **shape))
+    dims = attention_dims(teacher_config)
+    validate_for_teacher(resolved, vocab_size=teacher_config.vocab_size, num_heads=dims.num_heads)
     kind.hf_config(resolved, teacher_config)
     importance_carve = isinstance(kind, CarvedStudent) and config.student.carve.layers == "importance"
     if not importance_carve:
         try:
-            layer_map(shape["num_layers"], attention_dims(teacher_config).num_layers, config.distill.layer_map)
+            layer_map(shape["num_layers"], dims.num_layers, config.distill.layer_map)
         except ValueError as error:
             raise ConfigError(f"distill.layer_map: {error}") from None
     return resolved
