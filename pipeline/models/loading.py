@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -87,13 +88,18 @@ class ModelDirectoryError(PipelineError, FileNotFoundError):
     """A teacher, student or tokenizer directory is missing or holds no model; the message names the path."""
 
 
-class TeacherConfigError(PipelineError):
+class ModelConfigError(PipelineError):
+    """A model directory's config.json is unreadable or of a family transformers does not know; names the file."""
+
+
+class TeacherConfigError(ModelConfigError):
     """A teacher's config.json is unreadable, of an unsupported family, or too short for the data; names the field."""
 
 
 TEACHER_IMPORT_HINT = (
     "run `distill teacher import CONFIG` (it writes teacher.path), or set teacher.path to an HF model directory"
 )
+PRETRAINED_HINT = "expected a directory written by save_pretrained (config.json, model.safetensors, tokenizer)"
 
 
 def _require_directory(path: PathLike, what: str, markers: tuple[str, ...], hint: str = "") -> Path:
@@ -110,6 +116,46 @@ def _require_directory(path: PathLike, what: str, markers: tuple[str, ...], hint
     return directory
 
 
+def read_model_config(
+    directory: Path, hint: str, error_type: type[ModelConfigError] = ModelConfigError
+) -> PretrainedConfig:
+    """The config of an HF model directory, checked before transformers reads it: every problem (a file that is not
+    JSON or not an object, no ``model_type``, a family transformers does not know) is an ``error_type`` naming
+    ``directory/config.json`` and ending with ``hint``, the fix."""
+    config_file = directory / "config.json"
+    try:
+        values = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise error_type(
+            f"{config_file}: not a readable JSON file ({error}); expected the config.json written by "
+            f"save_pretrained — {hint}"
+        ) from error
+    if not isinstance(values, dict):
+        raise error_type(f"{config_file}: expected a JSON object, found a JSON {type(values).__name__}; {hint}")
+    if not isinstance(values.get("model_type"), str):
+        found = "missing" if "model_type" not in values else repr(values["model_type"])
+        raise error_type(
+            f"{config_file}: field 'model_type' is {found}, expected a model type such as 'llama' or 'gpt2'; {hint}"
+        )
+    try:
+        return AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise error_type(
+            f"{config_file}: model_type {values['model_type']!r} cannot be read by transformers ({error}); expected "
+            "a LLaMA-like or GPT-2 config"
+        ) from error
+
+
+def load_pretrained(directory: Path, what: str, hint: str, **options: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` of a local directory (``options`` passed on); weights that are
+    missing or unreadable (truncated, a forged header) are a ``ModelDirectoryError`` naming ``what`` and the
+    directory and ending with ``hint``, the fix."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **options)
+    except (OSError, SafetensorError) as error:
+        raise ModelDirectoryError(f"{what} {str(directory)!r}: cannot load its weights ({error}); {hint}") from error
+
+
 def load_teacher_config(path: PathLike) -> PretrainedConfig:
     """The teacher's config from ``path/config.json``, checked before anything else reads it.
 
@@ -118,35 +164,11 @@ def load_teacher_config(path: PathLike) -> PretrainedConfig:
     pipeline cannot distil (neither GPT-2 nor LLaMA-like).
     """
     directory = _require_directory(path, "teacher", ("config.json",), TEACHER_IMPORT_HINT)
-    config_file = directory / "config.json"
-    try:
-        values = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TeacherConfigError(
-            f"{config_file}: not a readable JSON file ({error}); expected the config.json written by "
-            f"save_pretrained — {TEACHER_IMPORT_HINT}"
-        ) from error
-    if not isinstance(values, dict):
-        raise TeacherConfigError(
-            f"{config_file}: expected a JSON object, found a JSON {type(values).__name__}; {TEACHER_IMPORT_HINT}"
-        )
-    if not isinstance(values.get("model_type"), str):
-        found = "missing" if "model_type" not in values else repr(values["model_type"])
-        raise TeacherConfigError(
-            f"{config_file}: field 'model_type' is {found}, expected a model type such as 'llama' or 'gpt2'; "
-            f"{TEACHER_IMPORT_HINT}"
-        )
-    try:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TeacherConfigError(
-            f"{config_file}: model_type {values['model_type']!r} cannot be read by transformers ({error}); expected "
-            "a LLaMA-like or GPT-2 config"
-        ) from error
+    config = read_model_config(directory, TEACHER_IMPORT_HINT, TeacherConfigError)
     try:
         model_family(config)
     except ValueError as error:
-        raise TeacherConfigError(f"{config_file}: {error}") from error
+        raise TeacherConfigError(f"{directory / 'config.json'}: {error}") from error
     return config
 
 
@@ -196,18 +218,14 @@ def load_teacher(
     by default) with ``requires_grad`` off, so it never collects gradients or optimizer state.
     """
     config = load_teacher_config(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            Path(path),
-            config=config,
-            dtype=dtype if dtype is not None else "auto",
-            attn_implementation=attn_implementation,
-            local_files_only=True,
-        )
-    except OSError as error:
-        raise ModelDirectoryError(
-            f"teacher directory {str(path)!r}: cannot load its weights ({error}); {TEACHER_IMPORT_HINT}"
-        ) from error
+    model = load_pretrained(
+        Path(path),
+        "teacher directory",
+        TEACHER_IMPORT_HINT,
+        config=config,
+        dtype=dtype if dtype is not None else "auto",
+        attn_implementation=attn_implementation,
+    )
     model.eval()
     model.requires_grad_(False)
     if device is not None:

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
@@ -16,7 +15,7 @@ from pipeline.infra import dist
 from pipeline.infra.runtime import default_device
 from pipeline.infra.tracking import create_tracker, default_run_name
 from pipeline.models.capture import CAPTURE_ATTENTION
-from pipeline.models.loading import load_teacher_config
+from pipeline.models.loading import load_pretrained, load_teacher_config, read_model_config
 from pipeline.reports.figures import attention_heatmap_figures
 from pipeline.stages.context import open_run
 from pipeline.stages.train import evaluator
@@ -33,6 +32,10 @@ from pipeline.training.checkpoints import (
 from pipeline.training.evaluator import EvalResult
 
 EVAL_FILE = "eval.json"
+MODEL_HINT = (
+    "pass --model a directory written by `distill train` (train.output_dir/student) or save_pretrained, or "
+    "--checkpoint a training checkpoint"
+)
 
 
 class EvalError(PipelineError):
@@ -65,9 +68,9 @@ def load_student_for_eval(config: Config, model_dir: Path | None, checkpoint: Pa
         directory = Path(model_dir) if model_dir is not None else output_dir / STUDENT
         if not (directory / "config.json").is_file():
             raise EvalError(f"{directory}: no exported student here (run `distill train`, or pass --checkpoint)")
-        student = AutoModelForCausalLM.from_pretrained(
-            directory, attn_implementation=CAPTURE_ATTENTION, local_files_only=True
-        )
+        hf_config = read_model_config(directory, MODEL_HINT)
+        what = "eval --model" if model_dir is not None else "the exported student"
+        student = load_pretrained(directory, what, MODEL_HINT, config=hf_config, attn_implementation=CAPTURE_ATTENTION)
         heads = student.config.num_attention_heads
         if heads != config.student.num_heads:
             raise EvalError(

@@ -8,15 +8,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from pipeline.config import Config, ConfigError
 from pipeline.data import DataError
 from pipeline.data.prepare import TOKENIZER_FILES, tokenizer_fingerprint
 from pipeline.models.capture import CAPTURE_ATTENTION, model_family
+from pipeline.models.loading import load_pretrained, read_model_config
 from pipeline.students.base import StudentInit, shape_of
 
 logger = logging.getLogger(__name__)
+
+
+INIT_HINT = (
+    "student.init must be 'scratch', 'teacher' or a directory written by save_pretrained (config.json, weights and "
+    "the teacher's tokenizer)"
+)
 
 
 def _pretrained_config(directory: Path) -> PretrainedConfig:
@@ -24,7 +31,7 @@ def _pretrained_config(directory: Path) -> PretrainedConfig:
         raise ConfigError(f"student.init: {str(directory)!r} is neither 'scratch', 'teacher' nor an existing directory")
     if not (directory / "config.json").is_file():
         raise ConfigError(f"student.init: {str(directory)!r} holds no config.json; expected a pretrained HF model")
-    return AutoConfig.from_pretrained(directory, local_files_only=True)
+    return read_model_config(directory, INIT_HINT)
 
 
 def check_same_tokenizer(directory: Path, teacher_dir: Path) -> None:
@@ -100,12 +107,13 @@ class PretrainedStudent(StudentInit):
     def build(
         self, config: Config, teacher_config: PretrainedConfig, hf_config: PretrainedConfig, targets: Any, seed: int
     ) -> nn.Module:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_pretrained(
             self.directory,
+            "student.init",
+            INIT_HINT,
             config=hf_config,
             attn_implementation=CAPTURE_ATTENTION,
             dtype=torch.float32,
-            local_files_only=True,
         )
         logger.info("student: pretrained weights from %s", self.directory)
         return model
