@@ -11,6 +11,7 @@ written with. Every tensor's spec carries its role, which the value checks (`pip
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any
 
@@ -115,28 +116,71 @@ def shard_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> b
     return struct.pack("<Q", len(encoded)) + encoded + raw[8 + header_len :]
 
 
-def read_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """The tensor entries and the metadata of a safetensors file, read from its header alone."""
+MAX_HEADER_BYTES = 100 << 20
+"""The longest safetensors header read (safetensors' own limit): a shard's header is a few KB."""
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header (None: a dict with a dtype, a shape of sizes ≥ 0
+    and data offsets begin ≤ end), so that no reader of the header meets a KeyError on a crafted file."""
+    if not isinstance(entry, dict):
+        return f"entry {name!r} is {type(entry).__name__}, expected an object"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(entry.get("dtype"), str):
+        return f"entry {name!r} has dtype {entry.get('dtype')!r}, expected a string"
+    if not isinstance(shape, list) or not all(isinstance(size, int) and size >= 0 for size in shape):
+        return f"entry {name!r} has shape {shape!r}, expected a list of sizes ≥ 0"
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(offset, int) for offset in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        return f"entry {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 ≤ begin ≤ end"
+    return None
+
+
+def _read_header(path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(header length, tensor entries, metadata) of a safetensors file. The length is checked against the file's
+    size before anything is read: a forged length (a file received from elsewhere) must not make us allocate it."""
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{path}: truncated safetensors file (no header)")
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(
+                f"{path}: corrupt or forged safetensors file: its header length {header_len} exceeds the "
+                f"{'file' if header_len > size - 8 else 'limit'} ({min(size - 8, MAX_HEADER_BYTES)} bytes after the "
+                "length)"
+            )
         raw = handle.read(header_len)
-    if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated safetensors header")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: corrupt safetensors header ({error})") from error
-    metadata = header.pop("__metadata__", {})
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path}: corrupt safetensors header (__metadata__ is {type(metadata).__name__})")
+    for name, entry in header.items():
+        problem = _entry_problem(name, entry)
+        if problem is not None:
+            raise ValueError(f"{path}: corrupt safetensors header ({problem})")
+    return header_len, header, metadata
+
+
+def read_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensor entries and the metadata of a safetensors file, read from its header alone (checked: see
+    `_read_header`); a ValueError names the file and what is wrong."""
+    _, header, metadata = _read_header(path)
     return header, metadata
 
 
 def declared_file_size(path: str) -> int:
     """The byte size a safetensors file must have according to its own header (detects truncation cheaply)."""
-    header, _ = read_header(path)
-    with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
+    header_len, header, _ = _read_header(path)
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
     return 8 + header_len + data_end

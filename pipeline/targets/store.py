@@ -313,7 +313,7 @@ def verify_cache(directory: Path | str) -> Manifest:
         try:
             header, _ = read_header(str(path))
         except ValueError as error:
-            raise CacheError(str(error)) from error
+            raise CacheError(f"{error}; delete the shard and re-run `distill cache`") from error
         specs = expected_tensors(manifest.fingerprint, entry.num_samples)
         for name, spec in specs.items():
             if name not in header:
