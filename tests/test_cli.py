@@ -139,7 +139,9 @@ def test_run_hands_overwrite_to_every_stage(monkeypatch: pytest.MonkeyPatch) -> 
         def record(config: Any, *, overwrite: bool = False, name: str = name) -> None:
             seen.append((name, overwrite))
 
-        monkeypatch.setattr(f"pipeline.stages.run.{name}", record)
+        monkeypatch.setattr(f"pipeline.stages.{STAGE_MODULES[name]}.{name}", record)
+    monkeypatch.setattr("pipeline.stages.done.is_done", lambda stage, config: False)  # whatever work/tiny holds
+    monkeypatch.setattr("pipeline.stages.done.mark_done", lambda stage, config: None)
     config = cli.load_config(CONFIG, ["mlflow.enabled=false"])
     for overwrite in (True, False):
         seen.clear()

@@ -1,4 +1,6 @@
-"""`distill run` on the tiny config: every stage, two variants, the comparison report; a re-run changes nothing."""
+"""`distill run` on the tiny config: every stage, two variants, the comparison report; a re-run changes nothing and
+skips every stage before importing it (no DeepSpeed, MLflow, transformers or datasets, so no process group); a
+changed `train.max_steps` trains again and skips the rest."""
 
 from __future__ import annotations
 
@@ -9,10 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.stages.done import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _distill_run(workdir: Path) -> subprocess.CompletedProcess:
+HEAVY = ("deepspeed", "mlflow", "transformers", "datasets", *(f"pipeline.stages.{name}" for name in STAGES))
+"""What a re-run of a finished pipeline must not import: the stage drivers open process groups and load models."""
+
+
+def _distill_run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`distill run` of the tiny config in `workdir`, its imports listed on stderr (`-X importtime`)."""
     overrides = [
         f"teacher.path={workdir}/teacher",
         f"data.output_dir={workdir}/data",
@@ -20,8 +29,9 @@ def _distill_run(workdir: Path) -> subprocess.CompletedProcess:
         f"train.output_dir={workdir}/runs",
         f"mlflow.tracking_uri=sqlite:///{workdir}/mlflow.db",
         f"run.report_dir={workdir}/reports",
+        *extra,
     ]
-    command = [str(Path(sys.executable).parent / "distill"), "run", "configs/tiny.yaml", *overrides]
+    command = [sys.executable, "-X", "importtime", "-m", "pipeline.cli", "run", "configs/tiny.yaml", *overrides]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,5 +62,16 @@ def test_tiny_pipeline_end_to_end_then_a_no_op(tmp_path: Path) -> None:
     after = _tree(tmp_path)
     changed = sorted(name for name in after if before.get(name) != after[name] and not name.startswith("mlflow.db"))
     assert changed == [], changed
-    assert second.stderr.count("already trained") == 2
-    assert "up to date" in second.stderr
+    assert second.stderr.count("unchanged since it finished), skipped") == 6  # teacher, prepare, 2 × (cache, train)
+    imported = _imported(second.stderr)
+    assert not [name for name in HEAVY if name in imported], sorted(imported & set(HEAVY))
+
+    third = _distill_run(tmp_path, "train.max_steps=12")
+    assert third.stderr.count("unchanged since it finished), skipped") == 4  # teacher, prepare, 2 × cache
+    for variant in ("shd", "ce_only"):
+        assert (tmp_path / "runs" / variant / "checkpoints" / "latest").read_text().strip() == "step-00000012"
+
+
+def _imported(importtime: str) -> set[str]:
+    """Module names of `python -X importtime` output."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime.splitlines() if line.startswith("import time:")}

@@ -1,20 +1,24 @@
 """The final export of `distill train`: the trained student as a plain HF directory (safetensors, config, the
-teacher's tokenizer), a LoRA student with its adapters merged into the weights and the adapter itself beside it.
-Checkpoints, which a run resumes from, are `training.checkpoints`."""
+teacher's tokenizer files), a LoRA student with its adapters merged into the weights and the adapter itself beside
+it. Checkpoints, which a run resumes from, are `training.checkpoints`. The export is a valid `student.init`."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from torch import Tensor, nn
-from transformers import AutoTokenizer
 
+from pipeline.data.prepare import TOKENIZER_FILES
 from pipeline.infra import dist
 from pipeline.infra.atomic import staged_directory
 from pipeline.students.lora import ADAPTER_DIR, is_lora, merged_model, save_adapter
 
 logger = logging.getLogger(__name__)
+
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+"""Where transformers 5 keeps a tokenizer's chat template, beside `TOKENIZER_FILES`."""
 
 
 def gathered_state_dict(module: nn.Module, zero_stage: int) -> dict[str, Tensor] | None:
@@ -32,7 +36,8 @@ def gathered_state_dict(module: nn.Module, zero_stage: int) -> dict[str, Tensor]
 
 
 def export_student(module: nn.Module, zero_stage: int, teacher_dir: Path, directory: Path) -> Path:
-    """Write the student as a plain HF directory (safetensors, config, the teacher's tokenizer); call on every rank.
+    """Write the student as a plain HF directory (safetensors, config, the teacher's tokenizer files); call on every
+    rank.
 
     A LoRA student is written with its adapters merged into the weights (a plain model again), and the adapter
     itself in PEFT format goes to `adapter/` inside the directory (see `lora.save_adapter`). The directory is
@@ -46,7 +51,20 @@ def export_student(module: nn.Module, zero_stage: int, teacher_dir: Path, direct
                 save_adapter(module, state_dict, staging / ADAPTER_DIR, directory / ADAPTER_DIR)
             else:
                 module.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-            AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True).save_pretrained(staging)
+            copy_tokenizer(teacher_dir, staging)
         logger.info("exported the student to %s", directory)
     dist.barrier()
     return directory
+
+
+def copy_tokenizer(teacher_dir: Path, directory: Path) -> list[str]:
+    """Copy the teacher's tokenizer files into `directory` byte for byte; returns their names.
+
+    Not a load and re-save through transformers: that writes its loader arguments (`is_local`, `local_files_only`)
+    into tokenizer_config.json, so the copy's `tokenizer_fingerprint` would differ from the teacher's and the export
+    would be refused as `student.init`. The same bytes tokenise the same way and fingerprint the same.
+    """
+    names = [name for name in (*TOKENIZER_FILES, *CHAT_TEMPLATE_FILES) if (Path(teacher_dir) / name).is_file()]
+    for name in names:
+        shutil.copyfile(Path(teacher_dir) / name, Path(directory) / name)
+    return names
