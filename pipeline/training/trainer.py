@@ -14,7 +14,9 @@ update or checkpoint (the last good checkpoint stays the newest).
 
 Outputs in `train.output_dir`: `checkpoints/`, `metrics.jsonl` (rank 0: one line per step with the train metrics and
 `position`, the global sample position the step started at; one per evaluation with the eval metrics and the
-position reached).
+position reached). A resumed run first drops the lines of steps after its checkpoint (`trim_metrics_log`): it writes
+them again, so every step has one line. Its MLflow run already holds those steps' points (a line is written before
+its point is logged), and the resumed run reproduces them, so it does not log them a second time.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_text
 from pipeline.infra.runtime import to_device
 from pipeline.objective.loss import Objective
 from pipeline.reports.figures import attention_heatmap_figures
@@ -46,6 +49,44 @@ logger = logging.getLogger(__name__)
 
 class TrainError(PipelineError):
     """A run cannot start or resume as configured; the message names the key, file or field."""
+
+
+@dataclass(frozen=True)
+class LoggedSteps:
+    """The last step of each kind of line `metrics.jsonl` held when a run resumed: what its MLflow run holds
+    already (-1: none)."""
+
+    train: int = -1
+    eval: int = -1
+
+
+def _is_train_line(record: dict[str, Any]) -> bool:
+    return "train/loss" in record
+
+
+def trim_metrics_log(output_dir: Path, step: int) -> LoggedSteps:
+    """Rank 0, when a run resumes from its checkpoint at `step`: drop the lines of later steps (the resumed run
+    writes them again) and a line a kill cut short; returns what the log held before."""
+    path = output_dir / METRICS_LOG
+    if not path.is_file():
+        return LoggedSteps()
+    kept: list[str] = []
+    last = {True: -1, False: -1}
+    lines = path.read_text().splitlines()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        kind = _is_train_line(record)
+        last[kind] = max(last[kind], record["step"])
+        if record["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        dropped = len(lines) - len(kept)
+        logger.info("%s: dropped %d line(s) after step %d, which this run writes again", path, dropped, step)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return LoggedSteps(train=last[True], eval=last[False])
 
 
 @dataclass
@@ -71,6 +112,8 @@ class Trainer:
         tracker: Any,
         evaluator: Any,
         teacher_layers: list[int],
+        logged: LoggedSteps | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -80,9 +123,12 @@ class Trainer:
         self.tracker = tracker
         self.evaluator = evaluator
         self.teacher_layers = teacher_layers
+        self.logged = logged or LoggedSteps()
+        """Steps the run's MLflow run holds from before a resume: not logged again."""
         self.device = engine.device
         self.world_size = dist.world_size()
-        self.output_dir = Path(config.train.output_dir)
+        self.output_dir = Path(output_dir if output_dir is not None else config.train.output_dir)
+        """Where the run writes: `train.output_dir`, or where an `--overwrite` run is built beside it."""
         self.save_dir = self.output_dir / CHECKPOINTS
         self.zero_stage = engine.zero_optimization_stage()
 
@@ -184,9 +230,11 @@ class Trainer:
         setting = self.config.train.heatmaps
         heatmap = setting == "every" or (setting == "final" and self.state.step == self.config.train.max_steps)
         result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
-        self.tracker.log_metrics(result.metrics, step=self.state.step)
         self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
-        if result.heatmap is not None and self.tracker.active:
+        logged = self.state.step <= self.logged.eval
+        if not logged:
+            self.tracker.log_metrics(result.metrics, step=self.state.step)
+        if result.heatmap is not None and self.tracker.active and not logged:
             figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
             for name, figure in figures.items():
                 self.tracker.log_figure(figure, f"heatmaps/step-{self.state.step:08d}/{name}.png")
@@ -214,7 +262,8 @@ class Trainer:
                 self._record(metrics)
                 step = self.state.step
                 if step % train.log_every == 0 or step == train.max_steps:
-                    self.tracker.log_metrics(metrics.values, step=step)
+                    if step > self.logged.train:
+                        self.tracker.log_metrics(metrics.values, step=step)
                     terms = " ".join(f"{name} {last[f'train/loss_{name}']:.4f}" for name in self.objective.names)
                     logger.info(
                         "step %d/%d loss %.4f (%s) lr %.3g grad norm %.3g %.0f tok/s loader wait %.0f%%",
