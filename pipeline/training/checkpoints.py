@@ -253,6 +253,7 @@ def recover_run_directory(output_dir: Path, *, starting_over: bool) -> None:
     """Rank 0, under the run's lock, before anything reads `output_dir`: finish the swap of an `--overwrite` run
     killed between its renames (`infra.atomic.recover_directory`), and name an unfinished one left beside it
     unless this job is `starting_over` (`claim_fresh_run` empties it then)."""
+    output_dir = Path(os.path.abspath(output_dir))  # `.` or `runs/` name the directory: its siblings are beside it
     recover_directory(output_dir, _is_complete_run)
     aside = replacement_directory(output_dir)
     if aside.is_dir() and not starting_over:
@@ -280,7 +281,7 @@ def claim_fresh_run(config: Config, overwrite: bool) -> Path:
             "'never': starting over would replace it. Continue it with train.resume=auto, train into another "
             "train.output_dir, or pass --overwrite to replace it"
         )
-    aside = replacement_directory(output_dir)
+    aside = replacement_directory(Path(os.path.abspath(output_dir)))
     if dist.is_main():
         logger.warning(
             "--overwrite: the run in %s (%s) is replaced by a new run trained in %s, swapped in once complete",
@@ -289,7 +290,8 @@ def claim_fresh_run(config: Config, overwrite: bool) -> Path:
             aside,
         )
         try:
-            shutil.rmtree(aside, ignore_errors=not aside.exists())
+            if aside.exists():
+                shutil.rmtree(aside)
             aside.mkdir()
         except OSError as error:
             raise storage_error(error, aside) from error
@@ -299,7 +301,7 @@ def claim_fresh_run(config: Config, overwrite: bool) -> Path:
 def publish_run(run_dir: Path, output_dir: Path) -> None:
     """Rank 0: swap a complete run trained aside (`claim_fresh_run`) into `output_dir`, retiring the earlier one."""
     if run_dir != output_dir:
-        swap_directory(run_dir, output_dir)
+        swap_directory(run_dir, Path(os.path.abspath(output_dir)))
         logger.info("%s: replaced the earlier run with the new one", output_dir)
 
 
