@@ -237,7 +237,9 @@ def test_an_overwrite_killed_at_a_random_moment_leaves_the_earlier_run_intact(
         shutil.copytree(reference_run.output, runs)
         before = _digests(runs)
         process = _start(argv)
-        _wait_for(aside, process)
+        # the overwrite has begun: its run aside appears (before the fix, the earlier run's student disappeared)
+        while not aside.exists() and (runs / "student").exists() and process.poll() is None:
+            time.sleep(0.005)
         appeared = time.monotonic()
         try:
             process.communicate(timeout=delay)
@@ -248,15 +250,16 @@ def test_an_overwrite_killed_at_a_random_moment_leaves_the_earlier_run_intact(
         delay = random.Random(f"{SEED}:{delay}").uniform(0.0, time.monotonic() - appeared)
     else:
         raise AssertionError("the overwrite exited before the kill in 3 attempts")
-    note = f"overwrite trial {trial}: killed {delay:.2f} s after {aside.name} appeared"
+    note = f"overwrite trial {trial}: killed {delay:.2f} s after it began"
     print(note)
-    killed_holding_the_lock = aside.exists()  # before the swap; a kill between swap and exit leaves the new run
-    if killed_holding_the_lock:  # a kill between the swap's two renames leaves the earlier run as .runs.retired
+    # a kill between the swap and the exit leaves the new run, complete, in place
+    published = not aside.exists() and (runs / "student").is_dir() and _digests(runs) != before
+    if not published:  # a kill between the swap's two renames leaves the earlier run as .runs.retired
         assert _digests(runs if runs.exists() else tmp_path / ".runs.retired") == before, note
     rerun = _start(argv)
     output, _ = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, output[-4000:]
-    if killed_holding_the_lock:
+    if not published:
         assert f"taking over the lock left by pid {process.pid}" in output, note
     assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"], note
     records = _records(runs)

@@ -24,7 +24,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.infra.locks import OutputLock, OutputLockedError, lock_path, output_lock
-from pipeline.training.trainer import StepMetrics, Trainer
+from pipeline.training.trainer import StepMetrics, Trainer, trim_metrics_log
 from tests.train_fixtures import BIN, FAST_TRAIN, TINY_CONFIG, TinyCache, launcher_env
 
 HOST = socket.gethostname()
@@ -248,25 +248,36 @@ def test_two_jobs_started_together_on_one_directory_one_is_refused(
 # A resume writes each step once
 
 
+def test_a_resume_drops_the_lines_after_its_checkpoint_and_a_line_cut_short(tmp_path: Path) -> None:
+    lines = [{"step": 0, "eval/ppl": 9.0}, {"step": 1, "train/loss": 3.0}, {"step": 2, "train/loss": 2.0}]
+    lines += [{"step": 2, "eval/ppl": 8.0}, {"step": 3, "train/loss": 1.0}]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 4, "train/lo')  # killed mid-line
+    dropped = trim_metrics_log(tmp_path, 2)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(line) + "\n" for line in lines[:4])
+    assert dropped == {("train", 3): lines[4]}
+    assert trim_metrics_log(tmp_path / "none", 2) == {}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("changed", [(), ("train.lr=0.02",)], ids=["same config", "lr changed"])
 def test_a_resume_writes_each_step_once_to_metrics_and_to_mlflow(
-    tiny: TinyCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: TinyCache,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    changed: tuple[str, ...],
 ) -> None:
     """Killed after step 6 (and its evaluation) with the checkpoint at step 4: the resumed job runs steps 5 and 6
-    again. Before, their lines were in `metrics.jsonl` twice and their points in MLflow twice."""
+    again. Before, their lines were in `metrics.jsonl` twice and their points in MLflow twice. Now each line is
+    there once; a point is not logged again where the resumed job reproduces it, and is (with a warning) where it
+    does not: resumed at another LR, step 5's loss (before its update) is the same, step 6's is not."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages.train import train_stage
 
-    config = tiny.config(
-        tmp_path,
-        *FAST_TRAIN,
-        "train.max_steps=8",
-        "train.save_every=4",
-        "train.eval_every=3",
-        "train.log_every=1",
-        "mlflow.run_name=resumed-once",
-    )
+    settings = ("train.max_steps=8", "train.save_every=4", "train.eval_every=3", "train.log_every=1")
+    config = tiny.config(tmp_path, *FAST_TRAIN, *settings, "mlflow.run_name=resumed-once")
     step = Trainer.train_step
 
     def killed_after_step_6(self: Trainer) -> StepMetrics:
@@ -280,18 +291,26 @@ def test_a_resume_writes_each_step_once_to_metrics_and_to_mlflow(
     interrupted = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert interrupted == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # steps 5, 6 and the evaluation at 6 come after the checkpoint
     monkeypatch.undo()
-    train_stage(config)
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        train_stage(tiny.config(tmp_path, *FAST_TRAIN, *settings, "mlflow.run_name=resumed-once", *changed))
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "train/loss" in line] == list(range(1, 9))
     assert [line["step"] for line in lines if "train/loss" not in line] == [0, 3, 6, 8]
     client = MlflowClient(tracking_uri=tiny.tracking_uri)
     run_id = (tmp_path / "mlflow_run_id").read_text().strip()
-    assert [point.step for point in client.get_metric_history(run_id, "train/loss")] == list(range(1, 9))
-    assert [point.step for point in client.get_metric_history(run_id, "eval/ppl")] == [0, 3, 6, 8]
-    by_step = {line["step"]: line for line in lines if "train/loss" in line}
-    for point in client.get_metric_history(run_id, "train/loss"):  # the points kept are the lines' values
-        assert point.value == pytest.approx(by_step[point.step]["train/loss"], rel=1e-6)
+    train_points = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda point: point.step)
+    eval_steps = sorted(point.step for point in client.get_metric_history(run_id, "eval/ppl"))
+    warnings = [record.getMessage() for record in caplog.records if "interrupted attempt" in record.getMessage()]
+    if not changed:
+        assert [point.step for point in train_points] == list(range(1, 9)) and eval_steps == [0, 3, 6, 8]
+        assert warnings == []
+        by_step = {line["step"]: line for line in lines if "train/loss" in line}
+        for point in train_points:  # the points kept are the lines' values
+            assert point.value == pytest.approx(by_step[point.step]["train/loss"], rel=1e-6)
+    else:
+        assert [point.step for point in train_points] == [1, 2, 3, 4, 5, 6, 6, 7, 8] and eval_steps == [0, 3, 6, 6, 8]
+        assert [warning.split(":")[0] for warning in warnings] == ["train step 6", "eval step 6"]
 
 
 # --------------------------------------------------------------------------------------------------------------------

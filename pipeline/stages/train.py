@@ -43,7 +43,7 @@ from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
 from pipeline.training.export import export_student
-from pipeline.training.trainer import METRICS_LOG, LoggedSteps, Trainer, trim_metrics_log
+from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, trim_metrics_log
 
 logger = logging.getLogger(__name__)
 
@@ -131,19 +131,28 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
         logger.info("DeepSpeed config (world size %d):\n%s", state.world_size, json.dumps(ds_config, indent=2))
         logger.info("loss terms: %s", ", ".join(f"{term.name} (w {term.weight:g})" for term in objective.terms))
     engine = build_engine(config, context.teacher_config, ds_config, resuming=resume is not None, targets=targets)
-    logged = LoggedSteps()
+    earlier_lines: EarlierLines = {}
     with released(engine):
         if resume is not None:
             state = load_resume_point(engine, resume, state)
             if dist.is_main():
-                logged = trim_metrics_log(run_dir, state.step)
+                earlier_lines = trim_metrics_log(run_dir, state.step)
         elif dist.is_main() and (run_dir / METRICS_LOG).exists():
             (run_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
         if state.step >= train_cfg.max_steps:  # trained, but the export is missing
             export_student(engine.module, state.zero_stage, context.teacher_dir, run_dir / STUDENT)
             return {}
         metrics = _loop(
-            context, objective, engine, state, targets, ds_config, dtype, run_dir, logged, resumed=resume is not None
+            context,
+            objective,
+            engine,
+            state,
+            targets,
+            ds_config,
+            dtype,
+            run_dir,
+            earlier_lines,
+            resumed=resume is not None,
         )
     if dist.is_main():
         publish_run(run_dir, output_dir)
@@ -160,17 +169,18 @@ def _loop(
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     run_dir: Path,
-    logged: LoggedSteps,
+    earlier_lines: EarlierLines,
     *,
     resumed: bool,
 ) -> dict[str, float]:
     """The tracked part of a run, writing into `run_dir` (`train.output_dir`, or where an `--overwrite` run is built):
-    MLflow run, batches, evaluator, the loop, the export. `logged`: steps the continued MLflow run holds already."""
+    MLflow run, batches, evaluator, the loop, the export. `earlier_lines`: what an interrupted attempt logged after the
+    checkpoint to the MLflow run this one continues (`trim_metrics_log`)."""
     config = context.config
     run_id = state.mlflow_run_id or (_run_id_from_file(run_dir) if resumed else None)
     tracker = create_tracker(config, rank=dist.rank(), run_id=run_id, run_dir=run_dir)
     if tracker.run_id != run_id:  # a new MLflow run holds nothing yet
-        logged = LoggedSteps()
+        earlier_lines = {}
     # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
     with sigterm_as_keyboard_interrupt(), tracker.running():
         state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
@@ -197,7 +207,7 @@ def _loop(
             tracker,
             evaluator(context),
             context.teacher_layers,
-            logged=logged,
+            earlier_lines=earlier_lines,
             output_dir=run_dir,
         )
         metrics = trainer.run()
