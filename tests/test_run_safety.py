@@ -260,7 +260,7 @@ def test_a_resume_drops_the_lines_after_its_checkpoint_and_a_line_cut_short(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("changed", [(), ("train.lr=0.02",)], ids=["same config", "lr changed"])
+@pytest.mark.parametrize("changed", [(), ("distill.attn.weight=0.5",)], ids=["same config", "loss weight changed"])
 def test_a_resume_writes_each_step_once_to_metrics_and_to_mlflow(
     tiny: TinyCache,
     tmp_path: Path,
@@ -271,7 +271,8 @@ def test_a_resume_writes_each_step_once_to_metrics_and_to_mlflow(
     """Killed after step 6 (and its evaluation) with the checkpoint at step 4: the resumed job runs steps 5 and 6
     again. Before, their lines were in `metrics.jsonl` twice and their points in MLflow twice. Now each line is
     there once; a point is not logged again where the resumed job reproduces it, and is (with a warning) where it
-    does not: resumed at another LR, step 5's loss (before its update) is the same, step 6's is not."""
+    does not: resumed with another attention weight, the total loss of steps 5 and 6 and the evaluation at 6 differ
+    (the LR would not do: the checkpoint restores the scheduler's)."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.stages.train import train_stage
@@ -309,8 +310,9 @@ def test_a_resume_writes_each_step_once_to_metrics_and_to_mlflow(
         for point in train_points:  # the points kept are the lines' values
             assert point.value == pytest.approx(by_step[point.step]["train/loss"], rel=1e-6)
     else:
-        assert [point.step for point in train_points] == [1, 2, 3, 4, 5, 6, 6, 7, 8] and eval_steps == [0, 3, 6, 6, 8]
-        assert [warning.split(":")[0] for warning in warnings] == ["train step 6", "eval step 6"]
+        assert [point.step for point in train_points] == [1, 2, 3, 4, 5, 5, 6, 6, 7, 8]
+        assert eval_steps == [0, 3, 6, 6, 8]
+        assert [warning.split(":")[0] for warning in warnings] == ["train step 5", "train step 6", "eval step 6"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
