@@ -25,9 +25,12 @@ from pipeline.training.checkpoints import (
     CHECKPOINTS,
     CheckpointError,
     TrainState,
+    claim_fresh_run,
     find_checkpoint,
     load_checkpoint_weights,
     plan_resume,
+    publish_run,
+    recover_run_directory,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -36,14 +39,17 @@ WEIGHTS = {"weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "bias":
 DISK_FULL = (
     "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
 )
+SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 238336 vs 238224"
+"""What `torch.save` under DeepSpeed raised when a checkpoint filled a 1.5 MB tmpfs (no errno, no file name)."""
 
 
 class FakeEngine:
     """Writes what DeepSpeed's ZeRO-0 save writes: `mp_rank_00_model_states.pt` with `module` and the client state,
     plus a second file like a ZeRO shard; `fail` makes the second write stop half-way with torch's write error."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, error: str = DISK_FULL) -> None:
         self.fail = fail
+        self.error = error
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool = True) -> None:
         assert not save_latest  # `latest` is ours to move, after the manifest
@@ -52,7 +58,7 @@ class FakeEngine:
         torch.save({"module": WEIGHTS, **client_state}, directory / "mp_rank_00_model_states.pt")
         if self.fail:
             (directory / "zero_shard.pt").write_bytes(b"half a shard")
-            raise RuntimeError(DISK_FULL)
+            raise RuntimeError(self.error)
         (directory / "zero_shard.pt").write_bytes(b"a shard of optimizer state" * 100)
 
 
@@ -217,6 +223,21 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_names_the_direc
     assert _snapshot(tmp_path) == before  # the partial checkpoint is gone, latest and step 1 untouched
 
 
+def test_a_short_write_of_torchs_zip_writer_names_the_file_its_disk_and_the_fix(tmp_path: Path) -> None:
+    """On a full disk `torch.save` may fail with only "unexpected pos …": still a storage error (exit 2) naming the
+    file being written, the disk, and the checkpoint the run resumes from."""
+    _save(tmp_path, 1)
+    before = _snapshot(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        _save(tmp_path, 2, engine=FakeEngine(fail=True, error=SHORT_WRITE))
+    message = str(error.value)
+    assert f"{tmp_path / CHECKPOINTS / 'step-00000002' / 'zero_shard.pt'}: writing it failed" in message
+    assert "unexpected pos 238336 vs 238224" in message and "free some space" in message
+    assert "the disk is the one mounted at /" in message and "\n" not in message
+    assert str(tmp_path / CHECKPOINTS / "step-00000001") in message
+    assert _snapshot(tmp_path) == before
+
+
 def test_a_full_disk_while_writing_the_manifest_is_named_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _save(tmp_path, 1)
     before = _snapshot(tmp_path)
@@ -230,22 +251,50 @@ def test_a_full_disk_while_writing_the_manifest_is_named_too(tmp_path: Path, mon
     monkeypatch.setattr(checkpoints.os, "fsync", full_for_the_manifest)
     with pytest.raises(CheckpointError, match="no space left") as error:
         _save(tmp_path, 2)
-    assert str(tmp_path / CHECKPOINTS / "step-00000002") in str(error.value)
+    assert str(tmp_path / CHECKPOINTS / "step-00000002" / CHECKPOINT_MANIFEST) in str(error.value)
     assert _snapshot(tmp_path) == before
 
 
-def test_resume_never_refuses_an_earlier_run_unless_overwrite(tmp_path: Path) -> None:
-    _save(tmp_path, 1)
-    (tmp_path / "student").mkdir()
-    (tmp_path / "student" / "config.json").write_text("{}")
-    before = _snapshot(tmp_path)
+def test_resume_never_refuses_an_earlier_run_unless_overwrite_which_builds_the_new_one_aside(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _save(runs, 1)
+    (runs / "student").mkdir()
+    (runs / "student" / "config.json").write_text("{}")
+    before = _snapshot(runs)
     with pytest.raises(CheckpointError) as error:
-        plan_resume(_config(tmp_path, resume="never"), 1, 0, False)
+        claim_fresh_run(_config(runs, resume="never"), overwrite=False)
     message = str(error.value)
-    assert f"train.output_dir {str(tmp_path)!r}" in message and "train.resume is 'never'" in message
+    assert f"train.output_dir {str(runs)!r}" in message and "train.resume is 'never'" in message
     assert "step-00000001" in message and "student" in message and "--overwrite" in message
-    assert _snapshot(tmp_path) == before
+    assert _snapshot(runs) == before
+    assert plan_resume(_config(runs, resume="never"), 1, 0, False) is None  # never resumes, and never deletes
 
-    assert plan_resume(_config(tmp_path, resume="never"), 1, 0, False, overwrite=True) is None
-    assert sorted(path.name for path in tmp_path.iterdir()) == []
-    assert plan_resume(_config(tmp_path / "fresh", resume="never"), 1, 0, False) is None  # nothing to protect
+    aside = tmp_path / ".runs.overwrite"
+    (aside / "checkpoints").mkdir(parents=True)  # an earlier --overwrite attempt, killed: started over, not continued
+    assert claim_fresh_run(_config(runs, resume="never"), overwrite=True) == aside
+    assert _snapshot(runs) == before and list(aside.iterdir()) == []
+    assert claim_fresh_run(_config(tmp_path / "fresh", resume="never"), overwrite=False) == tmp_path / "fresh"
+
+    (aside / "student").mkdir()
+    (aside / "student" / "config.json").write_text('{"new": true}')
+    publish_run(aside, runs)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+    assert _snapshot(runs) == {"student/config.json": b'{"new": true}'}
+
+
+def test_a_swap_killed_between_its_renames_is_finished_by_the_next_job(tmp_path: Path) -> None:
+    """`publish_run` renames the earlier run to `.runs.retired`, then the new one into place: a kill between the two
+    leaves no `runs`; the next job's recovery moves the complete new run in (an incomplete one: the old back)."""
+    runs, retired, aside = tmp_path / "runs", tmp_path / ".runs.retired", tmp_path / ".runs.overwrite"
+    for directory, text in ((retired, "old"), (aside, "new")):
+        (directory / "student").mkdir(parents=True)
+        (directory / "student" / "config.json").write_text(text)
+    recover_run_directory(runs, starting_over=False)
+    assert (runs / "student" / "config.json").read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+
+    runs.rename(retired)
+    (aside / "checkpoints").mkdir(parents=True)  # killed before its export: not complete
+    recover_run_directory(runs, starting_over=False)
+    assert (runs / "student" / "config.json").read_text() == "new"  # the earlier run, put back
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".runs.overwrite", "runs"]

@@ -1,6 +1,7 @@
 """Random kill -9 trials: `distill cache` and `distill train` killed at a random moment, then run again, end exactly
 where an uninterrupted run ends — the cache byte-identical (every shard and the manifest, nothing else left), the
-training run with the same losses in `metrics.jsonl` (to 1e-6) and equal exported weights (fp32, one rank).
+training run with the same losses in `metrics.jsonl` (to 1e-6, each step once) and equal exported weights (fp32, one
+rank). A `train.resume=never --overwrite` killed at a random step leaves the earlier run byte-identical.
 
 `DISTILL_KILL_TRIALS` trials of each (default 2; the full run uses 10), kill moments drawn from `DISTILL_KILL_SEED`
 (default 0): uniformly over the window in which the uninterrupted reference run writes its output, from the moment
@@ -197,9 +198,9 @@ def _by_step(records: list[dict]) -> dict[tuple[str, int], dict]:
 def test_training_killed_at_a_random_moment_resumes_with_the_same_losses_and_weights(
     prepared: Path, reference_cache: Reference, reference_run: Reference, tmp_path: Path, trial: int
 ) -> None:
-    """Every record of the resumed run's log (steps after the last checkpoint are logged again after a resume)
-    equals the uninterrupted run's record of that step in every metric but timings, to 1e-6; every step is logged;
-    the exported student's weights are equal."""
+    """Every record of the resumed run's log equals the uninterrupted run's record of that step in every metric but
+    timings, to 1e-6; every step is logged once (the resume drops the lines after its checkpoint, which it writes
+    again); the exported student's weights are equal."""
     runs = tmp_path / "runs"
     delay = _delay("train", trial, reference_run.window)
     landed = _kill_then_finish(_train_argv(prepared, reference_cache.output, runs), runs, delay)
@@ -207,7 +208,7 @@ def test_training_killed_at_a_random_moment_resumes_with_the_same_losses_and_wei
     print(note, "; hidden entries left:", sorted(path.name for path in runs.rglob(".*")))
     expected = _by_step(_records(reference_run.output))
     records = _records(runs)
-    assert set(_by_step(records)) == set(expected), note
+    assert set(_by_step(records)) == set(expected) and len(records) == len(expected), note
     for record in records:
         wanted = expected[("train" if "train/loss" in record else "eval", record["step"])]
         for key, value in wanted.items():
@@ -218,3 +219,37 @@ def test_training_killed_at_a_random_moment_resumes_with_the_same_losses_and_wei
     assert weights.keys() == reference_weights.keys(), note
     for name, tensor in reference_weights.items():
         assert torch.equal(weights[name], tensor), (note, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_an_overwrite_killed_at_a_random_step_leaves_the_earlier_run_intact(
+    prepared: Path, reference_cache: Reference, reference_run: Reference, tmp_path: Path, trial: int
+) -> None:
+    """`train.resume=never --overwrite` on a finished run, killed -9 as soon as it logs a random step: the earlier
+    run is byte-identical (before, its checkpoints and student were deleted as the new run started). Run again, it
+    takes over the lock the killed job left (naming its pid), and the new run replaces the earlier one whole."""
+    runs = tmp_path / "runs"
+    shutil.copytree(reference_run.output, runs)
+    before = _digests(runs)
+    argv = [*_train_argv(prepared, reference_cache.output, runs), "train.resume=never", "train.seed=1", "--overwrite"]
+    step = random.Random(f"{SEED}:overwrite:{trial}").randint(1, 10)  # of train.max_steps=10
+    process = _start(argv)
+    for line in process.stdout:  # text mode: tqdm's carriage returns end lines too
+        if f" INFO pipeline.training.trainer: step {step}/10 " in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.communicate()
+    note = f"overwrite trial {trial}: killed at step {step}"
+    print(note)
+    assert process.returncode == -signal.SIGKILL, note
+    assert _digests(runs) == before, note
+    rerun = _start(argv)
+    output, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, output[-4000:]
+    assert f"taking over the lock left by pid {process.pid}" in output, note
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"], note
+    records = _records(runs)
+    assert len(records) == len(_by_step(records)) == len(_records(reference_run.output)), note
+    first = _by_step(records)[("train", 1)]["train/loss"]
+    assert first != pytest.approx(_by_step(_records(reference_run.output))[("train", 1)]["train/loss"]), note

@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.data.prepare import load_prepared
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.infra import dist
+from pipeline.infra.locks import rank_zero_output_lock
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.models.capture import attention_dims
 from pipeline.models.loading import load_teacher, load_teacher_config
@@ -70,8 +71,13 @@ def cache_settings(context: RunContext) -> TargetSettings:
 def cache_stage(config: Config, *, overwrite: bool = False) -> None:
     """`distill cache`: the teacher's targets of every prepared split. A split cached from other inputs, or with
     another `cache.max_samples` or `cache.shard_size`, is refused unless `overwrite`, which rebuilds it beside the
-    old one and swaps it in once complete."""
+    old one and swaps it in once complete. Rank 0 locks `cache.output_dir` first: one writing job per cache."""
     dist.init_cpu_group()
+    with rank_zero_output_lock(config.cache.output_dir, "cache.output_dir", "distill cache"):
+        _cache(config, overwrite)
+
+
+def _cache(config: Config, overwrite: bool) -> None:
     context = open_run(config)  # the student's head count, layer map and terms decide what is cached
     config = context.config
     device = default_device()

@@ -8,12 +8,19 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import fetch_shakespeare
+from pipeline.infra.locks import output_lock
 from pipeline.models.loading import check_seq_len, load_teacher_config
 
 
 def prepare_stage(config: Config, *, overwrite: bool = False) -> dict[str, Any]:
     """`distill prepare`: tokenize and pack the corpus with the teacher's tokenizer; refuses a `data.seq_len` longer
-    than the teacher's positions, and output prepared from other inputs unless `overwrite`."""
+    than the teacher's positions, and output prepared from other inputs unless `overwrite`. Holds the lock of
+    `data.output_dir` while it writes: one writing job per directory."""
+    with output_lock(config.data.output_dir, "data.output_dir", "distill prepare"):
+        return _prepare(config, overwrite)
+
+
+def _prepare(config: Config, overwrite: bool) -> dict[str, Any]:
     check_seq_len(load_teacher_config(config.teacher.path), config.data.seq_len)
     sources = []
     for source in config.data.sources:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.infra.atomic import staged_directory
+from pipeline.infra.locks import output_lock
 from pipeline.models.loading import TeacherConfigError, write_tiny_teacher
 from pipeline.models.teacher_import import import_teacher
 
@@ -19,7 +20,13 @@ TINY_TEACHERS = {"tiny-random-llama": "llama", "tiny-random-gpt2": "gpt2"}
 
 def teacher_stage(config: Config, *, overwrite: bool = False) -> Path:
     """`distill teacher import`: make `teacher.path` a plain HF directory of the configured teacher; a directory
-    holding another teacher is replaced only with `overwrite`, one that holds no teacher never."""
+    holding another teacher is replaced only with `overwrite`, one that holds no teacher never. Holds the lock of
+    `teacher.path` while it writes: one writing job per directory."""
+    with output_lock(config.teacher.path, "teacher.path", "distill teacher import"):
+        return _import(config, overwrite)
+
+
+def _import(config: Config, overwrite: bool) -> Path:
     output = Path(config.teacher.path)
     family = TINY_TEACHERS.get(config.teacher.source)
     if family is None:

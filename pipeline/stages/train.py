@@ -4,6 +4,9 @@ engine → resume → the loop (`training.trainer`) → the exported student.
 One process, or one process per rank under the DeepSpeed launcher. Checkpoints, resuming (also at another world
 size) and the export: `training.checkpoints`. Outputs in `train.output_dir` besides the trainer's: `student/` (the
 exported HF model) and `mlflow_run_id` (the run a resumed job continues).
+
+One job per `train.output_dir`: rank 0 locks it (`infra.locks`) before any rank writes. A run that starts over on an
+earlier one (`train.resume=never --overwrite`) is trained beside it and swapped in only once complete.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.infra import dist
+from pipeline.infra.locks import rank_zero_output_lock
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.infra.tracking import Tracker, create_tracker, sigterm_as_keyboard_interrupt
 from pipeline.objective.loss import build_objective
@@ -29,14 +33,17 @@ from pipeline.training.checkpoints import (
     RUN_ID_FILE,
     STUDENT,
     TrainState,
+    claim_fresh_run,
     convert_to_universal,
     plan_resume,
+    publish_run,
+    recover_run_directory,
 )
 from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
 from pipeline.training.export import export_student
-from pipeline.training.trainer import METRICS_LOG, Trainer
+from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, trim_metrics_log
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +57,8 @@ def train_stage(config: Config, *, overwrite: bool = False) -> dict[str, float]:
     """
     with dist.launcher_environment():
         dist.init_distributed()
-        return _train(open_run(config), overwrite)
+        with rank_zero_output_lock(config.train.output_dir, "train.output_dir", "distill train"):
+            return _train(open_run(config), overwrite)
 
 
 def evaluator(context: RunContext, split: str = "validation", max_batches: int | None = -1) -> Evaluator | None:
@@ -104,7 +112,13 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
         bf16=dtype == torch.bfloat16,
         student=asdict(config.student),
     )
-    resume = plan_resume(config, state.world_size, state.zero_stage, state.bf16, overwrite=overwrite)
+    starting_over = train_cfg.resume == "never"
+    if dist.is_main():
+        recover_run_directory(output_dir, starting_over=starting_over and overwrite)
+    dist.barrier()
+    run_dir = claim_fresh_run(config, overwrite) if starting_over else output_dir
+    dist.barrier()
+    resume = plan_resume(config, state.world_size, state.zero_stage, state.bf16)
     if resume is not None and resume.state.step >= train_cfg.max_steps and (output_dir / STUDENT).is_dir():
         logger.info("already trained: step %d of train.max_steps %d", resume.state.step, train_cfg.max_steps)
         return {}
@@ -117,15 +131,33 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
         logger.info("DeepSpeed config (world size %d):\n%s", state.world_size, json.dumps(ds_config, indent=2))
         logger.info("loss terms: %s", ", ".join(f"{term.name} (w {term.weight:g})" for term in objective.terms))
     engine = build_engine(config, context.teacher_config, ds_config, resuming=resume is not None, targets=targets)
+    earlier_lines: EarlierLines = {}
     with released(engine):
         if resume is not None:
             state = load_resume_point(engine, resume, state)
-        elif dist.is_main() and (output_dir / METRICS_LOG).exists():
-            (output_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
+            if dist.is_main():
+                earlier_lines = trim_metrics_log(run_dir, state.step)
+        elif dist.is_main() and (run_dir / METRICS_LOG).exists():
+            (run_dir / METRICS_LOG).unlink()  # a fresh run's log must not continue an earlier run's
         if state.step >= train_cfg.max_steps:  # trained, but the export is missing
-            export_student(engine.module, state.zero_stage, context.teacher_dir, output_dir / STUDENT)
+            export_student(engine.module, state.zero_stage, context.teacher_dir, run_dir / STUDENT)
             return {}
-        return _loop(context, objective, engine, state, targets, ds_config, dtype, resumed=resume is not None)
+        metrics = _loop(
+            context,
+            objective,
+            engine,
+            state,
+            targets,
+            ds_config,
+            dtype,
+            run_dir,
+            earlier_lines,
+            resumed=resume is not None,
+        )
+    if dist.is_main():
+        publish_run(run_dir, output_dir)
+    dist.barrier()
+    return metrics
 
 
 def _loop(
@@ -136,21 +168,26 @@ def _loop(
     targets: TargetSource,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
+    run_dir: Path,
+    earlier_lines: EarlierLines,
     *,
     resumed: bool,
 ) -> dict[str, float]:
-    """The tracked part of a run: MLflow run, batches, evaluator, the loop, the export."""
+    """The tracked part of a run, writing into `run_dir` (`train.output_dir`, or where an `--overwrite` run is built):
+    MLflow run, batches, evaluator, the loop, the export. `earlier_lines`: what an interrupted attempt logged after the
+    checkpoint to the MLflow run this one continues (`trim_metrics_log`)."""
     config = context.config
-    output_dir = Path(config.train.output_dir)
-    run_id = state.mlflow_run_id or (_run_id_from_file(output_dir) if resumed else None)
-    tracker = create_tracker(config, rank=dist.rank(), run_id=run_id)
+    run_id = state.mlflow_run_id or (_run_id_from_file(run_dir) if resumed else None)
+    tracker = create_tracker(config, rank=dist.rank(), run_id=run_id, run_dir=run_dir)
+    if tracker.run_id != run_id:  # a new MLflow run holds nothing yet
+        earlier_lines = {}
     # The run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM from a scheduler or the launcher).
     with sigterm_as_keyboard_interrupt(), tracker.running():
         state.mlflow_run_id = dist.broadcast_value(tracker.run_id)
         if dist.is_main():
-            output_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
             if state.mlflow_run_id:
-                (output_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
+                (run_dir / RUN_ID_FILE).write_text(state.mlflow_run_id + "\n")
         _log_run_inputs(tracker, config, ds_config, targets)
         precision = str(dtype).removeprefix("torch.")
         tracker.set_tags({"world_size": state.world_size, "precision": precision, "zero_stage": state.zero_stage})
@@ -162,8 +199,17 @@ def _loop(
             world_size=dist.world_size(),
         )
         trainer = Trainer(
-            config, engine, objective, batches, state, tracker, evaluator(context), context.teacher_layers
+            config,
+            engine,
+            objective,
+            batches,
+            state,
+            tracker,
+            evaluator(context),
+            context.teacher_layers,
+            earlier_lines=earlier_lines,
+            output_dir=run_dir,
         )
         metrics = trainer.run()
-        export_student(engine.module, state.zero_stage, context.teacher_dir, output_dir / STUDENT)
+        export_student(engine.module, state.zero_stage, context.teacher_dir, run_dir / STUDENT)
     return metrics

@@ -29,7 +29,6 @@ import random
 import shutil
 import subprocess
 import sys
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,14 @@ from torch import Tensor
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
-from pipeline.infra.atomic import atomic_write_text, is_write_failure, storage_error
+from pipeline.infra.atomic import (
+    atomic_write_text,
+    is_write_failure,
+    recover_directory,
+    replacement_directory,
+    storage_error,
+    swap_directory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ LATEST = "latest"
 CHECKPOINT_MANIFEST = "checkpoint.sha256.json"
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 22
+_TORCH_ZIP_WRITER = "inline_container.cc"
 TRUST_ADVICE = (
     "checkpoints are pickles that can run code when loaded, so only checkpoints whose files match the sha256 "
     "manifest their own save wrote are loaded; load only checkpoints your own runs wrote — resume from another "
@@ -237,26 +244,65 @@ def existing_run(output_dir: Path) -> list[str]:
     return found
 
 
-def claim_fresh_run(config: Config, overwrite: bool) -> None:
-    """Before a run starts over (`train.resume: never`): refuse a `train.output_dir` that holds an earlier run, or
-    with `overwrite` remove its checkpoints and exported student (rank 0; other ranks only check)."""
+def _is_complete_run(directory: Path) -> bool:
+    """A run is complete once its student is exported (the last thing it writes, published atomically)."""
+    return (directory / STUDENT).is_dir()
+
+
+def recover_run_directory(output_dir: Path, *, starting_over: bool) -> None:
+    """Rank 0, under the run's lock, before anything reads `output_dir`: finish the swap of an `--overwrite` run
+    killed between its renames (`infra.atomic.recover_directory`), and name an unfinished one left beside it
+    unless this job is `starting_over` (`claim_fresh_run` empties it then)."""
+    output_dir = Path(os.path.abspath(output_dir))  # `.` or `runs/` name the directory: its siblings are beside it
+    recover_directory(output_dir, _is_complete_run)
+    aside = replacement_directory(output_dir)
+    if aside.is_dir() and not starting_over:
+        logger.warning(
+            "%s: an unfinished `train.resume=never --overwrite` run waits there (killed before it completed; the run "
+            "in %s is the earlier one, intact); the next --overwrite starts it over, or delete it",
+            aside,
+            output_dir,
+        )
+
+
+def claim_fresh_run(config: Config, overwrite: bool) -> Path:
+    """Before a run starts over (`train.resume: never`): the directory it writes. `train.output_dir` itself when it
+    holds no earlier run; one that does is refused, or with `overwrite` left intact while the new run is built
+    beside it (`infra.atomic.replacement_directory`, emptied first: a run that starts over continues nothing) and
+    swapped in by `publish_run` only once complete — a kill or a failure before that leaves the earlier run as it
+    was. Rank 0 empties the directory; every rank gets its path."""
     output_dir = Path(config.train.output_dir)
     found = existing_run(output_dir)
     if not found:
-        return
+        return output_dir
     if not overwrite:
         raise CheckpointError(
             f"train.output_dir {str(output_dir)!r} already holds a run ({'; '.join(found)}) and train.resume is "
             "'never': starting over would replace it. Continue it with train.resume=auto, train into another "
             "train.output_dir, or pass --overwrite to replace it"
         )
+    aside = replacement_directory(Path(os.path.abspath(output_dir)))
     if dist.is_main():
-        logger.warning("--overwrite: replacing the run in %s (%s)", output_dir, "; ".join(found))
-        for name in (CHECKPOINTS, STUDENT):
-            if (output_dir / name).exists():
-                retired = output_dir / f".{name}.replaced-{uuid.uuid4().hex[:8]}"
-                os.rename(output_dir / name, retired)
-                shutil.rmtree(retired, ignore_errors=True)
+        logger.warning(
+            "--overwrite: the run in %s (%s) is replaced by a new run trained in %s, swapped in once complete",
+            output_dir,
+            "; ".join(found),
+            aside,
+        )
+        try:
+            if aside.exists():
+                shutil.rmtree(aside)
+            aside.mkdir()
+        except OSError as error:
+            raise storage_error(error, aside) from error
+    return aside
+
+
+def publish_run(run_dir: Path, output_dir: Path) -> None:
+    """Rank 0: swap a complete run trained aside (`claim_fresh_run`) into `output_dir`, retiring the earlier one."""
+    if run_dir != output_dir:
+        swap_directory(run_dir, Path(os.path.abspath(output_dir)))
+        logger.info("%s: replaced the earlier run with the new one", output_dir)
 
 
 def read_trainer_state(save_dir: Path, tag: str) -> TrainState:
@@ -267,23 +313,17 @@ def read_trainer_state(save_dir: Path, tag: str) -> TrainState:
         raise CheckpointError(f"{path}: cannot read the trainer state of this checkpoint ({error})") from error
 
 
-def plan_resume(
-    config: Config, world_size: int, stage: int, bf16: bool, *, overwrite: bool = False
-) -> ResumePoint | None:
+def plan_resume(config: Config, world_size: int, stage: int, bf16: bool) -> ResumePoint | None:
     """The checkpoint to continue and how to load it at this world size, ZeRO stage and precision; call on every
     rank before DeepSpeed loads anything.
 
     The checkpoint (and its universal conversion, where one exists) is verified against its sha256 manifest first
-    (`verify_checkpoint`). With `train.resume: never` a `train.output_dir` that holds a run is refused unless
-    `overwrite`, which replaces it (`claim_fresh_run`).
+    (`verify_checkpoint`). `train.resume: never` resumes nothing (what a fresh run may replace: `claim_fresh_run`).
 
     DeepSpeed 0.19 loads ZeRO-partitioned optimizer state (ZeRO ≥ 1, or bf16, whose optimizer is partitioned too)
     only at the world size it was saved with; across world sizes or stages it goes through a universal checkpoint.
     Unpartitioned fp32 state (ZeRO 0) loads at any world size as is.
     """
-    if config.train.resume == "never":
-        claim_fresh_run(config, overwrite)
-        return None
     found = find_checkpoint(config)
     if found is None:
         return None
@@ -370,12 +410,37 @@ def restore_rng(states: list[dict[str, Any]], rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _is_save_failure(error: RuntimeError) -> bool:
+    """A failed write inside a save: `infra.atomic`'s kinds, or torch's zip writer (what `torch.save` runs under
+    DeepSpeed) stopping with an `[enforce fail at inline_container.cc:…]` and no errno — on a full disk it says
+    e.g. `unexpected pos 238336 vs 238224`."""
+    return is_write_failure(error) or _TORCH_ZIP_WRITER in str(error)
+
+
+def _failed_file(error: BaseException, directory: Path) -> Path:
+    """The file a failed save was writing: the one the error names, else the newest file of the checkpoint (torch's
+    writer names none), else the checkpoint directory."""
+    named = getattr(error, "filename", None)
+    if named:
+        return Path(named)
+    written = [path for path in directory.rglob("*") if path.is_file()] if directory.is_dir() else []
+    return max(written, key=lambda path: path.stat().st_mtime_ns) if written else directory
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem that holds `path` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() or (not os.path.ismount(path) and path != path.parent):
+        path = path.parent
+    return path
+
+
 def save_checkpoint(engine: Any, save_dir: Path, state: TrainState, keep: int) -> None:
     """Checkpoint on every rank, then publish it: DeepSpeed's files plus `trainer_state.json`, the sha256 manifest,
     and only then `latest` (so `latest` always names a complete, verifiable checkpoint); prune to the newest `keep`.
 
     A write that fails (full disk, quota) removes the unpublished checkpoint and raises a `CheckpointError` naming
-    it; `latest` and the checkpoints before it are untouched.
+    the file it was writing, its disk and the fix; `latest` and the checkpoints before it are untouched.
     """
     tag = checkpoint_tag(state.step)
     directory = save_dir / tag
@@ -393,15 +458,17 @@ def save_checkpoint(engine: Any, save_dir: Path, state: TrainState, keep: int) -
             write_checkpoint_manifest(directory)
             atomic_write_text(save_dir / LATEST, tag)
     except (OSError, RuntimeError, PipelineError) as error:
-        if isinstance(error, RuntimeError) and not is_write_failure(error):
+        if isinstance(error, RuntimeError) and not _is_save_failure(error):
             raise
+        # infra.atomic's writers name their file already; DeepSpeed's torch.save does not: find it
+        reason = error if isinstance(error, PipelineError) else storage_error(error, _failed_file(error, directory))
+        message = (
+            f"{reason}; the disk is the one mounted at {_mount_point(directory)}; the run resumes from the last "
+            f"complete checkpoint ({save_dir / previous if previous else 'none yet'})"
+        )
         if previous != tag:
             shutil.rmtree(directory, ignore_errors=True)
-        cause = error if not isinstance(error, PipelineError) else error.__cause__ or error
-        raise CheckpointError(
-            f"{storage_error(cause, directory)}; the run resumes from the last complete checkpoint "
-            f"({save_dir / previous if previous else 'none yet'})"
-        ) from error
+        raise CheckpointError(message) from error
     if dist.is_main():
         _prune(save_dir, tag, keep)
     dist.barrier()

@@ -14,7 +14,10 @@ update or checkpoint (the last good checkpoint stays the newest).
 
 Outputs in `train.output_dir`: `checkpoints/`, `metrics.jsonl` (rank 0: one line per step with the train metrics and
 `position`, the global sample position the step started at; one per evaluation with the eval metrics and the
-position reached).
+position reached). A resumed run first drops the lines of steps after its checkpoint (`trim_metrics_log`): it writes
+them again, so every step has one line. The interrupted attempt logged those steps to the MLflow run the resumed one
+continues (a line is written before its point is logged); where the resumed run reproduces a step's losses, as it
+does unless the config changed, the point is not logged a second time.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_text
 from pipeline.infra.runtime import to_device
 from pipeline.objective.loss import Objective
 from pipeline.reports.figures import attention_heatmap_figures
@@ -46,6 +50,48 @@ logger = logging.getLogger(__name__)
 
 class TrainError(PipelineError):
     """A run cannot start or resume as configured; the message names the key, file or field."""
+
+
+EarlierLines = dict[tuple[str, int], dict[str, Any]]
+"""("train" or "eval", step) → the line an interrupted attempt wrote after the checkpoint a run resumed from."""
+
+
+def _kind(record: dict[str, Any]) -> str:
+    return "train" if "train/loss" in record else "eval"
+
+
+def trim_metrics_log(output_dir: Path, step: int) -> EarlierLines:
+    """Rank 0, when a run resumes from its checkpoint at `step`: drop the lines of later steps (the resumed run
+    writes them again) and a line a kill cut short; returns the dropped lines."""
+    path = output_dir / METRICS_LOG
+    if not path.is_file():
+        return {}
+    kept: list[str] = []
+    dropped: EarlierLines = {}
+    lines = path.read_text().splitlines()
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+        else:
+            dropped[(_kind(record), record["step"])] = record
+    if len(kept) != len(lines):
+        logger.info(
+            "%s: dropped %d line(s) after step %d, which this run writes again", path, len(lines) - len(kept), step
+        )
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
+
+
+def _reproduces(earlier: dict[str, Any] | None, values: dict[str, float]) -> bool:
+    """Whether an interrupted attempt's line holds these losses (to 1e-6): the resume repeats that step exactly."""
+    if earlier is None:
+        return False
+    losses = [key for key in values if "loss" in key and key in earlier]
+    return bool(losses) and all(math.isclose(earlier[key], values[key], rel_tol=1e-6, abs_tol=1e-9) for key in losses)
 
 
 @dataclass
@@ -71,6 +117,8 @@ class Trainer:
         tracker: Any,
         evaluator: Any,
         teacher_layers: list[int],
+        earlier_lines: EarlierLines | None = None,
+        output_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -80,9 +128,12 @@ class Trainer:
         self.tracker = tracker
         self.evaluator = evaluator
         self.teacher_layers = teacher_layers
+        self.earlier_lines = earlier_lines or {}
+        """Steps after the checkpoint that an interrupted attempt logged to the MLflow run this one continues."""
         self.device = engine.device
         self.world_size = dist.world_size()
-        self.output_dir = Path(config.train.output_dir)
+        self.output_dir = Path(output_dir if output_dir is not None else config.train.output_dir)
+        """Where the run writes: `train.output_dir`, or where an `--overwrite` run is built beside it."""
         self.save_dir = self.output_dir / CHECKPOINTS
         self.zero_stage = engine.zero_optimization_stage()
 
@@ -170,6 +221,22 @@ class Trainer:
         values["train/tokens"] = float(self.state.position * micro_batches[0]["labels"].shape[1])
         return metrics
 
+    def _log(self, kind: str, values: dict[str, float]) -> None:
+        """Log a step's metrics to MLflow, unless the interrupted attempt this run resumes logged the same values
+        there (a line is written to `metrics.jsonl` before its point is logged). Values that differ (the config
+        changed on resume) are logged beside the earlier ones, with a warning."""
+        earlier = self.earlier_lines.pop((kind, self.state.step), None)
+        if _reproduces(earlier, values):
+            return
+        if earlier is not None:
+            logger.warning(
+                "%s step %d: the losses differ from those the interrupted attempt logged (the config changed?); "
+                "MLflow keeps both points of this step",
+                kind,
+                self.state.step,
+            )
+        self.tracker.log_metrics(values, step=self.state.step)
+
     def _record(self, metrics: StepMetrics) -> None:
         if dist.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -184,8 +251,8 @@ class Trainer:
         setting = self.config.train.heatmaps
         heatmap = setting == "every" or (setting == "final" and self.state.step == self.config.train.max_steps)
         result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
-        self.tracker.log_metrics(result.metrics, step=self.state.step)
         self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
+        self._log("eval", result.metrics)
         if result.heatmap is not None and self.tracker.active:
             figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
             for name, figure in figures.items():
@@ -214,7 +281,7 @@ class Trainer:
                 self._record(metrics)
                 step = self.state.step
                 if step % train.log_every == 0 or step == train.max_steps:
-                    self.tracker.log_metrics(metrics.values, step=step)
+                    self._log("train", metrics.values)
                     terms = " ".join(f"{name} {last[f'train/loss_{name}']:.4f}" for name in self.objective.names)
                     logger.info(
                         "step %d/%d loss %.4f (%s) lr %.3g grad norm %.3g %.0f tok/s loader wait %.0f%%",
