@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import AutoTokenizer, PretrainedConfig
 
 from pipeline.config import Config, ConfigError
 from pipeline.data import DataError
@@ -34,28 +35,41 @@ def _pretrained_config(directory: Path) -> PretrainedConfig:
     return read_model_config(directory, INIT_HINT)
 
 
+def tokenizing_state(directory: Path) -> dict[str, Any]:
+    """What decides how `directory`'s tokenizer turns text into ids and back: its whole pipeline (vocabulary, merges,
+    normaliser, pre-tokenizer, post-processor, decoder, added tokens), its special tokens and its chat template — not
+    the loader settings `save_pretrained` writes into tokenizer_config.json (`is_local`, `local_files_only`, the path
+    it was loaded from), which made byte-identical tokenizers look different."""
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return {
+        "pipeline": json.loads(backend.to_str()) if backend is not None else tokenizer.get_vocab(),
+        "special tokens": {name: str(token) for name, token in tokenizer.special_tokens_map.items()},
+        "added tokens": {index: str(token) for index, token in tokenizer.added_tokens_decoder.items()},
+        "chat template": tokenizer.chat_template,
+    }
+
+
 def check_same_tokenizer(directory: Path, teacher_dir: Path) -> None:
-    """Refuse a pretrained student whose tokenizer files differ from the teacher's (`data.tokenizer_fingerprint`)."""
+    """Refuse a pretrained student whose tokenizer does not tokenise as the teacher's: identical files
+    (`data.tokenizer_fingerprint`) pass at once; otherwise the two tokenizers' `tokenizing_state` must agree."""
     try:
         found = tokenizer_fingerprint(directory)
     except DataError:
         raise ConfigError(
             f"student.init: {str(directory)!r} holds none of the tokenizer files ({', '.join(TOKENIZER_FILES)}), so "
-            "its tokenizer_fingerprint cannot be compared with the teacher's; save the tokenizer with the model"
+            "its tokenizer cannot be compared with the teacher's; save the tokenizer with the model"
         ) from None
-    expected = tokenizer_fingerprint(teacher_dir)
-    if found == expected:
+    if found == tokenizer_fingerprint(teacher_dir):
         return
-    differing = [
-        name
-        for name in TOKENIZER_FILES
-        if (directory / name).is_file() != (teacher_dir / name).is_file()
-        or ((directory / name).is_file() and (directory / name).read_bytes() != (teacher_dir / name).read_bytes())
-    ]
+    student_state, teacher_state = tokenizing_state(directory), tokenizing_state(teacher_dir)
+    differing = [part for part in teacher_state if student_state[part] != teacher_state[part]]
+    if not differing:
+        logger.info("student.init: %s's tokenizer files differ from the teacher's only in loader settings", directory)
+        return
     raise ConfigError(
-        f"student.init: {str(directory)!r} has tokenizer_fingerprint {found[:12]}…, the teacher {str(teacher_dir)!r} "
-        f"has {expected[:12]}… (tokenizer files that differ: {', '.join(differing)}); a pretrained student must "
-        "share the teacher's tokenizer"
+        f"student.init: {str(directory)!r} tokenises differently from the teacher {str(teacher_dir)!r} (its "
+        f"{', '.join(differing)} differ); a pretrained student must share the teacher's tokenizer"
     )
 
 
