@@ -200,6 +200,23 @@ def test_a_finished_run_leaves_no_engine_behind(tiny_cache: TinyCache, tmp_path:
     assert live_engines() == before
 
 
+def test_a_finished_run_with_other_settings_is_refused_not_reported_trained(
+    tiny_cache: TinyCache, tmp_path: Path
+) -> None:
+    """A finished run is "already trained" only for the settings it was trained with: another learning rate or
+    loss weight names the change instead of leaving the old weights in place silently; the same settings (and a
+    change of what is only logged or saved) are a no-op."""
+    common = (*FAST_TRAIN, "train.max_steps=1", "train.eval_every=0", "mlflow.enabled=false")
+    train(tiny_cache.config(tmp_path, *common))
+    student = tmp_path / "student" / "model.safetensors"
+    written = student.stat().st_mtime_ns
+    assert train(tiny_cache.config(tmp_path, *common, "train.save_every=5")) == {}
+    for change, named in [("train.lr=0.5", r"train\.lr: .* → 0\.5"), ("distill.kd.weight=0", r"distill\.kd\.weight")]:
+        with pytest.raises(PipelineError, match=rf"holds a run finished at step 1 with other settings \(.*{named}"):
+            train(tiny_cache.config(tmp_path, *common, change))
+    assert student.stat().st_mtime_ns == written
+
+
 @pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses(tiny_cache: TinyCache, tmp_path: Path) -> None:
     common = (*FAST_TRAIN, "train.max_steps=2", "train.eval_every=0", "mlflow.enabled=false")

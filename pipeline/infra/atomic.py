@@ -19,8 +19,9 @@ from pipeline.errors import PipelineError
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
 """What libraries that drop the errno (pyarrow, torch's stream writer) still put in their messages."""
-_WRITE_FAILURES = ("file write failed", "basic_ios::clear", "PytorchStreamWriter failed")
-"""What torch's C++ stream writer raises (a RuntimeError without an errno) when a write fails."""
+_WRITE_FAILURES = ("file write failed", "basic_ios::clear", "PytorchStreamWriter failed", "inline_container.cc")
+"""What torch's C++ stream and zip writers raise (a RuntimeError without an errno) when a write fails; on a full disk
+the zip writer stops with `[enforce fail at inline_container.cc:…] unexpected pos 238336 vs 238224`."""
 
 
 class StorageError(PipelineError):

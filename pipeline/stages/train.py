@@ -37,13 +37,15 @@ from pipeline.training.checkpoints import (
     convert_to_universal,
     plan_resume,
     publish_run,
+    recipe_changes,
     recover_run_directory,
+    training_recipe,
 )
 from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
 from pipeline.training.export import export_student
-from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, trim_metrics_log
+from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, TrainError, trim_metrics_log
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
         zero_stage=zero_stage(config),
         bf16=dtype == torch.bfloat16,
         student=asdict(config.student),
+        recipe=training_recipe(config),
     )
     starting_over = train_cfg.resume == "never"
     if dist.is_main():
@@ -120,6 +123,13 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
     dist.barrier()
     resume = plan_resume(config, state.world_size, state.zero_stage, state.bf16)
     if resume is not None and resume.state.step >= train_cfg.max_steps and (output_dir / STUDENT).is_dir():
+        changes = recipe_changes(resume.state.recipe, state.recipe)
+        if changes:
+            raise TrainError(
+                f"train.output_dir {str(output_dir)!r} holds a run finished at step {resume.state.step} with other "
+                f"settings ({'; '.join(changes)}); train into another train.output_dir, or replace that run with "
+                "train.resume=never --overwrite"
+            )
         logger.info("already trained: step %d of train.max_steps %d", resume.state.step, train_cfg.max_steps)
         return {}
     if resume is not None and resume.universal:

@@ -60,7 +60,6 @@ LATEST = "latest"
 CHECKPOINT_MANIFEST = "checkpoint.sha256.json"
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 22
-_TORCH_ZIP_WRITER = "inline_container.cc"
 TRUST_ADVICE = (
     "checkpoints are pickles that can run code when loaded, so only checkpoints whose files match the sha256 "
     "manifest their own save wrote are loaded; load only checkpoints your own runs wrote — resume from another "
@@ -86,6 +85,40 @@ class TrainState:
     mlflow_run_id: str | None = None
     student: dict[str, Any] = field(default_factory=dict)
     """The `student` config section the weights were trained with."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """The other config values the weights were trained with (`training_recipe`); empty in older checkpoints."""
+
+
+RECIPE_TRAIN_KEYS = (
+    "mode",
+    "micro_batch_size",
+    "grad_accum",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "schedule",
+    "weight_decay",
+    "grad_clip",
+    "precision",
+    "seed",
+)
+"""The `train` keys that change the trained weights (not how often the run saves, evaluates or logs)."""
+
+
+def training_recipe(config: Config) -> dict[str, Any]:
+    """The config values besides the student's shape that the trained weights depend on, flattened: every
+    `distill.*` key and `RECIPE_TRAIN_KEYS`. A finished run is only "already trained" for the same recipe."""
+    recipe = {key: value for key, value in config.flat().items() if key.startswith("distill.")}
+    recipe.update({f"train.{key}": getattr(config.train, key) for key in RECIPE_TRAIN_KEYS})
+    return recipe
+
+
+def recipe_changes(trained: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """`key: trained → wanted` for every recipe value that differs (nothing when the run predates recipes)."""
+    if not trained:
+        return []
+    keys = sorted(set(trained) | set(wanted))
+    return [f"{key}: {trained.get(key)!r} → {wanted.get(key)!r}" for key in keys if trained.get(key) != wanted.get(key)]
 
 
 @dataclass
@@ -410,13 +443,6 @@ def restore_rng(states: list[dict[str, Any]], rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _is_save_failure(error: RuntimeError) -> bool:
-    """A failed write inside a save: `infra.atomic`'s kinds, or torch's zip writer (what `torch.save` runs under
-    DeepSpeed) stopping with an `[enforce fail at inline_container.cc:…]` and no errno — on a full disk it says
-    e.g. `unexpected pos 238336 vs 238224`."""
-    return is_write_failure(error) or _TORCH_ZIP_WRITER in str(error)
-
-
 def _failed_file(error: BaseException, directory: Path) -> Path:
     """The file a failed save was writing: the one the error names, else the newest file of the checkpoint (torch's
     writer names none), else the checkpoint directory."""
@@ -458,7 +484,7 @@ def save_checkpoint(engine: Any, save_dir: Path, state: TrainState, keep: int) -
             write_checkpoint_manifest(directory)
             atomic_write_text(save_dir / LATEST, tag)
     except (OSError, RuntimeError, PipelineError) as error:
-        if isinstance(error, RuntimeError) and not _is_save_failure(error):
+        if isinstance(error, RuntimeError) and not is_write_failure(error):
             raise
         # infra.atomic's writers name their file already; DeepSpeed's torch.save does not: find it
         reason = error if isinstance(error, PipelineError) else storage_error(error, _failed_file(error, directory))
