@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
+from pipeline.infra.atomic import atomic_write_text
 from pipeline.infra.runtime import default_device
 from pipeline.infra.tracking import create_tracker, default_run_name
 from pipeline.models.capture import CAPTURE_ATTENTION
@@ -118,7 +119,9 @@ def eval_stage(
         output_dir = Path(config.train.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         name = EVAL_FILE if split == "validation" else f"eval-{split}.json"
-        (output_dir / name).write_text(json.dumps({"step": step, **result.metrics}, indent=2) + "\n")
+        # Atomic and unlocked: evaluating a run's latest checkpoint while it trains is allowed, and a reader of
+        # eval.json sees the earlier result or this one, never a part.
+        atomic_write_text(output_dir / name, json.dumps({"step": step, **result.metrics}, indent=2) + "\n")
         print("| metric | value |\n|---|---|")
         for key, value in result.metrics.items():
             print(f"| {key} | {value:.6g} |")
