@@ -104,7 +104,7 @@ def validate(config: Config) -> None:
     for key, name in fields.items():
         require(bool(name), key, name, "a non-empty field name")
         others = [other for other, value in fields.items() if other != key and value == name]
-        require(not others, key, name, f"a field other than {' and '.join(others)}'s")
+        require(not others, key, name, f"a field name different from {' and '.join(others)}")
     for index, count in enumerate(c.head_counts):
         require(count >= 1, f"cache.head_counts[{index}]", count, "a head count ≥ 1")
     require(len(set(c.head_counts)) == len(c.head_counts), "cache.head_counts", c.head_counts, "distinct head counts")
