@@ -119,6 +119,8 @@ def encode_conversations(
 ) -> tuple[Dataset, int]:
     """Encode every conversation (`num_proc` processes) and keep the sequences with response tokens, numbered
     0..N-1 in record order; returns them and the tokens of the conversations before any cut."""
+    if len(conversations) == 0:  # `map` would not add its columns to an empty dataset
+        return Dataset.from_dict({name: [] for name in chat_features(seq_len)}, features=chat_features(seq_len)), 0
     try:
         encoded = conversations.map(
             _encode_batch,
