@@ -186,7 +186,6 @@ BAD_RECORDS = {
     "unknown_role": {"conversations": [{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}]},
     "empty_response": _chat(("user", "hi"), ("assistant", "  ")),
     "no_response": _chat(("user", "anyone?")),
-    "starts_with_response": _chat(("assistant", "I start."), ("user", "ok")),
     "template_refused": _chat(("user", "hi"), ("system", "late system"), ("assistant", "hello")),
 }
 GOOD = _chat(("user", "Which split?"), ("assistant", "By sample id."))
@@ -210,13 +209,30 @@ def test_malformed_records_are_skipped_counted_by_kind_and_the_first_named(
         meta = _prepare(source, tiny_chat_teacher_dir, tmp_path / "packed")
     chat = json.loads((tmp_path / "packed" / META_NAME).read_text())["chat"]
     expected = {kind: 1 for kind in BAD_RECORDS} | {"invalid_json": 1, "cut_off": 1}
-    assert chat["malformed_by_kind"] == expected and chat["malformed"] == 9
-    assert chat["records"] == 11 and meta["num_samples"] == 2
+    assert chat["malformed_by_kind"] == expected and chat["malformed"] == 8
+    assert chat["records"] == 10 and meta["num_samples"] == 2
     assert [entry.split(": ", 1)[0] for entry in chat["first_malformed"]] == [
         f"data source {str(source)!r} record {index}" for index in range(1, 6)
     ]
     assert "message 1 has role 'bing'" in chat["first_malformed"][2]
-    assert "9 malformed records skipped" in caplog.text and "record 1: a JSON list" in caplog.text
+    assert "8 malformed records skipped" in caplog.text and "record 1: a JSON list" in caplog.text
+
+
+def test_assistant_turns_before_the_first_prompt_are_dropped_and_counted(
+    tiny_chat_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """A ShareGPT part that starts with the model's reply keeps the turns from the first prompt on; a record with no
+    prompt before any reply is malformed (no_response)."""
+    split_off = {"conversations": [{"from": "gpt", "value": "Earlier reply."}, *SHAREGPT_GOOD["conversations"]]}
+    only_replies = _chat(("system", "Be brief."), ("assistant", "A reply to nothing."))
+    source = _write_jsonl(tmp_path / "parts.jsonl", [split_off, only_replies])
+    meta = _prepare(source, tiny_chat_teacher_dir, tmp_path / "packed")
+    assert meta["chat"]["leading_responses_dropped"] == 1 and meta["chat"]["malformed_by_kind"] == {"no_response": 1}
+    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
+    remainder = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]
+    expected = tokenizer(tokenizer.apply_chat_template(remainder, tokenize=False), add_special_tokens=False).input_ids
+    rows = _rows(tmp_path / "packed")
+    assert rows["input_ids"][0][: rows["length"][0]].tolist() == expected
 
 
 @pytest.mark.parametrize(

@@ -86,22 +86,25 @@ def record_name(record: Any, index: int) -> str:
     return f"record {index} (id {identifier!r})" if isinstance(identifier, (str, int)) else f"record {index}"
 
 
-def conversation_of(record: Any, chat_format: ChatFormat) -> list[dict[str, str]]:
-    """The record's messages as `{"role", "content"}` dicts, roles normalised (`ROLE_ALIASES`); raises
-    `MalformedRecord` for a record that is not an object, lacks a field, has an unknown role or an empty response,
-    or has no response turn."""
+def conversation_of(record: Any, chat_format: ChatFormat) -> tuple[list[dict[str, str]], int]:
+    """The record's messages as `{"role", "content"}` dicts, roles normalised (`ROLE_ALIASES`), and how many leading
+    assistant turns were dropped; raises `MalformedRecord` for a record that is not an object, lacks a field, has an
+    unknown role or an empty response, or has no response turn after a prompt.
+
+    Assistant turns before the first user turn are dropped (as FastChat does): a ShareGPT record split off a longer
+    conversation often starts with the model's reply to a prompt it no longer holds."""
     if not isinstance(record, dict):
         raise MalformedRecord("not_an_object", f"a JSON {type(record).__name__}, expected an object")
     if chat_format.kind == "prompt_response":
         messages = _prompt_response_messages(record, chat_format)
     else:
         messages = _chat_messages(record)
-    first_turn = next((message for message in messages if message["role"] != "system"), None)
-    if first_turn is None or not any(message["role"] == RESPONSE_ROLE for message in messages):
-        raise MalformedRecord("no_response", "no assistant turn: nothing to train on")
-    if first_turn["role"] == RESPONSE_ROLE:
-        raise MalformedRecord("starts_with_response", "the first turn is an assistant turn, with no prompt before it")
-    return messages
+    first_prompt = next((at for at, message in enumerate(messages) if message["role"] == "user"), len(messages))
+    head, tail = messages[:first_prompt], messages[first_prompt:]
+    kept_head = [message for message in head if message["role"] != RESPONSE_ROLE]
+    if not any(message["role"] == RESPONSE_ROLE for message in tail):
+        raise MalformedRecord("no_response", "no assistant turn after a user turn: nothing to train on")
+    return kept_head + tail, len(head) - len(kept_head)
 
 
 def _prompt_response_messages(record: dict[str, Any], chat_format: ChatFormat) -> list[dict[str, str]]:

@@ -38,11 +38,13 @@ NAMED_PROBLEMS = 5
 
 @dataclass
 class ChatCounts:
-    """What became of the records: kept, malformed (by kind, the first few named), truncated and dropped."""
+    """What became of the records: kept, malformed (by kind, the first few named), conversations whose leading
+    assistant turns were dropped, truncated and dropped sequences."""
 
     records: int = 0
     malformed: Counter = field(default_factory=Counter)
     first_malformed: list[str] = field(default_factory=list)
+    leading_responses_dropped: int = 0
     outcomes: Counter = field(default_factory=Counter)
 
     def skip(self, where: str, error: MalformedRecord, strict: bool) -> None:
@@ -62,6 +64,7 @@ class ChatCounts:
             "malformed": sum(self.malformed.values()),
             "malformed_by_kind": dict(sorted(self.malformed.items())),
             "first_malformed": self.first_malformed,
+            "leading_responses_dropped": self.leading_responses_dropped,
             **{outcome: self.outcomes[outcome] for outcome in OUTCOMES if outcome != "template_refused"},
         }
 
@@ -95,10 +98,11 @@ def read_conversations(sources: list[Source], chat_format: ChatFormat, strict: b
                     if isinstance(record, BadRecord):
                         kind = "cut_off" if record.reason.startswith("cut off") else "invalid_json"
                         raise MalformedRecord(kind, f"{record.reason} (byte {record.offset})")
-                    messages = conversation_of(record, chat_format)
+                    messages, leading = conversation_of(record, chat_format)
                 except MalformedRecord as error:
                     counts.skip(where, error, strict)
                     continue
+                counts.leading_responses_dropped += leading > 0
                 wheres.append(where)
                 conversations.append(messages)
     message = List({"role": Value("string"), "content": Value("string")})
