@@ -3,7 +3,8 @@ mask of the response tokens.
 
 - `conversation_of` turns a record into messages (`data.format: chat`: `messages` with `role`/`content`, or
   ShareGPT's `conversations` with `from`/`value`; `prompt_response`: a prompt and a response field, optionally a
-  system field) or raises `MalformedRecord` saying what is wrong with it.
+  system field), assistant turns before the first user turn dropped, or raises `MalformedRecord` saying what is
+  wrong with it.
 - `encode_conversation` renders the messages with `apply_chat_template`, tokenizes the text once (with character
   offsets) and marks the assistant tokens. An assistant turn's span is found by rendering the conversation up to it
   with the generation prompt (where its content starts) and up to and including it (where it ends, trailing
