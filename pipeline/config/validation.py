@@ -98,6 +98,13 @@ def validate(config: Config) -> None:
         f"a fraction in [0, 1 − data.val_fraction = {1 - data.val_fraction:g})",
     )
     require(data.num_proc >= 1, "data.num_proc", data.num_proc, "an integer ≥ 1")
+    fields = {"data.prompt_field": data.prompt_field, "data.response_field": data.response_field}
+    if data.system_field is not None:
+        fields["data.system_field"] = data.system_field
+    for key, name in fields.items():
+        require(bool(name), key, name, "a non-empty field name")
+        others = [other for other, value in fields.items() if other != key and value == name]
+        require(not others, key, name, f"a field name different from {' and '.join(others)}")
     for index, count in enumerate(c.head_counts):
         require(count >= 1, f"cache.head_counts[{index}]", count, "a head count ≥ 1")
     require(len(set(c.head_counts)) == len(c.head_counts), "cache.head_counts", c.head_counts, "distinct head counts")

@@ -3,9 +3,11 @@
 Output (`output_dir`): `train/` and `validation/` (and `test/` with `test_fraction` > 0; datasets Arrow,
 `save_to_disk`) with columns `sample_id` (int64)
 and `input_ids` (int32, exactly `seq_len` tokens), plus `meta.json` (fingerprints, counts, settings). Labels are not
-stored: they are the next-token targets of `input_ids`, derived by the trainer.
+stored: they are the next-token targets of `input_ids`, derived by the trainer. With `data_format` `chat` or
+`prompt_response` each sequence is one conversation, right-padded, with two more columns: `response_mask` (int8,
+`seq_len`; 1 marks a response token) and `length` (int32, the real tokens); see `pipeline.data.chat`.
 
-- Documents come in source order (`data.sources` reads them); each one is tokenized without special tokens and
+- Text documents come in source order (`data.sources` reads them); each one is tokenized without special tokens and
   followed by the tokenizer's eos token; the concatenated stream is cut into `seq_len` chunks and the remainder
   dropped. Sample ids are 0..N-1 in stream order, so they do not depend on `num_proc`.
 - The split is by sample id: each id gets a fixed hash of (seed, id) and the `round(N·val_fraction)` smallest
@@ -34,6 +36,8 @@ from datasets.table import InMemoryTable
 
 from pipeline.config.validation import require_directory_path
 from pipeline.data import DataError
+from pipeline.data.chat import ChatFormat
+from pipeline.data.chat_corpus import ChatCounts, chat_features, encode_conversations, read_conversations
 from pipeline.data.sources import (
     BUILDERS,
     describe_source,
@@ -60,8 +64,17 @@ FINGERPRINT_FIELDS = (
     "seed",
     "text_field",
     "file_format",
+    "data_format",
+    "prompt_field",
+    "response_field",
+    "system_field",
+    "chat_template_fingerprint",
 )
-"""Everything that changes the packed output; `num_proc` does not, by construction."""
+"""Everything that changes the packed output; `num_proc` does not, by construction. The last five are in the
+settings of chat formats only, so a text output keeps the fingerprint it had before chat formats existed. `strict`
+is not here: it refuses inputs, it never changes the output of those it accepts."""
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+"""Files beside the tokenizer's that hold its chat template (else it is in tokenizer_config.json)."""
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -87,13 +100,22 @@ def prepare_dataset(
     file_format: str | None = None,
     overwrite: bool = False,
     test_fraction: float = 0.0,
+    data_format: str = "text",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    system_field: str | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Tokenize and pack `sources` into `output_dir` (see the module docstring) and return its meta dict.
 
     `file_format` forces one builder (`text`, `json`, `parquet`, `csv`) for every local file instead of inferring
     it from extensions. With `overwrite=False`, an existing output prepared from other inputs is an error.
+    `data_format` `chat` or `prompt_response` (with its field names) renders records with the tokenizer's chat
+    template; `strict` refuses the first malformed record instead of skipping it.
     """
     _check_settings(sources, seq_len, val_fraction, num_proc, file_format)
+    if data_format not in ("text", "chat", "prompt_response"):
+        raise DataError(f"data.format={data_format!r}: expected 'text', 'chat' or 'prompt_response'")
     if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise DataError(
             f"data.test_fraction={test_fraction!r}: expected a fraction in [0, 1) with val_fraction + test_fraction < 1"
@@ -112,6 +134,13 @@ def prepare_dataset(
         # Only when used: outputs prepared without a test split keep their fingerprint.
         **({"test_fraction": test_fraction} if test_fraction > 0 else {}),
     }
+    chat_format = None
+    if data_format != "text":
+        chat_format = ChatFormat(data_format, prompt_field, response_field, system_field)  # type: ignore[arg-type]
+        settings["data_format"] = data_format
+        settings["chat_template_fingerprint"] = chat_template_fingerprint(tokenizer_dir)
+        if data_format == "prompt_response":
+            settings.update(prompt_field=prompt_field, response_field=response_field, system_field=system_field)
     fingerprint = _digest(settings)
     existing = _existing_meta(output_dir, overwrite)
     if existing is not None and existing.get("fingerprint") == fingerprint and _splits_present(output_dir):
@@ -119,7 +148,7 @@ def prepare_dataset(
         return existing
     if existing is not None and not overwrite:
         changed = [
-            f"{key} ({_short(existing.get(key))} → {_short(settings[key])})"
+            f"{key} ({_short(existing.get(key))} → {_short(settings.get(key))})"
             for key in (*FINGERPRINT_FIELDS, "test_fraction")
             if existing.get(key) != settings.get(key)
         ] or ["the train/validation directories are incomplete"]
@@ -130,16 +159,37 @@ def prepare_dataset(
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.eos_token_id is None:
         raise DataError(f"tokenizer in {str(tokenizer_dir)!r} has no eos_token to separate documents with")
+    if chat_format is not None and not tokenizer.chat_template:
+        raise DataError(
+            f"data.format={data_format!r} renders conversations with the teacher's chat template, but the tokenizer "
+            f"in {str(tokenizer_dir)!r} has none (no {' or '.join(CHAT_TEMPLATE_FILES)}, no chat_template in "
+            "tokenizer_config.json); use data.format: text, or a teacher with a chat template"
+        )
     with staged_directory(output_dir) as staging:
         cache_dir = staging / ".load-cache"
-        documents = load_documents(resolved, text_field, cache_dir)
-        tokenized = _tokenize(documents, tokenizer, num_proc)
-        packed, stream_tokens = _pack(tokenized, seq_len)
-        if len(packed) == 0:
-            raise DataError(
-                f"data.sources hold {stream_tokens} tokens (eos included), fewer than one sequence of seq_len="
-                f"{seq_len}; add text or lower seq_len"
+        if chat_format is None:
+            documents = load_documents(resolved, text_field, cache_dir)
+            tokenized = _tokenize(documents, tokenizer, num_proc)
+            packed, stream_tokens = _pack(tokenized, seq_len)
+            if len(packed) == 0:
+                raise DataError(
+                    f"data.sources hold {stream_tokens} tokens (eos included), fewer than one sequence of seq_len="
+                    f"{seq_len}; add text or lower seq_len"
+                )
+            num_documents = len(documents)
+        else:
+            counts = ChatCounts()
+            conversations = read_conversations(resolved, chat_format, strict, counts)
+            packed, stream_tokens = encode_conversations(
+                conversations,
+                tokenizer,
+                seq_len=seq_len,
+                num_proc=num_proc,
+                strict=strict,
+                counts=counts,
+                teacher_dir=Path(tokenizer_dir),
             )
+            num_documents = len(conversations)
         held_out = split_validation_ids(len(packed), val_fraction + test_fraction, seed)
         validation_count = len(split_validation_ids(len(packed), val_fraction, seed))
         split_of = np.zeros(len(packed), dtype=np.int8)  # 0 train, 1 validation, 2 test
@@ -148,6 +198,8 @@ def prepare_dataset(
         split_rows = {"train": np.flatnonzero(split_of == 0), "validation": np.flatnonzero(split_of == 1)}
         if test_fraction > 0:
             split_rows["test"] = np.flatnonzero(split_of == 2)
+        if chat_format is not None:
+            _refuse_empty_splits(split_rows, counts, val_fraction, test_fraction)
         for split, rows in split_rows.items():
             # An empty split still needs one (empty) shard, or load_from_disk cannot open it.
             packed.select(rows).save_to_disk(str(staging / split), num_shards=1 if len(rows) == 0 else None)
@@ -158,7 +210,7 @@ def prepare_dataset(
             "sources": [describe_source(source) for source in resolved],
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "eos_token_id": tokenizer.eos_token_id,
-            "num_documents": len(documents),
+            "num_documents": num_documents,
             "stream_tokens": stream_tokens,
             "dropped_tokens": stream_tokens - len(packed) * seq_len,
             "num_samples": len(packed),
@@ -166,6 +218,9 @@ def prepare_dataset(
                 split: {"samples": len(rows), "tokens": len(rows) * seq_len} for split, rows in split_rows.items()
             },
         }
+        if chat_format is not None:
+            meta.update(_chat_meta(packed, split_rows, counts, tokenizer, stream_tokens, strict))
+            _log_chat(output_dir, meta)
         (staging / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     logger.info(
         "%s: %d documents → %d sequences of %d tokens (%s; %d tail tokens dropped)",
@@ -177,6 +232,86 @@ def prepare_dataset(
         meta["dropped_tokens"],
     )
     return meta
+
+
+def _refuse_empty_splits(
+    split_rows: dict[str, np.ndarray], counts: ChatCounts, val_fraction: float, test_fraction: float
+) -> None:
+    """A split that should hold conversations but holds none after the malformed and dropped ones left is refused,
+    named (a text corpus cannot get here: it has at least one sequence, and each split gets one when it can)."""
+    wanted = {"train": True, "validation": val_fraction > 0, "test": test_fraction > 0}
+    for split, rows in split_rows.items():
+        if wanted[split] and len(rows) == 0:
+            kept = sum(len(other) for other in split_rows.values())
+            raise DataError(
+                f"the {split} split is empty: of {counts.records} records, {kept} became sequences "
+                f"({sum(counts.malformed.values())} malformed, {counts.outcomes['dropped_no_response']} without a "
+                "response token within data.seq_len); add conversations"
+                + (", or set data.val_fraction / data.test_fraction to 0" if split != "train" else "")
+            )
+
+
+def _chat_meta(
+    packed: Dataset,
+    split_rows: dict[str, np.ndarray],
+    counts: ChatCounts,
+    tokenizer: Any,
+    stream_tokens: int,
+    strict: bool,
+) -> dict[str, Any]:
+    """meta.json's chat fields: the record counts, real and response tokens (overall and per split: `tokens` stays
+    the positions, as for text), the fill ratio (real tokens ÷ positions) and the padding token."""
+    columns = packed.with_format("numpy", columns=["length", "response_mask"])
+    lengths = np.asarray(columns["length"], dtype=np.int64)
+    response = np.asarray(columns["response_mask"], dtype=np.int64).reshape(len(packed), -1).sum(axis=1)
+    positions = max(len(packed) * packed.features["input_ids"].length, 1)
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "strict": strict,
+        "dropped_tokens": stream_tokens - int(lengths.sum()),
+        "chat": {
+            **counts.to_meta(),
+            "sequences": len(packed),
+            "real_tokens": int(lengths.sum()),
+            "response_tokens": int(response.sum()),
+            "fill_ratio": round(float(lengths.sum()) / positions, 4),
+            "response_share": round(float(response.sum()) / max(int(lengths.sum()), 1), 4),
+        },
+        "splits": {
+            split: {
+                "samples": len(rows),
+                "tokens": len(rows) * packed.features["input_ids"].length,
+                "real_tokens": int(lengths[rows].sum()),
+                "response_tokens": int(response[rows].sum()),
+            }
+            for split, rows in split_rows.items()
+        },
+    }
+
+
+def _log_chat(output_dir: Path, meta: dict[str, Any]) -> None:
+    """The chat counts in one line, and a warning naming the first malformed records when some were skipped."""
+    chat = meta["chat"]
+    logger.info(
+        "%s: %d records → %d conversations → %d sequences (%d truncated at a turn boundary, %d inside their first "
+        "response, %d dropped without a response token within seq_len); fill ratio %.3f, response share %.3f",
+        output_dir,
+        chat["records"],
+        meta["num_documents"],
+        chat["sequences"],
+        chat["truncated_at_turn"],
+        chat["truncated_in_response"],
+        chat["dropped_no_response"],
+        chat["fill_ratio"],
+        chat["response_share"],
+    )
+    if chat["malformed"]:
+        logger.warning(
+            "%d malformed records skipped (%s); the first: %s",
+            chat["malformed"],
+            ", ".join(f"{kind} {count}" for kind, count in chat["malformed_by_kind"].items()),
+            "; ".join(chat["first_malformed"]),
+        )
 
 
 def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
@@ -194,11 +329,24 @@ def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
         if not isinstance(dataset, Dataset) or dataset.num_rows != expected_rows:
             found = dataset.num_rows if isinstance(dataset, Dataset) else type(dataset).__name__
             raise DataError(f"{path}: {found} rows, but meta.json field splits.{split}.samples says {expected_rows}")
-        expected_features = _features(meta["seq_len"])
+        chat = meta.get("data_format", "text") != "text"
+        expected_features = chat_features(meta["seq_len"]) if chat else _features(meta["seq_len"])
         if dataset.features != expected_features:
             raise DataError(f"{path}: columns {dataset.features}, expected {expected_features} (meta.json seq_len)")
         splits[split] = dataset
     return DatasetDict(splits), meta
+
+
+def chat_template_fingerprint(tokenizer_dir: Path) -> str:
+    """sha256 over the chat template files beside the tokenizer (`CHAT_TEMPLATE_FILES`, `additional_chat_templates/`);
+    a template inside tokenizer_config.json is already in the tokenizer fingerprint."""
+    directory = Path(tokenizer_dir)
+    present = [directory / name for name in CHAT_TEMPLATE_FILES if (directory / name).is_file()]
+    present += sorted((directory / "additional_chat_templates").glob("*.jinja"))
+    digest = hashlib.sha256()
+    for path in present:
+        digest.update(f"{path.relative_to(directory)}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:

