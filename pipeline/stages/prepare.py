@@ -38,5 +38,10 @@ def _prepare(config: Config, overwrite: bool) -> dict[str, Any]:
         num_proc=config.data.num_proc,
         seed=config.data.seed,
         text_field=config.data.text_field,
+        data_format=config.data.format,
+        prompt_field=config.data.prompt_field,
+        response_field=config.data.response_field,
+        system_field=config.data.system_field,
+        strict=config.data.strict,
         overwrite=overwrite,
     )
