@@ -4,7 +4,6 @@ target any variant reads, and each carved setting saved as a plain HF directory.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -69,9 +68,9 @@ def carve_setting(ctx: Context, setting: str) -> Path:
     """Carve a `student.init=teacher` setting once and save it (model, the teacher's tokenizer files, the carve's
     `student_init.json`) as a plain HF directory; an existing one is reused."""
     # torch and transformers: imported when a carve is needed, not by `--plan`
-    from pipeline.data.prepare import TOKENIZER_FILES
     from pipeline.stages.context import open_run
     from pipeline.students import build_student_model
+    from pipeline.training.export import copy_tokenizer
 
     target = ctx.students_dir / setting
     if (target / "config.json").is_file():
@@ -84,9 +83,7 @@ def carve_setting(ctx: Context, setting: str) -> Path:
         # A `merge` carve weights each head group by the cache's SHD α statistics (the study caches first).
         model = build_student_model(context.config, context.teacher_config, targets=context.cached("train"))
         model.save_pretrained(staging, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            if (teacher_dir / name).is_file():
-                shutil.copy2(teacher_dir / name, staging / name)
+        copy_tokenizer(teacher_dir, staging)
     seconds = time.perf_counter() - started
     logger.info("%s: carved from the teacher in %.0f s → %s", setting, seconds, target)
     ctx.record_timing(f"carve.{setting}", round(seconds, 1))
