@@ -433,10 +433,10 @@ def test_the_writer_refuses_non_finite_targets_naming_them(
     real_compute = writer.compute_targets
     calls = 0
 
-    def overflowing(teacher: Any, input_ids: torch.Tensor, sample_ids: torch.Tensor, settings: Any) -> dict:
+    def overflowing(teacher: Any, input_ids: torch.Tensor, sample_ids: torch.Tensor, settings: Any, *rest: Any) -> dict:
         nonlocal calls
         calls += 1
-        targets = real_compute(teacher, input_ids, sample_ids, settings)
+        targets = real_compute(teacher, input_ids, sample_ids, settings, *rest)
         if calls == 4:  # shard 1 (8 samples in batches of 4), its second batch
             targets[f"attn.L{settings.layers[-1]}.H2.shd"][1, 0, 2] = float("inf")
         return targets

@@ -21,7 +21,6 @@ from pipeline.data.prepare import META_NAME, _digest, load_prepared, prepare_dat
 from pipeline.data.records import BadRecord, iter_records
 from pipeline.models.gguf_import import find_smollm2_gguf
 from pipeline.models.loading import load_tokenizer
-from pipeline.stages.context import check_text_data
 
 SEQ_LEN = 64
 TEXT_SETTINGS = (
@@ -373,13 +372,3 @@ def test_chat_field_names_are_checked_in_the_config() -> None:
         config_from_dict({"data": {"prompt_field": "text", "response_field": "text"}})
     with pytest.raises(ConfigError, match=r"data.format"):
         config_from_dict({"data": {"format": "sharegpt"}})
-
-
-def test_the_stages_that_cannot_mask_yet_refuse_chat_data(tiny_chat_teacher_dir: Path, tmp_path: Path) -> None:
-    """Until the cache, the loss terms and the evaluation read `response_mask` and `length`, chat data would train on
-    prompts and padding: `open_run` (cache, train, eval) refuses it naming meta.json and the format; text passes."""
-    source = _write_jsonl(tmp_path / "chat.jsonl", [GOOD, GOOD])
-    meta = _prepare(source, tiny_chat_teacher_dir, tmp_path / "packed")
-    with pytest.raises(DataError, match=r"packed/meta\.json: data_format 'chat'; the cache, training and evaluation"):
-        check_text_data(tmp_path / "packed", meta)
-    check_text_data(tmp_path / "text", {"seq_len": SEQ_LEN})

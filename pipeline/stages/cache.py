@@ -112,7 +112,7 @@ def _cache(config: Config, overwrite: bool) -> None:
         )
         write_cache_split(
             teacher,
-            rows.with_format("torch", columns=["sample_id", "input_ids"]),
+            rows.with_format("torch", columns=context.sample_columns),
             context.cache_directory(split),
             settings,
             fingerprint,

@@ -19,8 +19,7 @@ from transformers import PretrainedConfig
 
 from pipeline.config import Config
 from pipeline.config.validation import validate_for_data
-from pipeline.data import DataError
-from pipeline.data.prepare import META_NAME, load_prepared
+from pipeline.data.prepare import load_prepared
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
 from pipeline.infra.runtime import default_device, resolve_dtype
@@ -75,6 +74,13 @@ class RunContext:
         max_samples = self.config.cache.max_samples
         return len(self.splits["train"]) if max_samples is None else min(len(self.splits["train"]), max_samples)
 
+    @property
+    def sample_columns(self) -> list[str]:
+        """The prepared columns the teacher's targets are computed from: ids and tokens, and chat data's response
+        mask (where the losses are)."""
+        chat = self.meta.get("data_format", "text") != "text"
+        return ["sample_id", "input_ids", *(["response_mask"] if chat else [])]
+
     def cache_directory(self, split: str) -> Path:
         return Path(self.config.cache.output_dir) / split
 
@@ -127,7 +133,7 @@ class RunContext:
         self.check_targets(fingerprint)
         return LiveTargets(
             teacher,
-            rows.with_format("torch", columns=["sample_id", "input_ids"]),
+            rows.with_format("torch", columns=self.sample_columns),
             settings,
             needs,
             fingerprint,
@@ -154,19 +160,6 @@ class RunContext:
         )
 
 
-def check_text_data(data_dir: Path, meta: dict[str, Any]) -> None:
-    """Refuse chat data in the stages that cannot use its masks yet: its sequences are right-padded and only their
-    response tokens may carry a loss, and the teacher targets, the loss terms and the evaluation do not read
-    `response_mask` and `length` yet, so they would train on prompts and padding."""
-    data_format = meta.get("data_format", "text")
-    if data_format != "text":
-        raise DataError(
-            f"{data_dir / META_NAME}: data_format {data_format!r}; the cache, training and evaluation read text data "
-            "only so far (response-only losses over chat data are not built yet) — `distill prepare` with "
-            "data.format: text into another data.output_dir"
-        )
-
-
 def open_run(config: Config) -> RunContext:
     """Resolve the student and read the run's inputs; errors name the key, file or field."""
     config = resolve(config)
@@ -174,7 +167,6 @@ def open_run(config: Config) -> RunContext:
     dims = attention_dims(teacher_config)
     splits, meta = load_prepared(Path(config.data.output_dir))
     check_seq_len(teacher_config, meta["seq_len"])
-    check_text_data(Path(config.data.output_dir), meta)
     teacher_sha = teacher_weights_digest(Path(config.teacher.path))
     layers = matched_layers(config, dims.num_layers)
     return RunContext(

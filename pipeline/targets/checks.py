@@ -26,7 +26,7 @@ from torch import Tensor
 from pipeline.targets.codecs import ZERO_CODE, bits_for, dequantize_logs, unpack_bits
 from pipeline.targets.encoding import TensorSpec, triangle_size
 from pipeline.targets.layout import expected_tensors
-from pipeline.targets.logits import SAMPLE_TENSORS
+from pipeline.targets.logits import LOSS_MASK_TENSOR, SAMPLE_TENSORS, unpack_loss_mask
 from pipeline.targets.rows import stored_rows
 
 COMPUTE_SLACK = 1e-4
@@ -229,12 +229,16 @@ def _code_problem(label: str, role: str, codes: Tensor, step: Tensor, sample_ids
     return None
 
 
-def _rows_problem(label: str, packed: Tensor, spec: TensorSpec, fingerprint: dict[str, Any], ids: Tensor) -> str | None:
-    """The stored rows of every sample are the ones `rows.stored_rows` draws for its id."""
+def _rows_problem(
+    label: str, packed: Tensor, spec: TensorSpec, fingerprint: dict[str, Any], ids: Tensor, trained: Tensor | None
+) -> str | None:
+    """The stored rows of every sample are the ones `rows.stored_rows` draws for its id (and, for chat data, its
+    stored loss mask `trained`, packed)."""
     seq_len, count = fingerprint["seq_len"], spec.unpacked[0]
     for start, chunk in _chunks(packed):
         found = unpack_bits(chunk, bits_for(seq_len), count)
-        expected = stored_rows(ids[start : start + len(chunk)], seq_len, fingerprint["attn_row_fraction"])
+        mask = None if trained is None else unpack_loss_mask(trained[start : start + len(chunk)], seq_len)
+        expected = stored_rows(ids[start : start + len(chunk)], seq_len, fingerprint["attn_row_fraction"], mask)
         where = _first(found != expected)
         if where is not None:
             index = (where[0] + start, *where[1:])
@@ -246,6 +250,20 @@ def _rows_problem(label: str, packed: Tensor, spec: TensorSpec, fingerprint: dic
                 f"query row {int(found[where])}",
                 f"row {int(expected[where])} (the rows `cache.attn_row_fraction` draws for this sample id)",
             )
+    return None
+
+
+def _loss_mask_problem(label: str, packed: Tensor, seq_len: int, ids: Tensor) -> str | None:
+    """Every sample of chat data trains at least one position (`distill prepare` drops a conversation without a
+    reply token), and never the last one (it predicts nothing)."""
+    for start, chunk in _chunks(packed):
+        trained = unpack_loss_mask(chunk, seq_len)
+        empty = _first(~trained.any(1))
+        if empty is not None:
+            return _culprit(label, "loss_mask", (empty[0] + start,), ids, "no trained position", "at least one")
+        last = _first(trained[:, -1])
+        if last is not None:
+            return _culprit(label, "loss_mask", (last[0] + start,), ids, "the last position trained", "never")
     return None
 
 
@@ -311,7 +329,12 @@ def tensor_problem(
     if role == "map_indices":
         return _packed_range_problem(label, role, tensor, spec, sample_ids, fingerprint["seq_len"], "key index")
     if role == "rows":
-        return _rows_problem(label, tensor, spec, fingerprint, sample_ids)
+        trained = (companions or {}).get(LOSS_MASK_TENSOR)
+        if spec.companions and trained is None:
+            return None  # chat data's rows are drawn among its trained positions: unknown without the loss mask
+        return _rows_problem(label, tensor, spec, fingerprint, sample_ids, trained)
+    if role == "loss_mask":
+        return _loss_mask_problem(label, tensor, fingerprint["seq_len"], sample_ids)
     if role in ("map_codes", "logit_codes"):
         problem = None
     else:

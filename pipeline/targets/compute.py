@@ -26,7 +26,7 @@ from pipeline.targets import kinds
 from pipeline.targets.codecs import bits_for, pack_bits
 from pipeline.targets.encoding import ENCODINGS, EncodeOptions
 from pipeline.targets.kinds.base import LayerPass, TargetSettings
-from pipeline.targets.logits import logit_targets
+from pipeline.targets.logits import LOSS_MASK_TENSOR, logit_targets, pack_loss_mask, trained_positions
 from pipeline.targets.rows import ROWS_TENSOR, stored_rows, stores_rows
 
 
@@ -87,12 +87,18 @@ def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, setting
 
 @torch.no_grad()
 def compute_targets(
-    teacher: nn.Module, input_ids: Tensor, sample_ids: Tensor, settings: TargetSettings
+    teacher: nn.Module,
+    input_ids: Tensor,
+    sample_ids: Tensor,
+    settings: TargetSettings,
+    response_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The cached tensors of one batch, on the CPU in their on-disk dtypes.
 
-    `input_ids` [B, T] (packed sequences, no padding), `sample_ids` [B] (they decide the stored rows). Returns the
-    tensors `layout.expected_tensors` names except the sample ids and tokens.
+    `input_ids` [B, T] (packed text, or one right-padded conversation per row), `sample_ids` [B] (they decide the
+    stored rows), `response_mask` [B, T] of chat data (then the stored rows are drawn among the trained positions and
+    the loss mask is stored). The teacher sees every token either way. Returns the tensors
+    `layout.expected_tensors` names except the sample ids and tokens.
     """
     circuits = kinds.needs_capture(settings.kinds, "circuits")
     hidden, passes = teacher_passes(teacher, input_ids, settings.layers, circuits)
@@ -106,7 +112,10 @@ def compute_targets(
     )
     del hidden
     seq_len = input_ids.shape[1]
-    positions = stored_rows(sample_ids.cpu(), seq_len, settings.row_fraction)
+    trained = None if response_mask is None else trained_positions(response_mask.cpu())
+    if trained is not None:
+        targets[LOSS_MASK_TENSOR] = pack_loss_mask(trained)
+    positions = stored_rows(sample_ids.cpu(), seq_len, settings.row_fraction, trained)
     if stores_rows(settings.row_fraction, settings.kinds):
         targets[ROWS_TENSOR] = pack_bits(positions, bits_for(seq_len))
     positions = positions.to(next(teacher.parameters()).device)

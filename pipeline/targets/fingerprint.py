@@ -12,6 +12,7 @@ from pipeline.infra import dist
 from pipeline.targets import kinds
 from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.layout import LAYOUT_VERSION
+from pipeline.targets.logits import RESPONSE_POSITIONS
 from pipeline.targets.manifest import CacheError, sha256_bytes, sha256_file
 
 
@@ -33,14 +34,18 @@ def teacher_weights_digest(teacher_dir: Path) -> str:
 
 
 def provenance(data_meta: dict[str, Any], split: str, teacher_sha256: str) -> dict[str, Any]:
-    """The fingerprint fields that say where targets come from; a run and its cache must agree on every one."""
-    return {
+    """The fingerprint fields that say where targets come from; a run and its cache must agree on every one. Chat
+    data adds `loss_positions: response` (its caches hold the loss mask; text caches are unchanged)."""
+    fields = {
         "teacher_weights_sha256": teacher_sha256,
         "tokenizer_sha256": data_meta["tokenizer_fingerprint"],
         "data_fingerprint": data_meta["fingerprint"],
         "split": split,
         "seq_len": data_meta["seq_len"],
     }
+    if data_meta.get("data_format", "text") != "text":
+        fields["loss_positions"] = RESPONSE_POSITIONS
+    return fields
 
 
 def cache_fingerprint(

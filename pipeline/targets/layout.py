@@ -22,7 +22,7 @@ from pipeline.targets import kinds
 from pipeline.targets.codecs import bits_for, packed_bytes
 from pipeline.targets.encoding import ENCODINGS, TensorSpec
 from pipeline.targets.kinds.base import MapSpec, TargetSettings
-from pipeline.targets.logits import sample_tensors
+from pipeline.targets.logits import LOSS_MASK_TENSOR, sample_tensors, trains_responses
 from pipeline.targets.needs import TargetNeeds
 from pipeline.targets.rows import ROWS_TENSOR, stored_row_count, stores_rows
 
@@ -78,7 +78,8 @@ def expected_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, Te
     if stores_rows(fraction, fingerprint["attn_targets"]):
         count = stored_row_count(seq_len, fraction)
         rows = packed_bytes(count, bits_for(seq_len))
-        specs[ROWS_TENSOR] = TensorSpec("U8", (num_rows, rows), "rows", unpacked=(count,))
+        drawn_among = (LOSS_MASK_TENSOR,) if trains_responses(fingerprint) else ()
+        specs[ROWS_TENSOR] = TensorSpec("U8", (num_rows, rows), "rows", drawn_among, unpacked=(count,))
     encoding = ENCODINGS[fingerprint["encoding"]]
     for spec in cached_maps(fingerprint):
         specs.update(encoding.tensors(spec, fingerprint, num_rows))

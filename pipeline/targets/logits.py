@@ -8,6 +8,9 @@
   sample u8 [N, ⌈T·k·bits/8⌉]
 - per cached temperature τ the tail sum R_τ = Σ_{not kept} p^{1/τ} f32 [N, T]: `tail_mass` (τ = 1: the probability
   outside the top k), `tail_mass.tau<τ>`; with R_τ the (k+1)-bucket KD is exact at τ.
+- chat data only (fingerprint `loss_positions: response`): `loss_mask`, the positions whose next-token prediction is
+  trained — those followed by a response token (`trained_positions`) — one bit each, packed u8 [N, ⌈T/8⌉]. Text
+  data trains every position and stores no mask.
 
 The teacher's logits are never formed whole: `logit_targets` takes the last hidden states and applies the output
 layer a chunk of positions at a time, reducing each chunk to its top k at once.
@@ -21,9 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.ops.kd import IGNORE_INDEX, topk_targets
-from pipeline.targets.codecs import bits_for, dequantize_logs, pack_bits, packed_bytes, quantize_logs
+from pipeline.targets.codecs import bits_for, dequantize_logs, pack_bits, packed_bytes, quantize_logs, unpack_bits
 from pipeline.targets.encoding import VALUE_DTYPES, TensorSpec, tail_name, unpack_indices
 
+LOSS_MASK_TENSOR = "loss_mask"
+RESPONSE_POSITIONS = "response"
+"""The fingerprint's `loss_positions` of chat data: only positions that predict a response token are trained."""
 SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_indices")
 """Tensors every reader takes from every shard (plus the logits' values and tail sums at its temperature)."""
 LOGIT_CHUNK_ELEMENTS = 1 << 26
@@ -48,13 +54,49 @@ def sample_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, Tens
     specs["topk_indices"] = TensorSpec("U8", (num_rows, packed), "vocab_indices", unpacked=rows[1:])
     for temperature in fingerprint["temperatures"]:
         specs[tail_name("tail_mass", temperature)] = TensorSpec("F32", (num_rows, seq_len), "tail")
+    if trains_responses(fingerprint):
+        specs[LOSS_MASK_TENSOR] = TensorSpec(
+            "U8", (num_rows, packed_bytes(seq_len, 1)), "loss_mask", unpacked=(seq_len,)
+        )
     return specs
 
 
+def trains_responses(fingerprint: dict[str, Any]) -> bool:
+    """Whether a cache holds chat data's `loss_mask` (only response predictions are trained)."""
+    return fingerprint.get("loss_positions") == RESPONSE_POSITIONS
+
+
 def sample_reads(fingerprint: dict[str, Any], kd_temperature: float) -> list[str]:
-    """The tensors every reader takes: ids, tokens, top-k values and ids, the tail sums at the KD temperature."""
+    """The tensors every reader takes: ids, tokens, top-k values and ids, the tail sums at the KD temperature (and
+    the loss mask of chat data)."""
     values = ["topk_codes", "topk_offset", "topk_step"] if fingerprint["logit_value_bits"] == 8 else ["topk_values"]
-    return [*SAMPLE_TENSORS, *values, tail_name("tail_mass", kd_temperature)]
+    mask = [LOSS_MASK_TENSOR] if trains_responses(fingerprint) else []
+    return [*SAMPLE_TENSORS, *values, tail_name("tail_mass", kd_temperature), *mask]
+
+
+def trained_positions(response_mask: Tensor) -> Tensor:
+    """The loss mask bool [B, T] of chat data's `response_mask` [B, T] (1 on the reply tokens): position t is
+    trained when token t + 1 is a reply token — its prediction is of that token. The last position never is."""
+    mask = torch.zeros(response_mask.shape, dtype=torch.bool, device=response_mask.device)
+    mask[:, :-1] = response_mask[:, 1:].bool()
+    return mask
+
+
+def pack_loss_mask(loss_mask: Tensor) -> Tensor:
+    """bool [B, T] → the stored `loss_mask` u8 [B, ⌈T/8⌉]."""
+    return pack_bits(loss_mask.long(), 1)
+
+
+def unpack_loss_mask(packed: Tensor, seq_len: int) -> Tensor:
+    """The stored `loss_mask` u8 [B, ⌈T/8⌉] → bool [B, T]."""
+    return unpack_bits(packed, 1, seq_len).bool()
+
+
+def loss_mask(batch: dict[str, Any]) -> Tensor:
+    """The positions of a batch whose predictions are trained, bool [B, T]: `batch["loss_mask"]`, or every
+    position for a batch without one (text data)."""
+    mask = batch.get(LOSS_MASK_TENSOR)
+    return torch.ones_like(batch["input_ids"], dtype=torch.bool) if mask is None else mask
 
 
 @torch.no_grad()
@@ -106,15 +148,27 @@ def stored_logit_tensors(
     return targets
 
 
+def trained_labels(batch: dict[str, Any]) -> Tensor:
+    """The batch's next-token labels with -100 wherever its `loss_mask` is off: what CE, perplexity and every count
+    of labels go by."""
+    return batch["labels"].masked_fill(~loss_mask(batch), IGNORE_INDEX)
+
+
 def sample_batch(
     raw: dict[str, Tensor], positions: Tensor, kd_temperature: float, fingerprint: dict[str, Any]
 ) -> dict[str, Any]:
-    """The trainer's form of the sample tensors: int64 ids, next-token labels (-100 at the last position), float32
-    top-k log-probs (decoded from 8-bit codes where stored so) and int64 token ids, the tail sums at the KD
-    temperature (`topk_tail`)."""
+    """The trainer's form of the sample tensors: int64 ids, next-token labels (-100 at the last position and, for
+    chat data, wherever `loss_mask` is off), float32 top-k log-probs (decoded from 8-bit codes where stored so) and
+    int64 token ids, the tail sums at the KD temperature (`topk_tail`), and `loss_mask` bool [B, T] (every position
+    for text data)."""
     input_ids = raw["input_ids"].long()
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
+    if LOSS_MASK_TENSOR in raw:
+        trained = unpack_loss_mask(raw[LOSS_MASK_TENSOR], input_ids.shape[1])
+        labels = labels.masked_fill(~trained, IGNORE_INDEX)
+    else:
+        trained = torch.ones_like(input_ids, dtype=torch.bool)
     if "topk_codes" in raw:
         values = dequantize_logs(raw["topk_codes"], raw["topk_offset"], raw["topk_step"])
     else:
@@ -128,4 +182,5 @@ def sample_batch(
         "topk_values": values,
         "topk_indices": unpack_indices(raw["topk_indices"], fingerprint["vocab_size"], shape),
         "topk_tail": raw[tail_name("tail_mass", kd_temperature)].float(),
+        LOSS_MASK_TENSOR: trained,
     }

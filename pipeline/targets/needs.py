@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from pipeline.targets import kinds
 from pipeline.targets.encoding import ENCODINGS
 from pipeline.targets.kinds.base import MapSpec
-from pipeline.targets.logits import sample_reads
+from pipeline.targets.logits import loss_mask, sample_reads
 from pipeline.targets.manifest import CacheError
 from pipeline.targets.rows import ROWS_TENSOR
 
@@ -72,14 +74,23 @@ class TargetNeeds:
         return list(dict.fromkeys(names))
 
 
+def trained_rows(batch: dict[str, Any], *, skip_first: bool = False) -> Tensor:
+    """The query rows of a batch a map term's sum runs over, bool [B, T]: the trained positions
+    (`logits.loss_mask`: every row of text data, the rows predicting a reply token of chat data), without position 0
+    when `skip_first` (the sink row, dropped)."""
+    rows = loss_mask(batch)
+    if skip_first:
+        rows = rows.clone()
+        rows[:, 0] = False
+    return rows
+
+
 def stored_row_count(batch: dict[str, Any], *, skip_first: bool = False) -> float:
-    """Query rows a batch's attention targets hold (what a map term's sum runs over): B · T, or B · R of the stored
-    rows `batch["attn_rows"]`; `skip_first` leaves out the rows at position 0 (the sink row, dropped)."""
-    rows = batch.get(ROWS_TENSOR)
-    if rows is None:
-        batch_size, seq_len = batch["input_ids"].shape
-        return float(batch_size * (seq_len - 1 if skip_first else seq_len))
-    return float((rows != 0).sum()) if skip_first else float(rows.numel())
+    """Query rows a batch's attention targets hold and a map term's sum runs over: the `trained_rows` among all T
+    rows, or among the stored rows `batch["attn_rows"]`."""
+    rows = trained_rows(batch, skip_first=skip_first)
+    stored = batch.get(ROWS_TENSOR)
+    return float(rows.sum() if stored is None else rows.gather(1, stored).sum())
 
 
 def check_cache(

@@ -139,7 +139,9 @@ class LiveTargets(TargetSource):
         chunk = self.rows[[shard * self.shard_size + row for shard, row in located]]
         input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
         sample_ids = torch.as_tensor(chunk["sample_id"])
-        targets = compute_targets(self.teacher, input_ids, sample_ids, self.settings)
+        responses = chunk.get("response_mask")
+        responses = None if responses is None else torch.as_tensor(responses)
+        targets = compute_targets(self.teacher, input_ids, sample_ids, self.settings, responses)
         raw = {**targets, "sample_ids": sample_ids, "input_ids": input_ids}
         return training_batch(raw, positions, self.needs, self.fingerprint)
 

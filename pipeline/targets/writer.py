@@ -321,8 +321,9 @@ def write_cache_split(
     (`_write_target`, `infra.atomic.swap_directory`). Every shard's values are checked
     (`checks.shard_problem`) before it is written.
 
-    `rows[a:b]` must give `{"input_ids": LongTensor [b-a, T], "sample_id": LongTensor [b-a]}`, e.g. a prepared
-    `datasets.Dataset` in torch format (memory-mapped, so a split larger than memory is fine).
+    `rows[a:b]` must give `{"input_ids": LongTensor [b-a, T], "sample_id": LongTensor [b-a]}` (and chat data's
+    `"response_mask"` [b-a, T]), e.g. a prepared `datasets.Dataset` in torch format (memory-mapped, so a split larger
+    than memory is fine).
     """
     num_samples = len(rows)
     manifest = Manifest(
@@ -378,10 +379,14 @@ def write_cache_split(
             shard_input_ids = torch.as_tensor(shard_rows["input_ids"], dtype=torch.long)
             batches: list[dict[str, torch.Tensor]] = []
             shard_sample_ids = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
+            responses = shard_rows.get("response_mask")
             for start in range(0, count, batch_size):
                 end = start + batch_size
+                batch_responses = None if responses is None else torch.as_tensor(responses[start:end])
                 batches.append(
-                    compute_targets(teacher, shard_input_ids[start:end], shard_sample_ids[start:end], settings)
+                    compute_targets(
+                        teacher, shard_input_ids[start:end], shard_sample_ids[start:end], settings, batch_responses
+                    )
                 )
                 progress.update(min(batch_size, count - start) * seq_len)
             tensors = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}

@@ -1,6 +1,7 @@
 """Evaluation against cached validation (or held-out test) targets, during training and by `distill eval`.
 
-Metrics, each a global mean over every rank's share of the split's cache:
+Metrics, each a global mean over every rank's share of the split's cache, over its trained positions (every position
+of text data; of chat data only those that predict a reply token — the response-token metrics):
 - `eval/ppl`: exp of the next-token cross-entropy (labels ≠ -100);
 - `eval/loss_<term>`: every loss term of the objective (`pipeline.objective`) at its configured kind and
   temperature, whatever its training weight (CE, KD, attention; relations when configured);
@@ -27,6 +28,7 @@ from pipeline.infra.runtime import to_device
 from pipeline.objective.loss import YARDSTICK, Objective, attention_term
 from pipeline.ops.map_losses import DenseTarget, MapTarget, student_maps
 from pipeline.targets.encoding import unpack_triangle
+from pipeline.targets.logits import loss_mask
 from pipeline.targets.source import CachedTargets
 
 logger = logging.getLogger(__name__)
@@ -115,8 +117,9 @@ class Evaluator:
                 with self.objective.forward(model, module, batch) as forward:
                     sums += self.objective.sums(forward).double().cpu()
                     counts += self.objective.counts(batch)
-                    agree = (forward.logits.argmax(-1) == batch["topk_indices"][..., 0]).sum().item()
-                    agreement += torch.tensor([agree, batch["labels"].numel()], dtype=torch.float64)
+                    trained = loss_mask(batch)
+                    agree = ((forward.logits.argmax(-1) == batch["topk_indices"][..., 0]) & trained).sum().item()
+                    agreement += torch.tensor([agree, trained.sum().item()], dtype=torch.float64)
                     if heatmap and sample is None and dist.is_main():
                         sample = self._heatmap_sample(forward, batch)
         if was_training:

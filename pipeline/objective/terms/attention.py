@@ -1,7 +1,8 @@
 """`attn`: attention distillation (`distill.attn`). Per student layer j, the student's attention maps against the
 teacher's cached target map of teacher layer m(j) — headwise squeezed (SHD), selective, or the global mean map —
-per query row averaged over heads and matched layers; summed over the query rows the targets hold (every row, or
-the sample of `cache.attn_row_fraction`).
+per query row averaged over heads and matched layers; summed over the trained query rows the targets hold (every
+row, or the sample of `cache.attn_row_fraction`; of chat data only the rows that predict a reply token — the prompt's
+tokens stay keys every row may attend to).
 
 The student's maps are recomputed from its captured post-RoPE queries and keys in row blocks
 (`pipeline.ops.map_losses.map_loss_sum`); the forward keeps SDPA.
@@ -19,7 +20,7 @@ from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
 from pipeline.ops.map_losses import map_loss_sum
 from pipeline.targets import kinds
-from pipeline.targets.needs import MapNeed, stored_row_count
+from pipeline.targets.needs import MapNeed, stored_row_count, trained_rows
 
 YARDSTICK = "attn_kl"
 """The evaluation metric `eval/attn_kl`: KL at τ = 1 against the run's own targets, sink included."""
@@ -106,10 +107,11 @@ class AttentionKD(Term):
         return stored_row_count(batch, skip_first=self.drop_sink)
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
-        mask = None
+        rows = trained_rows(forward.batch, skip_first=self.drop_sink)
+        keys = None
         if self.drop_sink:
-            mask = torch.ones_like(forward.batch["input_ids"], dtype=torch.bool)
-            mask[:, 0] = False
+            keys = torch.ones_like(forward.batch["input_ids"], dtype=torch.bool)
+            keys[:, 0] = False
         total = None
         for layer, target in enumerate(self.targets):
             inputs = forward.inputs[layer]
@@ -121,8 +123,8 @@ class AttentionKD(Term):
                 kind=self.kind,
                 temperature=self.temperature,
                 head_mean=self.head_mean,
-                query_mask=mask,
-                key_mask=mask,
+                query_mask=rows,
+                key_mask=keys,
             )
             total = part if total is None else total + part
         return total / len(self.targets)

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from pipeline.ops.kd import logit_losses
 from pipeline.ops.map_losses import ScoreInputs
+from pipeline.targets.logits import loss_mask, trained_labels
 from pipeline.targets.needs import MapNeed
 
 
@@ -35,16 +35,15 @@ class StudentForward:
     _logit_sums: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     def logit_sums(self) -> tuple[Tensor, Tensor]:
-        """(Σ CE over labels ≠ -100, Σ τ²-scaled top-k KD over positions), computed once."""
+        """(Σ CE over the trained labels ≠ -100, Σ τ²-scaled top-k KD over the trained positions), computed once."""
         if self._logit_sums is None:
-            labels = self.batch["labels"]
             self._logit_sums = logit_losses(
                 self.logits,
-                labels,
+                trained_labels(self.batch),
                 self.batch["topk_values"],
                 self.batch["topk_indices"],
                 self.batch["topk_tail"],
-                torch.ones_like(labels, dtype=torch.bool),
+                loss_mask(self.batch),
                 temperature=self.kd_temperature,
                 reduction="sum",
             )

@@ -1,4 +1,5 @@
-"""`ce`: the task cross-entropy of the next token, summed over labels ≠ -100 (`distill.ce`)."""
+"""`ce`: the task cross-entropy of the next token, summed over labels ≠ -100 at the trained positions (`distill.ce`;
+of chat data, the reply tokens)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
 from pipeline.ops.kd import IGNORE_INDEX
+from pipeline.targets.logits import trained_labels
 
 
 @dataclass
@@ -31,7 +33,7 @@ class CrossEntropy(Term):
     name: str = "ce"
 
     def count(self, batch: dict[str, Any]) -> float:
-        return float((batch["labels"] != IGNORE_INDEX).sum())
+        return float((trained_labels(batch) != IGNORE_INDEX).sum())
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
         return forward.logit_sums()[0]

@@ -1,5 +1,6 @@
 """`kd`: logit distillation, τ² · KL over the teacher's top k tokens plus one tail bucket, exact at every cached τ
-(`distill.kd`); summed over positions."""
+(`distill.kd`); summed over the trained positions (every position of text data; of chat data those that predict a
+reply token)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
+from pipeline.targets.logits import loss_mask
 
 
 @dataclass
@@ -45,7 +47,7 @@ class LogitKD(Term):
         return [("distill.kd.temperature", self.temperature)]
 
     def count(self, batch: dict[str, Any]) -> float:
-        return float(batch["labels"].numel())
+        return float(loss_mask(batch).sum())
 
     def loss_sum(self, forward: StudentForward) -> Tensor:
         return forward.logit_sums()[1]

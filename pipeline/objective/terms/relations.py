@@ -1,7 +1,8 @@
 """`rel`: MiniLMv2 self-relation distillation (`distill.rel`). Per student layer j, KL between the teacher's cached
 Q-Q, K-K and V-V relation maps of teacher layer m(j) (the `relations` target kind) and the student's, over R relation
-heads (τ = 1), averaged over the three relations and matched layers; summed over query rows. The student's relation
-maps are recomputed from its captured q, k and v in row blocks (`ops.map_losses.map_loss_sum`), never formed."""
+heads (τ = 1), averaged over the three relations and matched layers; summed over the trained query rows (of chat
+data, those that predict a reply token). The student's relation maps are recomputed from its captured q, k and v in
+row blocks (`ops.map_losses.map_loss_sum`), never formed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pipeline.errors import require
 from pipeline.objective.terms.base import StudentForward, Term, TermContext, TermSpec
 from pipeline.ops.map_losses import MapTarget, map_loss_sum
 from pipeline.targets.kinds.relations import RELATIONS, relation_scale, relation_states
-from pipeline.targets.needs import MapNeed, stored_row_count
+from pipeline.targets.needs import MapNeed, stored_row_count, trained_rows
 
 
 def relation_loss_sum(
@@ -105,7 +106,7 @@ class RelationKD(Term):
             inputs = forward.inputs[layer]
             states = states_for_relations(inputs.query, inputs.key, inputs.value)
             targets = [forward.batch["maps"][name] for name in names]
-            part = relation_loss_sum(states, targets, self.relation_heads)
+            part = relation_loss_sum(states, targets, self.relation_heads, query_mask=trained_rows(forward.batch))
             total = part if total is None else total + part
         return total / len(self.targets)
 
