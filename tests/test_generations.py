@@ -258,3 +258,89 @@ def test_bad_generation_settings_are_refused_naming_the_key(overrides: dict, key
     with pytest.raises(ConfigError, match=re.escape(key)):
         config_from_dict(overrides)
     assert config_from_dict({"train": {"generations": 4, "max_new_tokens": 1}, "data": {"format": "chat"}})
+
+
+TOPICS = ["heads", "caches", "queries", "keys", "values", "layers", "students", "teachers", "tokens", "shards"]
+
+
+@pytest.mark.slow
+def test_a_chat_run_logs_generations_at_step_0_and_the_end_and_eval_repeats_the_last(
+    tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare → cache → train (2 steps, evaluating each) → eval on chat data: step 0 and the final step (not step
+    1) log eval/rougeL beside eval/rougeL_teacher and write their generation files; the teacher replies once per
+    run; `distill eval` of the exported student repeats the final step's replies."""
+    from pipeline.config import load_config
+    from pipeline.stages import context
+    from pipeline.stages.cache import cache_stage
+    from pipeline.stages.evaluate import eval_stage
+    from pipeline.stages.prepare import prepare_stage
+    from pipeline.stages.train import train_stage
+    from tests.train_fixtures import TINY_CONFIG
+
+    # The guard against chat data in cache/train/eval goes once the losses read the response mask; until then the
+    # run is made here without it (raising=False: the test keeps passing once it is gone).
+    monkeypatch.setattr(context, "check_text_data", lambda *args: None, raising=False)
+    records = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell me about {topic}."},
+                {"role": "assistant", "content": f"The {topic} are small."},
+            ]
+        }
+        for topic in TOPICS * 2
+    ]
+    source = tmp_path / "chat.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    run_dir = tmp_path / "run"
+    config = load_config(
+        TINY_CONFIG,
+        [
+            f"teacher.path={tiny_chat_teacher_dir}",
+            f"data.sources=[{source}]",
+            "data.format=chat",
+            "data.seq_len=48",
+            "data.val_fraction=0.2",
+            f"data.output_dir={tmp_path / 'data'}",
+            f"cache.output_dir={tmp_path / 'targets'}",
+            "cache.head_counts=[3]",
+            f"train.output_dir={run_dir}",
+            "train.max_steps=2",
+            "train.eval_every=1",
+            "train.heatmaps=never",
+            "train.generations=3",
+            "train.max_new_tokens=5",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+        ],
+    )
+    prepare_stage(config)
+    cache_stage(config)
+    loads = []
+    real_load = generations.load_teacher
+    monkeypatch.setattr(generations, "load_teacher", lambda *args, **kw: loads.append(1) or real_load(*args, **kw))
+    train_stage(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluations = {line["step"]: line for line in lines if "eval/ppl" in line}
+    assert sorted(evaluations) == [0, 1, 2]
+    assert "eval/rougeL" not in evaluations[1]
+    for step in (0, 2):
+        stored = json.loads((run_dir / GENERATIONS_DIR / generations_file(step)).read_text())
+        assert len(stored["rows"]) == 3 and stored["split"] == "validation"
+        assert stored["metrics"]["eval/rougeL"] == pytest.approx(evaluations[step]["eval/rougeL"])
+        assert evaluations[step]["eval/rougeL_teacher"] == evaluations[0]["eval/rougeL_teacher"]
+    assert len(loads) == 1 and (run_dir / GENERATIONS_DIR / "teacher-validation.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    logged = {entry.path for entry in client.list_artifacts(run_id, GENERATIONS_DIR)}
+    assert {"generations/step-00000000.json", "generations/step-00000002.md"} <= logged
+    assert [point.step for point in client.get_metric_history(run_id, "eval/rougeL")] == [0, 2]
+
+    metrics = eval_stage(config)
+    assert len(loads) == 1  # the teacher's replies were read from the run, not made again
+    evaluated = json.loads((run_dir / GENERATIONS_DIR / generations_file(2, "validation")).read_text())
+    final = json.loads((run_dir / GENERATIONS_DIR / generations_file(2)).read_text())
+    assert [row["student"] for row in evaluated["rows"]] == [row["student"] for row in final["rows"]]
+    assert metrics["eval/rougeL"] == pytest.approx(evaluations[2]["eval/rougeL"])
