@@ -267,9 +267,10 @@ TOPICS = ["heads", "caches", "queries", "keys", "values", "layers", "students", 
 def test_a_chat_run_logs_generations_at_step_0_and_the_end_and_eval_repeats_the_last(
     tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """prepare → cache → train (2 steps, evaluating each) → eval on chat data: step 0 and the final step (not step
-    1) log eval/rougeL beside eval/rougeL_teacher and write their generation files; the teacher replies once per
-    run; `distill eval` of the exported student repeats the final step's replies."""
+    """prepare → cache → train (ZeRO-3, 2 steps, evaluating each) → eval on chat data: step 0 and the final step
+    (not step 1) log eval/rougeL beside eval/rougeL_teacher and write their generation files; the teacher replies
+    once per run; `distill eval` of the exported student (a plain HF model) repeats the replies the final step made
+    through the ZeRO-3 engine's partitioned parameters."""
     from pipeline.config import load_config
     from pipeline.stages import context
     from pipeline.stages.cache import cache_stage
@@ -310,6 +311,7 @@ def test_a_chat_run_logs_generations_at_step_0_and_the_end_and_eval_repeats_the_
             "train.heatmaps=never",
             "train.generations=3",
             "train.max_new_tokens=5",
+            "deepspeed.zero_stage=3",
             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         ],
     )
