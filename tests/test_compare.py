@@ -470,3 +470,90 @@ def test_tagging_a_new_experiment_and_again_keeps_one_view(seeded_store: dict, t
         "selectedColumns": ["metrics.`train/loss`", "params.`distill.attn.squeeze`"]
     }  # no eval/ppl to sort by
     assert sum(key.startswith(SAVED_VIEW_TAG_PREFIX) for key in tags) == 1
+
+
+def _generation_file(step: int, replies: dict[int, str], split: str = "validation") -> dict:
+    """A generation file as `publish_generations` writes it: one row per sample id → the student's reply."""
+    rows = [
+        {
+            "sample_id": sample_id,
+            "prompt": "<s>system\nBe brief.</s>\n<s>user\n"
+            + "long " * 100
+            + f"question {sample_id}?</s>\n<s>assistant\n",
+            "reference": f"answer {sample_id}",
+            "teacher": f"teacher {sample_id}",
+            "student": reply,
+            "rougeL": 0.25 * sample_id,
+            "rougeL_teacher": 0.5,
+        }
+        for sample_id, reply in replies.items()
+    ]
+    return {"step": step, "split": split, "metrics": {"eval/rougeL": 0.5}, "rows": rows}
+
+
+CHAT_RUNS = {
+    # name → artifact file → the student's replies by sample id; `plain` logged no generations
+    "chat-a": {
+        "step-00000000.json": {0: "step zero", 1: "step zero", 2: "step zero", 3: "step zero"},
+        "step-00000002.json": {0: "trained a0", 1: "trained a1", 2: "trained a2", 3: "trained a3"},
+        "validation-step-00000002.json": {0: "evaluated a0 | piped\nnext line", 1: "x" * 400, 2: "a2", 3: "a3"},
+        "test-step-00000009.json": {0: "on the test split"},
+    },
+    "chat-b": {"step-00000002.json": {0: "b0", 2: "b2"}},
+    "plain": {},
+}
+
+
+@pytest.fixture(scope="module")
+def chat_report(tmp_path_factory: pytest.TempPathFactory) -> CompareReport:
+    """Three runs with eval/rougeL histories, two of them with generation files among their artifacts."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("chat_mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("chat", artifact_location=(root / "artifacts").as_uri())
+    for index, (name, files) in enumerate(CHAT_RUNS.items()):
+        run_id = client.create_run(experiment_id, run_name=name, start_time=1000 * (index + 1)).info.run_id
+        points = [("eval/ppl", 9.0 - index), ("eval/rougeL", 0.1 * index), ("eval/rougeL_teacher", 0.5)]
+        client.log_batch(run_id, metrics=[Metric(key, value, 0, 2) for key, value in points])
+        staging = root / "staging" / name
+        staging.mkdir(parents=True)
+        for file_name, replies in files.items():
+            split = "test" if file_name.startswith("test") else "validation"
+            (staging / file_name).write_text(json.dumps(_generation_file(2, replies, split)))
+        if files:
+            client.log_artifacts(run_id, str(staging), "generations")
+        client.set_terminated(run_id)
+    return compare_runs(uri, "chat", output=root / "reports")
+
+
+def test_rouge_l_columns_follow_ppl_and_top1(chat_report: CompareReport) -> None:
+    assert chat_report.columns == ["run", "eval/ppl", "eval/rougeL", "eval/rougeL_teacher", BEST_PPL_COLUMN]
+    assert [row[2] for row in chat_report.rows] == [0.0, 0.1, pytest.approx(0.2)]
+
+
+def test_the_runs_replies_to_the_first_prompts_stand_side_by_side(chat_report: CompareReport) -> None:
+    """For the first 3 prompts of the first run's latest validation file (distill eval's at the final step, not
+    training's, and never the test split's): the prompt's end, reference, teacher and each run's reply; a run without
+    that prompt gets a dash, a run without generations no row; long text is cut, pipes and line breaks escaped."""
+    page = (chat_report.directory / "generations.md").read_text()
+    sections = page.split("### Sample ")[1:]
+    assert [section.split("\n", 1)[0] for section in sections] == ["0", "1", "2"]
+    first = sections[0]
+    assert "question 0?" in first and "Be brief" not in first  # a long prompt keeps its end
+    assert "| reference | answer 0 | |" in first
+    assert "| teacher | teacher 0 | 0.5000 |" in first
+    assert "| chat-a | evaluated a0 \\| piped ⏎ next line | 0.0000 |" in first
+    assert "| chat-b | b0 | 0.0000 |" in first
+    assert "plain" not in page and "test split" not in page and "trained a" not in page
+    assert f"| chat-a | {'x' * 300}… | 0.2500 |" in sections[1]
+    assert "| chat-b | — | — |" in sections[1]
+    index = (chat_report.directory / "index.md").read_text()
+    assert "## Generations" in index and page in index and "[generations.md](generations.md)" in index
+
+
+def test_a_comparison_without_generations_has_no_generations_page(report: CompareReport) -> None:
+    assert not (report.directory / "generations.md").exists()
+    assert "Generations" not in (report.directory / "index.md").read_text()

@@ -141,6 +141,15 @@ def validate(config: Config) -> None:
     for key, value in (("train.save_every", t.save_every), ("train.eval_every", t.eval_every)):
         require(value >= 0, key, value, "an integer ≥ 0 (0: only at the end)")
     require(t.log_every >= 1, "train.log_every", t.log_every, "an integer ≥ 1")
+    require(t.generations >= 0, "train.generations", t.generations, "an integer ≥ 0 (0: no generations)")
+    require(
+        t.generations == 0 or data.format != "text",
+        "train.generations",
+        t.generations,
+        "0 with data.format: text (generations need a prompt and a reference reply: data.format chat or "
+        "prompt_response)",
+    )
+    require(t.max_new_tokens >= 1, "train.max_new_tokens", t.max_new_tokens, "an integer ≥ 1")
     require(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer ≥ 0")
     require(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "an integer ≥ 0 (0 keeps all)")
     for name, overrides in config.run.variants.items():

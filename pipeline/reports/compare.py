@@ -1,4 +1,5 @@
-"""`distill compare`: the runs of one MLflow experiment side by side — a table, curves and the runs' figures.
+"""`distill compare`: the runs of one MLflow experiment side by side — a table, curves, the runs' figures and, for
+chat runs, their replies to the same prompts.
 
 Reads runs with an `MlflowClient`, writes `OUTPUT/<experiment>/` (published atomically, so a re-run replaces the
 whole report and no stale plot survives; `index.md` shows the table and embeds every figure) and logs that directory
@@ -7,7 +8,8 @@ are never compared themselves. Runs that differ only in their seeds are also gro
 seeds, as a table and as bands around the curves.
 
 The report's parts live beside this module: `reports.runs` reads the runs, `reports.tables` and `reports.plots` make
-the tables and figures; this module lays them out in `index.md`, publishes the directory and logs the summary run.
+the tables and figures, `reports.generations` the replies; this module lays them out in `index.md`, publishes the
+directory and logs the summary run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.infra.atomic import staged_directory
 from pipeline.infra.mlflow_ui import runs_view_url, tag_experiment
+from pipeline.reports.generations import write_generations_page
 from pipeline.reports.plots import compose_run_images, file_stem, plot_metrics, plotted_keys, write_variants
 from pipeline.reports.runs import (
     SUMMARY_TAG,
@@ -76,9 +79,12 @@ def index_markdown(
     variants: str | None,
     bands: Sequence[Path],
     ui_address: str,
+    generations: str | None = None,
 ) -> str:
-    """The report's front page: the table, then every figure (relative links, so the directory can move)."""
+    """The report's front page: the table, then every figure (relative links, so the directory can move), then the
+    runs' replies side by side (`generations`, when runs logged any)."""
     files = "[runs.md](runs.md), [runs.csv](runs.csv)" + (", [variants.md](variants.md)" if variants else "")
+    files += ", [generations.md](generations.md)" if generations else ""
     lines = [f"# {heading}", "", f"Tables: {files}.", "", "## Runs", ""]
     lines += ["Last value of each metric (at the highest step), the lowest eval/ppl of any evaluation, and the params"]
     lines += ["that differ between runs.", "", table]
@@ -93,6 +99,12 @@ def index_markdown(
         lines += ["## The runs' figures", "", "Each run's latest α statistics and attention heat maps.", ""]
         for path in run_images:
             lines += [f"### {path.stem.replace('_', ' ')}", "", _image(path, directory, path.stem), ""]
+    if generations is not None:
+        lines += ["## Generations", "", "The first held-out prompts of the validation split: the reference reply, the"]
+        lines += [
+            "teacher's and each run's greedy reply (its latest evaluation), with ROUGE-L F1 against the reference."
+        ]
+        lines += ["", generations]
     lines += ["## In MLflow", "", f"The runs with the key metrics as columns: {ui_address}.", ""]
     return "\n".join(lines)
 
@@ -152,13 +164,14 @@ def compare_runs(
             bands = write_variants(groups, plotted_keys(summaries), staging)
             logger.info("%d variants over seeds: %d band plots", len(groups), len(bands))
         run_images = compose_run_images(client, summaries, staging)
+        generations = write_generations_page(client, summaries, staging)
         heading = f"distill compare: {experiment_name} ({len(runs)} runs" + (
             f", filter `{filter_string}`)" if filter_string else ")"
         )
         variants = (staging / "variants.md").read_text() if seeded else None
         address = _ui_address(tracking_uri, experiment.experiment_id)
         (staging / "index.md").write_text(
-            index_markdown(staging, heading, markdown, curves, run_images, variants, bands, address)
+            index_markdown(staging, heading, markdown, curves, run_images, variants, bands, address, generations)
         )
         figures = [path.relative_to(staging) for path in (*curves, *bands, *run_images)]
     logger.info("report written to %s (open %s)", target, target / "index.md")

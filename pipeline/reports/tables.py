@@ -14,7 +14,7 @@ from pipeline.reports.runs import MISSING, RUN_IDENTITY_PARAMS, TABLE_PREFIXES, 
 
 TRAIN_FIRST = ("train/loss",)
 TRAIN_AFTER_TERMS = ("train/lr", "train/tokens_per_s", "train/loader_wait_frac")
-EVAL_FIRST = ("eval/ppl", "eval/top1_agreement")
+EVAL_FIRST = ("eval/ppl", "eval/top1_agreement", "eval/rougeL", "eval/rougeL_teacher")
 BEST_PPL_COLUMN = "best eval/ppl"
 TOKENS_METRIC = "train/tokens"
 """When a run logs its cumulative token count, curves are also drawn against tokens (it gets no column)."""
@@ -31,7 +31,8 @@ def differing_params(summaries: Sequence[RunSummary]) -> list[str]:
 
 def _metric_rank(key: str) -> tuple[int, int, int, str]:
     """Sort key of a metric column: train before eval; `train/loss`, its terms, lr and throughput, other train
-    metrics; `eval/ppl`, `eval/top1_agreement`, eval loss terms, other eval metrics; alphabetical within a group."""
+    metrics; `eval/ppl`, `eval/top1_agreement`, `eval/rougeL` (and the teacher's), eval loss terms, other eval
+    metrics; alphabetical within a group."""
     if key.startswith("train/"):
         if key in TRAIN_FIRST:
             return (0, 0, TRAIN_FIRST.index(key), key)

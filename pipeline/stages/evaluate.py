@@ -18,8 +18,9 @@ from pipeline.infra.tracking import create_tracker, default_run_name
 from pipeline.models.capture import CAPTURE_ATTENTION
 from pipeline.models.loading import load_pretrained, load_teacher_config, read_model_config
 from pipeline.reports.figures import attention_heatmap_figures
+from pipeline.reports.generations import generations_file
 from pipeline.stages.context import open_run
-from pipeline.stages.train import evaluator
+from pipeline.stages.train import evaluator, response_evaluator
 from pipeline.students import build_student_model
 from pipeline.training.checkpoints import (
     CHECKPOINTS,
@@ -31,6 +32,7 @@ from pipeline.training.checkpoints import (
     read_trainer_state,
 )
 from pipeline.training.evaluator import EvalResult
+from pipeline.training.generations import publish_generations
 
 EVAL_FILE = "eval.json"
 MODEL_HINT = (
@@ -95,7 +97,9 @@ def eval_stage(
 
     Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` (`eval-test.json` for the test split;
     metric names `eval/…` or `test/…`) and logs them with heat maps to MLflow — into the training run when
-    `train.output_dir` names one, else into a new run.
+    `train.output_dir` names one, else into a new run. With `train.generations`, the student's replies to the split's
+    first held-out prompts are scored too (`…/rougeL`, beside the teacher's `…/rougeL_teacher`, made once per run
+    and kept in `train.output_dir/generations/`) and written to `generations/<split>-step-<step>.json`.
     """
     dist.init_cpu_group()
     context = open_run(config)
@@ -109,14 +113,19 @@ def eval_stage(
     split_evaluator = evaluator(context, split, max_batches=None)
     if split_evaluator is None:
         raise EvalError(f"{context.cache_directory(split)}: no {split} cache to evaluate on (run `distill cache`)")
+    output_dir = Path(config.train.output_dir)
+    responses = response_evaluator(context, split, output_dir)
     model, step = load_student_for_eval(config, model_dir, checkpoint)
     result = split_evaluator.run(model, model, heatmap=True)
+    prefix = "eval" if split == "validation" else split
     if split != "validation":
         result = EvalResult(
             {f"{split}/{key.split('/', 1)[1]}": value for key, value in result.metrics.items()}, result.heatmap
         )
+    scores = responses.run(model, next(model.parameters()).device, prefix) if responses is not None else None
+    if scores is not None:
+        result.metrics.update(scores.metrics)
     if dist.is_main():
-        output_dir = Path(config.train.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         name = EVAL_FILE if split == "validation" else f"eval-{split}.json"
         # Atomic and unlocked: evaluating a run's latest checkpoint while it trains is allowed, and a reader of
@@ -130,6 +139,9 @@ def eval_stage(
         tracker = create_tracker(config, rank=0, run_id=run_id, run_name=f"{default_run_name(config)}-eval")
         with tracker.running():
             tracker.log_metrics(result.metrics, step=step)
+            if scores is not None:
+                about = {"step": step, "split": split, "max_new_tokens": responses.max_new_tokens}
+                publish_generations(scores, output_dir, generations_file(step, split), tracker, **about)
             if result.heatmap is not None:
                 figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(context.teacher_layers)))
                 for figure_name, figure in figures.items():

@@ -20,12 +20,16 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.data.prepare import META_NAME
+from pipeline.errors import require
 from pipeline.infra import dist
 from pipeline.infra.locks import rank_zero_output_lock
 from pipeline.infra.runtime import default_device, resolve_dtype
 from pipeline.infra.tracking import Tracker, create_tracker, sigterm_as_keyboard_interrupt
+from pipeline.models.loading import load_tokenizer, max_positions
 from pipeline.objective.loss import build_objective
 from pipeline.reports.figures import alpha_figure
+from pipeline.reports.generations import GENERATIONS_DIR
 from pipeline.stages.context import RunContext, open_run
 from pipeline.targets.manifest import MANIFEST_NAME
 from pipeline.targets.source import TargetSource
@@ -45,6 +49,7 @@ from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
 from pipeline.training.export import export_student
+from pipeline.training.generations import ResponseEvaluator, held_out_prompts, stop_token_ids, teacher_generations
 from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, TrainError, trim_metrics_log
 
 logger = logging.getLogger(__name__)
@@ -76,6 +81,66 @@ def evaluator(context: RunContext, split: str = "validation", max_batches: int |
         context.evaluation,
         batch_size=train.micro_batch_size,
         max_batches=train.eval_batches if max_batches == -1 else max_batches,
+    )
+
+
+def response_evaluator(context: RunContext, split: str, run_dir: Path) -> ResponseEvaluator | None:
+    """The generations of the first `train.generations` conversations of the prepared `split` (None when 0 or the
+    split is empty). Every rank calls it: rank 0 makes the teacher's replies (or reads them from
+    `run_dir/generations/`), before any student engine exists, and shares them."""
+    config = context.config
+    count, max_new_tokens = config.train.generations, config.train.max_new_tokens
+    if count == 0:
+        return None
+    data_format = context.meta.get("data_format", "text")
+    require(
+        data_format != "text",
+        "train.generations",
+        count,
+        f"0 for {Path(config.data.output_dir) / META_NAME} (data_format {data_format!r}): generations need chat data, "
+        "a prompt and a reference reply (`distill prepare` with data.format: chat or prompt_response)",
+    )
+    positions = max_positions(context.teacher_config)
+    if positions is not None:
+        require(
+            max_new_tokens < positions,
+            "train.max_new_tokens",
+            max_new_tokens,
+            f"fewer than the teacher's {positions} positions (a prompt and its reply must fit in them)",
+        )
+    tokenizer = load_tokenizer(context.teacher_dir)
+    max_prompt_tokens = positions - max_new_tokens if positions is not None else context.meta["seq_len"]
+    prompts, truncated = held_out_prompts(context.splits[split], tokenizer, count, max_prompt_tokens)
+    if not prompts:
+        logger.warning("train.generations: the %s split holds no conversation; no generations", split)
+        return None
+    if truncated:
+        logger.warning(
+            "train.generations: %d of %d prompts are longer than %d tokens (the teacher's %d positions less "
+            "train.max_new_tokens %d) and lose their oldest tokens",
+            truncated,
+            len(prompts),
+            max_prompt_tokens,
+            positions,
+            max_new_tokens,
+        )
+    stop_ids = stop_token_ids(tokenizer, context.teacher_dir)
+    texts = None
+    if dist.is_main():
+        device = default_device()
+        texts = teacher_generations(
+            run_dir / GENERATIONS_DIR / f"teacher-{split}.json",
+            prompts,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            stop_ids=stop_ids,
+            teacher_dir=context.teacher_dir,
+            teacher_sha=context.teacher_sha,
+            dtype=resolve_dtype(config.teacher.dtype, device),
+            device=device,
+        )
+    return ResponseEvaluator(
+        prompts, tokenizer, dist.broadcast_value(texts), max_new_tokens=max_new_tokens, stop_ids=stop_ids
     )
 
 
@@ -136,6 +201,8 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
         if dist.is_main():
             convert_to_universal(resume.save_dir, resume.tag)
         dist.barrier()
+    # before the engine: the teacher that makes its replies never meets ZeRO-3's partitioning, nor shares memory with it
+    responses = response_evaluator(context, "validation", run_dir)
     ds_config = deepspeed_config(config, dtype, load_universal=resume is not None and resume.universal)
     if dist.is_main():
         logger.info("DeepSpeed config (world size %d):\n%s", state.world_size, json.dumps(ds_config, indent=2))
@@ -162,6 +229,7 @@ def _train(context: RunContext, overwrite: bool) -> dict[str, float]:
             dtype,
             run_dir,
             earlier_lines,
+            responses,
             resumed=resume is not None,
         )
     if dist.is_main():
@@ -180,11 +248,12 @@ def _loop(
     dtype: torch.dtype,
     run_dir: Path,
     earlier_lines: EarlierLines,
+    responses: ResponseEvaluator | None,
     *,
     resumed: bool,
 ) -> dict[str, float]:
     """The tracked part of a run, writing into `run_dir` (`train.output_dir`, or where an `--overwrite` run is built):
-    MLflow run, batches, evaluator, the loop, the export. `earlier_lines`: what an interrupted attempt logged after the
+    MLflow run, batches, evaluators, the loop, the export. `earlier_lines`: what an interrupted attempt logged after the
     checkpoint to the MLflow run this one continues (`trim_metrics_log`)."""
     config = context.config
     run_id = state.mlflow_run_id or (_run_id_from_file(run_dir) if resumed else None)
@@ -219,6 +288,7 @@ def _loop(
             context.teacher_layers,
             earlier_lines=earlier_lines,
             output_dir=run_dir,
+            responses=responses,
         )
         metrics = trainer.run()
         export_student(engine.module, state.zero_stage, context.teacher_dir, run_dir / STUDENT)

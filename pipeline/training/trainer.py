@@ -14,10 +14,11 @@ update or checkpoint (the last good checkpoint stays the newest).
 
 Outputs in `train.output_dir`: `checkpoints/`, `metrics.jsonl` (rank 0: one line per step with the train metrics and
 `position`, the global sample position the step started at; one per evaluation with the eval metrics and the
-position reached). A resumed run first drops the lines of steps after its checkpoint (`trim_metrics_log`): it writes
-them again, so every step has one line. The interrupted attempt logged those steps to the MLflow run the resumed one
-continues (a line is written before its point is logged); where the resumed run reproduces a step's losses, as it
-does unless the config changed, the point is not logged a second time.
+position reached), `generations/` (with `train.generations`: the teacher's replies, made once, and the student's at
+step 0 and at the final step; `pipeline.training.generations`). A resumed run first drops the lines of steps after
+its checkpoint (`trim_metrics_log`): it writes them again, so every step has one line. The interrupted attempt logged
+those steps to the MLflow run the resumed one continues (a line is written before its point is logged); where the
+resumed run reproduces a step's losses, as it does unless the config changed, the point is not logged a second time.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from pipeline.infra.atomic import atomic_write_text
 from pipeline.infra.runtime import to_device
 from pipeline.objective.loss import Objective
 from pipeline.reports.figures import attention_heatmap_figures
+from pipeline.reports.generations import generations_file
 from pipeline.training.checkpoints import CHECKPOINTS, TrainState, save_checkpoint
+from pipeline.training.generations import ResponseEvaluator, publish_generations
 
 METRICS_LOG = "metrics.jsonl"
 logger = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class Trainer:
         teacher_layers: list[int],
         earlier_lines: EarlierLines | None = None,
         output_dir: Path | None = None,
+        responses: ResponseEvaluator | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -127,6 +131,8 @@ class Trainer:
         self.state = state
         self.tracker = tracker
         self.evaluator = evaluator
+        self.responses = responses
+        """The validation split's generations, made at step 0 and at the final step (None: `train.generations` 0)."""
         self.teacher_layers = teacher_layers
         self.earlier_lines = earlier_lines or {}
         """Steps after the checkpoint that an interrupted attempt logged to the MLflow run this one continues."""
@@ -245,24 +251,39 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Evaluate on the validation cache, log the metrics and (per `train.heatmaps`) the attention heat maps at
-        the current step."""
-        if self.evaluator is None:
+        the current step; at step 0 and the final step also the student's generations (`train.generations`)."""
+        final = self.state.step == self.config.train.max_steps
+        metrics: dict[str, float] = {}
+        if self.evaluator is not None:
+            setting = self.config.train.heatmaps
+            heatmap = setting == "every" or (setting == "final" and final)
+            result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
+            metrics.update(result.metrics)
+            if result.heatmap is not None and self.tracker.active:
+                figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
+                for name, figure in figures.items():
+                    self.tracker.log_figure(figure, f"heatmaps/step-{self.state.step:08d}/{name}.png")
+        if self.responses is not None and (self.state.step == 0 or final):
+            scores = self.responses.run(self.engine, self.device)
+            metrics.update(scores.metrics)
+            if dist.is_main():
+                about = {
+                    "step": self.state.step,
+                    "split": "validation",
+                    "max_new_tokens": self.responses.max_new_tokens,
+                }
+                name = generations_file(self.state.step)
+                publish_generations(scores, self.output_dir, name, self.tracker, **about)
+        if not metrics:
             return {}
-        setting = self.config.train.heatmaps
-        heatmap = setting == "every" or (setting == "final" and self.state.step == self.config.train.max_steps)
-        result = self.evaluator.run(self.engine, self.engine.module, heatmap=heatmap)
-        self._record(StepMetrics(self.state.step, self.state.position, result.metrics))
-        self._log("eval", result.metrics)
-        if result.heatmap is not None and self.tracker.active:
-            figures = attention_heatmap_figures(*result.heatmap, dict(enumerate(self.teacher_layers)))
-            for name, figure in figures.items():
-                self.tracker.log_figure(figure, f"heatmaps/step-{self.state.step:08d}/{name}.png")
+        self._record(StepMetrics(self.state.step, self.state.position, metrics))
+        self._log("eval", metrics)
         logger.info(
             "eval step %d: %s",
             self.state.step,
-            " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in result.metrics.items()),
+            " ".join(f"{k.split('/')[1]} {v:.4g}" for k, v in metrics.items()),
         )
-        return result.metrics
+        return metrics
 
     def run(self) -> dict[str, float]:
         """Train to `train.max_steps`, evaluating (first at step 0, before any update), logging and checkpointing on
