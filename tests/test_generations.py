@@ -272,16 +272,12 @@ def test_a_chat_run_logs_generations_at_step_0_and_the_end_and_eval_repeats_the_
     once per run; `distill eval` of the exported student (a plain HF model) repeats the replies the final step made
     through the ZeRO-3 engine's partitioned parameters."""
     from pipeline.config import load_config
-    from pipeline.stages import context
     from pipeline.stages.cache import cache_stage
     from pipeline.stages.evaluate import eval_stage
     from pipeline.stages.prepare import prepare_stage
     from pipeline.stages.train import train_stage
     from tests.train_fixtures import TINY_CONFIG
 
-    # The guard against chat data in cache/train/eval goes once the losses read the response mask; until then the
-    # run is made here without it (raising=False: the test keeps passing once it is gone).
-    monkeypatch.setattr(context, "check_text_data", lambda *args: None, raising=False)
     records = [
         {
             "messages": [
