@@ -374,6 +374,13 @@ def _edit(section: dict[str, Any], key: str, value: Any) -> None:
         ("quick.overrides", ["train.max_step=3"], "study.quick.overrides: unknown key 'train.max_step'"),
         ("seed", [0], "study.seed: unknown key; expected one of baseline, variants"),
         ("budget_minutes", -1, "study.budget_minutes: got -1"),
+        ("setting_variants", {"carved9": ["kd_only"]}, "study.setting_variants: got 'carved9', expected a setting"),
+        ("setting_variants", {"carved2": ["best_kd"]}, "study.setting_variants.carved2: got ['best_kd'], expected"),
+        (
+            "setting_variants",
+            {"carved2": ["shd_kd"]},
+            "study.setting_variants.carved2: got ['shd_kd'], expected a list that includes the baseline 'kd_only'",
+        ),
     ],
 )
 def test_layout_errors_name_the_key(key: str, value: Any, named: str) -> None:
@@ -383,6 +390,35 @@ def test_layout_errors_name_the_key(key: str, value: Any, named: str) -> None:
     with pytest.raises(StudyError) as error:
         layout.read_study(section, layout.load_base(CONFIG, values))
     assert named in str(error.value)
+
+
+def test_a_setting_runs_only_its_setting_variants(tmp_path: Path) -> None:
+    """`study.setting_variants` narrows one setting's variants; the others keep every variant; the plan counts the
+    runs that remain."""
+    section = _section()
+    section["setting_variants"] = {"carved2": ["kd_only", "shd_kd"]}
+    _, values = layout.split_study_file(CONFIG)
+    base = layout.load_base(CONFIG, values)
+    study = layout.read_study(section, base)
+    specs = grid.grid_specs(
+        study, base, {}, tmp_path, settings=tuple(study.settings), variants=VARIANTS, seeds=study.seeds
+    )
+    assert len(specs) == (9 + 2 + 9) * 3
+    assert {spec.variant for spec in specs if spec.setting == "carved2"} == {"kd_only", "shd_kd"}
+    assert {spec.variant for spec in specs if spec.setting == "carved3"} == set(VARIANTS)
+
+
+def test_the_setting_table_shows_rouge_l_where_runs_scored_it() -> None:
+    found = [_result("carved3", "kd_only", seed, 500.0 + seed) for seed in range(2)]
+    for result, rouge in zip(found, (0.2, 0.3), strict=True):
+        result["metrics"]["test/rougeL"] = rouge
+    rows = tables.setting_table(found, "carved3", ("kd_only",), "kd_only")
+    assert "| ROUGE-L (test) |" in rows[0] and rows[1].count("|") == rows[0].count("|")
+    assert f"| {np.mean([0.2, 0.3]):.3g} ± {np.std([0.2, 0.3], ddof=1):.2g} |" in rows[2]
+    assert (
+        "ROUGE-L"
+        not in tables.setting_table([_result("carved3", "kd_only", 0, 500.0)], "carved3", ("kd_only",), "kd_only")[0]
+    )
 
 
 def test_the_baseline_must_be_a_variant() -> None:

@@ -75,7 +75,8 @@ def grid_specs(
     seeds: Sequence[int],
 ) -> list[RunSpec]:
     """Every grid run, seed-major (all settings and variants of the first seed first: an interrupted study has
-    whole seeds), with the overrides setting → frozen tuning → variant → seed."""
+    whole seeds), with the overrides setting → frozen tuning → variant → seed; a setting runs only its
+    `study.setting_variants` where it has some."""
     tuned = tuple(format_override(key, value) for key, value in frozen.items())
     return [
         RunSpec(
@@ -94,6 +95,7 @@ def grid_specs(
         for seed in seeds
         for setting in settings
         for variant in variants
+        if study.runs(setting, variant)
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,18 @@ from pipeline.config import parse_override as parse_config_override
 from pipeline.errors import PipelineError
 
 SECTION = "study"
-KEYS = ("baseline", "variants", "settings", "seeds", "tune", "quick", "work_dir", "report_dir", "budget_minutes")
+KEYS = (
+    "baseline",
+    "variants",
+    "settings",
+    "setting_variants",
+    "seeds",
+    "tune",
+    "quick",
+    "work_dir",
+    "report_dir",
+    "budget_minutes",
+)
 TUNE_KEYS = ("setting", "variant", "stages")
 QUICK_KEYS = ("settings", "variants", "seeds", "overrides")
 
@@ -64,6 +75,12 @@ class Study:
     work_dir: str | None = None
     report_dir: str | None = None
     budget_minutes: float | None = None
+    setting_variants: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Setting → the only variants it runs (a setting not named runs every variant)."""
+
+    def runs(self, setting: str, variant: str) -> bool:
+        """Whether the grid holds `variant` in `setting`."""
+        return variant in self.setting_variants.get(setting, (variant,))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -221,6 +238,27 @@ def read_quick(
     )
 
 
+def read_setting_variants(
+    value: Any, settings: Mapping[str, Any], variants: Mapping[str, Any], baseline: str
+) -> dict[str, tuple[str, ...]]:
+    """`setting_variants`: setting → the subset of variants it runs; each subset holds the baseline (every run is
+    compared with it, seed by seed)."""
+    if value is None:
+        return {}
+    _expect(isinstance(value, dict), "setting_variants", value, "a mapping of setting → [variant, …]")
+    chosen = {}
+    for setting, names in value.items():
+        _expect(
+            setting in settings, "setting_variants", setting, f"a setting among study.settings ({', '.join(settings)})"
+        )
+        subset = _subset(names, f"setting_variants.{setting}", variants, "variants")
+        _expect(
+            baseline in subset, f"setting_variants.{setting}", names, f"a list that includes the baseline {baseline!r}"
+        )
+        chosen[str(setting)] = subset
+    return chosen
+
+
 def read_study(section: Mapping[str, Any], base: Config) -> Study:
     """Check a `study:` section against its base config and return it as a `Study`."""
     unknown = [key for key in section if key not in KEYS]
@@ -266,4 +304,5 @@ def read_study(section: Mapping[str, Any], base: Config) -> Study:
         section.get("work_dir"),
         section.get("report_dir"),
         budget,
+        read_setting_variants(section.get("setting_variants"), settings, variants, baseline),
     )

@@ -31,6 +31,7 @@ SHOWN_METRICS = (
     ("test ppl", "test/ppl"),
     ("top-1", "test/top1_agreement"),
     ("attn KL", "test/attn_kl"),
+    ("ROUGE-L", "test/rougeL"),
 )
 """What a run's log line shows of its result, where present."""
 

@@ -22,6 +22,8 @@ CSV_COLUMNS = (
     "test/ppl",
     "test/top1_agreement",
     "test/attn_kl",
+    "test/rougeL",
+    "test/rougeL_teacher",
     "tune/val_ppl",
     "eval/ppl",
     "max_grad_norm",
@@ -66,11 +68,13 @@ def median_grad_norm(result: Result) -> float:
 
 def setting_table(results: Sequence[Result], setting: str, variants: Sequence[str], baseline: str) -> list[str]:
     """Markdown rows of one setting: per variant, mean ± std over seeds and the paired comparison with `baseline`."""
+    rouge = any("test/rougeL" in r["metrics"] for r in grid_runs(results, setting))
     lines = [
-        "| variant | seeds | test ppl | top-1 agreement | attention KL to own targets (test) | "
-        "max pre-clip grad norm | median pre-clip grad norm | train wall s | "
+        "| variant | seeds | test ppl | top-1 agreement | "
+        + ("ROUGE-L (test) | " if rouge else "")
+        + "attention KL to own targets (test) | max pre-clip grad norm | median pre-clip grad norm | train wall s | "
         f"Δppl vs {baseline} (per seed) | wins vs {baseline} |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rouge else ""),
     ]
     for variant in variants:
         runs = grid_runs(results, setting, variant)
@@ -80,10 +84,12 @@ def setting_table(results: Sequence[Result], setting: str, variants: Sequence[st
         comparison = (
             ("(baseline)", "—") if variant == baseline else (paired_cell(pair), f"{pair.wins}/{len(pair.deltas)}")
         )
+        rouge_cell = cell([r["metrics"]["test/rougeL"] for r in runs if "test/rougeL" in r["metrics"]], 3)
         lines.append(
             f"| {variant} | {len(runs)} | {cell([r['metrics']['test/ppl'] for r in runs])} | "
             f"{cell([r['metrics']['test/top1_agreement'] for r in runs], 3)} | "
-            f"{cell([r['metrics']['test/attn_kl'] for r in runs], 3)} | "
+            + (f"{rouge_cell} | " if rouge else "")
+            + f"{cell([r['metrics']['test/attn_kl'] for r in runs], 3)} | "
             f"{cell([r['max_grad_norm'] for r in runs], 3)} | {cell([median_grad_norm(r) for r in runs], 3)} | "
             f"{mean_std([r['train_seconds'] for r in runs])[0]:.0f} | "
             f"{comparison[0]} | {comparison[1]} |"
