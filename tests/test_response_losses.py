@@ -25,6 +25,7 @@ from pipeline.stages.train import train_stage
 from pipeline.targets.codecs import bits_for, unpack_bits
 from pipeline.targets.encoding import pack_triangle
 from pipeline.targets.logits import pack_loss_mask, trained_positions, unpack_loss_mask
+from pipeline.targets.plan import bytes_per_token
 from pipeline.targets.rows import stored_row_count, stored_rows
 from pipeline.targets.store import verify_cache
 from tests.reference_maps import relation_maps
@@ -240,9 +241,10 @@ def test_a_chat_cache_stores_the_loss_mask_and_rows_only_where_replies_are_train
     train = splits["train"].with_format("torch")
     by_id = {int(sample): index for index, sample in enumerate(train["sample_id"])}
     seq_len, count = 64, stored_row_count(64, 0.25)
-    checked = full = 0
+    checked = full = tensor_bytes = 0
     for path in sorted((root / "targets" / "train").glob("shard-*.safetensors")):
         with safe_open(path, "pt") as shard:
+            tensor_bytes += sum(shard.get_tensor(name).nbytes for name in shard.keys())  # noqa: SIM118
             ids = shard.get_tensor("sample_ids")
             mask = unpack_loss_mask(shard.get_tensor("loss_mask"), seq_len)
             rows = unpack_bits(shard.get_tensor("attn_rows"), bits_for(seq_len), count)
@@ -257,6 +259,8 @@ def test_a_chat_cache_stores_the_loss_mask_and_rows_only_where_replies_are_train
                 assert int(stored.sum()) == int(expected.sum())
             checked += 1
     assert checked == len(train) and full > 0
+    # the planner (`distill cache --plan`) counts the loss mask too: its bytes are the shards' tensor bytes
+    assert bytes_per_token(manifest.fingerprint) * seq_len * len(train) == tensor_bytes
 
 
 def test_a_chat_student_trains_from_the_cache_like_the_live_teacher_on_its_replies(chat_run: dict) -> None:

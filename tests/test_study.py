@@ -83,6 +83,31 @@ def test_the_shipped_layout(shipped: tuple[Any, layout.Study]) -> None:
     assert (study.work_dir, study.report_dir, study.budget_minutes) == ("work/quality", "reports/quality", 150)
 
 
+def test_the_chat_study_runs_ten_times_the_budget_on_replies(tmp_path: Path) -> None:
+    """configs/quality-chat.yaml: ShareGPT chat, 240 steps × 4 × 256 per run (ten times quality.yaml's 24), carved3 ×
+    six objectives and carved2 × two, three seeds, the attention weight searched, ROUGE-L scored; --quick: two runs."""
+    chat_config = REPO / "configs" / "quality-chat.yaml"
+    study, config = layout.load_study(chat_config)
+    _, text = layout.load_study(CONFIG)
+    assert (config.data.format, config.data.sources, config.data.test_fraction > 0) == ("chat", ["sharegpt"], True)
+    tokens = config.train.max_steps * config.train.micro_batch_size * config.data.seq_len
+    assert tokens == 10 * text.train.max_steps * text.train.micro_batch_size * text.data.seq_len
+    assert config.cache.max_samples == config.train.max_steps * config.train.micro_batch_size
+    assert config.train.generations > 0
+    assert [stage.key for stage in study.stages] == ["distill.attn.weight"]
+    specs = grid.grid_specs(
+        study, config, {}, tmp_path, settings=tuple(study.settings), variants=tuple(study.variants), seeds=study.seeds
+    )
+    by_setting = {setting: {spec.variant for spec in specs if spec.setting == setting} for setting in study.settings}
+    assert by_setting == {
+        "carved3": {"ce_only", "kd_only", "shd_kd", "uniform_kd", "selective_kd", "minilm_kd"},
+        "carved2": {"kd_only", "shd_kd"},
+    }
+    assert len(specs) == 8 * 3
+    ctx = open_study(chat_config, quick=True, work=tmp_path / "work", report=tmp_path / "report")
+    assert len(plan.make_plan(ctx).specs) == 2
+
+
 def test_the_grid_applies_setting_then_frozen_then_variant(shipped: tuple[Any, layout.Study], tmp_path: Path) -> None:
     config, study = shipped
     frozen = {"distill.attn.weight": 0.3, "distill.layer_map": "uniform", "distill.attn.sink": "keep"}

@@ -24,7 +24,7 @@ from pipeline.stages.context import RunContext, open_run
 from pipeline.students import resolve_student
 from pipeline.targets import kinds as target_kinds
 from pipeline.targets.compute import prepare_kinds
-from pipeline.targets.fingerprint import cache_fingerprint
+from pipeline.targets.fingerprint import cache_fingerprint, format_fields
 from pipeline.targets.kinds.base import TargetSettings
 from pipeline.targets.manifest import MANIFEST_NAME, CacheError
 from pipeline.targets.plan import format_plan
@@ -150,7 +150,7 @@ def plan_stage(config: Config, template: str | None = None) -> str:
     dims, config = context.dims, context.config
     fingerprint = cache_fingerprint(
         settings,
-        {"seq_len": config.data.seq_len},
+        {"seq_len": config.data.seq_len, **format_fields(config.data.format)},
         teacher_num_heads=dims.num_heads,
         vocab_size=teacher_config.vocab_size,
         dtype=config.cache.dtype,

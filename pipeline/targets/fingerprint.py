@@ -43,9 +43,13 @@ def provenance(data_meta: dict[str, Any], split: str, teacher_sha256: str) -> di
         "split": split,
         "seq_len": data_meta["seq_len"],
     }
-    if data_meta.get("data_format", "text") != "text":
-        fields["loss_positions"] = RESPONSE_POSITIONS
-    return fields
+    return {**fields, **format_fields(data_meta.get("data_format", "text"))}
+
+
+def format_fields(data_format: str) -> dict[str, Any]:
+    """The fingerprint fields a data format adds: chat formats train their replies only (`loss_positions`), text adds
+    nothing (text caches keep the fingerprint they had)."""
+    return {} if data_format == "text" else {"loss_positions": RESPONSE_POSITIONS}
 
 
 def cache_fingerprint(
