@@ -200,7 +200,7 @@ def diagnose(config: Config, steps: int) -> list[dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("configs/shakespeare.yaml"))
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--csv", type=Path, default=None, help="also write the per-step records here")
     args = parser.parse_args()

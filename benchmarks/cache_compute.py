@@ -69,7 +69,7 @@ CALIBRATION_SAMPLES, CALIBRATION_LEN = 16, 256
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides (default: the issue's table settings)")
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "shakespeare.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="teacher precision")
     parser.add_argument("--template", choices=sorted(TEACHER_TEMPLATES), help="a random teacher of this shape")

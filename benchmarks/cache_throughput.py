@@ -198,7 +198,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, applied after DEFAULT_OVERRIDES")
     parser.add_argument("--teacher", default="work/demo/teacher", help="teacher directory (default the demo's)")
     parser.add_argument("--data", default="work/demo/data", help="`distill prepare` output (default the demo's)")
-    parser.add_argument("--config", default="configs/demo.yaml", help="config giving the student and cache settings")
+    parser.add_argument("--config", default="configs/shakespeare.yaml", help="config giving the student and cache settings")
     parser.add_argument("--batch", type=int, default=8, help="teacher batch size (default 8, the demo's)")
     parser.add_argument("--batches", type=int, default=2, help="batches per timed run = one shard (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="teacher dtype")

@@ -7,7 +7,7 @@ train cache's α statistics; in a scratch directory, so the run's own records st
 `train.output_dir/<variant>/student` is loaded; both continue `--prompt` greedily with a repetition penalty (plain
 greedy settles into a loop of newlines at these perplexities). Reproducible: no sampling.
 
-    .venv/bin/python benchmarks/samples.py configs/demo.yaml --variants carved_shd_kd shd_kd
+    .venv/bin/python benchmarks/samples.py configs/shakespeare.yaml --variants carved_shd_kd shd_kd
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class Run:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "shakespeare.yaml")
     parser.add_argument("--work-dir", type=Path, default=REPO / "work" / "bench" / "student_init")
     parser.add_argument("--max-steps", type=int, default=None, help="train.max_steps (default: the config's)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
