@@ -94,7 +94,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--parts", nargs="+", choices=("real", "template", "plan"), default=["real", "template", "plan"]
     )
-    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "shakespeare.yaml", help="the real teacher's run")
+    parser.add_argument(
+        "--config", type=Path, default=ROOT / "configs" / "shakespeare.yaml", help="the real teacher's run"
+    )
     parser.add_argument("--real-seq-lens", type=int, nargs="+", default=[256, 1024], help="T of the real caches")
     parser.add_argument("--real-tokens", type=int, default=2048, help="tokens per real cache (samples = this ÷ T)")
     parser.add_argument("--template", choices=sorted(TEACHER_TEMPLATES), default="llama3-8b")

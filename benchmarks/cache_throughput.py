@@ -197,8 +197,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides, applied after DEFAULT_OVERRIDES")
     parser.add_argument("--teacher", default="work/demo/teacher", help="teacher directory (default the demo's)")
-    parser.add_argument("--data", default="work/demo/data", help="`distill prepare` output (default the demo's)")
-    parser.add_argument("--config", default="configs/shakespeare.yaml", help="config giving the student and cache settings")
+    parser.add_argument(
+        "--data", default="work/shakespeare/data", help="`distill prepare` output (default the text setting's)"
+    )
+    parser.add_argument(
+        "--config", default="configs/shakespeare.yaml", help="config giving the student and cache settings"
+    )
     parser.add_argument("--batch", type=int, default=8, help="teacher batch size (default 8, the demo's)")
     parser.add_argument("--batches", type=int, default=2, help="batches per timed run = one shard (default 2)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="teacher dtype")
@@ -212,7 +216,7 @@ def main() -> None:
     context = open_run(load_config(args.config, overrides))
     config, dims = context.config, context.dims
     num_rows = args.batch * args.batches
-    rows = context.splits["train"].select(range(num_rows)).with_format("torch", columns=["sample_id", "input_ids"])
+    rows = context.splits["train"].select(range(num_rows)).with_format("torch", columns=context.sample_columns)
     input_ids = torch.as_tensor(rows[0:num_rows]["input_ids"], dtype=torch.long)
     batches = list(input_ids.split(args.batch))
     seq_len = input_ids.shape[1]

@@ -90,7 +90,9 @@ def format_groups(groups: list[list[int]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="work/demo/teacher", help="teacher directory (default the demo's)")
-    parser.add_argument("--data", default="work/demo/data", help="`distill prepare` output (default the demo's)")
+    parser.add_argument(
+        "--data", default="work/shakespeare/data", help="`distill prepare` output (default the text setting's)"
+    )
     parser.add_argument("--samples", type=int, default=16, help="first N samples of the train split (default 16)")
     parser.add_argument("--batch", type=int, default=4, help="teacher batch size (default 4)")
     parser.add_argument("--layers", type=int, nargs="+", default=[6, 14, 21, 29], help="teacher layers")

@@ -461,7 +461,9 @@ def part_c(config: Config, steps: int, workdir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/shakespeare.yaml", help="config giving student, teacher, data, cache")
+    parser.add_argument(
+        "--config", default="configs/shakespeare.yaml", help="config giving student, teacher, data, cache"
+    )
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 1024, 2048], help="context lengths T of (a)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="tokens per micro-batch: batch = this ÷ T")
     parser.add_argument("--encoding", choices=("dense", "topk"), default="dense", help="attention target encoding")

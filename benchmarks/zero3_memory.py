@@ -231,7 +231,9 @@ def mib(value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/shakespeare.yaml", help="config giving teacher (vocabulary) and train")
+    parser.add_argument(
+        "--config", default="configs/shakespeare.yaml", help="config giving teacher (vocabulary) and train"
+    )
     parser.add_argument("--layers", type=int, default=8, help="student layers (default 8; the demo's is 4)")
     parser.add_argument("--hidden", type=int, default=768, help="student width (default 768; demo 384)")
     parser.add_argument("--heads", type=int, default=12, help="student heads (default 12; demo 3)")

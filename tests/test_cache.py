@@ -593,7 +593,8 @@ def test_the_plan_of_the_llama3_8b_template_is_the_issue_s_arithmetic(capsys) ->
         "data.output_dir=/nonexistent",
     ]
     assert (
-        cli.main(["cache", str(ROOT / "configs" / "shakespeare.yaml"), "--plan", "--template", "llama3-8b", *overrides]) == 0
+        cli.main(["cache", str(ROOT / "configs" / "shakespeare.yaml"), "--plan", "--template", "llama3-8b", *overrides])
+        == 0
     )
     table = capsys.readouterr().out
     logits = 64 * 1 + 2 + 2 + 64 * 17 / 8 + 4  # codes, offset, step, 17-bit ids, tail

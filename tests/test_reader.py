@@ -263,10 +263,16 @@ def test_prefetch_does_not_change_the_batches_and_stops_its_thread(dense_cache: 
     assert all(
         torch.equal(a["maps"][name].packed, b["maps"][name].packed) for a, b in zip(with_thread, without, strict=True)
     )
+    before = set(threading.enumerate())  # another test's stream may still be collected; this stream's thread must go
     batches = iter(make_stream(dense_cache))
     next(batches)
+    assert [
+        thread for thread in threading.enumerate() if thread.name == "target-stream-prefetch" and thread not in before
+    ]
     batches.close()
-    assert not [thread for thread in threading.enumerate() if thread.name == "target-stream-prefetch"]
+    assert not [
+        thread for thread in threading.enumerate() if thread.name == "target-stream-prefetch" and thread not in before
+    ]
 
 
 class SpyHandle:

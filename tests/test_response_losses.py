@@ -13,18 +13,21 @@ import torch
 from safetensors import safe_open
 
 from pipeline.config import load_config
-from pipeline.data.prepare import load_prepared
+from pipeline.data.prepare import calibration_sequences, load_prepared
 from pipeline.models.capture import AttentionCapture
 from pipeline.models.loading import build_student, load_teacher
 from pipeline.objective.loss import build_objective
 from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
 from pipeline.ops.map_losses import DenseTarget
 from pipeline.stages.cache import cache_stage
+from pipeline.stages.context import open_run
+from pipeline.stages.evaluate import load_student_for_eval
 from pipeline.stages.prepare import prepare_stage
-from pipeline.stages.train import train_stage
+from pipeline.stages.train import evaluator, train_stage
 from pipeline.targets.codecs import bits_for, unpack_bits
 from pipeline.targets.encoding import pack_triangle
-from pipeline.targets.logits import pack_loss_mask, trained_positions, unpack_loss_mask
+from pipeline.targets.logits import pack_loss_mask, response_masks, trained_positions, unpack_loss_mask
+from pipeline.targets.manifest import CacheError
 from pipeline.targets.plan import bytes_per_token
 from pipeline.targets.rows import stored_row_count, stored_rows
 from pipeline.targets.store import verify_cache
@@ -174,8 +177,8 @@ def test_only_the_trained_positions_carry_a_loss_in_every_term(tiny_llama_dir: P
     one = torch.zeros_like(trained)
     one[1, 5] = True
     changed = _sums(objective, student, _perturbed(batch, one, seq_len))
-    for name in ("ce", "kd", "attn"):
-        assert abs(changed[name] - sums[name]) > 1e-3 * abs(sums[name]), name
+    for name in ("ce", "kd", "attn", "rel"):
+        assert abs(changed[name] - sums[name]) > 1e-4 * abs(sums[name]), name
 
 
 WORDS = [
@@ -278,3 +281,36 @@ def test_a_chat_student_trains_from_the_cache_like_the_live_teacher_on_its_repli
             assert online[step][key] == pytest.approx(cached[step][key], rel=2e-2), (step, key)
     for key in ("eval/ppl", "eval/top1_agreement", "eval/attn_kl"):
         assert math.isfinite(evaluation[2][key])
+
+    # the evaluation's perplexity is over the reply predictions: exp of the float64 CE at the trained positions of
+    # every validation conversation, from the prepared rows and the exported student (not the cache)
+    config = load_config(TINY_CONFIG, [*common, f"train.output_dir={root / 'cached'}"])
+    student, _ = load_student_for_eval(config, root / "cached" / "student", None)
+    metrics = evaluator(open_run(config), "validation", max_batches=None).run(student, student).metrics
+    splits, _ = load_prepared(root / "data")
+    rows = splits["validation"].with_format("torch", columns=["input_ids", "response_mask"])[:]
+    trained = trained_positions(rows["response_mask"])
+    with torch.no_grad():
+        log_probs = student(input_ids=rows["input_ids"].long()).logits.double().log_softmax(-1)
+    targets = rows["input_ids"].long().roll(-1, dims=1)
+    nll = -log_probs.gather(-1, targets[..., None])[..., 0][trained]
+    assert metrics["eval/ppl"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-4)
+    everywhere = -log_probs[:, :-1].gather(-1, targets[:, :-1, None])[..., 0].mean().item()
+    assert abs(math.log(metrics["eval/ppl"]) - everywhere) > 0.05  # all positions would give another figure
+
+
+def test_chat_calibration_reads_real_tokens_only_and_rows_must_match_the_fingerprint(chat_run: dict) -> None:
+    """Teacher statistics (carve, selective heads) read the conversations' real tokens packed back to back, never
+    their padding; text rows are read as they are. A chat cache or online source given rows without the response
+    mask is refused, not trained on every position."""
+    splits, _ = load_prepared(chat_run["root"] / "data")
+    train = splits["train"]
+    packed = calibration_sequences(train, 3)
+    real = torch.cat([torch.as_tensor(row["input_ids"][: row["length"]]) for row in train])
+    assert packed.shape == (3, 64) and torch.equal(packed.flatten(), real[: 3 * 64])
+    text = train.remove_columns(["length", "response_mask"])
+    assert torch.equal(calibration_sequences(text, 2), torch.as_tensor(train[:2]["input_ids"]))
+    with pytest.raises(CacheError, match=r"lack a response_mask column, but the targets are for chat data"):
+        response_masks({"input_ids": torch.zeros(1, 64)}, {"loss_positions": "response"}, "the rows")
+    with pytest.raises(CacheError, match=r"carry a response_mask column, but the targets are for text data"):
+        response_masks({"response_mask": torch.zeros(1, 64)}, {}, "the rows")

@@ -31,8 +31,10 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.table import InMemoryTable
+from torch import Tensor
 
 from pipeline.config.validation import require_directory_path
 from pipeline.data import DataError
@@ -335,6 +337,28 @@ def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
             raise DataError(f"{path}: columns {dataset.features}, expected {expected_features} (meta.json seq_len)")
         splits[split] = dataset
     return DatasetDict(splits), meta
+
+
+def calibration_sequences(rows: Dataset, count: int) -> Tensor:
+    """The first `count` sequences [N, T] int64 of a prepared split for teacher statistics (what a carve keeps, which
+    heads `selective` picks): text rows as they are; chat rows' real tokens (`length`) packed back to back into rows
+    of T, so that no right padding — a tenth of a chat split at T 256 — enters the statistics. Fewer than `count`
+    rows when the split runs out."""
+    if "length" not in rows.column_names:
+        chosen = rows.select(range(min(count, len(rows)))).with_format("torch", columns=["input_ids"])
+        return torch.stack(list(chosen["input_ids"])).long() if len(chosen) else torch.zeros(0, 0, dtype=torch.long)
+    seq_len = len(rows[0]["input_ids"])
+    wanted, pieces, total = count * seq_len, [], 0
+    for start in range(0, len(rows), 256):
+        chunk = rows[start : start + 256]
+        for tokens, length in zip(chunk["input_ids"], chunk["length"], strict=True):
+            pieces.append(torch.as_tensor(tokens[:length], dtype=torch.long))
+            total += length
+        if total >= wanted:
+            break
+    stream = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+    usable = min(len(stream) // seq_len, count) * seq_len
+    return stream[:usable].reshape(-1, seq_len)
 
 
 def chat_template_fingerprint(tokenizer_dir: Path) -> str:

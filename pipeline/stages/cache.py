@@ -150,7 +150,7 @@ def plan_stage(config: Config, template: str | None = None) -> str:
     dims, config = context.dims, context.config
     fingerprint = cache_fingerprint(
         settings,
-        {"seq_len": config.data.seq_len, **format_fields(config.data.format)},
+        {"seq_len": config.data.seq_len, **format_fields(_planned_format(config))},
         teacher_num_heads=dims.num_heads,
         vocab_size=teacher_config.vocab_size,
         dtype=config.cache.dtype,
@@ -164,6 +164,16 @@ def plan_stage(config: Config, template: str | None = None) -> str:
     table = format_plan(fingerprint, _planned_samples(config), title)
     print(table)
     return table
+
+
+def _planned_format(config: Config) -> str:
+    """The data format the cache will read: the prepared data's (what `distill cache` goes by) where it is there,
+    else `data.format`."""
+    try:
+        _, meta = load_prepared(config.data.output_dir)
+    except (OSError, PipelineError):
+        return config.data.format
+    return meta.get("data_format", "text")
 
 
 def _planned_samples(config: Config) -> dict[str, int | None]:

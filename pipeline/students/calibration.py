@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from pipeline.config import Config
-from pipeline.data.prepare import load_prepared
+from pipeline.data.prepare import calibration_sequences, load_prepared
 from pipeline.infra.runtime import default_device
 from pipeline.models.loading import load_teacher
 from pipeline.students.importance import Importance, measure_importance
@@ -28,15 +27,15 @@ carves: one teacher pass)."""
 
 
 def calibration_ids(config: Config, count: int | None = None) -> Tensor:
-    """The first `count` (default `student.carve.calibration_samples`) packed train sequences [N, T] int64 (fewer
-    when the split is smaller, with a warning)."""
+    """The first `count` (default `student.carve.calibration_samples`) train sequences [N, T] int64, chat data's
+    real tokens packed without padding (`data.prepare.calibration_sequences`); fewer when the split is smaller, with
+    a warning."""
     splits, _ = load_prepared(Path(config.data.output_dir))
-    rows = splits["train"]
     wanted = config.student.carve.calibration_samples if count is None else count
-    if len(rows) < wanted:
-        logger.warning("calibration: %d samples wanted, but the train split has %d sequences", wanted, len(rows))
-    rows = rows.select(range(min(wanted, len(rows)))).with_format("torch", columns=["input_ids"])
-    return torch.stack(list(rows["input_ids"])).long()
+    ids = calibration_sequences(splits["train"], wanted)
+    if len(ids) < wanted:
+        logger.warning("calibration: %d samples wanted, but the train split gives %d sequences", wanted, len(ids))
+    return ids
 
 
 def calibration_key(config: Config) -> dict[str, Any]:

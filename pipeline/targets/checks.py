@@ -329,9 +329,9 @@ def tensor_problem(
     if role == "map_indices":
         return _packed_range_problem(label, role, tensor, spec, sample_ids, fingerprint["seq_len"], "key index")
     if role == "rows":
-        trained = (companions or {}).get(LOSS_MASK_TENSOR)
+        trained = companions[LOSS_MASK_TENSOR] if spec.companions and companions is not None else None
         if spec.companions and trained is None:
-            return None  # chat data's rows are drawn among its trained positions: unknown without the loss mask
+            raise ValueError(f"{label}: chat data's stored rows are checked against their loss mask; pass it")
         return _rows_problem(label, tensor, spec, fingerprint, sample_ids, trained)
     if role == "loss_mask":
         return _loss_mask_problem(label, tensor, fingerprint["seq_len"], sample_ids)

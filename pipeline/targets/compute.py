@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipeline.data.prepare import calibration_sequences
 from pipeline.models.capture import AttentionCapture, layer_circuits
 from pipeline.ops.attention_rows import block_size
 from pipeline.ops.shd import Circuits
@@ -149,14 +150,15 @@ def prepare_kinds(
     teacher: nn.Module, train_rows: Any, settings: TargetSettings, batch_size: int
 ) -> tuple[TargetSettings, dict[str, Any]]:
     """`settings` with what the kinds choose once per cache (`TargetKind.prepare`: the selective targets' teacher
-    heads, from the first train samples, `batch_size` at a time — the cache stage and the online source choose
-    alike), and every record of those choices for the manifest. `train_rows`: the prepared train split."""
+    heads, from the first train samples — chat data's real tokens packed without padding — `batch_size` at a time;
+    the cache stage and the online source choose alike), and every record of those choices for the manifest.
+    `train_rows`: the prepared train split."""
     records: dict[str, Any] = {}
     for name in settings.kinds:
         kind = kinds.get(name)
         if not kind.calibration_samples:
             continue
-        ids = train_rows.with_format("torch", columns=["input_ids"])[: kind.calibration_samples]["input_ids"].long()
+        ids = calibration_sequences(train_rows, kind.calibration_samples)
         passes = calibration_passes(teacher, ids, settings.layers, batch_size)
         records.update(kind.prepare(passes, settings.layers, settings.head_counts))
     chosen = records.get("selected_heads")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pipeline.ops.kd import IGNORE_INDEX, topk_targets
 from pipeline.targets.codecs import bits_for, dequantize_logs, pack_bits, packed_bytes, quantize_logs, unpack_bits
 from pipeline.targets.encoding import VALUE_DTYPES, TensorSpec, tail_name, unpack_indices
+from pipeline.targets.manifest import CacheError
 
 LOSS_MASK_TENSOR = "loss_mask"
 RESPONSE_POSITIONS = "response"
@@ -72,6 +73,19 @@ def sample_reads(fingerprint: dict[str, Any], kd_temperature: float) -> list[str
     values = ["topk_codes", "topk_offset", "topk_step"] if fingerprint["logit_value_bits"] == 8 else ["topk_values"]
     mask = [LOSS_MASK_TENSOR] if trains_responses(fingerprint) else []
     return [*SAMPLE_TENSORS, *values, tail_name("tail_mass", kd_temperature), *mask]
+
+
+def response_masks(rows: dict[str, Any], fingerprint: dict[str, Any], destination: Any) -> Any:
+    """Chat data's `response_mask` column of `rows`, None for text data; rows that do not match the fingerprint's
+    `loss_positions` are refused — a chat cache built without the mask would train prompts and padding."""
+    chat = trains_responses(fingerprint)
+    if chat != ("response_mask" in rows):
+        raise CacheError(
+            f"{destination}: the prepared rows {'lack' if chat else 'carry'} a response_mask column, but the targets "
+            f"are for {'chat' if chat else 'text'} data (fingerprint field 'loss_positions' "
+            f"{fingerprint.get('loss_positions')!r}); pass the columns of the prepared meta.json's data_format"
+        )
+    return rows.get("response_mask")
 
 
 def trained_positions(response_mask: Tensor) -> Tensor:

@@ -8,9 +8,11 @@ mean of a per-row loss over the stored rows is then an unbiased estimate of its 
 every row.
 
 Chat data (`loss_mask`: only the rows predicting a response token carry a loss) draws the R rows among those rows: the
-strata cut the sample's n trained positions instead of 0..T−1, so every stored row is a trained one and the estimate
-is of the mean over trained rows. A sample with n < R trained rows stores all of them and fills the rest with its
-first untrained rows (which the terms give weight 0), so every sample keeps R sorted, distinct rows.
+strata cut the sample's n trained positions instead of 0..T−1, so every stored row is a trained one. A sample with
+n < R trained rows stores all of them and fills the rest with its first untrained rows (which the terms give weight
+0), so every sample keeps R sorted, distinct rows. Within a sample the stored rows are an unbiased sample of its
+trained rows (each kept with probability R / n when R divides n), but a sample contributes at most R rows: averaged
+over a batch, samples with long replies weigh less than at f = 1 (per-row weights n / R would undo that; not done).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.targets.compute import compute_targets
 from pipeline.targets.kinds.base import TargetSettings
+from pipeline.targets.logits import response_masks
 from pipeline.targets.manifest import Manifest
 from pipeline.targets.needs import TargetNeeds
 from pipeline.targets.order import SampleOrder, micro_step_start, virtual_shard_sizes
@@ -139,7 +140,7 @@ class LiveTargets(TargetSource):
         chunk = self.rows[[shard * self.shard_size + row for shard, row in located]]
         input_ids = torch.as_tensor(chunk["input_ids"], dtype=torch.long)
         sample_ids = torch.as_tensor(chunk["sample_id"])
-        responses = chunk.get("response_mask")
+        responses = response_masks(chunk, self.fingerprint, "the online teacher's rows")
         responses = None if responses is None else torch.as_tensor(responses)
         targets = compute_targets(self.teacher, input_ids, sample_ids, self.settings, responses)
         raw = {**targets, "sample_ids": sample_ids, "input_ids": input_ids}

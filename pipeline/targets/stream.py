@@ -89,7 +89,9 @@ class TargetStream(IterableDataset[dict[str, Any]]):
     loader's round-robin yields the same sequence for any K. Each batch (B samples, T = seq_len) holds:
     `sample_ids` int64 [B], `positions` int64 [B] (global positions), `input_ids` int64 [B, T], `labels` int64 [B, T]
     (next token, -100 at the last position), `topk_values` float32 [B, T, k] (teacher log-probs), `topk_indices`
-    int64 [B, T, k], `topk_tail` float32 [B, T] (tail sums at `needs.kd_temperature`), and `maps`: each map the needs
+    int64 [B, T, k], `topk_tail` float32 [B, T] (tail sums at `needs.kd_temperature`), `loss_mask` bool [B, T] (the
+    trained positions: all of text data, those predicting a reply token of chat data; `labels` are -100 elsewhere),
+    and `maps`: each map the needs
     read by name → `DenseTarget` (float32 [B, H, T(T+1)/2], unpacked block by block by the loss on the consumer's
     device) or `SparseTarget` (tail sums at the map's temperature). See `training_batch`.
 

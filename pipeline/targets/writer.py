@@ -36,6 +36,7 @@ from pipeline.targets.layout import (
     shard_bytes,
     shard_file_name,
 )
+from pipeline.targets.logits import response_masks
 from pipeline.targets.manifest import (
     MANIFEST_NAME,
     CacheError,
@@ -379,7 +380,7 @@ def write_cache_split(
             shard_input_ids = torch.as_tensor(shard_rows["input_ids"], dtype=torch.long)
             batches: list[dict[str, torch.Tensor]] = []
             shard_sample_ids = torch.as_tensor(shard_rows["sample_id"], dtype=torch.int64)
-            responses = shard_rows.get("response_mask")
+            responses = response_masks(shard_rows, fingerprint, directory)
             for start in range(0, count, batch_size):
                 end = start + batch_size
                 batch_responses = None if responses is None else torch.as_tensor(responses[start:end])
