@@ -7,6 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,16 +78,22 @@ def _png(path: Path, color: str) -> Path:
     return path
 
 
+def _new_experiment(root: Path, name: str) -> tuple[str, Any, str]:
+    """(tracking URI, client, experiment id) of a new sqlite store under `root` holding experiment `name`."""
+    from mlflow.tracking import MlflowClient  # MLflow takes seconds to import
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, client.create_experiment(name, artifact_location=(root / "artifacts").as_uri())
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A sqlite store with experiment `sweep`: 3 finished runs with params, metric histories and PNG artifacts."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(root / "artifacts").as_uri())
+    uri, client, experiment_id = _new_experiment(root, EXPERIMENT)
     run_ids = {}
     for index, (name, (params, metrics)) in enumerate(RUNS.items()):
         run_id = client.create_run(experiment_id, run_name=name, start_time=1000 * (index + 1)).info.run_id
@@ -390,12 +397,9 @@ def test_runs_differing_only_in_seeds_form_named_variants() -> None:
 def seeded_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Experiment `seeds`: two variants × seeds, each run with per-layer heat maps logged at steps 2 and 4."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("seeded")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment("seeds", artifact_location=(root / "artifacts").as_uri())
+    uri, client, experiment_id = _new_experiment(root, "seeds")
     maps = {layer: torch.rand(2, 8, 8).tril().softmax(-1) for layer in (0, 1)}
     heatmaps = root / "png" / "heatmaps"  # drawn once, logged by every run at every step
     for figure_name, figure in attention_heatmap_figures(maps, maps, {0: 6, 1: 29}).items():
@@ -508,12 +512,9 @@ CHAT_RUNS = {
 def chat_report(tmp_path_factory: pytest.TempPathFactory) -> CompareReport:
     """Three runs with eval/rougeL histories, two of them with generation files among their artifacts."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("chat_mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment("chat", artifact_location=(root / "artifacts").as_uri())
+    uri, client, experiment_id = _new_experiment(root, "chat")
     for index, (name, files) in enumerate(CHAT_RUNS.items()):
         run_id = client.create_run(experiment_id, run_name=name, start_time=1000 * (index + 1)).info.run_id
         points = [("eval/ppl", 9.0 - index), ("eval/rougeL", 0.1 * index), ("eval/rougeL_teacher", 0.5)]

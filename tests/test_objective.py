@@ -15,9 +15,7 @@ from pipeline.models.loading import build_student, load_teacher
 from pipeline.objective.loss import Objective, build_objective, evaluation_objective
 from pipeline.objective.terms.attention import AttentionKD
 from pipeline.objective.terms.relations import RelationKD
-from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
-from pipeline.ops.map_losses import DenseTarget
-from pipeline.targets.encoding import pack_triangle
+from pipeline.ops.kd import cross_entropy, logit_losses, topk_targets
 from pipeline.targets.layout import LAYOUT_VERSION, shard_bytes, shard_file_name
 from pipeline.targets.logits import stored_logit_tensors
 from pipeline.targets.manifest import Manifest, ShardEntry, sha256_bytes, write_manifest
@@ -26,6 +24,7 @@ from pipeline.targets.stream import TargetStream
 from tests import reference_maps
 from tests.cache_fixtures import SAMPLE_ID_OFFSET, encode_maps, synthetic_fingerprint
 from tests.reference_maps import relation_maps
+from tests.teacher_batches import teacher_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,27 +88,7 @@ def test_term_sums_on_a_student_equal_independent_references(tiny_llama_dir: Pat
     config = _config(f"distill.attn.match={match}", "distill.rel.weight=1", "distill.rel.heads=4")
     objective = build_objective(config, [1, 3])
     input_ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), AttentionCapture(teacher, [1, 3], qkv=True) as teacher_capture:
-        teacher_logits = teacher(input_ids=input_ids).logits
-    values, indices, tails = topk_targets(teacher_logits, 16)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    maps = {}
-    for student_layer, teacher_layer in enumerate((1, 3)):
-        teacher_maps = teacher_capture.maps[teacher_layer]
-        target = teacher_maps.mean(1, keepdim=True) if match == "global" else teacher_maps[:, ::2]
-        name = objective.terms[2].targets[student_layer]
-        maps[name] = DenseTarget(pack_triangle(target))
-        for relation, states in zip("qkv", teacher_capture.qkv[teacher_layer], strict=True):
-            maps[f"rel.L{teacher_layer}.R4.{relation}"] = DenseTarget(pack_triangle(relation_maps(states, 4)))
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "topk_values": values,
-        "topk_indices": indices,
-        "topk_tail": tails[..., 0],
-        "maps": maps,
-    }
+    batch, teacher_capture = teacher_batch(teacher, objective, input_ids, head_mean=match == "global")
     with objective.forward(student, student, batch) as forward:
         sums = dict(zip(objective.names, objective.sums(forward).tolist(), strict=True))
     counts = dict(zip(objective.names, objective.counts(batch).tolist(), strict=True))
@@ -117,9 +96,11 @@ def test_term_sums_on_a_student_equal_independent_references(tiny_llama_dir: Pat
 
     with torch.no_grad(), AttentionCapture(student, [0, 1], qkv=True) as eager:
         logits = student(input_ids=input_ids).logits
+    labels = batch["labels"]
     assert sums["ce"] == pytest.approx(cross_entropy(logits, labels, "sum").item(), rel=1e-5)
     mask = torch.ones_like(input_ids, dtype=torch.bool)
-    kd = logit_losses(logits, labels, values, indices, tails[..., 0], mask, 1.0, "sum")[1]
+    targets = (batch["topk_values"], batch["topk_indices"], batch["topk_tail"])
+    kd = logit_losses(logits, labels, *targets, mask, 1.0, "sum")[1]
     assert sums["kd"] == pytest.approx(kd.item(), rel=1e-5)
     attention = 0.0
     relations = 0.0

@@ -7,6 +7,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from pipeline.data.prepare import calibration_sequences, load_prepared
 from pipeline.models.capture import AttentionCapture
 from pipeline.models.loading import build_student, load_teacher
 from pipeline.objective.loss import build_objective
-from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses, topk_targets
+from pipeline.ops.kd import IGNORE_INDEX, cross_entropy, logit_losses
 from pipeline.ops.map_losses import DenseTarget
 from pipeline.stages.cache import cache_stage
 from pipeline.stages.context import open_run
@@ -32,6 +33,7 @@ from pipeline.targets.plan import bytes_per_token
 from pipeline.targets.rows import stored_row_count, stored_rows
 from pipeline.targets.store import verify_cache
 from tests.reference_maps import relation_maps
+from tests.teacher_batches import teacher_batch
 from tests.train_fixtures import FAST_TRAIN, TINY_CONFIG, read_metrics
 
 
@@ -71,31 +73,13 @@ def test_stored_rows_of_chat_data_are_drawn_among_its_trained_positions() -> Non
     assert frequency[trained[0]].sub(count / 16).abs().max() < 0.04
 
 
-def _masked_batch(teacher, objective, input_ids: torch.Tensor, trained: torch.Tensor) -> dict:
-    """The teacher's dense targets of `input_ids` for `objective` (as in tests/test_objective.py), with a loss mask."""
-    with torch.no_grad(), AttentionCapture(teacher, [1, 3], qkv=True) as capture:
-        teacher_logits = teacher(input_ids=input_ids).logits
-    values, indices, tails = topk_targets(teacher_logits, 16)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, :-1] = input_ids[:, 1:]
-    maps = {}
-    for student_layer, teacher_layer in enumerate((1, 3)):
-        maps[objective.terms[2].targets[student_layer]] = DenseTarget(
-            pack_triangle(capture.maps[teacher_layer][:, ::2])
-        )
-        for relation, states in zip("qkv", capture.qkv[teacher_layer], strict=True):
-            maps[f"rel.L{teacher_layer}.R4.{relation}"] = DenseTarget(pack_triangle(relation_maps(states, 4)))
-    return {
-        "input_ids": input_ids,
-        "labels": labels.masked_fill(~trained, IGNORE_INDEX),
-        "topk_values": values,
-        "topk_indices": indices,
-        "topk_tail": tails[..., 0],
-        "loss_mask": trained,
-        "maps": maps,
-        "_teacher_maps": capture.maps,
-        "_teacher_qkv": capture.qkv,
-    }
+def _masked_batch(teacher, objective, input_ids: torch.Tensor, trained: torch.Tensor) -> tuple[dict, Any]:
+    """The teacher's own targets of `input_ids` for `objective` (`tests.teacher_batches`), trained only where
+    `trained` [B, T] says (labels -100 elsewhere, the loss mask set); and the teacher's capture."""
+    batch, capture = teacher_batch(teacher, objective, input_ids)
+    batch["labels"] = batch["labels"].masked_fill(~trained, IGNORE_INDEX)
+    batch["loss_mask"] = trained
+    return batch, capture
 
 
 def _sums(objective, student, batch: dict) -> dict[str, float]:
@@ -142,7 +126,7 @@ def test_only_the_trained_positions_carry_a_loss_in_every_term(tiny_llama_dir: P
     trained = torch.zeros(2, seq_len, dtype=torch.bool)
     trained[0, 4:8] = True
     trained[1, 2:11] = True
-    batch = _masked_batch(teacher, objective, input_ids, trained)
+    batch, capture = _masked_batch(teacher, objective, input_ids, trained)
     sums = _sums(objective, student, batch)
     counts = dict(zip(objective.names, objective.counts(batch).tolist(), strict=True))
     assert counts == {"ce": 13.0, "kd": 13.0, "attn": 13.0, "rel": 13.0}
@@ -158,13 +142,11 @@ def test_only_the_trained_positions_carry_a_loss_in_every_term(tiny_llama_dir: P
     assert sums["kd"] == pytest.approx(kd, rel=1e-5)
     attention = relations = 0.0
     for student_layer, teacher_layer in enumerate((1, 3)):
-        target = batch["_teacher_maps"][teacher_layer].double()[:, ::2]
+        target = capture.maps[teacher_layer].double()[:, ::2]
         student_maps = eager.maps[student_layer].double()
         kl = torch.where(target > 0, target * (target.clamp_min(1e-300).log() - student_maps.log()), 0.0)
         attention += kl.sum(-1).mean(1)[trained].sum().item() / 2
-        for teacher_states, student_states in zip(
-            batch["_teacher_qkv"][teacher_layer], eager.qkv[student_layer], strict=True
-        ):
+        for teacher_states, student_states in zip(capture.qkv[teacher_layer], eager.qkv[student_layer], strict=True):
             teacher_rel = relation_maps(teacher_states.double(), 4)
             student_rel = relation_maps(student_states.double(), 4)
             terms = torch.where(teacher_rel > 0, teacher_rel * (teacher_rel.log() - student_rel.log()), 0.0)
