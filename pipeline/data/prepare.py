@@ -316,6 +316,12 @@ def _log_chat(output_dir: Path, meta: dict[str, Any]) -> None:
         )
 
 
+def data_format(meta: dict[str, Any]) -> str:
+    """The format of prepared data from its meta.json: `text`, `chat` or `prompt_response` (data prepared before the
+    chat formats existed has no field and is text)."""
+    return meta.get("data_format", "text")
+
+
 def load_prepared(output_dir: Path) -> tuple[DatasetDict, dict[str, Any]]:
     """Open a `prepare` output: its `train`/`validation` (and `test`) datasets and its validated `meta.json`."""
     output_dir = Path(output_dir)

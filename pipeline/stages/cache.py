@@ -11,7 +11,7 @@ from datasets import DatasetDict
 from transformers import PretrainedConfig
 
 from pipeline.config import Config
-from pipeline.data.prepare import load_prepared
+from pipeline.data.prepare import data_format, load_prepared
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.infra import dist
 from pipeline.infra.locks import rank_zero_output_lock
@@ -173,7 +173,7 @@ def _planned_format(config: Config) -> str:
         _, meta = load_prepared(config.data.output_dir)
     except (OSError, PipelineError):
         return config.data.format
-    return meta.get("data_format", "text")
+    return data_format(meta)
 
 
 def _planned_samples(config: Config) -> dict[str, int | None]:

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from pipeline.config import Config
 from pipeline.config.validation import validate_for_data
-from pipeline.data.prepare import load_prepared
+from pipeline.data.prepare import data_format, load_prepared
 from pipeline.errors import PipelineError
 from pipeline.infra import dist
 from pipeline.infra.runtime import default_device, resolve_dtype
@@ -78,7 +78,7 @@ class RunContext:
     def sample_columns(self) -> list[str]:
         """The prepared columns the teacher's targets are computed from: ids and tokens, and chat data's response
         mask (where the losses are)."""
-        chat = self.meta.get("data_format", "text") != "text"
+        chat = data_format(self.meta) != "text"
         return ["sample_id", "input_ids", *(["response_mask"] if chat else [])]
 
     def cache_directory(self, split: str) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
-from pipeline.data.prepare import META_NAME
+from pipeline.data.prepare import META_NAME, data_format
 from pipeline.errors import require
 from pipeline.infra import dist
 from pipeline.infra.locks import rank_zero_output_lock
@@ -92,13 +92,13 @@ def response_evaluator(context: RunContext, split: str, run_dir: Path) -> Respon
     count, max_new_tokens = config.train.generations, config.train.max_new_tokens
     if count == 0:
         return None
-    data_format = context.meta.get("data_format", "text")
+    prepared_format = data_format(context.meta)
     require(
-        data_format != "text",
+        prepared_format != "text",
         "train.generations",
         count,
-        f"0 for {Path(config.data.output_dir) / META_NAME} (data_format {data_format!r}): generations need chat data, "
-        "a prompt and a reference reply (`distill prepare` with data.format: chat or prompt_response)",
+        f"0 for {Path(config.data.output_dir) / META_NAME} (data_format {prepared_format!r}): generations need chat "
+        "data, a prompt and a reference reply (`distill prepare` with data.format: chat or prompt_response)",
     )
     positions = max_positions(context.teacher_config)
     if positions is not None:

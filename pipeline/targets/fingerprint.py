@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.prepare import data_format
 from pipeline.infra import dist
 from pipeline.targets import kinds
 from pipeline.targets.kinds.base import TargetSettings
@@ -43,7 +44,7 @@ def provenance(data_meta: dict[str, Any], split: str, teacher_sha256: str) -> di
         "split": split,
         "seq_len": data_meta["seq_len"],
     }
-    return {**fields, **format_fields(data_meta.get("data_format", "text"))}
+    return {**fields, **format_fields(data_format(data_meta))}
 
 
 def format_fields(data_format: str) -> dict[str, Any]:
