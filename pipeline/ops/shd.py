@@ -333,16 +333,32 @@ def squeeze_alphas(
     return alphas
 
 
+def squeeze_weights(alphas: Tensor, groups: Sequence[Sequence[int]], num_teacher_heads: int) -> Tensor:
+    """The squeeze as head weights [B, H_s, H_t] fp32: row s holds α_i at the heads of group s, 0 elsewhere (the
+    group's single head with weight 1 when H_s ≥ H_t)."""
+    alphas = alphas.float()
+    weights = alphas.new_zeros(alphas.shape[0], len(groups), num_teacher_heads)
+    for student_head, group in enumerate(groups):
+        if len(groups) >= num_teacher_heads:
+            weights[:, student_head, group[0]] = 1.0
+        else:
+            weights[:, student_head, list(group)] = alphas[:, list(group)]
+    return weights
+
+
+def combine_heads(maps: Tensor, weights: Tensor) -> Tensor:
+    """Maps [B, H_t, rows, K] → [B, S, rows, K], row s = Σ_h weights[b, s, h] · A_h: a squeeze, a head selection or a
+    mean as one batched product, so the rows are read once however many maps are formed from them."""
+    batch, heads = maps.shape[:2]
+    combined = weights.to(maps.device, torch.float32) @ maps.float().reshape(batch, heads, -1)
+    return combined.view(batch, weights.shape[1], *maps.shape[2:])
+
+
 def squeeze_rows(maps: Tensor, alphas: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
     """Student targets of some query rows: maps [B, H_t, rows, K] → [B, H_s, rows, K], each Σ_i α_i A_i over its
-    group (the group's single head copied when H_s ≥ H_t), so rows stay stochastic and causal. One batched product
-    with the [H_s, H_t] weights: the rows are read once."""
-    maps = maps.float()
-    batch, heads = maps.shape[:2]
+    group (the group's single head copied when H_s ≥ H_t), so rows stay stochastic and causal."""
+    heads = maps.shape[1]
     if len(groups) >= heads:
+        maps = maps.float()
         return maps if len(groups) == heads else maps[:, [group[0] for group in groups]]
-    weights = maps.new_zeros(batch, len(groups), heads)
-    alphas = alphas.to(maps.device, torch.float32)
-    for student_head, group in enumerate(groups):
-        weights[:, student_head, list(group)] = alphas[:, list(group)]
-    return (weights @ maps.reshape(batch, heads, -1)).view(batch, len(groups), *maps.shape[2:])
+    return combine_heads(maps, squeeze_weights(alphas.to(maps.device), groups, heads))

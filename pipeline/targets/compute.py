@@ -7,7 +7,9 @@ output layer a chunk of positions at a time, each chunk reduced to its top k at 
 each captured layer is computed in up to two passes over its query rows, a block at a time (memory
 O(B · H · block · T)): the statistics every kind's `solve` needs over all rows (SHD's α), then the rows the cache
 stores — all of them, or each sample's `cache.attn_row_fraction` sample (`rows.stored_rows`) — whose probabilities
-are formed once per block for every kind and handed, kind by kind, to the encoding's writers.
+are formed once per block for every kind. Every map that is linear in the teacher heads' rows (`head_weights`:
+selective, squeezed, global) comes out of one product of the block with the stacked weights — the block is read once
+however many kinds and head counts are cached — and each map's rows go to its encoding writer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 from pipeline.data.prepare import calibration_sequences
 from pipeline.models.capture import AttentionCapture, layer_circuits
 from pipeline.ops.attention_rows import block_size
-from pipeline.ops.shd import Circuits
+from pipeline.ops.shd import Circuits, combine_heads
 from pipeline.targets import kinds
 from pipeline.targets.codecs import bits_for, pack_bits
 from pipeline.targets.encoding import ENCODINGS, EncodeOptions
@@ -57,6 +59,23 @@ def _position_blocks(positions: Tensor, batch: int, heads: int, seq_len: int) ->
         yield positions[:, start : start + step]
 
 
+def _stacked_weights(layer_pass: LayerPass, layer: int, jobs: list, states: list) -> tuple:
+    """(the `head_weights` of every linear map stacked [B, ΣH, H_t] or None, map name → its [start, stop) in the
+    stack, the (kind, variant, state) of the kinds that form their rows themselves)."""
+    weights: dict[str, Tensor] = {}
+    others = []
+    for (kind, variant), state in zip(jobs, states, strict=True):
+        linear = kind.head_weights(layer_pass, layer, variant, state)
+        weights.update(linear)
+        if not linear:
+            others.append((kind, variant, state))
+    spans, start = {}, 0
+    for name, weight in weights.items():
+        spans[name] = (start, start + weight.shape[1])
+        start += weight.shape[1]
+    return (torch.cat(list(weights.values()), dim=1) if weights else None), spans, others
+
+
 def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, settings: TargetSettings) -> dict:
     """The stored tensors of every kind's maps of one layer (and their extras)."""
     jobs = [(kinds.get(name), variant) for name in settings.kinds for variant in kinds.get(name).variants(settings)]
@@ -71,11 +90,16 @@ def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, setting
     encoding = ENCODINGS[settings.encoding]
     specs = [spec for kind, variant in jobs for spec in kind.maps(layer, variant)]
     writers = {spec.name: encoding.writer(spec.name, options) for spec in specs}
+    stacked, spans, others = _stacked_weights(layer_pass, layer, jobs, states)
     uses_attention = any(kind.uses_attention for kind, _ in jobs)
     batch, heads, seq_len = layer_pass.query.shape[:3]
     for block in _position_blocks(positions, batch, heads, seq_len):
         attention = layer_pass.attention(block) if uses_attention else None
-        for (kind, variant), state in zip(jobs, states, strict=True):
+        if stacked is not None:
+            combined = combine_heads(attention, stacked)
+            for name, (start, stop) in spans.items():
+                writers[name].add(combined[:, start:stop], block)
+        for kind, variant, state in others:
             for name, maps in kind.rows(layer_pass, layer, variant, state, attention, block).items():
                 writers[name].add(maps, block)
     targets = {}

@@ -107,8 +107,9 @@ def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) ->
     [..., len(temperatures)] fp32), the tails summed over the complement itself, so they are exactly 0 when the top m
     hold every non-zero key. A row with fewer than m keys (K < m) is padded with zero columns: the extra entries carry
     exactly 0 mass at indices ≥ K, keys the row cannot see. Long rows are cut into blocks of `TOPK_BLOCK` keys: the
-    m blocks with the largest maxima hold the top m, so only their entries are ranked one by one, and the tail is the
-    other blocks' sums plus the candidates not kept (as `ops.kd.topk_targets` does for the logits).
+    m blocks with the largest maxima hold the top m, so only their entries (taken as whole blocks, whatever the strides
+    of `maps`) are ranked one by one, and the tail is the other blocks' sums plus the candidates not kept (as
+    `ops.kd.topk_targets` does for the logits).
     """
     if m < 1:
         raise ValueError(f"m={m}: expected m >= 1")
@@ -122,12 +123,16 @@ def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) ->
         tails = torch.stack([(rest if tau == 1.0 else rest.pow(1 / tau)).sum(-1) for tau in temperatures], dim=-1)
         return values, indices, tails
     num_blocks = keys // TOPK_BLOCK
+    lead = maps.shape[:-1]
     blocked = maps[..., : num_blocks * TOPK_BLOCK].unflatten(-1, (num_blocks, TOPK_BLOCK))
     blocks = blocked.amax(-1).topk(m, dim=-1, sorted=False).indices
-    offsets = torch.arange(TOPK_BLOCK, device=maps.device)
-    ragged_end = torch.arange(num_blocks * TOPK_BLOCK, keys, device=maps.device).expand(*maps.shape[:-1], -1)
-    candidates = torch.cat([(blocks[..., None] * TOPK_BLOCK + offsets).flatten(-2), ragged_end], dim=-1)
-    candidate_values = maps.gather(-1, candidates)
+    grid = [torch.arange(n, device=maps.device).view(n, *[1] * (len(lead) - dim)) for dim, n in enumerate(lead)]
+    candidate_values = blocked[(*grid, blocks)].flatten(-2)
+    candidates = (blocks[..., None] * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=maps.device)).flatten(-2)
+    if num_blocks * TOPK_BLOCK < keys:
+        ragged_end = torch.arange(num_blocks * TOPK_BLOCK, keys, device=maps.device).expand(*lead, -1)
+        candidates = torch.cat([candidates, ragged_end], dim=-1)
+        candidate_values = torch.cat([candidate_values, maps[..., num_blocks * TOPK_BLOCK :]], dim=-1)
     values, positions = candidate_values.topk(m, dim=-1)
     tails = []
     for tau in temperatures:

@@ -10,8 +10,10 @@ How maps are encoded on disk (dense triangle, top-m rows, 8-bit values) is the e
 The teacher runs with SDPA on every layer; a `LayerPass` holds what a captured layer's attention function was given
 (post-RoPE queries and keys, the values, the score scale) and forms probabilities a block of query rows at a time, so
 no [B, H, T, T] map exists. A kind computes a layer in up to two passes over the rows: `solve` (statistics over
-every row, e.g. SHD's α, which needs the Grams of `LayerPass.statistics`) and `rows` (its maps at the stored rows,
-block by block).
+every row, e.g. SHD's α, which needs the Grams of `LayerPass.statistics`) and its maps at the stored rows, block by
+block. Most kinds' maps are linear in the teacher heads' rows (a selection, a mean, SHD's α-weighted sums): they give
+`head_weights`, and the emit pass forms every such map of a layer with one product per block; the others (MiniLM's
+relations) compute `rows` themselves.
 
 A kind's maps of one layer come in *variants*: one per student head count for the head-dependent kinds (the same
 teacher layer squeezed for 3 and for 2 student heads), one per relation-head count for MiniLM relations, a single
@@ -33,6 +35,7 @@ from pipeline.ops.shd import (
     Circuits,
     GroupStats,
     accumulate_group_stats,
+    combine_heads,
     group_stats_from_outputs,
     new_group_stats,
 )
@@ -140,8 +143,8 @@ class LayerPass:
 
 
 class TargetKind(ABC):
-    """One kind of target map. Subclasses set the class attributes and implement `variants`, `maps` and `rows`;
-    the rest has defaults that fit most kinds."""
+    """One kind of target map. Subclasses set the class attributes and implement `variants`, `maps` and either
+    `head_weights` (maps linear in the teacher heads' rows) or `rows`; the rest has defaults that fit most kinds."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -188,7 +191,11 @@ class TargetKind(ABC):
         (`stats_groups`) and the settings (SHD's α, the selective heads); None by default."""
         return None
 
-    @abstractmethod
+    def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
+        """Map name → weights [B, H, H_t] when every row of the map is a fixed combination of the teacher heads' rows
+        at the same query (row h = Σ_t w[h, t] · A_t); empty for kinds whose `rows` form their maps otherwise."""
+        return {}
+
     def rows(
         self,
         layer_pass: LayerPass,
@@ -199,7 +206,12 @@ class TargetKind(ABC):
         positions: Tensor,
     ) -> dict[str, Tensor]:
         """Map name → its rows [B, H, R, K] at query `positions` [B, R] (keys 0..K−1), from the block's teacher
-        `attention` [B, H_t, R, K] (None for kinds that do not use it) and the `solve` state."""
+        `attention` [B, H_t, R, K] (None for kinds that do not use it) and the `solve` state; by default the
+        `head_weights` applied to `attention`."""
+        weights = self.head_weights(layer_pass, layer, variant, state)
+        if not weights:
+            raise NotImplementedError(f"target kind {self.name!r} gives neither head_weights nor rows")
+        return {name: combine_heads(attention, weight) for name, weight in weights.items()}
 
     def extras(self, layer: int, variant: int | None, teacher_heads: int) -> tuple[ExtraSpec, ...]:
         """Per-sample tensors stored beside the maps of one variant (none by default)."""

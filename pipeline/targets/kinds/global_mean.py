@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pipeline.targets.kinds.base import LayerPass, MapSpec, TargetKind, TargetSettings
@@ -21,17 +22,10 @@ class GlobalKind(TargetKind):
     def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
         return (MapSpec(f"attn.L{layer}.global", 1, layer),)
 
-    def rows(
-        self,
-        layer_pass: LayerPass,
-        layer: int,
-        variant: int | None,
-        state: Any,
-        attention: Tensor | None,
-        positions: Tensor,
-    ) -> dict[str, Tensor]:
+    def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
         (spec,) = self.maps(layer, variant)
-        return {spec.name: attention.mean(1, keepdim=True)}
+        batch, heads = layer_pass.query.shape[:2]
+        return {spec.name: torch.full((batch, 1, heads), 1 / heads, device=layer_pass.query.device)}
 
 
 KINDS = (GlobalKind(),)

@@ -53,17 +53,12 @@ class SelectiveKind(TargetKind):
         """The teacher heads chosen for `variant` student heads (`prepare`, through the settings)."""
         return (settings.selected_heads or {})[layer_key(layer, int(variant))]
 
-    def rows(
-        self,
-        layer_pass: LayerPass,
-        layer: int,
-        variant: int | None,
-        state: Any,
-        attention: Tensor | None,
-        positions: Tensor,
-    ) -> dict[str, Tensor]:
+    def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
         (spec,) = self.maps(layer, variant)
-        return {spec.name: attention[:, state]}
+        batch, heads = layer_pass.query.shape[:2]
+        weights = torch.zeros(batch, len(state), heads, device=layer_pass.query.device)
+        weights[:, torch.arange(len(state)), torch.tensor(state)] = 1.0
+        return {spec.name: weights}
 
     def variant_problem(self, variant: int | None, fingerprint: dict[str, Any]) -> str | None:
         return student_heads_problem(variant, fingerprint)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from pipeline.ops.matching import squeeze_groups
-from pipeline.ops.shd import GroupStats, squeeze_alphas, squeeze_rows
+from pipeline.ops.shd import GroupStats, squeeze_alphas, squeeze_weights
 from pipeline.targets.kinds.base import (
     ExtraSpec,
     HeadGroup,
@@ -74,18 +74,10 @@ class SqueezedKind(TargetKind):
         outputs = [stats[group][1] for group in needed] or None
         return groups, squeeze_alphas(group_stats, outputs, groups, num_heads, self.name, batch)
 
-    def rows(
-        self,
-        layer_pass: LayerPass,
-        layer: int,
-        variant: int | None,
-        state: Any,
-        attention: Tensor | None,
-        positions: Tensor,
-    ) -> dict[str, Tensor]:
+    def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
         groups, alphas = state
         (spec,) = self.maps(layer, variant)
-        return {spec.name: squeeze_rows(attention, alphas, groups)}
+        return {spec.name: squeeze_weights(alphas.to(layer_pass.query.device), groups, layer_pass.num_heads)}
 
     def extra_values(self, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
         (alpha,) = self.extras(layer, variant, state[1].shape[1])
