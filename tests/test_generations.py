@@ -212,6 +212,37 @@ def test_the_teachers_replies_are_made_once_and_again_when_the_prompts_change(
     assert json.loads(path.read_text())["sample_ids"] == [prompts[0].sample_id]
 
 
+def test_runs_side_by_side_share_the_teachers_replies_through_the_store(
+    chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
+    prompts, _ = held_out_prompts(chat_rows, tokenizer, count=2, max_prompt_tokens=96)
+    settings = {
+        "max_new_tokens": 6,
+        "stop_ids": stop_token_ids(tokenizer, tiny_chat_teacher_dir),
+        "teacher_dir": tiny_chat_teacher_dir,
+        "teacher_sha": "abc",
+        "dtype": torch.float32,
+        "device": torch.device("cpu"),
+        "store": tmp_path / "runs" / "teacher-replies",
+    }
+    loads = []
+    real_load = generations.load_teacher
+    monkeypatch.setattr(
+        generations, "load_teacher", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
+    )
+    paths = [tmp_path / "runs" / name / GENERATIONS_DIR / "teacher-validation.json" for name in ("a", "b", "c")]
+    first = teacher_generations(paths[0], prompts, tokenizer, **settings)
+    second = teacher_generations(paths[1], prompts, tokenizer, **settings)
+    assert second == first and len(loads) == 1
+    assert json.loads(paths[1].read_text()) == json.loads(paths[0].read_text())
+    assert len(list(settings["store"].glob("*.json"))) == 1
+    teacher_generations(paths[2], prompts, tokenizer, **settings | {"dtype": torch.bfloat16})
+    assert len(loads) == 2 and len(list(settings["store"].glob("*.json"))) == 2
+    stored = {path.name: json.loads(path.read_text()) for path in settings["store"].glob("*.json")}
+    assert all(f"{record['key']}.json" == name for name, record in stored.items())
+
+
 def test_the_teacher_as_student_scores_as_the_teacher_and_the_file_holds_the_rows(
     chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path
 ) -> None:

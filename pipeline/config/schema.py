@@ -262,7 +262,8 @@ class TrainConfig:
     generations: int = 0
     """Chat data: the first N held-out conversations whose first reply the student generates greedily at the step-0
     and final evaluations and in `distill eval`, scored with ROUGE-L F1 against the reference reply (`eval/rougeL`)
-    beside the teacher's own replies (`eval/rougeL_teacher`, made once per run); 0: none. Refused on text data."""
+    beside the teacher's own replies (`eval/rougeL_teacher`, made once and shared by runs with one parent
+    directory); 0: none. Refused on text data."""
     max_new_tokens: int = 64
     """Tokens each generation runs for (all of them, on every rank: ZeRO-3 needs the same forward calls everywhere);
     the reply is cut at the first eos / end-of-turn token."""

@@ -98,8 +98,8 @@ def eval_stage(
     Rank 0 prints them as a markdown table, writes `train.output_dir/eval.json` (`eval-test.json` for the test split;
     metric names `eval/…` or `test/…`) and logs them with heat maps to MLflow — into the training run when
     `train.output_dir` names one, else into a new run. With `train.generations`, the student's replies to the split's
-    first held-out prompts are scored too (`…/rougeL`, beside the teacher's `…/rougeL_teacher`, made once per run
-    and kept in `train.output_dir/generations/`) and written to `generations/<split>-step-<step>.json`.
+    first held-out prompts are scored too (`…/rougeL`, beside the teacher's `…/rougeL_teacher`, made once, shared by
+    runs side by side, kept in `train.output_dir/generations/`) and written to `generations/<split>-step-<step>.json`.
     """
     dist.init_cpu_group()
     context = open_run(config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,13 @@ from pipeline.training.deepspeed_config import deepspeed_config, zero_stage
 from pipeline.training.engine import build_engine, load_resume_point, released
 from pipeline.training.evaluator import Evaluator
 from pipeline.training.export import export_student
-from pipeline.training.generations import ResponseEvaluator, held_out_prompts, stop_token_ids, teacher_generations
+from pipeline.training.generations import (
+    TEACHER_REPLIES_DIR,
+    ResponseEvaluator,
+    held_out_prompts,
+    stop_token_ids,
+    teacher_generations,
+)
 from pipeline.training.trainer import METRICS_LOG, EarlierLines, Trainer, TrainError, trim_metrics_log
 
 logger = logging.getLogger(__name__)
@@ -138,6 +145,7 @@ def response_evaluator(context: RunContext, split: str, run_dir: Path) -> Respon
             teacher_sha=context.teacher_sha,
             dtype=resolve_dtype(config.teacher.dtype, device),
             device=device,
+            store=Path(os.path.abspath(run_dir)).parent / TEACHER_REPLIES_DIR,
         )
     return ResponseEvaluator(
         prompts, tokenizer, dist.broadcast_value(texts), max_new_tokens=max_new_tokens, stop_ids=stop_ids

@@ -14,9 +14,11 @@ stop token (the tokenizer's eos and the teacher's generation-config eos ids) and
 reference (`rouge_score`, no stemming: lowercase alphanumeric words, so text without Latin letters or digits scores 0)
 is averaged over the prompts.
 
-The teacher's own generations, the yardstick beside the student's, are made once per run on rank 0 and kept in
-`generations/teacher-<split>.json` of the run's directory, keyed by the prompts, the step count, the stop tokens and
-the teacher's weights digest (made again when any differs).
+The teacher's own generations, the yardstick beside the student's, are made on rank 0 and kept in
+`generations/teacher-<split>.json` of the run's directory, keyed by the prompts, the step count, the stop tokens, the
+teacher's weights digest, its dtype and the device type (made again when any differs). Runs side by side (the demo's
+variants, a study's runs: run directories with one parent) share them through `<parent>/teacher-replies/<key>.json`,
+so the teacher answers the same prompts once, not once per run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from pipeline.models.loading import load_teacher
 from pipeline.reports.generations import GENERATIONS_DIR, ROW_FIELDS, rows_markdown
 
 logger = logging.getLogger(__name__)
+
+TEACHER_REPLIES_DIR = "teacher-replies"
+"""Beside a run's directory: the teacher's replies of every run with that parent, one `<key>.json` per key."""
 
 
 @dataclass(frozen=True)
@@ -147,11 +152,25 @@ def generate_texts(
 
 
 def generation_key(
-    prompts: Sequence[HeldOutPrompt], max_new_tokens: int, stop_ids: Sequence[int], teacher_sha: str
+    prompts: Sequence[HeldOutPrompt],
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    teacher_sha: str,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> str:
-    """What the teacher's generations depend on, as a digest: the prompts' tokens, the steps, the stops, the weights."""
+    """What the teacher's generations depend on, as a digest: the prompts' tokens, the steps, the stops, the weights,
+    and the precision and device type they were computed in (greedy choices can differ between them)."""
     settings = [[prompt.sample_id, prompt.prompt_ids] for prompt in prompts], max_new_tokens, list(stop_ids)
-    return hashlib.sha256(json.dumps([*settings, teacher_sha]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([*settings, teacher_sha, str(dtype), device.type]).encode()).hexdigest()
+
+
+def _stored_texts(path: Path, key: str) -> list[str] | None:
+    """The texts of the record at `path` when it was made under `key` (None when absent or made otherwise)."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["texts"] if stored.get("key") == key else None
 
 
 def teacher_generations(
@@ -165,23 +184,32 @@ def teacher_generations(
     teacher_sha: str,
     dtype: torch.dtype,
     device: torch.device,
+    store: Path | None = None,
 ) -> list[str]:
-    """The teacher's reply to each prompt: read from `path` when it was made for the same prompts, steps, stops and
-    weights, else generated (the teacher loaded for it and released after) and written there atomically."""
-    key = generation_key(prompts, max_new_tokens, stop_ids, teacher_sha)
+    """The teacher's reply to each prompt: read from `path` when it was made under the same key (prompts, steps,
+    stops, weights, dtype, device type), else from `store/<key>.json` (replies shared by runs side by side), else
+    generated (the teacher loaded for it and released after); written atomically to `path` and to the store."""
+    key = generation_key(prompts, max_new_tokens, stop_ids, teacher_sha, dtype, device)
+    texts = _stored_texts(path, key)
+    if texts is not None:
+        return texts
     if path.is_file():
-        stored = json.loads(path.read_text())
-        if stored.get("key") == key:
-            return stored["texts"]
-        logger.info("%s: made for other prompts, steps or teacher weights; the teacher replies again", path)
-    teacher = load_teacher(teacher_dir, dtype=dtype, device=device)
-    texts = generate_texts(
-        teacher, prompts, tokenizer, max_new_tokens=max_new_tokens, stop_ids=stop_ids, device=device, who="teacher"
-    )
-    del teacher
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"key": key, "sample_ids": [prompt.sample_id for prompt in prompts], "texts": texts}
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+        logger.info("%s: made for other prompts, steps, teacher weights or precision; not used", path)
+    shared = None if store is None else store / f"{key}.json"
+    texts = None if shared is None else _stored_texts(shared, key)
+    if texts is not None:
+        logger.info("teacher replies: %s (made by a run beside this one)", shared)
+    else:
+        teacher = load_teacher(teacher_dir, dtype=dtype, device=device)
+        texts = generate_texts(
+            teacher, prompts, tokenizer, max_new_tokens=max_new_tokens, stop_ids=stop_ids, device=device, who="teacher"
+        )
+        del teacher
+    record = json.dumps({"key": key, "sample_ids": [prompt.sample_id for prompt in prompts], "texts": texts}, indent=2)
+    for target in (path, shared):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(target, record + "\n")
     return texts
 
 
