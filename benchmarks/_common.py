@@ -160,13 +160,16 @@ def report_memory(figures: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(figures), flush=True)
 
 
-def measure_in_child(script: str, cell: str, timeout: float, *extra: str) -> dict[str, Any]:
+def measure_in_child(script: str, cell: str, timeout: float, *extra: str, timing: bool = False) -> dict[str, Any]:
     """Rerun `script` in a fresh process with this process's arguments plus `--memory-of CELL` and `extra` (with
-    `CHILD_ENV`, without `LAUNCHER_VARIABLES`) and return the figures it `report_memory`ed."""
+    `CHILD_ENV`, without `LAUNCHER_VARIABLES`) and return the figures it `report_memory`ed. A `timing` child keeps
+    glibc's default allocator settings instead, as the commands run: with every block over 1 MiB its own mapping,
+    each large temporary is faulted in afresh, which slows a step of many 16 MB blocks far more than a forward."""
     command = [sys.executable, script, *sys.argv[1:], "--memory-of", cell, *extra]
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    child_env = {"PYTHONUNBUFFERED": "1"} if timing else CHILD_ENV
     result = subprocess.run(
-        command, env={**env, **CHILD_ENV}, capture_output=True, text=True, timeout=timeout, check=False
+        command, env={**env, **child_env}, capture_output=True, text=True, timeout=timeout, check=False
     )
     lines = [line for line in result.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if result.returncode != 0 or not lines:

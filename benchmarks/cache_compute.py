@@ -6,8 +6,9 @@ Per context length T (batch = `--batch-tokens` ÷ T samples of T tokens):
 - `cache`: what `distill cache` does per batch: `compute_targets` (the SDPA forward with capture, the sparse logits
   chunk by chunk, every cached layer's targets in query-row blocks), the shard's value checks
   (`checks.shard_problem`), its serialisation and sha256.
-Times alternate within each repeat (medians printed, ratio = bare s ÷ cache s, issue target ≥ 0.8). Peak memory is
-measured in a fresh process per T and variant (`_common.PeakMemory`: VmHWM on the CPU, the allocator's peak on
+Times alternate within each repeat (medians printed, ratio = bare s ÷ cache s, issue target ≥ 0.8), in a fresh
+process with glibc's default allocator settings (as `distill cache` runs). Peak memory is measured in a fresh process
+per T and variant (`_common.PeakMemory`: VmHWM on the CPU, the allocator's peak on
 CUDA): `peak` is the whole process (interpreter, teacher, batch, the step), the figure the issue's table reported;
 the issue's target is peak(T 8192) ≤ 1.5 × peak(T 1024).
 
@@ -22,6 +23,7 @@ script runs on a GPU node without the imported teacher:
 
     .venv/bin/python benchmarks/cache_compute.py                                    # real teacher, T 256 … 8192
     .venv/bin/python benchmarks/cache_compute.py --lengths 256 1024 --repeats 1     # a quick look
+    .venv/bin/python benchmarks/cache_compute.py --measure time                     # throughput only
     .venv/bin/python benchmarks/cache_compute.py --device cuda --dtype bfloat16 --template llama3-8b \\
         --template-layers 4 --lengths 2048 4096 8192 --batch-tokens 16384 "cache.layers=[0,1,2,3]" \\
         "cache.head_counts=[8]" cache.attn_row_fraction=0.25 cache.attn_value_bits=8 cache.logit_value_bits=8
@@ -78,6 +80,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per batch (batch = this ÷ T)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per variant (default 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measuring child")
+    parser.add_argument(
+        "--measure", nargs="+", choices=("time", "memory"), default=["time", "memory"], help="what to measure per T"
+    )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--settings-json", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -194,17 +199,20 @@ def main() -> None:
     peaks = {}
     for seq_len in args.lengths:
         script = sys.argv[0]
-        timed = measure_in_child(script, f"time:{seq_len}", args.timeout, *extra)
-        bare = measure_in_child(script, f"bare:{seq_len}", args.timeout, *extra)
-        cache = measure_in_child(script, f"cache:{seq_len}", args.timeout, *extra)
-        tokens = timed["tokens"]
-        bare_s, cache_s = (statistics.median(timed["times"][name]) for name in ("bare", "cache"))
-        peaks[seq_len] = cache["peak"]
-        print(
-            f"{seq_len:5d}  {tokens // seq_len:5d}  {tokens / bare_s:11,.0f}  {tokens / cache_s:11,.0f}  "
-            f"{bare_s / cache_s:5.2f}  {megabytes(bare['peak'])}       {megabytes(cache['peak'])}",
-            flush=True,
-        )
+        row = f"{seq_len:5d}  {args.batch_tokens // seq_len:5d}"
+        if "time" in args.measure:
+            timed = measure_in_child(script, f"time:{seq_len}", args.timeout, *extra, timing=True)
+            tokens = timed["tokens"]
+            bare_s, cache_s = (statistics.median(timed["times"][name]) for name in ("bare", "cache"))
+            row += f"  {tokens / bare_s:11,.0f}  {tokens / cache_s:11,.0f}  {bare_s / cache_s:5.2f}"
+        else:
+            row += f"  {'—':>11}  {'—':>11}  {'—':>5}"
+        if "memory" in args.measure:
+            bare = measure_in_child(script, f"bare:{seq_len}", args.timeout, *extra)
+            cache = measure_in_child(script, f"cache:{seq_len}", args.timeout, *extra)
+            peaks[seq_len] = cache["peak"]
+            row += f"  {megabytes(bare['peak'])}       {megabytes(cache['peak'])}"
+        print(row, flush=True)
     if 1024 in peaks and 8192 in peaks:
         print(f"cache peak memory T 8192 ÷ T 1024: {peaks[8192] / peaks[1024]:.2f} (target ≤ 1.5)")
 
