@@ -167,6 +167,8 @@ def measure_in_child(script: str, cell: str, timeout: float, *extra: str, timing
     each large temporary is faulted in afresh, which slows a step of many 16 MB blocks far more than a forward."""
     command = [sys.executable, script, *sys.argv[1:], "--memory-of", cell, *extra]
     env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    if timing:
+        env = {key: value for key, value in env.items() if not key.startswith("MALLOC_")}
     child_env = {"PYTHONUNBUFFERED": "1"} if timing else CHILD_ENV
     result = subprocess.run(
         command, env={**env, **child_env}, capture_output=True, text=True, timeout=timeout, check=False

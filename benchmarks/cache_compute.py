@@ -199,7 +199,7 @@ def main() -> None:
     peaks = {}
     for seq_len in args.lengths:
         script = sys.argv[0]
-        row = f"{seq_len:5d}  {args.batch_tokens // seq_len:5d}"
+        row = f"{seq_len:5d}  {max(1, args.batch_tokens // seq_len):5d}"
         if "time" in args.measure:
             timed = measure_in_child(script, f"time:{seq_len}", args.timeout, *extra, timing=True)
             tokens = timed["tokens"]

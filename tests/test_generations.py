@@ -243,6 +243,54 @@ def test_runs_side_by_side_share_the_teachers_replies_through_the_store(
     assert all(f"{record['key']}.json" == name for name, record in stored.items())
 
 
+def test_a_damaged_or_unwritable_store_costs_only_the_replies(
+    chat_rows: Any,
+    tiny_chat_teacher_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
+    prompts, _ = held_out_prompts(chat_rows, tokenizer, count=2, max_prompt_tokens=96)
+    store = tmp_path / "runs" / "teacher-replies"
+    settings = {
+        "max_new_tokens": 4,
+        "stop_ids": stop_token_ids(tokenizer, tiny_chat_teacher_dir),
+        "teacher_dir": tiny_chat_teacher_dir,
+        "teacher_sha": "abc",
+        "dtype": torch.float32,
+        "device": torch.device("cpu"),
+        "store": store,
+    }
+    loads = []
+    real_load = generations.load_teacher
+    monkeypatch.setattr(
+        generations, "load_teacher", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
+    )
+    first_path = tmp_path / "runs" / "a" / GENERATIONS_DIR / "teacher-validation.json"
+    texts = teacher_generations(first_path, prompts, tokenizer, **settings)
+    (record,) = store.glob("*.json")
+    for damage in ('{"key": "', "[1, 2]", json.dumps({"key": record.stem, "texts": ["one reply"]})):
+        record.write_text(damage)
+        first_path.write_text(damage)
+        with caplog.at_level("WARNING", logger=generations.__name__):
+            again = teacher_generations(first_path, prompts, tokenizer, **settings)
+        assert again == texts and "made again" in caplog.text
+        assert json.loads(record.read_text())["texts"] == texts == json.loads(first_path.read_text())["texts"]
+        caplog.clear()
+    assert len(loads) == 4
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the store's folder would be")
+    with caplog.at_level("WARNING", logger=generations.__name__):
+        replies = teacher_generations(
+            tmp_path / "runs" / "b" / GENERATIONS_DIR / "teacher-validation.json",
+            prompts,
+            tokenizer,
+            **settings | {"store": blocked / "teacher-replies"},
+        )
+    assert replies == texts and "not written" in caplog.text
+
+
 def test_the_teacher_as_student_scores_as_the_teacher_and_the_file_holds_the_rows(
     chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path
 ) -> None:

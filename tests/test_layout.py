@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from pipeline.targets import kinds
+from pipeline.targets import compute, kinds
 from pipeline.targets.encoding import tail_name, topk_rows, unpack_triangle
+from pipeline.targets.kinds.base import LayerPass, MapSpec
 from pipeline.targets.layout import cached_maps, expected_tensors, requested_tensors
 from pipeline.targets.needs import MapNeed, TargetNeeds
 from tests.cache_fixtures import encode_maps, map_name
@@ -56,6 +57,38 @@ def test_topk_rows_values_indices_and_tail_sums_per_temperature() -> None:
     assert torch.all(wide_tails == 0)
     with pytest.raises(ValueError, match="m=0"):
         topk_rows(maps, 0)
+
+
+def test_a_kind_that_weights_only_some_of_its_maps_is_named() -> None:
+    class HalfLinear(kinds.get("shd").__class__):
+        def maps(self, layer: int, variant: int | None) -> tuple[MapSpec, ...]:
+            return (MapSpec(f"attn.L{layer}.a", 1, layer), MapSpec(f"attn.L{layer}.b", 1, layer))
+
+        def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: object) -> dict:
+            return {f"attn.L{layer}.a": torch.ones(1, 1, 2)}
+
+    kind = HalfLinear("half", "test kind", frozenset())
+    layer_pass = LayerPass(torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 1.0)
+    with pytest.raises(ValueError, match=r"'half' gives head_weights for \['attn\.L0\.a'\], not for all its maps"):
+        compute._stacked_weights(layer_pass, 0, [(kind, 1)], [None])
+
+
+@pytest.mark.parametrize("keys", [512, 549, 640])
+def test_topk_rows_by_blocks_equals_a_full_sort_on_strided_rows(keys: int) -> None:
+    """Rows long enough for the blocked path (≥ 2 · m · 64 keys; a ragged end or none), taken as a head slice of a
+    larger batch (non-contiguous, as the emit pass hands each map its span of the stacked maps)."""
+    m, temperatures = 4, (1.0, 2.0)
+    generator = torch.Generator().manual_seed(keys)
+    stacked = torch.softmax(torch.randn(2, 7, 5, keys, generator=generator) * 4, dim=-1)
+    maps = stacked[:, 2:5]
+    assert not maps.is_contiguous()
+    values, indices, tails = topk_rows(maps, m, temperatures)
+    reference_values, reference_indices = maps.double().sort(dim=-1, descending=True)
+    torch.testing.assert_close(values.double(), reference_values[..., :m], rtol=0, atol=0)
+    assert torch.equal(indices, reference_indices[..., :m])
+    rest = reference_values[..., m:]
+    for position, tau in enumerate(temperatures):
+        torch.testing.assert_close(tails[..., position].double(), rest.pow(1 / tau).sum(-1), rtol=1e-5, atol=1e-9)
 
 
 def test_encoded_maps_match_the_schema_and_round_trip() -> None:

@@ -66,6 +66,12 @@ def _stacked_weights(layer_pass: LayerPass, layer: int, jobs: list, states: list
     others = []
     for (kind, variant), state in zip(jobs, states, strict=True):
         linear = kind.head_weights(layer_pass, layer, variant, state)
+        names = {spec.name for spec in kind.maps(layer, variant)}
+        if linear and set(linear) != names:
+            raise ValueError(
+                f"target kind {kind.name!r} gives head_weights for {sorted(linear)}, not for all its maps "
+                f"{sorted(names)}: give them for every map of a variant, or none and form the rows in rows()"
+            )
         weights.update(linear)
         if not linear:
             others.append((kind, variant, state))

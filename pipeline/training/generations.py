@@ -18,7 +18,8 @@ The teacher's own generations, the yardstick beside the student's, are made on r
 `generations/teacher-<split>.json` of the run's directory, keyed by the prompts, the step count, the stop tokens, the
 teacher's weights digest, its dtype and the device type (made again when any differs). Runs side by side (the demo's
 variants, a study's runs: run directories with one parent) share them through `<parent>/teacher-replies/<key>.json`,
-so the teacher answers the same prompts once, not once per run.
+so the teacher answers the same prompts once, not once per run (best effort: an unwritable store or a damaged
+record only makes the replies again).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 
 from pipeline.infra import dist
-from pipeline.infra.atomic import atomic_write_text
+from pipeline.infra.atomic import StorageError, atomic_write_text
 from pipeline.models.loading import load_teacher
 from pipeline.reports.generations import GENERATIONS_DIR, ROW_FIELDS, rows_markdown
 
@@ -165,12 +166,25 @@ def generation_key(
     return hashlib.sha256(json.dumps([*settings, teacher_sha, str(dtype), device.type]).encode()).hexdigest()
 
 
-def _stored_texts(path: Path, key: str) -> list[str] | None:
-    """The texts of the record at `path` when it was made under `key` (None when absent or made otherwise)."""
+def _stored_texts(path: Path, key: str, count: int) -> list[str] | None:
+    """The `count` texts of the record at `path` when it was made under `key`; None when absent, made otherwise, or
+    unreadable (a damaged record is made again and replaced, with a warning, never trusted)."""
     if not path.is_file():
         return None
-    stored = json.loads(path.read_text())
-    return stored["texts"] if stored.get("key") == key else None
+    try:
+        stored = json.loads(path.read_text())
+        texts = stored["texts"] if stored["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning(
+            "%s: unreadable (%s: %s); the teacher's replies are made again", path, type(error).__name__, error
+        )
+        return None
+    if texts is not None and not (
+        isinstance(texts, list) and len(texts) == count and all(isinstance(text, str) for text in texts)
+    ):
+        logger.warning("%s: does not hold %d replies; the teacher's replies are made again", path, count)
+        return None
+    return texts
 
 
 def teacher_generations(
@@ -190,13 +204,13 @@ def teacher_generations(
     stops, weights, dtype, device type), else from `store/<key>.json` (replies shared by runs side by side), else
     generated (the teacher loaded for it and released after); written atomically to `path` and to the store."""
     key = generation_key(prompts, max_new_tokens, stop_ids, teacher_sha, dtype, device)
-    texts = _stored_texts(path, key)
+    texts = _stored_texts(path, key, len(prompts))
     if texts is not None:
         return texts
     if path.is_file():
-        logger.info("%s: made for other prompts, steps, teacher weights or precision; not used", path)
+        logger.info("%s: not made for these prompts, steps, teacher weights and precision; not used", path)
     shared = None if store is None else store / f"{key}.json"
-    texts = None if shared is None else _stored_texts(shared, key)
+    texts = None if shared is None else _stored_texts(shared, key, len(prompts))
     if texts is not None:
         logger.info("teacher replies: %s (made by a run beside this one)", shared)
     else:
@@ -206,10 +220,14 @@ def teacher_generations(
         )
         del teacher
     record = json.dumps({"key": key, "sample_ids": [prompt.sample_id for prompt in prompts], "texts": texts}, indent=2)
-    for target in (path, shared):
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(target, record + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, record + "\n")
+    if shared is not None:
+        try:
+            shared.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(shared, record + "\n")
+        except (OSError, StorageError) as error:
+            logger.warning("%s: not written (%s); runs beside this one will make the replies again", shared, error)
     return texts
 
 

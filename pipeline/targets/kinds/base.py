@@ -192,8 +192,9 @@ class TargetKind(ABC):
         return None
 
     def head_weights(self, layer_pass: LayerPass, layer: int, variant: int | None, state: Any) -> dict[str, Tensor]:
-        """Map name → weights [B, H, H_t] when every row of the map is a fixed combination of the teacher heads' rows
-        at the same query (row h = Σ_t w[h, t] · A_t); empty for kinds whose `rows` form their maps otherwise."""
+        """Map name → weights [B, H, H_t] for every map of the variant when each row of a map is a fixed combination
+        of the teacher heads' rows at the same query (row h = Σ_t w[h, t] · A_t); empty for kinds whose `rows` form
+        their maps otherwise."""
         return {}
 
     def rows(
