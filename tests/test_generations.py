@@ -184,25 +184,35 @@ class RecordingTracker:
         self.logged[artifact_file] = text
 
 
-def test_the_teachers_replies_are_made_once_and_again_when_the_prompts_change(
-    chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
+def _teacher_replies_setup(
+    chat_rows: Any, teacher_dir: Path, monkeypatch: pytest.MonkeyPatch, **overrides: Any
+) -> tuple[Any, list, dict[str, Any], list[int]]:
+    """(the tokenizer, two held-out prompts, `teacher_generations`' keyword settings with `overrides`, a list that
+    grows by one each time the teacher is loaded)."""
+    tokenizer = load_tokenizer(teacher_dir)
     prompts, _ = held_out_prompts(chat_rows, tokenizer, count=2, max_prompt_tokens=96)
-    path = tmp_path / GENERATIONS_DIR / "teacher-validation.json"
     settings = {
         "max_new_tokens": 6,
-        "stop_ids": stop_token_ids(tokenizer, tiny_chat_teacher_dir),
-        "teacher_dir": tiny_chat_teacher_dir,
+        "stop_ids": stop_token_ids(tokenizer, teacher_dir),
+        "teacher_dir": teacher_dir,
         "teacher_sha": "abc",
         "dtype": torch.float32,
         "device": torch.device("cpu"),
+        **overrides,
     }
-    loads = []
+    loads: list[int] = []
     real_load = generations.load_teacher
     monkeypatch.setattr(
         generations, "load_teacher", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
     )
+    return tokenizer, prompts, settings, loads
+
+
+def test_the_teachers_replies_are_made_once_and_again_when_the_prompts_change(
+    chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer, prompts, settings, loads = _teacher_replies_setup(chat_rows, tiny_chat_teacher_dir, monkeypatch)
+    path = tmp_path / GENERATIONS_DIR / "teacher-validation.json"
     first = teacher_generations(path, prompts, tokenizer, **settings)
     again = teacher_generations(path, prompts, tokenizer, **settings)
     assert again == first and len(first) == 2 and len(loads) == 1
@@ -215,21 +225,8 @@ def test_the_teachers_replies_are_made_once_and_again_when_the_prompts_change(
 def test_runs_side_by_side_share_the_teachers_replies_through_the_store(
     chat_rows: Any, tiny_chat_teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
-    prompts, _ = held_out_prompts(chat_rows, tokenizer, count=2, max_prompt_tokens=96)
-    settings = {
-        "max_new_tokens": 6,
-        "stop_ids": stop_token_ids(tokenizer, tiny_chat_teacher_dir),
-        "teacher_dir": tiny_chat_teacher_dir,
-        "teacher_sha": "abc",
-        "dtype": torch.float32,
-        "device": torch.device("cpu"),
-        "store": tmp_path / "runs" / "teacher-replies",
-    }
-    loads = []
-    real_load = generations.load_teacher
-    monkeypatch.setattr(
-        generations, "load_teacher", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
+    tokenizer, prompts, settings, loads = _teacher_replies_setup(
+        chat_rows, tiny_chat_teacher_dir, monkeypatch, store=tmp_path / "runs" / "teacher-replies"
     )
     paths = [tmp_path / "runs" / name / GENERATIONS_DIR / "teacher-validation.json" for name in ("a", "b", "c")]
     first = teacher_generations(paths[0], prompts, tokenizer, **settings)
@@ -250,22 +247,9 @@ def test_a_damaged_or_unwritable_store_costs_only_the_replies(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tokenizer = load_tokenizer(tiny_chat_teacher_dir)
-    prompts, _ = held_out_prompts(chat_rows, tokenizer, count=2, max_prompt_tokens=96)
     store = tmp_path / "runs" / "teacher-replies"
-    settings = {
-        "max_new_tokens": 4,
-        "stop_ids": stop_token_ids(tokenizer, tiny_chat_teacher_dir),
-        "teacher_dir": tiny_chat_teacher_dir,
-        "teacher_sha": "abc",
-        "dtype": torch.float32,
-        "device": torch.device("cpu"),
-        "store": store,
-    }
-    loads = []
-    real_load = generations.load_teacher
-    monkeypatch.setattr(
-        generations, "load_teacher", lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
+    tokenizer, prompts, settings, loads = _teacher_replies_setup(
+        chat_rows, tiny_chat_teacher_dir, monkeypatch, max_new_tokens=4, store=store
     )
     first_path = tmp_path / "runs" / "a" / GENERATIONS_DIR / "teacher-validation.json"
     texts = teacher_generations(first_path, prompts, tokenizer, **settings)
