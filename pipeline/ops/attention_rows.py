@@ -36,30 +36,43 @@ def row_blocks(seq_len: int, rows_per_block: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + rows_per_block, seq_len)
 
 
-def attention_rows(query: Tensor, key: Tensor, scale: float, positions: Tensor) -> Tensor:
-    """softmax(q kᵀ · scale) of the query rows at `positions` under the causal mask → [B, H, R, K] fp32.
+def attention_scores(query: Tensor, key: Tensor, scale: float, positions: Tensor) -> Tensor:
+    """q kᵀ · scale of the query rows at `positions`, unmasked → [B, H, R, K] fp32, K = the last position + 1 (keys
+    after it are causally hidden from every row of the block).
 
     `query` [B, H, T, d], `key` [B, H_k, T, d] (H_k divides H; query head h reads key head h // (H / H_k), taken as
     a grouped matrix product, never repeated); `positions` [R] (the same rows in every sample) or [B, R] (per
-    sample), sorted; K = the last position + 1: keys after it are causally 0 in every row of the block. Keys a row
-    may not see are exactly 0; only the keys after the block's first row can be hidden, so only those are masked.
-    The block is memory-bound on a CPU: every pass over it counts, hence the scale folded into the query rows and, on
-    a CPU, the softmax written over the scores (the out= form, row by row: a row's maximum and sum are read before it
-    is overwritten; no second 16 MB block per block; the cache tests compare it with eager attention). Elsewhere the
-    softmax makes a fresh tensor: that aliasing is not relied on where no test runs it.
+    sample), sorted. The scale is folded into the query rows (the block is memory-bound on a CPU: every pass over it
+    counts).
     """
     batch, heads, _, width = query.shape
     key_heads = key.shape[1]
     per_sample = positions if positions.dim() == 2 else positions.expand(batch, -1)
     count = per_sample.shape[1]
-    first, keys = int(per_sample.min()), int(per_sample.max()) + 1
+    keys = int(per_sample.max()) + 1
     index = per_sample[:, None, :, None].expand(batch, heads, count, width)
     rows = query.gather(2, index).float() * scale
     grouped = rows.view(batch, key_heads, heads // key_heads * count, width)
-    scores = (grouped @ key[:, :, :keys].float().transpose(-1, -2)).view(batch, heads, count, keys)
+    return (grouped @ key[:, :, :keys].float().transpose(-1, -2)).view(batch, heads, count, keys)
+
+
+def causal_softmax_(scores: Tensor, positions: Tensor) -> Tensor:
+    """The probabilities of `attention_scores`' block, each row over the keys up to its own position; the keys a row
+    may not see are exactly 0 (only the keys after the block's first row can be hidden, so only those are masked).
+    On a CPU the softmax is written over the scores (the out= form, row by row: a row's maximum and sum are read
+    before it is overwritten; no second 16 MB block per block; the cache tests compare it with eager attention).
+    Elsewhere it makes a fresh tensor: that aliasing is not relied on where no test runs it."""
+    per_sample = positions if positions.dim() == 2 else positions.expand(scores.shape[0], -1)
+    first, keys = int(per_sample.min()), scores.shape[-1]
     if keys > first + 1:
-        hidden = torch.arange(first + 1, keys, device=query.device) > per_sample[:, None, :, None]
+        hidden = torch.arange(first + 1, keys, device=scores.device) > per_sample[:, None, :, None]
         scores[..., first + 1 :].masked_fill_(hidden, float("-inf"))
     if scores.device.type == "cpu":
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores)
     return torch.softmax(scores, dim=-1)
+
+
+def attention_rows(query: Tensor, key: Tensor, scale: float, positions: Tensor) -> Tensor:
+    """softmax(q kᵀ · scale) of the query rows at `positions` under the causal mask → [B, H, R, K] fp32
+    (`attention_scores`, then `causal_softmax_`). Scores and softmax are fp32 whatever the model's dtype."""
+    return causal_softmax_(attention_scores(query, key, scale, positions), positions)

@@ -9,7 +9,10 @@ O(B · H · block · T)): the statistics every kind's `solve` needs over all row
 stores — all of them, or each sample's `cache.attn_row_fraction` sample (`rows.stored_rows`) — whose probabilities
 are formed once per block for every kind. Every map that is linear in the teacher heads' rows (`head_weights`:
 selective, squeezed, global) comes out of one product of the block with the stacked weights — the block is read once
-however many kinds and head counts are cached — and each map's rows go to its encoding writer.
+however many kinds and head counts are cached — and each map's rows go to its encoding writer. Under the top-m
+encoding the block's scores go straight to `ops.topk_maps.topk_maps` (on a CPU the native kernel: softmax, product
+and top m in one sweep per query row) and the probabilities are never written out, unless a kind that forms its own
+rows reads them.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from torch import Tensor, nn
 
 from pipeline.data.prepare import calibration_sequences
 from pipeline.models.capture import AttentionCapture, layer_circuits
-from pipeline.ops.attention_rows import block_size
+from pipeline.ops.attention_rows import attention_scores, block_size
 from pipeline.ops.shd import Circuits, combine_heads
+from pipeline.ops.topk_maps import topk_maps
 from pipeline.targets import kinds
 from pipeline.targets.codecs import bits_for, pack_bits
 from pipeline.targets.encoding import ENCODINGS, EncodeOptions
@@ -97,11 +101,16 @@ def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, setting
     specs = [spec for kind, variant in jobs for spec in kind.maps(layer, variant)]
     writers = {spec.name: encoding.writer(spec.name, options) for spec in specs}
     stacked, spans, others = _stacked_weights(layer_pass, layer, jobs, states)
-    uses_attention = any(kind.uses_attention for kind, _ in jobs)
+    probabilities = any(kind.uses_attention for kind, _, _ in others) or (stacked is not None and not encoding.top_rows)
     batch, heads, seq_len = layer_pass.query.shape[:3]
     for block in _position_blocks(positions, batch, heads, seq_len):
-        attention = layer_pass.attention(block) if uses_attention else None
-        if stacked is not None:
+        attention = layer_pass.attention(block) if probabilities else None
+        if stacked is not None and attention is None:
+            scores = attention_scores(layer_pass.query, layer_pass.key, layer_pass.scale, block)
+            top = topk_maps(scores, block, stacked, settings.attn_top_m, settings.temperatures)
+            for name, (start, stop) in spans.items():
+                writers[name].add_top(*(part[:, start:stop] for part in top))
+        elif stacked is not None:
             combined = combine_heads(attention, stacked)
             for name, (start, stop) in spans.items():
                 writers[name].add(combined[:, start:stop], block)

@@ -22,8 +22,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.ops.kd import TOPK_BLOCK
 from pipeline.ops.map_losses import DenseTarget, MapTarget, SparseTarget
+from pipeline.ops.topk_maps import topk_rows
 from pipeline.targets.codecs import (
     bits_for,
     dequantize_log_probs,
@@ -99,56 +99,17 @@ def unpack_triangle(packed: Tensor, seq_len: int) -> Tensor:
     return maps
 
 
-def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) -> tuple[Tensor, ...]:
-    """The top-m form of map rows [..., K]: the m largest entries of every row and, for every τ, the row's tail sum
-    R_τ = Σ_{not kept} t^{1/τ} (τ = 1: the mass outside the top m).
-
-    Returns (`values` [..., m] fp32 probabilities, descending; `indices` [..., m] int64; `tails`
-    [..., len(temperatures)] fp32), the tails summed over the complement itself, so they are exactly 0 when the top m
-    hold every non-zero key. A row with fewer than m keys (K < m) is padded with zero columns: the extra entries carry
-    exactly 0 mass at indices ≥ K, keys the row cannot see. Long rows are cut into blocks of `TOPK_BLOCK` keys: the
-    m blocks with the largest maxima hold the top m, so only their entries (taken as whole blocks, whatever the strides
-    of `maps`) are ranked one by one, and the tail is the other blocks' sums plus the candidates not kept (as
-    `ops.kd.topk_targets` does for the logits).
-    """
-    if m < 1:
-        raise ValueError(f"m={m}: expected m >= 1")
-    maps = maps.float()
-    if maps.shape[-1] < m:
-        maps = torch.nn.functional.pad(maps, (0, m - maps.shape[-1]))
-    keys = maps.shape[-1]
-    if 2 * m * TOPK_BLOCK > keys:
-        values, indices = maps.topk(m, dim=-1)
-        rest = maps.scatter(-1, indices, 0.0)
-        tails = torch.stack([(rest if tau == 1.0 else rest.pow(1 / tau)).sum(-1) for tau in temperatures], dim=-1)
-        return values, indices, tails
-    num_blocks = keys // TOPK_BLOCK
-    lead = maps.shape[:-1]
-    blocked = maps[..., : num_blocks * TOPK_BLOCK].unflatten(-1, (num_blocks, TOPK_BLOCK))
-    blocks = blocked.amax(-1).topk(m, dim=-1, sorted=False).indices
-    grid = [torch.arange(n, device=maps.device).view(n, *[1] * (len(lead) - dim)) for dim, n in enumerate(lead)]
-    candidate_values = blocked[(*grid, blocks)].flatten(-2)
-    candidates = (blocks[..., None] * TOPK_BLOCK + torch.arange(TOPK_BLOCK, device=maps.device)).flatten(-2)
-    if num_blocks * TOPK_BLOCK < keys:
-        ragged_end = torch.arange(num_blocks * TOPK_BLOCK, keys, device=maps.device).expand(*lead, -1)
-        candidates = torch.cat([candidates, ragged_end], dim=-1)
-        candidate_values = torch.cat([candidate_values, maps[..., num_blocks * TOPK_BLOCK :]], dim=-1)
-    values, positions = candidate_values.topk(m, dim=-1)
-    tails = []
-    for tau in temperatures:
-        powered_blocks = blocked if tau == 1.0 else blocked.pow(1 / tau)
-        powered_candidates = candidate_values if tau == 1.0 else candidate_values.pow(1 / tau)
-        other_blocks = powered_blocks.sum(-1).scatter_(-1, blocks, 0.0).sum(-1)
-        tails.append(other_blocks + powered_candidates.scatter(-1, positions, 0.0).sum(-1))
-    return values, candidates.gather(-1, positions), torch.stack(tails, dim=-1)
-
-
 class MapWriter(ABC):
     """Collects one map's row blocks (in row order) and gives its stored tensors."""
 
     @abstractmethod
     def add(self, block: Tensor, positions: Tensor) -> None:
         """Probabilities [B, H, rows, K] of the query rows `positions` [B, rows] over keys 0..K−1."""
+
+    def add_top(self, values: Tensor, indices: Tensor, tails: Tensor) -> None:
+        """The next rows already in `topk_rows`' form (values, indices [B, H, rows, m], tails [B, H, rows, τs]): only
+        the writers of an encoding with `top_rows`."""
+        raise NotImplementedError(f"{type(self).__name__} takes probabilities, not top-m rows")
 
     @abstractmethod
     def tensors(self) -> dict[str, Tensor]:
@@ -159,6 +120,9 @@ class MapEncoding(ABC):
     """One way to store target maps."""
 
     name: str
+    top_rows: bool = False
+    """Its writers store `topk_rows`' form and take it whole (`MapWriter.add_top`), so the stage may form it without
+    the block of probabilities (`ops.topk_maps.topk_maps`)."""
 
     @abstractmethod
     def tensors(self, spec: MapSpec, fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
@@ -222,7 +186,9 @@ class _TopKWriter(MapWriter):
         self.tails: list[Tensor] = []
 
     def add(self, block: Tensor, positions: Tensor) -> None:
-        values, indices, tails = topk_rows(block, self.options.attn_top_m, self.options.temperatures)
+        self.add_top(*topk_rows(block, self.options.attn_top_m, self.options.temperatures))
+
+    def add_top(self, values: Tensor, indices: Tensor, tails: Tensor) -> None:
         self.values.append(values)
         self.indices.append(indices)
         self.tails.append(tails)
@@ -243,6 +209,7 @@ class _TopKWriter(MapWriter):
 
 class TopKEncoding(MapEncoding):
     name = "topk"
+    top_rows = True
 
     def tensors(self, spec: MapSpec, fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
         seq_len, top_m = fingerprint["seq_len"], fingerprint["attn_top_m"]

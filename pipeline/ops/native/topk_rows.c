@@ -1,0 +1,194 @@
+/* The cache stage's hot loop on a CPU, fused: from a block of raw attention scores to the top-m rows of every target
+ * map, one query row at a time so that the row's probabilities never leave the core's cache.
+ *
+ * Per query row (sample b, row r, visible keys 0..n-1 with n = limit + 1):
+ *   1. every teacher head's exp(s - max) over the visible keys and its sum (the 1/sum goes into the map weights);
+ *   2. per target map s: the row c = sum_h w[b, s, h] p_h (only the heads with a non-zero weight);
+ *   3. its m largest entries (`select_top`), descending, ties to the lower key; a row with n < m keys is padded with
+ *      exact zeros at keys n..m-1, which it cannot see;
+ *   4. per temperature tau the tail sum over the keys not kept, sum c^(1/tau), accumulated in double.
+ * The same numbers as the torch form (`pipeline.ops.topk_maps`) up to fp32 rounding: both sum in a different order.
+ * Built and loaded by `pipeline.ops.native`; compiled with -ffast-math (vector exp/log from libmvec, reassociated
+ * sums) but linked without it, so the process's floating-point mode is left alone. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define STRIDE 256
+
+static void sift_down(float *values, int64_t *keys, int64_t size, int64_t at) {
+    for (;;) {
+        int64_t left = 2 * at + 1, smallest = at;
+        if (left < size && (values[left] < values[smallest] ||
+                            (values[left] == values[smallest] && keys[left] > keys[smallest])))
+            smallest = left;
+        if (left + 1 < size && (values[left + 1] < values[smallest] ||
+                                (values[left + 1] == values[smallest] && keys[left + 1] > keys[smallest])))
+            smallest = left + 1;
+        if (smallest == at)
+            return;
+        float value = values[at];
+        int64_t key = keys[at];
+        values[at] = values[smallest];
+        keys[at] = keys[smallest];
+        values[smallest] = value;
+        keys[smallest] = key;
+        at = smallest;
+    }
+}
+
+/* The m largest of entries[0..n) (n >= m) into values/keys, descending; keys from `at` (NULL: the position). */
+static void heap_top(const float *entries, const int64_t *at, int64_t n, int64_t m, float *values, int64_t *keys) {
+    for (int64_t j = 0; j < m; j++) {
+        values[j] = entries[j];
+        keys[j] = at ? at[j] : j;
+    }
+    for (int64_t j = m / 2 - 1; j >= 0; j--)
+        sift_down(values, keys, m, j);
+    for (int64_t k = m; k < n; k++) {
+        int64_t key = at ? at[k] : k;
+        if (entries[k] > values[0] || (entries[k] == values[0] && key < keys[0])) {
+            values[0] = entries[k];
+            keys[0] = key;
+            sift_down(values, keys, m, 0);
+        }
+    }
+    /* Heap sort: the root is the smallest, so popping fills the arrays from the back, descending at the end. */
+    for (int64_t size = m - 1; size > 0; size--) {
+        float value = values[0];
+        int64_t key = keys[0];
+        values[0] = values[size];
+        keys[0] = keys[size];
+        values[size] = value;
+        keys[size] = key;
+        sift_down(values, keys, size, 0);
+    }
+}
+
+/* The m largest of row[0..n) (n >= m), descending, ties to the lower key. A long row is cut into STRIDE groups,
+ * group g = keys g, g + STRIDE, g + 2 STRIDE, ... (so that the groups' maxima are taken with vector instructions);
+ * the m-th largest group maximum bounds the m-th largest entry from below, so only the groups whose maximum reaches
+ * it hold candidates (about m of them). The row must be writable up to the next multiple of STRIDE (padded with -1,
+ * below every probability). `scratch` holds STRIDE + n + STRIDE floats, `scratch_keys` n + STRIDE keys. */
+static void select_top(float *row, int64_t n, int64_t m, float *values, int64_t *keys, float *scratch,
+                       int64_t *scratch_keys) {
+    if (n < 8 * STRIDE || m * 8 > STRIDE) {
+        heap_top(row, NULL, n, m, values, keys);
+        return;
+    }
+    int64_t stripes = (n + STRIDE - 1) / STRIDE;
+    for (int64_t k = n; k < stripes * STRIDE; k++)
+        row[k] = -1.0f;
+    float *peaks = scratch, *candidates = scratch + STRIDE;
+    for (int64_t g = 0; g < STRIDE; g++)
+        peaks[g] = row[g];
+    for (int64_t stripe = 1; stripe < stripes; stripe++) {
+        const float *part = row + stripe * STRIDE;
+        for (int64_t g = 0; g < STRIDE; g++)
+            peaks[g] = part[g] > peaks[g] ? part[g] : peaks[g];
+    }
+    heap_top(peaks, NULL, STRIDE, m, values, keys);
+    float bar = values[m - 1];
+    int64_t count = 0;
+    for (int64_t g = 0; g < STRIDE; g++) {
+        if (peaks[g] < bar)
+            continue;
+        for (int64_t stripe = 0; stripe < stripes; stripe++) {
+            candidates[count] = row[stripe * STRIDE + g];
+            scratch_keys[count++] = stripe * STRIDE + g;
+        }
+    }
+    heap_top(candidates, scratch_keys, count, m, values, keys);
+}
+
+static double powered_sum(const float *row, int64_t n, float exponent) {
+    double total = 0.0;
+    if (exponent == 1.0f) {
+        for (int64_t k = 0; k < n; k++)
+            total += row[k];
+    } else {
+        for (int64_t k = 0; k < n; k++)
+            total += row[k] > 0.0f ? expf(exponent * logf(row[k])) : 0.0f;
+    }
+    return total;
+}
+
+/* scores [B, H, R, K] (scaled q k^T, unmasked), limits [B, R] (the last key each row sees, < K), weights [B, S, H];
+ * exponents [NT] = 1 / tau. Writes values [B, S, R, M] (probabilities), keys [B, S, R, M], tails [B, S, R, NT].
+ * Returns 0, or 1 when a row's scratch could not be allocated. */
+int topk_map_rows(const float *scores, const int64_t *limits, const float *weights, int64_t batch, int64_t heads,
+                  int64_t rows, int64_t width, int64_t maps, int64_t m, const float *exponents, int64_t temperatures,
+                  float *values, int64_t *keys, float *tails, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *probs = malloc(sizeof(float) * (size_t)(heads * width));
+        float *combined = malloc(sizeof(float) * (size_t)(width + STRIDE));
+        float *inverse = malloc(sizeof(float) * (size_t)heads);
+        float *scratch = malloc(sizeof(float) * (size_t)(width + 2 * STRIDE));
+        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + STRIDE));
+        if (probs == NULL || combined == NULL || inverse == NULL || scratch == NULL || scratch_keys == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t item = 0; item < batch * rows; item++) {
+                int64_t b = item / rows, r = item % rows;
+                int64_t n = limits[item] + 1;
+                for (int64_t h = 0; h < heads; h++) {
+                    const float *row = scores + ((b * heads + h) * rows + r) * width;
+                    float *prob = probs + h * width;
+                    float most = row[0];
+                    for (int64_t k = 1; k < n; k++)
+                        most = row[k] > most ? row[k] : most;
+                    float total = 0.0f;
+                    for (int64_t k = 0; k < n; k++) {
+                        prob[k] = expf(row[k] - most);
+                        total += prob[k];
+                    }
+                    inverse[h] = 1.0f / total;
+                }
+                for (int64_t s = 0; s < maps; s++) {
+                    const float *weight = weights + (b * maps + s) * heads;
+                    int64_t out = (b * maps + s) * rows + r;
+                    float *value = values + out * m;
+                    int64_t *key = keys + out * m;
+                    int first = 1;
+                    for (int64_t h = 0; h < heads; h++) {
+                        if (weight[h] == 0.0f)
+                            continue;
+                        const float *prob = probs + h * width;
+                        float w = weight[h] * inverse[h];
+                        if (first) {
+                            for (int64_t k = 0; k < n; k++)
+                                combined[k] = w * prob[k];
+                            first = 0;
+                        } else {
+                            for (int64_t k = 0; k < n; k++)
+                                combined[k] += w * prob[k];
+                        }
+                    }
+                    if (first)
+                        for (int64_t k = 0; k < n; k++)
+                            combined[k] = 0.0f;
+                    int64_t kept = n < m ? n : m;
+                    select_top(combined, n, kept, value, key, scratch, scratch_keys);
+                    for (int64_t j = kept; j < m; j++) {
+                        value[j] = 0.0f;
+                        key[j] = j;
+                    }
+                    for (int64_t j = 0; j < kept; j++)
+                        combined[key[j]] = 0.0f;
+                    for (int64_t t = 0; t < temperatures; t++)
+                        tails[out * temperatures + t] = (float)powered_sum(combined, n, exponents[t]);
+                }
+            }
+        }
+        free(probs);
+        free(combined);
+        free(inverse);
+        free(scratch);
+        free(scratch_keys);
+    }
+    return failed;
+}

@@ -1,0 +1,125 @@
+"""The top-m rows of target maps from raw attention scores: the native CPU kernel against the torch form and a
+float64 reference, and how the kernel is built, cached and done without."""
+
+import logging
+import math
+import sys
+
+import pytest
+import torch
+
+from pipeline.ops import native, topk_maps
+from pipeline.ops.attention_rows import attention_scores
+
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch form is what runs")
+
+
+def _case(seed: int, batch: int, heads: int, key_heads: int, seq: int, rows: torch.Tensor, maps: int) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, heads, seq, 16, generator=generator) * 2
+    key = torch.randn(batch, key_heads, seq, 16, generator=generator)
+    weights = torch.rand(batch, maps, heads, generator=generator)
+    weights = weights * (torch.rand(batch, maps, heads, generator=generator) > 0.5)
+    weights[:, 0] = 0.0
+    weights[:, 0, 1] = 1.0  # a head selection
+    return attention_scores(query, key, 0.25, rows), weights
+
+
+def _reference(scores: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The maps in float64: Σ_h w_h · softmax_h over each row's visible keys."""
+    per_sample = rows if rows.dim() == 2 else rows.expand(scores.shape[0], -1)
+    hidden = torch.arange(scores.shape[-1]) > per_sample[:, None, :, None]
+    probabilities = torch.softmax(scores.double().masked_fill(hidden, -math.inf), dim=-1)
+    return torch.einsum("bsh,bhrk->bsrk", weights.double(), probabilities)
+
+
+CASES = [
+    # batch, heads, key heads, T, rows (per sample or shared), maps, m
+    (2, 6, 2, 40, torch.arange(0, 40), 5, 16),  # rows shorter than m: padded with exact zeros
+    (1, 9, 3, 3000, torch.arange(2900, 2956)[None], 9, 16),  # long rows: the grouped selection
+    (3, 4, 4, 300, torch.tensor([[3, 90, 91, 299], [0, 1, 150, 200], [5, 6, 7, 8]]), 4, 5),  # subsampled rows
+    (2, 4, 1, 2500, torch.arange(0, 2500, 97), 3, 7),  # every length in one block, K not a multiple of anything
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_the_native_kernel_equals_the_float64_maps(case: int) -> None:
+    batch, heads, key_heads, seq, rows, maps, m = CASES[case]
+    scores, weights = _case(case, batch, heads, key_heads, seq, rows, maps)
+    temperatures = (1.0, 2.0, 0.5)
+    values, indices, tails = native.topk_map_rows(scores, rows, weights, m, temperatures)
+    reference = _reference(scores, rows, weights)
+    per_sample = (rows if rows.dim() == 2 else rows.expand(batch, -1))[:, None, :, None]
+    visible = (per_sample + 1).expand(-1, maps, -1, m)
+    real = torch.arange(m) < visible
+    sorted_values, sorted_keys = reference.sort(dim=-1, descending=True, stable=True)
+    torch.testing.assert_close(values.double(), sorted_values[..., :m].where(real, 0.0), rtol=2e-6, atol=1e-9)
+    assert torch.equal(indices[real], sorted_keys[..., :m][real])
+    assert torch.all(values[~real] == 0) and torch.all(indices[~real] >= visible[~real])
+    kept = torch.zeros_like(reference, dtype=torch.bool).scatter_(-1, indices, True)
+    for position, tau in enumerate(temperatures):
+        rest = reference.masked_fill(kept, 0.0).pow(1 / tau).sum(-1)
+        torch.testing.assert_close(tails[..., position].double(), rest, rtol=2e-5, atol=1e-8)
+
+
+@needs_kernel
+def test_topk_maps_gives_the_same_rows_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = torch.arange(2900, 2956)[None]
+    scores, weights = _case(7, 1, 9, 3, 3000, rows, 9)
+    native_rows = topk_maps.topk_maps(scores.clone(), rows, weights, 16, (1.0, 2.0))
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch_rows = topk_maps.topk_maps(scores.clone(), rows, weights, 16, (1.0, 2.0))
+    torch.testing.assert_close(native_rows[0], torch_rows[0], rtol=2e-6, atol=1e-9)
+    assert torch.equal(native_rows[1], torch_rows[1])
+    torch.testing.assert_close(native_rows[2], torch_rows[2], rtol=2e-5, atol=1e-8)
+
+
+@needs_kernel
+def test_the_kernel_refuses_rows_outside_the_block() -> None:
+    scores = torch.zeros(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="limits in \\[0, 8\\)"):
+        native.topk_map_rows(scores, torch.tensor([[1, 2, 8]]), torch.ones(1, 1, 2), 2, (1.0,))
+    with pytest.raises(ValueError, match="m=0"):
+        native.topk_map_rows(scores, torch.tensor([[1, 2, 3]]), torch.ones(1, 1, 2), 0, (1.0,))
+
+
+@needs_kernel
+def test_loading_the_kernel_leaves_denormals_alone() -> None:
+    """Built with -ffast-math but linked without it: no flush-to-zero for the whole process."""
+    assert native.library() is not None
+    assert sys.float_info.min / 2 > 0
+    assert torch.tensor(1e-40, dtype=torch.float32).item() > 0
+
+
+def test_the_kernel_is_built_once_per_machine_and_done_without_when_it_cannot_be(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        assert native.library() is None
+        native.library.cache_clear()
+        monkeypatch.delenv(native.ENV_SWITCH)
+        monkeypatch.setenv("CC", "false")  # a compiler that fails every build
+        with caplog.at_level(logging.WARNING, logger="pipeline.ops.native"):
+            assert native.library() is None
+        assert "could not be built or loaded" in caplog.text
+        assert not list((tmp_path / "cache").rglob("*.so"))
+        native.library.cache_clear()
+        monkeypatch.setenv("CC", "no-such-compiler")
+        with caplog.at_level(logging.WARNING, logger="pipeline.ops.native"):
+            assert native.library() is None
+        assert "no C compiler" in caplog.text
+        if native.shutil.which("cc") is not None:
+            native.library.cache_clear()
+            monkeypatch.delenv("CC")
+            assert native.library() is not None
+            built = list((tmp_path / "cache").rglob("libtopk_rows.so"))
+            assert len(built) == 1
+            stamp = built[0].stat().st_mtime_ns
+            native.library.cache_clear()
+            assert native.library() is not None and built[0].stat().st_mtime_ns == stamp
+    finally:
+        native.library.cache_clear()
