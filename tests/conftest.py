@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.models.loading import write_tiny_teacher
+from pipeline.ops import native
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,14 @@ def tiny_chat_teacher_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPat
     shutil.copytree(tiny_llama_dir, directory)
     (directory / "chat_template.jinja").write_text(TINY_CHAT_TEMPLATE)
     return directory
+
+
+@pytest.fixture(params=["native", "torch"])
+def top_rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each top-k / top-m test once through the native CPU kernel (`pipeline.ops.native`) and once through the torch
+    form it stands in for (the path of a machine without a C compiler, and of every GPU)."""
+    if request.param == "native" and native.library() is None:
+        pytest.skip("no C compiler: the torch form is what runs")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    return request.param

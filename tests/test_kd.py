@@ -106,7 +106,7 @@ def test_kd_loss_teacher_with_zero_probabilities_is_finite() -> None:
     assert torch.isfinite(student.grad).all()
 
 
-def test_topk_targets_values_and_tail() -> None:
+def test_topk_targets_values_and_tail(top_rows_path: str) -> None:
     teacher = _logits(2)
     values, indices, tails = topk_targets(teacher, 4)
     tail = tails[..., 0]
@@ -122,7 +122,7 @@ def test_topk_targets_values_and_tail() -> None:
         topk_targets(teacher, 0)
 
 
-def test_topk_tail_keeps_tiny_masses() -> None:
+def test_topk_tail_keeps_tiny_masses(top_rows_path: str) -> None:
     """1 − Σ top-k loses a 1e-20 tail to fp32 cancellation; the complement logsumexp keeps it."""
     teacher = torch.full((1, 1, 5), -46.0)
     teacher[..., :2] = 0.0
@@ -141,7 +141,7 @@ def _reference_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 
 @pytest.mark.parametrize("vocab", [40 * TOPK_BLOCK, 40 * TOPK_BLOCK + 37])
-def test_topk_targets_block_search_matches_the_reference(vocab: int) -> None:
+def test_topk_targets_block_search_matches_the_reference(vocab: int, top_rows_path: str) -> None:
     """Vocabularies large enough for the block search (ragged end or not), with the largest logits planted in the
     ragged end, inside one block, split across two blocks, and a row whose tail is ~1e-17 (lost to 1 − Σ top-k in
     fp32)."""
@@ -249,7 +249,7 @@ def _bucket_kl_reference(student: torch.Tensor, teacher: torch.Tensor, k: int, t
 
 
 @pytest.mark.parametrize("k", [3, VOCAB])
-def test_topk_kd_is_the_exact_bucket_kl_at_every_cached_temperature(k: int) -> None:
+def test_topk_kd_is_the_exact_bucket_kl_at_every_cached_temperature(k: int, top_rows_path: str) -> None:
     """With R_τ cached for τ ∈ {1, 2, 4}, the top-k KD equals the fp64 (k+1)-bucket KL of the full distributions at
     each τ — values and gradients — and the full KL when k = V (soften-then-bucket is bucket-then-soften only with
     R_τ: spreading the τ = 1 tail evenly, as before, is wrong at τ ≠ 1)."""
@@ -272,7 +272,7 @@ def test_topk_kd_is_the_exact_bucket_kl_at_every_cached_temperature(k: int) -> N
             assert loss.item() < kd_loss(_logits(0), teacher, mask, temperature, reduction="sum").item()
 
 
-def test_tail_sums_match_the_fp64_definition() -> None:
+def test_tail_sums_match_the_fp64_definition(top_rows_path: str) -> None:
     """R_τ = Σ_tail p^{1/τ} against fp64, on the block-search path (large vocabulary) and the plain one."""
     for vocab in (VOCAB, 40 * TOPK_BLOCK + 5):
         logits = torch.randn(2, 3, vocab, generator=torch.Generator().manual_seed(vocab)) * 3

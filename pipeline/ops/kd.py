@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.ops import native
+
 Reduction = Literal["mean", "sum"]
 
 IGNORE_INDEX = -100
@@ -121,7 +123,8 @@ def topk_targets(
 
     Two passes over the vocabulary per row plus one per extra temperature (block maxima, then exp-sums per block)
     instead of log-softmax, top-k, a scattered copy and a logsumexp: the cache stage runs this on every teacher
-    token (see `_topk_rows`).
+    token (see `_topk_rows`). On a CPU the native kernel (`pipeline.ops.native`) does it row by row in the core's
+    cache, the same numbers to fp32 rounding.
     """
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
@@ -129,6 +132,10 @@ def topk_targets(
     if not temperatures or not all(temperature > 0 for temperature in temperatures):
         raise ValueError(f"temperatures={list(temperatures)}: expected one or more positive numbers")
     rows = teacher_logits.reshape(-1, vocab)
+    if rows.device.type == "cpu" and native.library() is not None:
+        values, indices, tail_sums = native.topk_logit_rows(rows, k, tuple(temperatures))
+        leading = teacher_logits.shape[:-1]
+        return values.view(*leading, k), indices.view(*leading, k), tail_sums.view(*leading, len(temperatures))
     chunk = TOPK_CHUNK_ELEMENTS["cpu" if rows.device.type == "cpu" else "other"]
     step = max(1, chunk // vocab)
     parts = [

@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -36,23 +38,61 @@ def packed_bytes(count: int, bits: int) -> int:
     return math.ceil(count * bits / 8)
 
 
+GROUP = 64
+"""Values packed together: 64 values of b bits fill exactly b 64-bit words, so a value's word and shift are the same
+in every group."""
+
+
+@cache
+def _layout(bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per value of a group: its word, its shift in the word, the mask of the bits it has there, and whether it
+    spills into the next word."""
+    offsets = torch.arange(GROUP, dtype=torch.int64) * bits
+    word, shift = offsets // 64, offsets % 64
+    spills = shift + bits > 64
+    kept = torch.where(spills, 64 - shift, bits)
+    return word, shift, (torch.ones_like(kept) << kept) - 1, spills
+
+
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Integers [N, C] (each in [0, 2^bits)) → uint8 [N, ceil(C · bits / 8)], value j's bit k at bit j·bits + k of
-    the row (little-endian)."""
+    the row (little-endian). Groups of 64 values are OR-ed into `bits` 64-bit words with a few whole-tensor shifts
+    (disjoint bits, so the adds of `index_add_` are ORs), not one plane per bit."""
     rows, count = values.shape
-    planes = (values.long()[..., None] >> torch.arange(bits, device=values.device)) & 1
-    stream = planes.reshape(rows, count * bits).to(torch.uint8)
-    stream = torch.nn.functional.pad(stream, (0, -stream.shape[1] % 8))
-    weights = (1 << torch.arange(8, device=values.device)).to(torch.uint8)
-    return (stream.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    groups = -(-count // GROUP)
+    word, shift, _, spills = (part.to(values.device) for part in _layout(bits))
+    grouped = torch.nn.functional.pad(values.long(), (0, groups * GROUP - count)).view(rows, groups, GROUP)
+    words = torch.zeros(rows, groups, bits, dtype=torch.int64, device=values.device)
+    words.index_add_(2, word, grouped << shift)
+    if bool(spills.any()):
+        words.index_add_(2, word[spills] + 1, grouped[..., spills] >> (64 - shift[spills]))
+    return _to_bytes(words)[:, : packed_bytes(count, bits)].contiguous()
 
 
 def unpack_bits(packed: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of `pack_bits`: uint8 [N, bytes] → int64 [N, count]."""
     rows = packed.shape[0]
-    stream = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1
-    planes = stream.reshape(rows, -1)[:, : count * bits].reshape(rows, count, bits)
-    return (planes << torch.arange(bits, device=packed.device)).sum(-1)
+    groups = -(-count // GROUP)
+    word, shift, kept, spills = (part.to(packed.device) for part in _layout(bits))
+    stream = torch.nn.functional.pad(packed, (0, groups * bits * 8 - packed.shape[1]))
+    words = _from_bytes(stream.contiguous(), groups, bits)
+    values = (words[..., word] >> shift) & kept
+    if bool(spills.any()):
+        high = words[..., word[spills] + 1] << (64 - shift[spills])
+        values[..., spills] |= high & ((1 << bits) - 1)
+    return values.view(rows, groups * GROUP)[:, :count].contiguous()
+
+
+def _to_bytes(words: Tensor) -> Tensor:
+    """int64 words [N, G, W] → their little-endian bytes uint8 [N, G · W · 8] (a view on a little-endian machine)."""
+    raw = words.view(torch.uint8).view(*words.shape, 8)
+    return (raw if sys.byteorder == "little" else raw.flip(-1).contiguous()).view(words.shape[0], -1)
+
+
+def _from_bytes(stream: Tensor, groups: int, bits: int) -> Tensor:
+    """Inverse of `_to_bytes`: uint8 [N, G · W · 8] → int64 words [N, G, W]."""
+    raw = stream.view(stream.shape[0], groups, bits, 8)
+    return (raw if sys.byteorder == "little" else raw.flip(-1)).contiguous().view(torch.int64).squeeze(-1)
 
 
 def _round_up_half(values: Tensor) -> Tensor:

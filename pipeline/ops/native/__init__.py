@@ -98,21 +98,22 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(error, "stderr", None) or error
         log.warning("the native top-m kernel could not be built or loaded (%s): using the torch form", detail)
         return None
-    function = loaded.topk_map_rows
-    function.restype = ctypes.c_int
-    function.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        *[ctypes.c_int64] * 6,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    loaded.topk_map_rows.restype = loaded.topk_logit_rows.restype = ctypes.c_int
+    loaded.topk_map_rows.argtypes = [*[pointer] * 3, *[integer] * 6, pointer, integer, *[pointer] * 3, ctypes.c_int]
+    loaded.topk_logit_rows.argtypes = [pointer, *[integer] * 3, pointer, integer, *[pointer] * 3, ctypes.c_int]
     return loaded
+
+
+def _loaded() -> ctypes.CDLL:
+    loaded = library()
+    if loaded is None:
+        raise RuntimeError("the native top-m kernel is not available (see pipeline.ops.native)")
+    return loaded
+
+
+def _exponents(temperatures: tuple[float, ...]) -> Tensor:
+    return torch.tensor([1.0 / tau for tau in temperatures], dtype=torch.float32)
 
 
 def topk_map_rows(
@@ -121,9 +122,7 @@ def topk_map_rows(
     """The kernel on CPU tensors: `scores` [B, H, R, K] (scaled q kᵀ, unmasked), `limits` [B, R] (each row's last
     visible key), `weights` [B, S, H] → (values [B, S, R, m] fp32, indices [B, S, R, m] int64, tails
     [B, S, R, len(temperatures)] fp32), as `pipeline.ops.topk_maps.topk_maps` describes them. Needs `library()`."""
-    loaded = library()
-    if loaded is None:
-        raise RuntimeError("the native top-m kernel is not available (see pipeline.ops.native)")
+    loaded = _loaded()
     scores = scores.float().contiguous()
     batch, heads, rows, width = scores.shape
     limits = limits.to(torch.int64).expand(batch, rows).contiguous()
@@ -133,7 +132,7 @@ def topk_map_rows(
         raise ValueError(
             f"m={m}, row limits {int(limits.min())}..{int(limits.max())}: expected m >= 1 and limits in [0, {width})"
         )
-    exponents = torch.tensor([1.0 / tau for tau in temperatures], dtype=torch.float32)
+    exponents = _exponents(temperatures)
     values = torch.empty(batch, maps, rows, m, dtype=torch.float32)
     indices = torch.empty(batch, maps, rows, m, dtype=torch.int64)
     tails = torch.empty(batch, maps, rows, len(temperatures), dtype=torch.float32)
@@ -156,4 +155,32 @@ def topk_map_rows(
     )
     if failed:
         raise MemoryError(f"the native top-m kernel could not allocate {heads + 1} rows of {width} floats per thread")
+    return values, indices, tails
+
+
+def topk_logit_rows(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's sparse logit targets of CPU `logits` [R, V] → (top-k log-probabilities [R, k] fp32 descending,
+    their tokens [R, k] int64, tail sums [R, len(temperatures)] fp32), as `pipeline.ops.kd.topk_targets` describes
+    them. Needs `library()`."""
+    loaded = _loaded()
+    logits = logits.float().contiguous()
+    rows, vocab = logits.shape
+    values = torch.empty(rows, k, dtype=torch.float32)
+    indices = torch.empty(rows, k, dtype=torch.int64)
+    tails = torch.empty(rows, len(temperatures), dtype=torch.float32)
+    exponents = _exponents(temperatures)
+    failed = loaded.topk_logit_rows(
+        logits.data_ptr(),
+        rows,
+        vocab,
+        k,
+        exponents.data_ptr(),
+        len(temperatures),
+        values.data_ptr(),
+        indices.data_ptr(),
+        tails.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"the native top-k kernel could not allocate three rows of {vocab} entries per thread")
     return values, indices, tails

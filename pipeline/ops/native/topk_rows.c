@@ -102,14 +102,30 @@ static void select_top(float *row, int64_t n, int64_t m, float *values, int64_t 
     heap_top(candidates, scratch_keys, count, m, values, keys);
 }
 
-static double powered_sum(const float *row, int64_t n, float exponent) {
+/* sum of row[0..n) in float within runs of 1024 (vectorised) and in double across them. */
+static double chunked_sum(const float *row, int64_t n) {
     double total = 0.0;
-    if (exponent == 1.0f) {
-        for (int64_t k = 0; k < n; k++)
-            total += row[k];
-    } else {
-        for (int64_t k = 0; k < n; k++)
-            total += row[k] > 0.0f ? expf(exponent * logf(row[k])) : 0.0f;
+    for (int64_t start = 0; start < n; start += 1024) {
+        int64_t stop = start + 1024 < n ? start + 1024 : n;
+        float part = 0.0f;
+        for (int64_t k = start; k < stop; k++)
+            part += row[k];
+        total += part;
+    }
+    return total;
+}
+
+/* sum of row[0..n)^exponent (row >= 0), summed as `chunked_sum` does. */
+static double powered_sum(const float *row, int64_t n, float exponent) {
+    if (exponent == 1.0f)
+        return chunked_sum(row, n);
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += 1024) {
+        int64_t stop = start + 1024 < n ? start + 1024 : n;
+        float part = 0.0f;
+        for (int64_t k = start; k < stop; k++)
+            part += row[k] > 0.0f ? expf(exponent * logf(row[k])) : 0.0f;
+        total += part;
     }
     return total;
 }
@@ -187,6 +203,55 @@ int topk_map_rows(const float *scores, const int64_t *limits, const float *weigh
         free(probs);
         free(combined);
         free(inverse);
+        free(scratch);
+        free(scratch_keys);
+    }
+    return failed;
+}
+
+/* The sparse logit targets of rows of logits (`pipeline.ops.kd.topk_targets`): logits [R, V] → log-probabilities
+ * of the k most likely tokens [R, k] (descending, ties to the lower token), their tokens [R, k], and per temperature
+ * tau the tail sum over the other tokens, sum p^(1/tau), [R, NT]. Per row: the maximum, exp(z - max) and its sum Z
+ * (in double), the top k of those, then each tail summed over the tokens not kept and divided by Z^(1/tau). Returns
+ * 0, or 1 when a row's scratch could not be allocated. */
+int topk_logit_rows(const float *logits, int64_t rows, int64_t vocab, int64_t k, const float *exponents,
+                    int64_t temperatures, float *values, int64_t *keys, float *tails, int threads) {
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *exps = malloc(sizeof(float) * (size_t)(vocab + STRIDE));
+        float *scratch = malloc(sizeof(float) * (size_t)(vocab + 2 * STRIDE));
+        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(vocab + STRIDE));
+        if (exps == NULL || scratch == NULL || scratch_keys == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 4)
+            for (int64_t r = 0; r < rows; r++) {
+                const float *row = logits + r * vocab;
+                float *value = values + r * k;
+                int64_t *key = keys + r * k;
+                float most = row[0];
+                for (int64_t j = 1; j < vocab; j++)
+                    most = row[j] > most ? row[j] : most;
+                for (int64_t j = 0; j < vocab; j++)
+                    exps[j] = expf(row[j] - most);
+                double total = chunked_sum(exps, vocab);
+                select_top(exps, vocab, k, value, key, scratch, scratch_keys);
+                float log_total = (float)log(total);
+                for (int64_t j = 0; j < k; j++)
+                    value[j] = (row[key[j]] - most) - log_total;
+                for (int64_t t = 0; t < temperatures; t++) {
+                    float exponent = exponents[t];
+                    if (t > 0 || exponent != 1.0f)
+                        for (int64_t j = 0; j < vocab; j++)
+                            exps[j] = expf((row[j] - most) * exponent);
+                    for (int64_t j = 0; j < k; j++)
+                        exps[key[j]] = 0.0f;
+                    tails[r * temperatures + t] = (float)(chunked_sum(exps, vocab) * exp(-log(total) * exponent));
+                }
+            }
+        }
+        free(exps);
         free(scratch);
         free(scratch_keys);
     }
