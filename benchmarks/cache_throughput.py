@@ -20,7 +20,8 @@ teacher's SDPA forward with capture (`compute.teacher_passes`), the logits (`log
 codes, bit packing; the output layer is in its rest), the stored rows, then every cached layer
 (`compute._layer_targets`, also per layer): the statistics pass (`LayerPass.statistics`: attention rows, group
 circuits and statistics), each kind's `solve` (SHD's α), and the emit pass over the stored rows (attention rows,
-each kind's `rows`, the encoding's writer `add` with its top-m and `tensors` with its 8-bit codes and bit packing);
+each kind's `rows`, the encoding's writer `add` with its top-m — under the top-m encoding the block's scores and
+`topk_maps` instead — and `tensors` with its 8-bit codes and bit packing);
 then the shard's schema and value checks (`checks.shard_problem`), serialisation, sha256, write + fsync, manifest
 and α statistics. "other" at the top is the rest of `write_cache_split` (concatenating the batches, reading the
 rows).
@@ -108,6 +109,9 @@ def timed_calls(settings: TargetSettings) -> tuple[TimedCall, ...]:
         *(TimedCall(kind, "rows", f"{kind.name}: rows") for kind in cached_kinds),
         *(TimedCall(cls, "add", f"{name} writer: add") for name, cls in writers.items()),
         *(TimedCall(cls, "tensors", f"{name} writer: tensors") for name, cls in writers.items()),
+        TimedCall(compute, "attention_scores", "attention scores (attention_rows.attention_scores)"),
+        TimedCall(compute, "topk_maps", "top-m of the linear maps from the scores (ops.topk_maps; native on a CPU)"),
+        TimedCall(writers["topk"], "add_top", "topk writer: add_top"),
         TimedCall(encoding, "topk_rows", "top-m (encoding.topk_rows)"),
         TimedCall(encoding, "quantize_log_probs", "8-bit codes (codecs.quantize_log_probs)"),
         TimedCall(encoding, "pack_bits", PACKING),
