@@ -5,7 +5,8 @@ Per context length T (batch = `--batch-tokens` ÷ T samples of T tokens):
 - `bare`: `teacher(input_ids)` under `no_grad` with SDPA on every layer — the teacher's own forward, logits included;
 - `cache`: what `distill cache` does per batch: `compute_targets` (the SDPA forward with capture, the sparse logits
   chunk by chunk, every cached layer's targets in query-row blocks), the shard's value checks
-  (`checks.shard_problem`), its serialisation and sha256.
+  (`checks.shard_problem`), its serialisation and sha256 — on a CPU with the native top-m kernel where it builds;
+- `torch form` (with `--torch-form`): the same step with the kernel off, as a machine without a C compiler runs it.
 Times alternate within each repeat (medians printed, ratio = bare s ÷ cache s, issue target ≥ 0.8), in a fresh
 process with glibc's default allocator settings (as `distill cache` runs). Peak memory is measured in a fresh process
 per T and variant (`_common.PeakMemory`: VmHWM on the CPU, the allocator's peak on
@@ -24,6 +25,7 @@ script runs on a GPU node without the imported teacher:
     .venv/bin/python benchmarks/cache_compute.py                                    # real teacher, T 256 … 8192
     .venv/bin/python benchmarks/cache_compute.py --lengths 256 1024 --repeats 1     # a quick look
     .venv/bin/python benchmarks/cache_compute.py --measure time                     # throughput only
+    .venv/bin/python benchmarks/cache_compute.py --measure time --torch-form        # and without the C kernel
     .venv/bin/python benchmarks/cache_compute.py --device cuda --dtype bfloat16 --template llama3-8b \\
         --template-layers 4 --lengths 2048 4096 8192 --batch-tokens 16384 "cache.layers=[0,1,2,3]" \\
         "cache.head_counts=[8]" cache.attn_row_fraction=0.25 cache.attn_value_bits=8 cache.logit_value_bits=8
@@ -56,6 +58,7 @@ from pipeline.data.prepare import load_prepared
 from pipeline.models.capture import CAPTURE_ATTENTION
 from pipeline.models.loading import load_teacher, load_teacher_config
 from pipeline.models.templates import TEACHER_TEMPLATES
+from pipeline.ops import native
 from pipeline.stages.cache import cache_settings, shape_context
 from pipeline.targets import checks
 from pipeline.targets.compute import compute_targets, prepare_kinds
@@ -82,6 +85,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per measuring child")
     parser.add_argument(
         "--measure", nargs="+", choices=("time", "memory"), default=["time", "memory"], help="what to measure per T"
+    )
+    parser.add_argument(
+        "--torch-form",
+        action="store_true",
+        help="also time the stage with the native kernel off (SHD_DISTILL_NATIVE=0's torch form), side by side",
     )
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     parser.add_argument("--settings-json", help=argparse.SUPPRESS)
@@ -140,6 +148,18 @@ def stage_step(teacher: torch.nn.Module, input_ids: torch.Tensor, settings: Targ
     hashlib.sha256(shard_bytes(tensors, {"layout_version": fingerprint["layout_version"]})).hexdigest()
 
 
+def torch_form_step(
+    teacher: torch.nn.Module, input_ids: torch.Tensor, settings: TargetSettings, fingerprint: dict
+) -> None:
+    """`stage_step` with the native kernel off: what a machine without a C compiler runs."""
+    loaded = native.library
+    native.library = lambda: None
+    try:
+        stage_step(teacher, input_ids, settings, fingerprint)
+    finally:
+        native.library = loaded
+
+
 def bare_step(teacher: torch.nn.Module, input_ids: torch.Tensor) -> None:
     with torch.no_grad():
         teacher(input_ids=input_ids, use_cache=False)
@@ -169,6 +189,8 @@ def child(args: argparse.Namespace) -> None:
             "bare": lambda: bare_step(teacher, input_ids),
             "cache": lambda: stage_step(teacher, input_ids, settings, fingerprint),
         }
+        if args.torch_form:
+            steps["torch form"] = lambda: torch_form_step(teacher, input_ids, settings, fingerprint)
         times = time_alternately(steps, args.repeats, torch.device(args.device))
         report_memory({"times": times, "tokens": input_ids.numel()})
         return
@@ -195,7 +217,8 @@ def main() -> None:
         f"{settings.encoding} (m {settings.attn_top_m}, row fraction {settings.row_fraction}, attention values "
         f"{settings.attn_value_bits}-bit, logits {settings.logit_value_bits}-bit); {args.batch_tokens} tokens per batch"
     )
-    print("    T  batch   bare tok/s  cache tok/s  ratio   bare peak MiB  cache peak MiB")
+    torch_form = "  torch-form tok/s  ratio" if args.torch_form else ""
+    print(f"    T  batch   bare tok/s  cache tok/s  ratio{torch_form}   bare peak MiB  cache peak MiB")
     peaks = {}
     for seq_len in args.lengths:
         script = sys.argv[0]
@@ -203,8 +226,11 @@ def main() -> None:
         if "time" in args.measure:
             timed = measure_in_child(script, f"time:{seq_len}", args.timeout, *extra, timing=True)
             tokens = timed["tokens"]
-            bare_s, cache_s = (statistics.median(timed["times"][name]) for name in ("bare", "cache"))
+            seconds = {name: statistics.median(times) for name, times in timed["times"].items()}
+            bare_s, cache_s = seconds["bare"], seconds["cache"]
             row += f"  {tokens / bare_s:11,.0f}  {tokens / cache_s:11,.0f}  {bare_s / cache_s:5.2f}"
+            if args.torch_form:
+                row += f"  {tokens / seconds['torch form']:16,.0f}  {bare_s / seconds['torch form']:5.2f}"
         else:
             row += f"  {'—':>11}  {'—':>11}  {'—':>5}"
         if "memory" in args.measure:
