@@ -110,7 +110,7 @@ def timed_calls(settings: TargetSettings) -> tuple[TimedCall, ...]:
         *(TimedCall(cls, "add", f"{name} writer: add") for name, cls in writers.items()),
         *(TimedCall(cls, "tensors", f"{name} writer: tensors") for name, cls in writers.items()),
         TimedCall(compute, "attention_scores", "attention scores (attention_rows.attention_scores)"),
-        TimedCall(compute, "topk_maps", "top-m of the linear maps from the scores (ops.topk_maps; native on a CPU)"),
+        TimedCall(compute, "topk_maps", "top-m from the scores (ops.topk_maps)"),
         TimedCall(writers["topk"], "add_top", "topk writer: add_top"),
         TimedCall(encoding, "topk_rows", "top-m (encoding.topk_rows)"),
         TimedCall(encoding, "quantize_log_probs", "8-bit codes (codecs.quantize_log_probs)"),
