@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define STRIDE 256
+#define MIN_GROUPS 256
 
 static void sift_down(float *values, int64_t *keys, int64_t size, int64_t at) {
     for (;;) {
@@ -66,37 +66,47 @@ static void heap_top(const float *entries, const int64_t *at, int64_t n, int64_t
     }
 }
 
-/* The m largest of row[0..n) (n >= m), descending, ties to the lower key. A long row is cut into STRIDE groups,
- * group g = keys g, g + STRIDE, g + 2 STRIDE, ... (so that the groups' maxima are taken with vector instructions);
- * the m-th largest group maximum bounds the m-th largest entry from below, so only the groups whose maximum reaches
- * it hold candidates (about m of them). The row must be writable up to the next multiple of STRIDE (padded with -1,
- * below every probability). `scratch` holds STRIDE + n + STRIDE floats, `scratch_keys` n + STRIDE keys. */
+/* How many groups `select_top` cuts a row of n keys into for its m largest: about sqrt(n m), a power of two of at
+ * least MIN_GROUPS (then ~m groups of ~sqrt(n / m) keys hold the candidates: as many as there are groups). */
+static int64_t group_count(int64_t n, int64_t m) {
+    int64_t groups = MIN_GROUPS;
+    while (groups * groups < n * m)
+        groups *= 2;
+    return groups;
+}
+
+/* The m largest of row[0..n) (n >= m), descending, ties to the lower key. A long row is cut into G groups, group g
+ * = keys g, g + G, g + 2G, ... (so that the groups' maxima are taken with vector instructions, G at a time); the
+ * m-th largest group maximum bounds the m-th largest entry from below, so only the groups whose maximum reaches it
+ * hold candidates (about m of them). The row must be writable up to the next multiple of G (padded with -1, below
+ * every probability). `scratch` holds n + 2G floats, `scratch_keys` n + G keys, G = group_count(n, m). */
 static void select_top(float *row, int64_t n, int64_t m, float *values, int64_t *keys, float *scratch,
                        int64_t *scratch_keys) {
-    if (n < 8 * STRIDE || m * 8 > STRIDE) {
+    int64_t groups = group_count(n, m);
+    if (n < 4 * groups || groups < 4 * m) {
         heap_top(row, NULL, n, m, values, keys);
         return;
     }
-    int64_t stripes = (n + STRIDE - 1) / STRIDE;
-    for (int64_t k = n; k < stripes * STRIDE; k++)
+    int64_t stripes = (n + groups - 1) / groups;
+    for (int64_t k = n; k < stripes * groups; k++)
         row[k] = -1.0f;
-    float *peaks = scratch, *candidates = scratch + STRIDE;
-    for (int64_t g = 0; g < STRIDE; g++)
+    float *peaks = scratch, *candidates = scratch + groups;
+    for (int64_t g = 0; g < groups; g++)
         peaks[g] = row[g];
     for (int64_t stripe = 1; stripe < stripes; stripe++) {
-        const float *part = row + stripe * STRIDE;
-        for (int64_t g = 0; g < STRIDE; g++)
+        const float *part = row + stripe * groups;
+        for (int64_t g = 0; g < groups; g++)
             peaks[g] = part[g] > peaks[g] ? part[g] : peaks[g];
     }
-    heap_top(peaks, NULL, STRIDE, m, values, keys);
+    heap_top(peaks, NULL, groups, m, values, keys);
     float bar = values[m - 1];
     int64_t count = 0;
-    for (int64_t g = 0; g < STRIDE; g++) {
+    for (int64_t g = 0; g < groups; g++) {
         if (peaks[g] < bar)
             continue;
         for (int64_t stripe = 0; stripe < stripes; stripe++) {
-            candidates[count] = row[stripe * STRIDE + g];
-            scratch_keys[count++] = stripe * STRIDE + g;
+            candidates[count] = row[stripe * groups + g];
+            scratch_keys[count++] = stripe * groups + g;
         }
     }
     heap_top(candidates, scratch_keys, count, m, values, keys);
@@ -140,10 +150,11 @@ int topk_map_rows(const float *scores, const int64_t *limits, const float *weigh
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         float *probs = malloc(sizeof(float) * (size_t)(heads * width));
-        float *combined = malloc(sizeof(float) * (size_t)(width + STRIDE));
+        int64_t groups = group_count(width, m);
+        float *combined = malloc(sizeof(float) * (size_t)(width + groups));
         float *inverse = malloc(sizeof(float) * (size_t)heads);
-        float *scratch = malloc(sizeof(float) * (size_t)(width + 2 * STRIDE));
-        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + STRIDE));
+        float *scratch = malloc(sizeof(float) * (size_t)(width + 2 * groups));
+        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + groups));
         if (probs == NULL || combined == NULL || inverse == NULL || scratch == NULL || scratch_keys == NULL) {
             failed = 1;
         } else {
@@ -219,9 +230,10 @@ int topk_logit_rows(const float *logits, int64_t rows, int64_t vocab, int64_t k,
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *exps = malloc(sizeof(float) * (size_t)(vocab + STRIDE));
-        float *scratch = malloc(sizeof(float) * (size_t)(vocab + 2 * STRIDE));
-        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(vocab + STRIDE));
+        int64_t groups = group_count(vocab, k);
+        float *exps = malloc(sizeof(float) * (size_t)(vocab + groups));
+        float *scratch = malloc(sizeof(float) * (size_t)(vocab + 2 * groups));
+        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(vocab + groups));
         if (exps == NULL || scratch == NULL || scratch_keys == NULL) {
             failed = 1;
         } else {
