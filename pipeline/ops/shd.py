@@ -338,8 +338,9 @@ def squeeze_weights(alphas: Tensor, groups: Sequence[Sequence[int]], num_teacher
     group's single head with weight 1 when H_s ≥ H_t)."""
     alphas = alphas.float()
     weights = alphas.new_zeros(alphas.shape[0], len(groups), num_teacher_heads)
+    copies = len(groups) >= num_teacher_heads
     for student_head, group in enumerate(groups):
-        if len(groups) >= num_teacher_heads:
+        if copies:
             weights[:, student_head, group[0]] = 1.0
         else:
             weights[:, student_head, list(group)] = alphas[:, list(group)]

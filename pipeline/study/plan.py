@@ -13,17 +13,17 @@ from pipeline.study.search import frozen_values, tuning_run_count
 from pipeline.study.stats import Timing, estimate_seconds, format_duration, measured_timing
 from pipeline.study.workspace import Context, relative_to_cwd
 
-PRIOR_STEP_S = 66.8 / 24
-PRIOR_RUN_OVERHEAD_S = 15.0
+PRIOR_STEP_S = 1.3
+PRIOR_RUN_OVERHEAD_S = 100.0
 PRIOR_CACHE_TOK_S = 460.0
 """The demo's cache stage on 2 cores with the row-block capture (7 layers, 3 kinds, 2 head counts: 439–522 tok/s)."""
 PRIOR_CARVE_S = 60.0
 PRIOR_COMPARE_RUN_S = 3.0
-"""What the plan assumes before anything was measured, from the README's demo on this kind of machine (2 cores,
-two other jobs): a 24-step shd_kd run took 66.8 s with its five evaluations (all counted as step time here), the
-cache stage wrote 110 tok/s; the test evaluation (15 s), a carve (60 s) and `distill compare` per compared run (3 s)
-are guesses. Measured values replace the run and comparison figures as soon as there are some (runs: this study's,
-else the other mode's)."""
+"""What the plan assumes before anything was measured, on this kind of machine (2 quiet cores): a step of the
+carved 4-layer student at 4 × 256 tokens took 1.3 s (median of the chat study's undisturbed 240-step runs) and each
+run 80–110 s beyond its steps (start-up, evaluations, greedy answers); the cache stage's rate is the demo's; the
+test evaluation (15 s), a carve (60 s) and `distill compare` per compared run (3 s) are guesses. Measured values
+replace the run and comparison figures as soon as there are some (runs: this study's, else the other mode's)."""
 SPLITS = 3
 """train, validation, test: the cache holds `cache.max_samples` of each."""
 
@@ -58,7 +58,7 @@ def make_plan(ctx: Context) -> Plan:
     other = all_results(ctx.other_work / "results") if ctx.other_work else []
     timing = measured_timing(results, "this study") or measured_timing(other, "the other mode")
     if timing is None:
-        timing = Timing(PRIOR_STEP_S, PRIOR_RUN_OVERHEAD_S, "prior: the README's demo run, nothing measured yet")
+        timing = Timing(PRIOR_STEP_S, PRIOR_RUN_OVERHEAD_S, "prior: the chat study's runs, nothing measured")
     steps = base.train.max_steps
     cache_done = all(cache_state(base).values())
     samples = base.cache.max_samples
