@@ -166,11 +166,12 @@ def generation_key(
     return hashlib.sha256(json.dumps([*settings, teacher_sha, str(dtype), device.type]).encode()).hexdigest()
 
 
-def _stored_texts(path: Path, key: str, count: int) -> list[str] | None:
-    """The `count` texts of the record at `path` when it was made under `key`; None when absent, made otherwise, or
-    unreadable (a damaged record is made again and replaced, with a warning, never trusted)."""
+def _stored_texts(path: Path, key: str, count: int) -> tuple[list[str] | None, str]:
+    """(the `count` texts of the record at `path` when it was made under `key`, else None; why: `used`, `absent`,
+    `other` — made under another key — or `damaged`, which is made again and replaced, with a warning, never
+    trusted)."""
     if not path.is_file():
-        return None
+        return None, "absent"
     try:
         stored = json.loads(path.read_text())
         texts = stored["texts"] if stored["key"] == key else None
@@ -178,13 +179,13 @@ def _stored_texts(path: Path, key: str, count: int) -> list[str] | None:
         logger.warning(
             "%s: unreadable (%s: %s); the teacher's replies are made again", path, type(error).__name__, error
         )
-        return None
-    if texts is not None and not (
-        isinstance(texts, list) and len(texts) == count and all(isinstance(text, str) for text in texts)
-    ):
+        return None, "damaged"
+    if texts is None:
+        return None, "other"
+    if not (isinstance(texts, list) and len(texts) == count and all(isinstance(text, str) for text in texts)):
         logger.warning("%s: does not hold %d replies; the teacher's replies are made again", path, count)
-        return None
-    return texts
+        return None, "damaged"
+    return texts, "used"
 
 
 def teacher_generations(
@@ -204,13 +205,13 @@ def teacher_generations(
     stops, weights, dtype, device type), else from `store/<key>.json` (replies shared by runs side by side), else
     generated (the teacher loaded for it and released after); written atomically to `path` and to the store."""
     key = generation_key(prompts, max_new_tokens, stop_ids, teacher_sha, dtype, device)
-    texts = _stored_texts(path, key, len(prompts))
+    texts, verdict = _stored_texts(path, key, len(prompts))
     if texts is not None:
         return texts
-    if path.is_file():
+    if verdict == "other":
         logger.info("%s: not made for these prompts, steps, teacher weights and precision; not used", path)
     shared = None if store is None else store / f"{key}.json"
-    texts = None if shared is None else _stored_texts(shared, key, len(prompts))
+    texts = None if shared is None else _stored_texts(shared, key, len(prompts))[0]
     if texts is not None:
         logger.info("teacher replies: %s (made by a run beside this one)", shared)
     else:
