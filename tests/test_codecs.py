@@ -32,7 +32,7 @@ def test_bits_for_is_the_fewest_bits_that_hold_every_index(limit: int, bits: int
     assert 2 ** bits_for(limit) >= limit > 2 ** (bits_for(limit) - 1) or limit == 2
 
 
-@pytest.mark.parametrize("bits", [1, 3, 12, 13, 17])
+@pytest.mark.parametrize("bits", [1, 3, 8, 12, 13, 16, 17])
 def test_packed_integers_round_trip_and_take_ceil_count_bits_over_8_bytes(bits: int) -> None:
     generator = torch.Generator().manual_seed(bits)
     values = torch.randint(0, 2**bits, (3, 101), generator=generator)
@@ -44,10 +44,11 @@ def test_packed_integers_round_trip_and_take_ceil_count_bits_over_8_bytes(bits: 
     )
     assert torch.equal(unpack_bits(packed, bits, 101), values)
     # Little-endian bit stream: value j's bit k is bit j·b + k of the row (independent of the implementation).
-    stream = [int(value) >> k & 1 for value in values[1].tolist() for k in range(bits)]
-    stream += [0] * (-len(stream) % 8)
-    expected = [sum(stream[byte * 8 + k] << k for k in range(8)) for byte in range(len(stream) // 8)]
-    assert packed[1].tolist() == expected
+    for row in range(3):
+        stream = [int(value) >> k & 1 for value in values[row].tolist() for k in range(bits)]
+        stream += [0] * (-len(stream) % 8)
+        expected = [sum(stream[byte * 8 + k] << k for k in range(8)) for byte in range(len(stream) // 8)]
+        assert packed[row].tolist() == expected
 
 
 def _rows(seed: int, shape: tuple[int, ...], zeros: int = 0) -> torch.Tensor:

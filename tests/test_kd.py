@@ -122,6 +122,19 @@ def test_topk_targets_values_and_tail(top_rows_path: str) -> None:
         topk_targets(teacher, 0)
 
 
+def test_topk_targets_rank_by_logit_beyond_exp_underflow_and_keep_banned_tokens_out(top_rows_path: str) -> None:
+    """Logits 150–300 nats below the maximum all have exp(z − max) = 0 in fp32: the top k still ranks them by the
+    logit (descending log-probs), and -inf (banned) tokens come last with exact-zero tails."""
+    logits = torch.tensor([[[0.0, -200.0, -150.0, -300.0, -math.inf, -math.inf, -120.0, -math.inf]]])
+    values, indices, tails = topk_targets(logits, 5, (1.0, 2.0))
+    assert indices.tolist() == [[[0, 6, 2, 1, 3]]]
+    torch.testing.assert_close(values, torch.tensor([[[0.0, -120.0, -150.0, -200.0, -300.0]]]))
+    assert torch.all(tails == 0)
+    values, indices, tails = topk_targets(logits, 7, (1.0,))
+    assert set(indices[0, 0, 5:].tolist()) <= {4, 5, 7} and torch.all(values[0, 0, 5:] == -math.inf)
+    assert torch.all(tails == 0)
+
+
 def test_topk_tail_keeps_tiny_masses(top_rows_path: str) -> None:
     """1 − Σ top-k loses a 1e-20 tail to fp32 cancellation; the complement logsumexp keeps it."""
     teacher = torch.full((1, 1, 5), -46.0)

@@ -39,6 +39,7 @@ CASES = [
     (1, 9, 3, 3000, torch.arange(2900, 2956)[None], 9, 16),  # long rows: the grouped selection
     (3, 4, 4, 300, torch.tensor([[3, 90, 91, 299], [0, 1, 150, 200], [5, 6, 7, 8]]), 4, 5),  # subsampled rows
     (2, 4, 1, 2500, torch.arange(0, 2500, 97), 3, 7),  # every length in one block, K not a multiple of anything
+    (1, 2, 1, 5, torch.arange(0, 3), 2, 8),  # a block narrower than m (K 3 < m 8)
 ]
 
 
@@ -50,6 +51,7 @@ def test_the_native_kernel_equals_the_float64_maps(case: int) -> None:
     temperatures = (1.0, 2.0, 0.5)
     values, indices, tails = native.topk_map_rows(scores, rows, weights, m, temperatures)
     reference = _reference(scores, rows, weights)
+    reference = torch.nn.functional.pad(reference, (0, max(0, m - reference.shape[-1])))  # K < m: zero keys beyond
     per_sample = (rows if rows.dim() == 2 else rows.expand(batch, -1))[:, None, :, None]
     visible = (per_sample + 1).expand(-1, maps, -1, m)
     real = torch.arange(m) < visible
@@ -73,6 +75,24 @@ def test_topk_maps_gives_the_same_rows_with_and_without_the_kernel(monkeypatch: 
     torch.testing.assert_close(native_rows[0], torch_rows[0], rtol=2e-6, atol=1e-9)
     assert torch.equal(native_rows[1], torch_rows[1])
     torch.testing.assert_close(native_rows[2], torch_rows[2], rtol=2e-5, atol=1e-8)
+
+
+@needs_kernel
+def test_negative_weights_go_through_the_torch_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's maps are probabilities (its padding and tails assume entries ≥ 0): other weights are refused by
+    it and taken by the torch form."""
+    rows = torch.arange(30, 40)[None]
+    scores, _ = _case(3, 1, 2, 1, 40, rows, 1)
+    weights = torch.tensor([[[1.0, -0.5]]])
+    with pytest.raises(ValueError, match="non-negative weights"):
+        native.topk_map_rows(scores, rows, weights, 4, (1.0,))
+    with pytest.raises(ValueError, match="non-negative weights"):
+        native.topk_map_rows(scores, rows, torch.ones(2, 1, 2), 4, (1.0,))
+    chosen = topk_maps.topk_maps(scores.clone(), rows, weights, 4, (1.0, 2.0))
+    monkeypatch.setattr(native, "library", lambda: None)
+    expected = topk_maps.topk_maps(scores.clone(), rows, weights, 4, (1.0, 2.0))
+    for got, want in zip(chosen, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @needs_kernel

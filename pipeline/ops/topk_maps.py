@@ -71,8 +71,9 @@ def topk_maps(
     [R] or [B, R] (the block's query rows: row r sees keys 0..positions[r]), `weights` [B, S, H] → (`values`
     [B, S, R, m], `indices` [B, S, R, m], `tails` [B, S, R, len(temperatures)]) as `topk_rows` gives them. A row that
     sees fewer than m keys is padded with exact zeros; the native kernel puts them at the keys after the row's own
-    (which it cannot see), the torch form at any key the row cannot see.
+    (which it cannot see), the torch form at any key whose probability is exactly 0. The kernel takes non-negative
+    weights (every kind's are: selections, means, α); others go through the torch form.
     """
-    if scores.device.type == "cpu" and native.library() is not None:
+    if scores.device.type == "cpu" and native.library() is not None and not bool((weights < 0).any()):
         return native.topk_map_rows(scores, positions, weights, m, temperatures)
     return topk_rows(combine_heads(causal_softmax_(scores, positions), weights), m, temperatures)

@@ -61,7 +61,8 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
     rows, count = values.shape
     groups = -(-count // GROUP)
     word, shift, _, spills = (part.to(values.device) for part in _layout(bits))
-    grouped = torch.nn.functional.pad(values.long(), (0, groups * GROUP - count)).view(rows, groups, GROUP)
+    low_bits = values.long() & ((1 << bits) - 1)  # an out-of-range value keeps its low bits, never its neighbours'
+    grouped = torch.nn.functional.pad(low_bits, (0, groups * GROUP - count)).view(rows, groups, GROUP)
     words = torch.zeros(rows, groups, bits, dtype=torch.int64, device=values.device)
     words.index_add_(2, word, grouped << shift)
     if bool(spills.any()):

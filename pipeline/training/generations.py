@@ -174,14 +174,14 @@ def _stored_texts(path: Path, key: str, count: int) -> tuple[list[str] | None, s
         return None, "absent"
     try:
         stored = json.loads(path.read_text())
-        texts = stored["texts"] if stored["key"] == key else None
+        if stored["key"] != key:
+            return None, "other"
+        texts = stored["texts"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning(
             "%s: unreadable (%s: %s); the teacher's replies are made again", path, type(error).__name__, error
         )
         return None, "damaged"
-    if texts is None:
-        return None, "other"
     if not (isinstance(texts, list) and len(texts) == count and all(isinstance(text, str) for text in texts)):
         logger.warning("%s: does not hold %d replies; the teacher's replies are made again", path, count)
         return None, "damaged"

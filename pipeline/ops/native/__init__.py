@@ -6,10 +6,13 @@ block maxima, candidate gathers, two top-k calls and the tail sums, each a pass 
 times the layer's own SDPA attention; the kernel does them in one sweep per query row, in the core's cache.
 
 No torch headers, so a build takes about a second. The library is cached under `$XDG_CACHE_HOME/shd-distill/native`
-(default `~/.cache`), keyed by the source, the flags, the compiler's version and the CPU's flags, so every machine
-of a cluster builds its own; the build is written to a temporary name and renamed, so ranks that build at once do
-not read half a file. Without a compiler, with `SHD_DISTILL_NATIVE=0`, or when the build fails, `library()` is None
-(a warning says why, once) and callers use the torch form, which gives the same numbers to fp32 rounding.
+(default `~/.cache`), keyed by the source, the flags and libraries, the compiler's version and the CPU (its
+/proc/cpuinfo flags or features and model, `CPU_FIELDS`), so every kind of machine of a cluster builds its own; the
+build is written to a temporary name and renamed, so ranks that build at once do not read half a file, and a file
+that does not load is built again once. Without a compiler, with `SHD_DISTILL_NATIVE=0`, or when the build fails,
+`library()` is None (a warning says why, once per process) and callers use the torch form, which gives the same
+numbers to fp32 rounding. The library links the OpenMP runtime by its usual name (`libgomp.so.1`), so in a process
+whose torch already loaded one it shares torch's.
 """
 
 from __future__ import annotations
@@ -52,14 +55,19 @@ def _cache_dir() -> Path:
     return Path(base) / "shd-distill" / "native"
 
 
-def _cpu_flags() -> str:
+CPU_FIELDS = ("flags", "Features", "model name", "CPU implementer", "CPU architecture", "CPU variant", "CPU part")
+"""The /proc/cpuinfo lines that tell a -march=native build's CPU apart (x86 flags; ARM's features and part)."""
+
+
+def _cpu_identity() -> str:
+    """What a -march=native build depends on: the machine and, on Linux, the CPU's flags or features and model."""
+    lines = {platform.machine(), platform.processor()}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return os.uname().machine
+        text = ""
+    lines.update(line for line in text.splitlines() if line.split(":", 1)[0].strip() in CPU_FIELDS)
+    return "\n".join(sorted(lines))
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -86,22 +94,26 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-        key = hashlib.sha256(
-            "\n".join([SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, version, _cpu_flags()]).encode()
-        ).hexdigest()[:16]
+        recipe = [SOURCE.read_text(), *COMPILE_FLAGS, *LINK_FLAGS, *LIBRARIES, version, _cpu_identity()]
+        key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
         target = _cache_dir() / key / "libtopk_rows.so"
         if not target.exists():
             log.info("building the native top-m kernel with %s into %s", compiler, target.parent)
             _build(compiler, target)
-        loaded = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
+        try:
+            loaded = ctypes.CDLL(str(target))
+        except OSError:  # a damaged file (a machine that crashed mid-write): built again, once
+            log.info("%s could not be loaded; building it again", target)
+            _build(compiler, target)
+            loaded = ctypes.CDLL(str(target))
+        pointer, integer = ctypes.c_void_p, ctypes.c_int64
+        loaded.topk_map_rows.restype = loaded.topk_logit_rows.restype = ctypes.c_int
+        loaded.topk_map_rows.argtypes = [*[pointer] * 3, *[integer] * 6, pointer, integer, *[pointer] * 3, ctypes.c_int]
+        loaded.topk_logit_rows.argtypes = [pointer, *[integer] * 3, pointer, integer, *[pointer] * 3, ctypes.c_int]
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         log.warning("the native top-m kernel could not be built or loaded (%s): using the torch form", detail)
         return None
-    pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    loaded.topk_map_rows.restype = loaded.topk_logit_rows.restype = ctypes.c_int
-    loaded.topk_map_rows.argtypes = [*[pointer] * 3, *[integer] * 6, pointer, integer, *[pointer] * 3, ctypes.c_int]
-    loaded.topk_logit_rows.argtypes = [pointer, *[integer] * 3, pointer, integer, *[pointer] * 3, ctypes.c_int]
     return loaded
 
 
@@ -128,6 +140,11 @@ def topk_map_rows(
     limits = limits.to(torch.int64).expand(batch, rows).contiguous()
     weights = weights.float().contiguous()
     maps = weights.shape[1]
+    if weights.shape != (batch, maps, heads) or bool((weights < 0).any()):
+        raise ValueError(
+            f"weights of shape {tuple(weights.shape)}: expected non-negative weights [{batch}, S, {heads}] (the maps"
+            " are probabilities; the torch form takes any weights)"
+        )
     if m < 1 or int(limits.min()) < 0 or int(limits.max()) >= width:
         raise ValueError(
             f"m={m}, row limits {int(limits.min())}..{int(limits.max())}: expected m >= 1 and limits in [0, {width})"
@@ -165,6 +182,8 @@ def topk_logit_rows(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> 
     loaded = _loaded()
     logits = logits.float().contiguous()
     rows, vocab = logits.shape
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
     values = torch.empty(rows, k, dtype=torch.float32)
     indices = torch.empty(rows, k, dtype=torch.int64)
     tails = torch.empty(rows, len(temperatures), dtype=torch.float32)

@@ -11,6 +11,7 @@
  * Built and loaded by `pipeline.ops.native`; compiled with -ffast-math (vector exp/log from libmvec, reassociated
  * sums) but linked without it, so the process's floating-point mode is left alone. */
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -78,8 +79,9 @@ static int64_t group_count(int64_t n, int64_t m) {
 /* The m largest of row[0..n) (n >= m), descending, ties to the lower key. A long row is cut into G groups, group g
  * = keys g, g + G, g + 2G, ... (so that the groups' maxima are taken with vector instructions, G at a time); the
  * m-th largest group maximum bounds the m-th largest entry from below, so only the groups whose maximum reaches it
- * hold candidates (about m of them). The row must be writable up to the next multiple of G (padded with -1, below
- * every probability). `scratch` holds n + 2G floats, `scratch_keys` n + G keys, G = group_count(n, m). */
+ * hold candidates (about m of them). The row must be writable up to the next multiple of G (padded with -FLT_MAX,
+ * which loses every tie to a real key, the lower one) and hold no NaN or -inf (clamp them). `scratch` holds n + 2G
+ * floats, `scratch_keys` n + G keys, G = group_count(n, m). */
 static void select_top(float *row, int64_t n, int64_t m, float *values, int64_t *keys, float *scratch,
                        int64_t *scratch_keys) {
     int64_t groups = group_count(n, m);
@@ -89,7 +91,7 @@ static void select_top(float *row, int64_t n, int64_t m, float *values, int64_t 
     }
     int64_t stripes = (n + groups - 1) / groups;
     for (int64_t k = n; k < stripes * groups; k++)
-        row[k] = -1.0f;
+        row[k] = -FLT_MAX;
     float *peaks = scratch, *candidates = scratch + groups;
     for (int64_t g = 0; g < groups; g++)
         peaks[g] = row[g];
@@ -155,60 +157,62 @@ int topk_map_rows(const float *scores, const int64_t *limits, const float *weigh
         float *inverse = malloc(sizeof(float) * (size_t)heads);
         float *scratch = malloc(sizeof(float) * (size_t)(width + 2 * groups));
         int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + groups));
-        if (probs == NULL || combined == NULL || inverse == NULL || scratch == NULL || scratch_keys == NULL) {
-            failed = 1;
-        } else {
+        int ok = probs != NULL && combined != NULL && inverse != NULL && scratch != NULL && scratch_keys != NULL;
+        failed |= !ok;
+        /* Every thread takes part in the loop (a thread that skipped it would leave the others at its barrier); one
+         * without scratch skips its rows and the call reports the failure. */
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t item = 0; item < batch * rows; item++) {
-                int64_t b = item / rows, r = item % rows;
-                int64_t n = limits[item] + 1;
+        for (int64_t item = 0; item < batch * rows; item++) {
+            if (!ok)
+                continue;
+            int64_t b = item / rows, r = item % rows;
+            int64_t n = limits[item] + 1;
+            for (int64_t h = 0; h < heads; h++) {
+                const float *row = scores + ((b * heads + h) * rows + r) * width;
+                float *prob = probs + h * width;
+                float most = row[0];
+                for (int64_t k = 1; k < n; k++)
+                    most = row[k] > most ? row[k] : most;
+                float total = 0.0f;
+                for (int64_t k = 0; k < n; k++) {
+                    prob[k] = expf(row[k] - most);
+                    total += prob[k];
+                }
+                inverse[h] = 1.0f / total;
+            }
+            for (int64_t s = 0; s < maps; s++) {
+                const float *weight = weights + (b * maps + s) * heads;
+                int64_t out = (b * maps + s) * rows + r;
+                float *value = values + out * m;
+                int64_t *key = keys + out * m;
+                int first = 1;
                 for (int64_t h = 0; h < heads; h++) {
-                    const float *row = scores + ((b * heads + h) * rows + r) * width;
-                    float *prob = probs + h * width;
-                    float most = row[0];
-                    for (int64_t k = 1; k < n; k++)
-                        most = row[k] > most ? row[k] : most;
-                    float total = 0.0f;
-                    for (int64_t k = 0; k < n; k++) {
-                        prob[k] = expf(row[k] - most);
-                        total += prob[k];
-                    }
-                    inverse[h] = 1.0f / total;
-                }
-                for (int64_t s = 0; s < maps; s++) {
-                    const float *weight = weights + (b * maps + s) * heads;
-                    int64_t out = (b * maps + s) * rows + r;
-                    float *value = values + out * m;
-                    int64_t *key = keys + out * m;
-                    int first = 1;
-                    for (int64_t h = 0; h < heads; h++) {
-                        if (weight[h] == 0.0f)
-                            continue;
-                        const float *prob = probs + h * width;
-                        float w = weight[h] * inverse[h];
-                        if (first) {
-                            for (int64_t k = 0; k < n; k++)
-                                combined[k] = w * prob[k];
-                            first = 0;
-                        } else {
-                            for (int64_t k = 0; k < n; k++)
-                                combined[k] += w * prob[k];
-                        }
-                    }
-                    if (first)
+                    if (weight[h] == 0.0f)
+                        continue;
+                    const float *prob = probs + h * width;
+                    float w = weight[h] * inverse[h];
+                    if (first) {
                         for (int64_t k = 0; k < n; k++)
-                            combined[k] = 0.0f;
-                    int64_t kept = n < m ? n : m;
-                    select_top(combined, n, kept, value, key, scratch, scratch_keys);
-                    for (int64_t j = kept; j < m; j++) {
-                        value[j] = 0.0f;
-                        key[j] = j;
+                            combined[k] = w * prob[k];
+                        first = 0;
+                    } else {
+                        for (int64_t k = 0; k < n; k++)
+                            combined[k] += w * prob[k];
                     }
-                    for (int64_t j = 0; j < kept; j++)
-                        combined[key[j]] = 0.0f;
-                    for (int64_t t = 0; t < temperatures; t++)
-                        tails[out * temperatures + t] = (float)powered_sum(combined, n, exponents[t]);
                 }
+                if (first)
+                    for (int64_t k = 0; k < n; k++)
+                        combined[k] = 0.0f;
+                int64_t kept = n < m ? n : m;
+                select_top(combined, n, kept, value, key, scratch, scratch_keys);
+                for (int64_t j = kept; j < m; j++) {
+                    value[j] = 0.0f;
+                    key[j] = j;
+                }
+                for (int64_t j = 0; j < kept; j++)
+                    combined[key[j]] = 0.0f;
+                for (int64_t t = 0; t < temperatures; t++)
+                    tails[out * temperatures + t] = (float)powered_sum(combined, n, exponents[t]);
             }
         }
         free(probs);
@@ -221,48 +225,53 @@ int topk_map_rows(const float *scores, const int64_t *limits, const float *weigh
 }
 
 /* The sparse logit targets of rows of logits (`pipeline.ops.kd.topk_targets`): logits [R, V] → log-probabilities
- * of the k most likely tokens [R, k] (descending, ties to the lower token), their tokens [R, k], and per temperature
- * tau the tail sum over the other tokens, sum p^(1/tau), [R, NT]. Per row: the maximum, exp(z - max) and its sum Z
- * (in double), the top k of those, then each tail summed over the tokens not kept and divided by Z^(1/tau). Returns
- * 0, or 1 when a row's scratch could not be allocated. */
+ * of the k largest logits [R, k] (descending, ties to the lower token), their tokens [R, k], and per temperature tau
+ * the tail sum over the other tokens, sum p^(1/tau), [R, NT]. Per row: the maximum, the top k of the logits
+ * themselves (-inf clamped to -FLT_MAX, so exp's underflow never decides the ranking), Z = sum exp(z - max), then
+ * each tail summed over the tokens not kept and divided by Z^(1/tau). Returns 0, or 1 when a row's scratch could
+ * not be allocated. */
 int topk_logit_rows(const float *logits, int64_t rows, int64_t vocab, int64_t k, const float *exponents,
                     int64_t temperatures, float *values, int64_t *keys, float *tails, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int64_t groups = group_count(vocab, k);
-        float *exps = malloc(sizeof(float) * (size_t)(vocab + groups));
+        float *work = malloc(sizeof(float) * (size_t)(vocab + groups));
+        float *exps = malloc(sizeof(float) * (size_t)vocab);
         float *scratch = malloc(sizeof(float) * (size_t)(vocab + 2 * groups));
         int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(vocab + groups));
-        if (exps == NULL || scratch == NULL || scratch_keys == NULL) {
-            failed = 1;
-        } else {
+        int ok = work != NULL && exps != NULL && scratch != NULL && scratch_keys != NULL;
+        failed |= !ok;
 #pragma omp for schedule(dynamic, 4)
-            for (int64_t r = 0; r < rows; r++) {
-                const float *row = logits + r * vocab;
-                float *value = values + r * k;
-                int64_t *key = keys + r * k;
-                float most = row[0];
-                for (int64_t j = 1; j < vocab; j++)
-                    most = row[j] > most ? row[j] : most;
-                for (int64_t j = 0; j < vocab; j++)
-                    exps[j] = expf(row[j] - most);
-                double total = chunked_sum(exps, vocab);
-                select_top(exps, vocab, k, value, key, scratch, scratch_keys);
-                float log_total = (float)log(total);
+        for (int64_t r = 0; r < rows; r++) {
+            if (!ok)
+                continue;
+            const float *row = logits + r * vocab;
+            float *value = values + r * k;
+            int64_t *key = keys + r * k;
+            float most = row[0];
+            for (int64_t j = 0; j < vocab; j++) {
+                work[j] = row[j] > -FLT_MAX ? row[j] : -FLT_MAX;
+                most = row[j] > most ? row[j] : most;
+            }
+            select_top(work, vocab, k, value, key, scratch, scratch_keys);
+            for (int64_t j = 0; j < vocab; j++)
+                exps[j] = expf(row[j] - most);
+            double total = chunked_sum(exps, vocab);
+            float log_total = (float)log(total);
+            for (int64_t j = 0; j < k; j++)
+                value[j] = (row[key[j]] - most) - log_total;
+            for (int64_t t = 0; t < temperatures; t++) {
+                float exponent = exponents[t];
+                if (t > 0 || exponent != 1.0f)
+                    for (int64_t j = 0; j < vocab; j++)
+                        exps[j] = expf((row[j] - most) * exponent);
                 for (int64_t j = 0; j < k; j++)
-                    value[j] = (row[key[j]] - most) - log_total;
-                for (int64_t t = 0; t < temperatures; t++) {
-                    float exponent = exponents[t];
-                    if (t > 0 || exponent != 1.0f)
-                        for (int64_t j = 0; j < vocab; j++)
-                            exps[j] = expf((row[j] - most) * exponent);
-                    for (int64_t j = 0; j < k; j++)
-                        exps[key[j]] = 0.0f;
-                    tails[r * temperatures + t] = (float)(chunked_sum(exps, vocab) * exp(-log(total) * exponent));
-                }
+                    exps[key[j]] = 0.0f;
+                tails[r * temperatures + t] = (float)(chunked_sum(exps, vocab) * exp(-log(total) * exponent));
             }
         }
+        free(work);
         free(exps);
         free(scratch);
         free(scratch_keys);
