@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,8 +125,24 @@ def _loaded() -> ctypes.CDLL:
     return loaded
 
 
-def _exponents(temperatures: tuple[float, ...]) -> Tensor:
-    return torch.tensor([1.0 / tau for tau in temperatures], dtype=torch.float32)
+def _run(function: Any, arguments: list[Any], lead: tuple[int, ...], k: int, temperatures: tuple[float, ...]) -> Any:
+    """Call a kernel with `arguments` followed by what both kernels take last (the exponents 1/τ, their count, the
+    outputs, the thread count): (values [*lead, k] fp32, indices [*lead, k] int64, tails [*lead, len(temperatures)]
+    fp32), or None when the kernel could not allocate its scratch."""
+    values = torch.empty(*lead, k, dtype=torch.float32)
+    indices = torch.empty(*lead, k, dtype=torch.int64)
+    tails = torch.empty(*lead, len(temperatures), dtype=torch.float32)
+    exponents = torch.tensor([1.0 / tau for tau in temperatures], dtype=torch.float32)
+    failed = function(
+        *arguments,
+        exponents.data_ptr(),
+        len(temperatures),
+        values.data_ptr(),
+        indices.data_ptr(),
+        tails.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return None if failed else (values, indices, tails)
 
 
 def topk_map_rows(
@@ -149,30 +166,11 @@ def topk_map_rows(
         raise ValueError(
             f"m={m}, row limits {int(limits.min())}..{int(limits.max())}: expected m >= 1 and limits in [0, {width})"
         )
-    exponents = _exponents(temperatures)
-    values = torch.empty(batch, maps, rows, m, dtype=torch.float32)
-    indices = torch.empty(batch, maps, rows, m, dtype=torch.int64)
-    tails = torch.empty(batch, maps, rows, len(temperatures), dtype=torch.float32)
-    failed = loaded.topk_map_rows(
-        scores.data_ptr(),
-        limits.data_ptr(),
-        weights.data_ptr(),
-        batch,
-        heads,
-        rows,
-        width,
-        maps,
-        m,
-        exponents.data_ptr(),
-        len(temperatures),
-        values.data_ptr(),
-        indices.data_ptr(),
-        tails.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if failed:
+    arguments = [scores.data_ptr(), limits.data_ptr(), weights.data_ptr(), batch, heads, rows, width, maps, m]
+    outputs = _run(loaded.topk_map_rows, arguments, (batch, maps, rows), m, temperatures)
+    if outputs is None:
         raise MemoryError(f"the native top-m kernel could not allocate {heads + 1} rows of {width} floats per thread")
-    return values, indices, tails
+    return outputs
 
 
 def topk_logit_rows(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,22 +182,7 @@ def topk_logit_rows(logits: Tensor, k: int, temperatures: tuple[float, ...]) -> 
     rows, vocab = logits.shape
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
-    values = torch.empty(rows, k, dtype=torch.float32)
-    indices = torch.empty(rows, k, dtype=torch.int64)
-    tails = torch.empty(rows, len(temperatures), dtype=torch.float32)
-    exponents = _exponents(temperatures)
-    failed = loaded.topk_logit_rows(
-        logits.data_ptr(),
-        rows,
-        vocab,
-        k,
-        exponents.data_ptr(),
-        len(temperatures),
-        values.data_ptr(),
-        indices.data_ptr(),
-        tails.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if failed:
+    outputs = _run(loaded.topk_logit_rows, [logits.data_ptr(), rows, vocab, k], (rows,), k, temperatures)
+    if outputs is None:
         raise MemoryError(f"the native top-k kernel could not allocate three rows of {vocab} entries per thread")
-    return values, indices, tails
+    return outputs
