@@ -66,6 +66,27 @@ def test_the_native_kernel_equals_the_float64_maps(case: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [16, 40])
+def test_the_kernel_ranks_rising_rows_with_ties_as_a_stable_sort_does(m: int) -> None:
+    """Real attention rises towards the query's own key, the order a heap handles worst, and a head selection's row
+    ties exactly wherever the scores do: plateaus of 7 equal scores that rise with the key, the last of them cut by
+    the top m, must keep the lower keys of the cut plateau (m 40: more groups than the least the selection uses)."""
+    keys = 3000
+    rows = torch.arange(keys - 24, keys)[None]
+    rising = (torch.arange(keys) // 7).float() * 0.01
+    noise = torch.randn(keys, generator=torch.Generator().manual_seed(0)) * 0.003
+    scores = torch.stack([rising.expand(24, -1), (rising + noise).expand(24, -1)])[None].contiguous()
+    weights = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
+    values, indices, tails = native.topk_map_rows(scores, rows, weights, m, (1.0,))
+    reference = _reference(scores, rows, weights)
+    sorted_values, sorted_keys = reference.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(indices, sorted_keys[..., :m])
+    torch.testing.assert_close(values.double(), sorted_values[..., :m], rtol=2e-6, atol=1e-9)
+    rest = reference.scatter(-1, indices, 0.0).sum(-1)
+    torch.testing.assert_close(tails[..., 0].double(), rest, rtol=2e-5, atol=1e-8)
+
+
+@needs_kernel
 def test_topk_maps_gives_the_same_rows_with_and_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     rows = torch.arange(2900, 2956)[None]
     scores, weights = _case(7, 1, 9, 3, 3000, rows, 9)
