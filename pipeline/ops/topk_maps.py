@@ -1,10 +1,11 @@
 """The top-m form of target map rows: the m largest probabilities of every row, their keys and the tail sums beyond
 them — what the `topk` encoding stores (`pipeline.targets.encoding`).
 
-`topk_rows` takes rows already formed; `topk_maps` goes from a block of raw attention scores to the top-m rows of
-every map that is a fixed combination of the teacher heads (SHD's squeeze, a head selection, a mean): on a CPU with
-the native kernel (`pipeline.ops.native`: one sweep per query row, the probabilities never written back), elsewhere
-the torch form (causal softmax, the stacked head product, `topk_rows`). Both give the same numbers to fp32 rounding.
+`topk_rows` takes rows already formed; `topk_maps` goes from post-RoPE queries and keys to the top-m rows of every map
+that is a fixed combination of the teacher heads (SHD's squeeze, a head selection, a mean): on a CPU with the native
+kernel (`pipeline.ops.native`: scores of a tile of rows in the core's cache, then one sweep per query row; neither
+scores nor probabilities written back), elsewhere the torch form, a block of rows at a time (`attention_scores`,
+causal softmax, the stacked head product, `topk_rows`). Both give the same numbers to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.ops import native
-from pipeline.ops.attention_rows import causal_softmax_
+from pipeline.ops.attention_rows import attention_scores, block_size, causal_softmax_
 from pipeline.ops.kd import TOPK_BLOCK
 from pipeline.ops.shd import combine_heads
 
@@ -63,17 +64,31 @@ def topk_rows(maps: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)) ->
 
 
 def topk_maps(
-    scores: Tensor, positions: Tensor, weights: Tensor, m: int, temperatures: tuple[float, ...] = (1.0,)
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    positions: Tensor,
+    weights: Tensor,
+    m: int,
+    temperatures: tuple[float, ...] = (1.0,),
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`topk_rows` of the maps Σ_h weights[b, s, h] · softmax_h, formed from raw scores.
+    """`topk_rows` of the maps Σ_h weights[b, s, h] · softmax_h(q kᵀ · scale) of the query rows at `positions`.
 
-    `scores` [B, H, R, K] (`attention_rows.attention_scores`: scaled, unmasked; it may be overwritten), `positions`
-    [R] or [B, R] (the block's query rows: row r sees keys 0..positions[r]), `weights` [B, S, H] → (`values`
-    [B, S, R, m], `indices` [B, S, R, m], `tails` [B, S, R, len(temperatures)]) as `topk_rows` gives them. A row that
-    sees fewer than m keys is padded with exact zeros; the native kernel puts them at the keys after the row's own
-    (which it cannot see), the torch form at any key whose probability is exactly 0. The kernel takes non-negative
-    weights (every kind's are: selections, means, α); others go through the torch form.
+    `query` [B, H, T, d], `key` [B, H_kv, T, d] (as `attention_scores` takes them), `positions` [R] or [B, R]
+    (sorted; row r sees keys 0..positions[r]), `weights` [B, S, H] → (`values` [B, S, R, m], `indices` [B, S, R, m],
+    `tails` [B, S, R, len(temperatures)]) as `topk_rows` gives them. A row that sees fewer than m keys is padded with
+    exact zeros; the native kernel puts them at the keys after the row's own (which it cannot see), the torch form at
+    any key whose probability is exactly 0. The kernel takes non-negative weights (every kind's are: selections,
+    means, α); others go through the torch form, which holds one block of probabilities (`block_size`) at a time.
     """
-    if scores.device.type == "cpu" and native.library() is not None and not bool((weights < 0).any()):
-        return native.topk_map_rows(scores, positions, weights, m, temperatures)
-    return topk_rows(combine_heads(causal_softmax_(scores, positions), weights), m, temperatures)
+    if query.device.type == "cpu" and native.library() is not None and not bool((weights < 0).any()):
+        return native.topk_map_qk(query, key, scale, positions, weights, m, temperatures)
+    batch, heads, seq_len = query.shape[:3]
+    per_sample = positions if positions.dim() == 2 else positions.expand(batch, -1)
+    step = block_size(batch, heads, seq_len)
+    parts = []
+    for start in range(0, per_sample.shape[1], step):
+        block = per_sample[:, start : start + step]
+        probabilities = causal_softmax_(attention_scores(query, key, scale, block), block)
+        parts.append(topk_rows(combine_heads(probabilities, weights), m, temperatures))
+    return tuple(torch.cat(part, dim=2) for part in zip(*parts, strict=True))

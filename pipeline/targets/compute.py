@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline.data.prepare import calibration_sequences
 from pipeline.models.capture import AttentionCapture, layer_circuits
-from pipeline.ops.attention_rows import attention_scores, block_size
+from pipeline.ops.attention_rows import block_size
 from pipeline.ops.shd import Circuits, combine_heads
 from pipeline.ops.topk_maps import topk_maps
 from pipeline.targets import kinds
@@ -102,15 +102,15 @@ def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, setting
     writers = {spec.name: encoding.writer(spec.name, options) for spec in specs}
     stacked, spans, others = _stacked_weights(layer_pass, layer, jobs, states)
     probabilities = any(kind.uses_attention for kind, _, _ in others) or (stacked is not None and not encoding.top_rows)
+    if stacked is not None and not probabilities:
+        query, key, scale = layer_pass.query, layer_pass.key, layer_pass.scale
+        top = topk_maps(query, key, scale, positions, stacked, settings.attn_top_m, settings.temperatures)
+        for name, (start, stop) in spans.items():
+            writers[name].add_top(*(part[:, start:stop] for part in top))
     batch, heads, seq_len = layer_pass.query.shape[:3]
-    for block in _position_blocks(positions, batch, heads, seq_len):
+    for block in _position_blocks(positions, batch, heads, seq_len) if probabilities or others else ():
         attention = layer_pass.attention(block) if probabilities else None
-        if stacked is not None and attention is None:
-            scores = attention_scores(layer_pass.query, layer_pass.key, layer_pass.scale, block)
-            top = topk_maps(scores, block, stacked, settings.attn_top_m, settings.temperatures)
-            for name, (start, stop) in spans.items():
-                writers[name].add_top(*(part[:, start:stop] for part in top))
-        elif stacked is not None:
+        if stacked is not None and attention is not None:
             combined = combine_heads(attention, stacked)
             for name, (start, stop) in spans.items():
                 writers[name].add(combined[:, start:stop], block)

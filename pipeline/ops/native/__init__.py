@@ -1,9 +1,10 @@
 """The cache stage's fused CPU kernel (`topk_rows.c`), built on first use with the machine's C compiler and loaded
 with ctypes.
 
-Why a kernel: at T 8192 the torch form of a captured layer's targets — softmax, the stacked head product, the top m's
-block maxima, candidate gathers, two top-k calls and the tail sums, each a pass over a 16 MB block — cost three
-times the layer's own SDPA attention; the kernel does them in one sweep per query row, in the core's cache.
+Why a kernel: at T 8192 the torch form of a captured layer's targets — the scores, softmax, the stacked head product,
+the top m's block maxima, candidate gathers, two top-k calls and the tail sums, each a pass over a 16 MB block — cost
+four times the layer's own SDPA attention; the kernel computes a tile of query rows' scores in the core's cache and
+then does the rest in one sweep per query row, so neither scores nor probabilities ever go to memory.
 
 No torch headers, so a build takes about a second. The library is cached under `$XDG_CACHE_HOME/shd-distill/native`
 (default `~/.cache`), keyed by the source, the flags and libraries, the compiler's version and the CPU (its
@@ -71,17 +72,29 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(lines))
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile and link `SOURCE` into `target` (through a temporary directory beside it, renamed into place)."""
+def _build(compiler: str, target: Path, defines: tuple[str, ...] = ()) -> None:
+    """Compile and link `SOURCE` into `target` (through a temporary directory beside it, renamed into place);
+    `defines`: extra -D flags (the tests build the portable form of the score product with SHD_DISTILL_PORTABLE)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         objects, library = Path(scratch) / "topk_rows.o", Path(scratch) / target.name
         for command in (
-            [compiler, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(objects)],
+            [compiler, *COMPILE_FLAGS, *(f"-D{name}" for name in defines), "-c", str(SOURCE), "-o", str(objects)],
             [compiler, *LINK_FLAGS, str(objects), "-o", str(library), *LIBRARIES],
         ):
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
         os.replace(library, target)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The built library at `path`, its functions' signatures declared."""
+    loaded = ctypes.CDLL(str(path))
+    pointer, integer, outputs = ctypes.c_void_p, ctypes.c_int64, [*[ctypes.c_void_p] * 3, ctypes.c_int]
+    loaded.topk_map_qk.restype = loaded.topk_logit_rows.restype = ctypes.c_int
+    loaded.topk_map_qk.argtypes = [*[pointer] * 2, ctypes.c_float, *[pointer] * 2, *[integer] * 9, pointer, integer]
+    loaded.topk_map_qk.argtypes += outputs
+    loaded.topk_logit_rows.argtypes = [pointer, *[integer] * 3, pointer, integer, *outputs]
+    return loaded
 
 
 @functools.cache
@@ -102,15 +115,11 @@ def library() -> ctypes.CDLL | None:
             log.info("building the native top-m kernel with %s into %s", compiler, target.parent)
             _build(compiler, target)
         try:
-            loaded = ctypes.CDLL(str(target))
+            loaded = load(target)
         except OSError:  # a damaged file (a machine that crashed mid-write): built again, once
             log.info("%s could not be loaded; building it again", target)
             _build(compiler, target)
-            loaded = ctypes.CDLL(str(target))
-        pointer, integer = ctypes.c_void_p, ctypes.c_int64
-        loaded.topk_map_rows.restype = loaded.topk_logit_rows.restype = ctypes.c_int
-        loaded.topk_map_rows.argtypes = [*[pointer] * 3, *[integer] * 6, pointer, integer, *[pointer] * 3, ctypes.c_int]
-        loaded.topk_logit_rows.argtypes = [pointer, *[integer] * 3, pointer, integer, *[pointer] * 3, ctypes.c_int]
+            loaded = load(target)
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", None) or error
         log.warning("the native top-m kernel could not be built or loaded (%s): using the torch form", detail)
@@ -145,16 +154,30 @@ def _run(function: Any, arguments: list[Any], lead: tuple[int, ...], k: int, tem
     return None if failed else (values, indices, tails)
 
 
-def topk_map_rows(
-    scores: Tensor, limits: Tensor, weights: Tensor, m: int, temperatures: tuple[float, ...]
+KEY_STEP = 32
+"""The kernel's score product takes keys 32 at a time: the transposed keys are padded to a multiple of it."""
+
+
+def topk_map_qk(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    positions: Tensor,
+    weights: Tensor,
+    m: int,
+    temperatures: tuple[float, ...],
+    kernel: ctypes.CDLL | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel on CPU tensors: `scores` [B, H, R, K] (scaled q kᵀ, unmasked), `limits` [B, R] (each row's last
-    visible key), `weights` [B, S, H] → (values [B, S, R, m] fp32, indices [B, S, R, m] int64, tails
-    [B, S, R, len(temperatures)] fp32), as `pipeline.ops.topk_maps.topk_maps` describes them. Needs `library()`."""
-    loaded = _loaded()
-    scores = scores.float().contiguous()
-    batch, heads, rows, width = scores.shape
-    limits = limits.to(torch.int64).expand(batch, rows).contiguous()
+    """The kernel on CPU tensors: `query` [B, H, T, d] and `key` [B, H_kv, T, d] (post-RoPE; query head h reads key
+    head h // (H / H_kv)), the score `scale`, `positions` [R] or [B, R] (sorted query rows: row r sees keys
+    0..positions[r]), `weights` [B, S, H] → (values [B, S, R, m] fp32, indices [B, S, R, m] int64, tails
+    [B, S, R, len(temperatures)] fp32), as `pipeline.ops.topk_maps.topk_maps` describes them. Needs `library()`
+    (or `kernel`: a library `load` gave)."""
+    loaded = kernel or _loaded()
+    batch, heads, seq_len, dim = query.shape
+    key_heads = key.shape[1]
+    positions = positions.to(torch.int64).expand(batch, -1).contiguous()
+    rows = positions.shape[1]
     weights = weights.float().contiguous()
     maps = weights.shape[1]
     if weights.shape != (batch, maps, heads) or bool((weights < 0).any()):
@@ -162,14 +185,27 @@ def topk_map_rows(
             f"weights of shape {tuple(weights.shape)}: expected non-negative weights [{batch}, S, {heads}] (the maps"
             " are probabilities; the torch form takes any weights)"
         )
-    if m < 1 or int(limits.min()) < 0 or int(limits.max()) >= width:
+    if key.shape != (batch, key_heads, seq_len, dim) or heads % key_heads:
+        expected = f"[{batch}, H_kv, {seq_len}, {dim}] with H_kv dividing {heads}"
+        raise ValueError(f"keys of shape {tuple(key.shape)}: expected {expected}")
+    low, high = (int(positions.min()), int(positions.max())) if rows else (0, -1)
+    if m < 1 or rows == 0 or low < 0 or high >= seq_len:
         raise ValueError(
-            f"m={m}, row limits {int(limits.min())}..{int(limits.max())}: expected m >= 1 and limits in [0, {width})"
+            f"m={m}, {rows} query rows in {low}..{high}: expected m >= 1 and at least one row, all in [0, {seq_len})"
         )
-    arguments = [scores.data_ptr(), limits.data_ptr(), weights.data_ptr(), batch, heads, rows, width, maps, m]
-    outputs = _run(loaded.topk_map_rows, arguments, (batch, maps, rows), m, temperatures)
+    if bool((positions.diff(dim=-1) < 0).any()):
+        raise ValueError("query rows out of order: expected each sample's rows sorted")
+    padded = -(-seq_len // KEY_STEP) * KEY_STEP
+    keys_t = torch.zeros(batch, key_heads, dim, padded)
+    keys_t[..., :seq_len] = key.transpose(-1, -2)
+    query = query.float().contiguous()
+    sizes = [batch, heads, key_heads, dim, seq_len, padded, rows, maps, m]
+    arguments = [query.data_ptr(), keys_t.data_ptr(), scale, positions.data_ptr(), weights.data_ptr(), *sizes]
+    outputs = _run(loaded.topk_map_qk, arguments, (batch, maps, rows), m, temperatures)
     if outputs is None:
-        raise MemoryError(f"the native top-m kernel could not allocate {heads + 1} rows of {width} floats per thread")
+        raise MemoryError(
+            f"the native top-m kernel could not allocate a tile of {heads} x 16 rows of {padded} scores per thread"
+        )
     return outputs
 
 

@@ -1,20 +1,27 @@
-/* The cache stage's hot loop on a CPU, fused: from a block of raw attention scores to the top-m rows of every target
- * map, one query row at a time so that the row's probabilities never leave the core's cache.
+/* The cache stage's hot loops on a CPU, fused, so that neither a block of attention probabilities nor a block of
+ * scores is ever written to memory.
  *
- * Per query row (sample b, row r, visible keys 0..n-1 with n = limit + 1):
+ * `topk_map_qk`: from post-RoPE queries and keys to the top-m rows of every target map. Per tile of query rows of a
+ * sample, the scores of every head against the keys the tile sees (a register-blocked product, `score_tile`: 12
+ * query vectors x 32 keys per step, the keys in blocks that stay in the core's cache while every query vector of the
+ * tile passes over them), then per query row (`map_row`), with n = the row's position + 1 visible keys:
  *   1. every teacher head's exp(s - max) over the visible keys and its sum (the 1/sum goes into the map weights);
  *   2. per target map s: the row c = sum_h w[b, s, h] p_h (only the heads with a non-zero weight);
  *   3. its m largest entries (`select_top`), descending, ties to the lower key; a row with n < m keys is padded with
  *      exact zeros at keys n..m-1, which it cannot see;
  *   4. per temperature tau the tail sum over the keys not kept, sum c^(1/tau), accumulated in double.
- * The same numbers as the torch form (`pipeline.ops.topk_maps`) up to fp32 rounding: both sum in a different order.
- * Built and loaded by `pipeline.ops.native`; compiled with -ffast-math (vector exp/log from libmvec, reassociated
- * sums) but linked without it, so the process's floating-point mode is left alone. */
+ * `topk_logit_rows`: the sparse logit targets, row by row.
+ * The same numbers as the torch forms (`pipeline.ops.topk_maps`, `pipeline.ops.kd`) up to fp32 rounding: both sum in
+ * a different order. Built and loaded by `pipeline.ops.native`; compiled with -ffast-math (vector exp/log from
+ * libmvec, reassociated sums) but linked without it, so the process's floating-point mode is left alone. */
 
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX512F__) && !defined(SHD_DISTILL_PORTABLE)
+#include <immintrin.h>
+#endif
 
 static void sift_down(float *values, int64_t *keys, int64_t size, int64_t at) {
     for (;;) {
@@ -176,84 +183,202 @@ static double powered_sum(const float *row, int64_t n, float exponent) {
     return total;
 }
 
-/* scores [B, H, R, K] (scaled q k^T, unmasked), limits [B, R] (the last key each row sees, < K), weights [B, S, H];
- * exponents [NT] = 1 / tau. Writes values [B, S, R, M] (probabilities), keys [B, S, R, M], tails [B, S, R, NT].
- * Returns 0, or 1 when a row's scratch could not be allocated. */
-int topk_map_rows(const float *scores, const int64_t *limits, const float *weights, int64_t batch, int64_t heads,
-                  int64_t rows, int64_t width, int64_t maps, int64_t m, const float *exponents, int64_t temperatures,
-                  float *values, int64_t *keys, float *tails, int threads) {
+#define QTILE 12 /* query vectors per step of `score_tile` */
+#define KTILE 32  /* keys per step: two 16-float vectors */
+#define KBLOCK 256 /* keys per pass of a tile's query vectors: 64 KB of a 64-wide key head, kept in L1/L2 */
+#define TILE_ROWS 16 /* query rows per tile: every query vector of a KV head's tile reuses its key blocks */
+
+/* Scores of `count` (<= QTILE) query vectors against keys [0, n) (n a multiple of KTILE) into out[q][0..n).
+ * `queries` [dim][QTILE] (scaled, zero beyond `count`: one step's broadcasts are adjacent), `keys` [dim][stride]
+ * (a KV head's keys, transposed). Each output is one sequential fused-multiply-add chain over dim. */
+static void score_tile(const float *queries, int64_t count, const float *keys, int64_t stride, int64_t dim,
+                       int64_t n, float *const *out) {
+    for (int64_t start = 0; start < n; start += KTILE) {
+#if defined(__AVX512F__) && !defined(SHD_DISTILL_PORTABLE)
+        __m512 low[QTILE], high[QTILE];
+#pragma GCC unroll 12
+        for (int q = 0; q < QTILE; q++)
+            low[q] = high[q] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < dim; d++) {
+            __m512 keys_low = _mm512_loadu_ps(keys + d * stride + start);
+            __m512 keys_high = _mm512_loadu_ps(keys + d * stride + start + 16);
+            const float *query = queries + d * QTILE;
+#pragma GCC unroll 12
+            for (int q = 0; q < QTILE; q++) {
+                __m512 broadcast = _mm512_set1_ps(query[q]);
+                low[q] = _mm512_fmadd_ps(broadcast, keys_low, low[q]);
+                high[q] = _mm512_fmadd_ps(broadcast, keys_high, high[q]);
+            }
+        }
+        for (int q = 0; q < count; q++) {
+            _mm512_storeu_ps(out[q] + start, low[q]);
+            _mm512_storeu_ps(out[q] + start + 16, high[q]);
+        }
+#else
+        float sums[QTILE][KTILE] = {{0.0f}};
+        for (int64_t d = 0; d < dim; d++) {
+            const float *key = keys + d * stride + start;
+            for (int q = 0; q < QTILE; q++)
+                for (int j = 0; j < KTILE; j++)
+                    sums[q][j] = fmaf(queries[d * QTILE + q], key[j], sums[q][j]);
+        }
+        for (int q = 0; q < count; q++)
+            for (int j = 0; j < KTILE; j++)
+                out[q][start + j] = sums[q][j];
+#endif
+    }
+}
+
+/* What one thread needs for `map_row` over rows of up to `width` keys; NULL members when an allocation failed. */
+typedef struct {
+    float *probs, *combined, *inverse, *scratch;
+    int64_t *scratch_keys;
+} RowScratch;
+
+static RowScratch row_scratch(int64_t heads, int64_t width, int64_t m) {
+    int64_t groups = group_count(width, m);
+    RowScratch scratch = {
+        malloc(sizeof(float) * (size_t)(heads * width)),          malloc(sizeof(float) * (size_t)(width + groups)),
+        malloc(sizeof(float) * (size_t)heads),                    malloc(sizeof(float) * (size_t)(width + 3 * groups)),
+        malloc(sizeof(int64_t) * (size_t)(width + groups)),
+    };
+    return scratch;
+}
+
+static int row_scratch_ok(RowScratch scratch) {
+    return scratch.probs && scratch.combined && scratch.inverse && scratch.scratch && scratch.scratch_keys;
+}
+
+static void free_row_scratch(RowScratch scratch) {
+    free(scratch.probs);
+    free(scratch.combined);
+    free(scratch.inverse);
+    free(scratch.scratch);
+    free(scratch.scratch_keys);
+}
+
+/* Steps 1-4 of one query row: `scores` holds head h's scores at scores + h * head_stride, keys 0..n-1 visible.
+ * weights [S, H] of its sample; writes value/key [S][map_stride] (m each, from `values`/`keys`) and the tails. */
+static void map_row(const float *scores, int64_t head_stride, int64_t n, int64_t heads, int64_t width,
+                    const float *weights, int64_t maps, int64_t m, const float *exponents, int64_t temperatures,
+                    float *values, int64_t *keys, float *tails, int64_t map_stride, RowScratch work) {
+    float *combined = work.combined;
+    for (int64_t h = 0; h < heads; h++) {
+        const float *row = scores + h * head_stride;
+        float *prob = work.probs + h * width;
+        float most = row[0];
+        for (int64_t k = 1; k < n; k++)
+            most = row[k] > most ? row[k] : most;
+        float total = 0.0f;
+        for (int64_t k = 0; k < n; k++) {
+            prob[k] = expf(row[k] - most);
+            total += prob[k];
+        }
+        work.inverse[h] = 1.0f / total;
+    }
+    for (int64_t s = 0; s < maps; s++) {
+        const float *weight = weights + s * heads;
+        float *value = values + s * map_stride * m;
+        int64_t *key = keys + s * map_stride * m;
+        int first = 1;
+        for (int64_t h = 0; h < heads; h++) {
+            if (weight[h] == 0.0f)
+                continue;
+            const float *prob = work.probs + h * width;
+            float w = weight[h] * work.inverse[h];
+            if (first) {
+                for (int64_t k = 0; k < n; k++)
+                    combined[k] = w * prob[k];
+                first = 0;
+            } else {
+                for (int64_t k = 0; k < n; k++)
+                    combined[k] += w * prob[k];
+            }
+        }
+        if (first)
+            for (int64_t k = 0; k < n; k++)
+                combined[k] = 0.0f;
+        int64_t kept = n < m ? n : m;
+        select_top(combined, n, kept, value, key, work.scratch, work.scratch_keys);
+        for (int64_t j = kept; j < m; j++) {
+            value[j] = 0.0f;
+            key[j] = j;
+        }
+        for (int64_t j = 0; j < kept; j++)
+            combined[key[j]] = 0.0f;
+        for (int64_t t = 0; t < temperatures; t++)
+            tails[s * map_stride * temperatures + t] = (float)powered_sum(combined, n, exponents[t]);
+    }
+}
+
+/* query [B, H, T, D] (post-RoPE), keys_t [B, H_kv, D, P] (the keys transposed, P >= T a multiple of KTILE, zero
+ * beyond T; query head h reads KV head h / (H / H_kv)), positions [B, R] (sorted: row r sees keys 0..positions[r]),
+ * weights [B, S, H]; exponents [NT] = 1 / tau. Writes values [B, S, R, M] (probabilities), keys [B, S, R, M], tails
+ * [B, S, R, NT]. Returns 0, or 1 when a thread's scratch could not be allocated. */
+int topk_map_qk(const float *query, const float *keys_t, float scale, const int64_t *positions, const float *weights,
+                int64_t batch, int64_t heads, int64_t key_heads, int64_t dim, int64_t seq_len, int64_t padded,
+                int64_t rows, int64_t maps, int64_t m, const float *exponents, int64_t temperatures, float *values,
+                int64_t *keys, float *tails, int threads) {
     int failed = 0;
+    int64_t per_key_head = heads / key_heads, tiles = (rows + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t chunks = (per_key_head * TILE_ROWS + QTILE - 1) / QTILE;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        float *probs = malloc(sizeof(float) * (size_t)(heads * width));
-        int64_t groups = group_count(width, m);
-        float *combined = malloc(sizeof(float) * (size_t)(width + groups));
-        float *inverse = malloc(sizeof(float) * (size_t)heads);
-        float *scratch = malloc(sizeof(float) * (size_t)(width + 3 * groups));
-        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + groups));
-        int ok = probs != NULL && combined != NULL && inverse != NULL && scratch != NULL && scratch_keys != NULL;
+        float *tile = malloc(sizeof(float) * (size_t)(heads * TILE_ROWS * padded));
+        float *queries = malloc(sizeof(float) * (size_t)(chunks * QTILE * dim));
+        float **outputs = malloc(sizeof(float *) * (size_t)(chunks * QTILE));
+        RowScratch work = row_scratch(heads, padded, m);
+        int ok = tile != NULL && queries != NULL && outputs != NULL && row_scratch_ok(work);
         failed |= !ok;
         /* Every thread takes part in the loop (a thread that skipped it would leave the others at its barrier); one
          * without scratch skips its rows and the call reports the failure. */
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t item = 0; item < batch * rows; item++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < batch * tiles; item++) {
             if (!ok)
                 continue;
-            int64_t b = item / rows, r = item % rows;
-            int64_t n = limits[item] + 1;
-            for (int64_t h = 0; h < heads; h++) {
-                const float *row = scores + ((b * heads + h) * rows + r) * width;
-                float *prob = probs + h * width;
-                float most = row[0];
-                for (int64_t k = 1; k < n; k++)
-                    most = row[k] > most ? row[k] : most;
-                float total = 0.0f;
-                for (int64_t k = 0; k < n; k++) {
-                    prob[k] = expf(row[k] - most);
-                    total += prob[k];
-                }
-                inverse[h] = 1.0f / total;
-            }
-            for (int64_t s = 0; s < maps; s++) {
-                const float *weight = weights + (b * maps + s) * heads;
-                int64_t out = (b * maps + s) * rows + r;
-                float *value = values + out * m;
-                int64_t *key = keys + out * m;
-                int first = 1;
-                for (int64_t h = 0; h < heads; h++) {
-                    if (weight[h] == 0.0f)
+            int64_t b = item / tiles, first_row = item % tiles * TILE_ROWS;
+            int64_t count = rows - first_row < TILE_ROWS ? rows - first_row : TILE_ROWS;
+            const int64_t *position = positions + b * rows + first_row;
+            int64_t width = (position[count - 1] + KTILE) / KTILE * KTILE;
+            /* vector v of KV head g: query head g * per_key_head + v / count at row v % count -> its tile row */
+            int64_t vectors = per_key_head * count;
+            for (int64_t g = 0; g < key_heads; g++) {
+                for (int64_t v = 0; v < chunks * QTILE; v++) {
+                    float *slot = queries + (v / QTILE) * QTILE * dim + v % QTILE;
+                    if (v >= vectors) {
+                        for (int64_t d = 0; d < dim; d++)
+                            slot[d * QTILE] = 0.0f;
                         continue;
-                    const float *prob = probs + h * width;
-                    float w = weight[h] * inverse[h];
-                    if (first) {
-                        for (int64_t k = 0; k < n; k++)
-                            combined[k] = w * prob[k];
-                        first = 0;
-                    } else {
-                        for (int64_t k = 0; k < n; k++)
-                            combined[k] += w * prob[k];
+                    }
+                    int64_t h = g * per_key_head + v / count, r = v % count;
+                    const float *source = query + ((b * heads + h) * seq_len + position[r]) * dim;
+                    for (int64_t d = 0; d < dim; d++)
+                        slot[d * QTILE] = source[d] * scale;
+                    outputs[v] = tile + (h * TILE_ROWS + r) * padded;
+                }
+                const float *key = keys_t + (b * key_heads + g) * dim * padded;
+                for (int64_t start = 0; start < width; start += KBLOCK) {
+                    int64_t span = width - start < KBLOCK ? width - start : KBLOCK;
+                    for (int64_t c = 0; c * QTILE < vectors; c++) {
+                        int64_t filled = vectors - c * QTILE < QTILE ? vectors - c * QTILE : QTILE;
+                        float *out[QTILE];
+                        for (int64_t q = 0; q < filled; q++)
+                            out[q] = outputs[c * QTILE + q] + start;
+                        score_tile(queries + c * QTILE * dim, filled, key + start, padded, dim, span, out);
                     }
                 }
-                if (first)
-                    for (int64_t k = 0; k < n; k++)
-                        combined[k] = 0.0f;
-                int64_t kept = n < m ? n : m;
-                select_top(combined, n, kept, value, key, scratch, scratch_keys);
-                for (int64_t j = kept; j < m; j++) {
-                    value[j] = 0.0f;
-                    key[j] = j;
-                }
-                for (int64_t j = 0; j < kept; j++)
-                    combined[key[j]] = 0.0f;
-                for (int64_t t = 0; t < temperatures; t++)
-                    tails[out * temperatures + t] = (float)powered_sum(combined, n, exponents[t]);
+            }
+            for (int64_t r = 0; r < count; r++) {
+                int64_t at = b * maps * rows + first_row + r;
+                map_row(tile + r * padded, TILE_ROWS * padded, position[r] + 1, heads, padded, weights + b * maps * heads,
+                        maps, m, exponents, temperatures, values + at * m, keys + at * m, tails + at * temperatures, rows,
+                        work);
             }
         }
-        free(probs);
-        free(combined);
-        free(inverse);
-        free(scratch);
-        free(scratch_keys);
+        free(tile);
+        free(queries);
+        free(outputs);
+        free_row_scratch(work);
     }
     return failed;
 }
