@@ -10,9 +10,10 @@ stores — all of them, or each sample's `cache.attn_row_fraction` sample (`rows
 are formed once per block for every kind. Every map that is linear in the teacher heads' rows (`head_weights`:
 selective, squeezed, global) comes out of one product of the block with the stacked weights — the block is read once
 however many kinds and head counts are cached — and each map's rows go to its encoding writer. Under the top-m
-encoding the block's scores go straight to `ops.topk_maps.topk_maps` (on a CPU the native kernel: softmax, product
-and top m in one sweep per query row) and the probabilities are never written out, unless a kind that forms its own
-rows reads them.
+encoding the stacked maps come from the layer's queries and keys through `ops.topk_maps.topk_maps` instead, all stored
+rows in one call (on a CPU the native kernel: a tile of rows' scores in cache, then softmax, product and top m in one
+sweep per query row; elsewhere the same blocks as above), so neither scores nor probabilities are written out, unless
+a kind that forms its own rows reads them.
 """
 
 from __future__ import annotations
