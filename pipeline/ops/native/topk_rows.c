@@ -238,9 +238,11 @@ typedef struct {
 static RowScratch row_scratch(int64_t heads, int64_t width, int64_t m) {
     int64_t groups = group_count(width, m);
     RowScratch scratch = {
-        malloc(sizeof(float) * (size_t)(heads * width)),          malloc(sizeof(float) * (size_t)(width + groups)),
-        malloc(sizeof(float) * (size_t)heads),                    malloc(sizeof(float) * (size_t)(width + 3 * groups)),
-        malloc(sizeof(int64_t) * (size_t)(width + groups)),
+        .probs = malloc(sizeof(float) * (size_t)(heads * width)),
+        .combined = malloc(sizeof(float) * (size_t)(width + groups)),
+        .inverse = malloc(sizeof(float) * (size_t)heads),
+        .scratch = malloc(sizeof(float) * (size_t)(width + 3 * groups)),
+        .scratch_keys = malloc(sizeof(int64_t) * (size_t)(width + groups)),
     };
     return scratch;
 }
