@@ -32,7 +32,7 @@ from pipeline.ops import native
 from pipeline.ops.attention_rows import attention_scores, block_size
 from pipeline.ops.topk_maps import topk_maps
 from pipeline.targets import kinds
-from pipeline.targets.compute import _stacked_weights, teacher_passes
+from pipeline.targets.compute import solved_kinds, stacked_weights, teacher_passes
 from pipeline.targets.kinds.base import TargetSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,13 +57,7 @@ def layer_inputs(teacher: torch.nn.Module, settings: TargetSettings, input_ids: 
     """(query, key, value, scale, stacked map weights) of `layer` on `input_ids`, as the cache stage forms them."""
     needs_circuits = kinds.needs_capture(settings.kinds, "circuits")
     layer_pass = teacher_passes(teacher, input_ids, (layer,), needs_circuits)[1][layer]
-    jobs = [(kinds.get(name), variant) for name in settings.kinds for variant in kinds.get(name).variants(settings)]
-    heads = layer_pass.num_heads
-    groups = [group for kind, variant in jobs for group in kind.stats_groups(variant, heads)]
-    overlaps = [group for kind, variant in jobs for group in kind.overlap_groups(variant, heads)]
-    stats = layer_pass.statistics(groups, overlaps) if groups else {}
-    states = [kind.solve(layer_pass, layer, variant, stats, settings) for kind, variant in jobs]
-    stacked = _stacked_weights(layer_pass, layer, jobs, states)[0]
+    stacked = stacked_weights(layer_pass, layer, *solved_kinds(layer, layer_pass, settings))[0]
     if stacked is None:
         raise SystemExit(f"kinds {list(settings.kinds)} have no map linear in the teacher heads: nothing to time")
     return layer_pass.query, layer_pass.key, layer_pass.value, layer_pass.scale, stacked

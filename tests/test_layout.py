@@ -70,7 +70,7 @@ def test_a_kind_that_weights_only_some_of_its_maps_is_named() -> None:
     kind = HalfLinear("half", "test kind", frozenset())
     layer_pass = LayerPass(torch.zeros(1, 2, 4, 8), torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8), 1.0)
     with pytest.raises(ValueError, match=r"'half' gives head_weights for \['attn\.L0\.a'\], not for all its maps"):
-        compute._stacked_weights(layer_pass, 0, [(kind, 1)], [None])
+        compute.stacked_weights(layer_pass, 0, [(kind, 1)], [None])
 
 
 @pytest.mark.parametrize("keys", [512, 549, 640])

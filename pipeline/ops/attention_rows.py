@@ -30,6 +30,14 @@ def block_size(batch: int, heads: int, seq_len: int, budget: int = ROW_BLOCK_ELE
     return max(1, budget // max(1, batch * heads * seq_len))
 
 
+def position_blocks(positions: Tensor, batch: int, heads: int, seq_len: int) -> Iterator[Tensor]:
+    """Query rows `positions` [B, R] in blocks of columns small enough for one block of probabilities
+    (`block_size`)."""
+    step = block_size(batch, heads, seq_len)
+    for start in range(0, positions.shape[1], step):
+        yield positions[:, start : start + step]
+
+
 def row_blocks(seq_len: int, rows_per_block: int) -> Iterator[tuple[int, int]]:
     """[start, stop) of contiguous query-row blocks covering 0..T−1."""
     for start in range(0, seq_len, rows_per_block):

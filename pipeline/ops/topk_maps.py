@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.ops import native
-from pipeline.ops.attention_rows import attention_scores, block_size, causal_softmax_
+from pipeline.ops.attention_rows import attention_scores, causal_softmax_, position_blocks
 from pipeline.ops.kd import TOPK_BLOCK
 from pipeline.ops.shd import combine_heads
 
@@ -79,16 +79,14 @@ def topk_maps(
     `tails` [B, S, R, len(temperatures)]) as `topk_rows` gives them. A row that sees fewer than m keys is padded with
     exact zeros; the native kernel puts them at the keys after the row's own (which it cannot see), the torch form at
     any key whose probability is exactly 0. The kernel takes non-negative weights (every kind's are: selections,
-    means, α); others go through the torch form, which holds one block of probabilities (`block_size`) at a time.
+    means, α); others go through the torch form, which holds one block of probabilities (`position_blocks`) at a time.
     """
     if query.device.type == "cpu" and native.library() is not None and not bool((weights < 0).any()):
         return native.topk_map_qk(query, key, scale, positions, weights, m, temperatures)
     batch, heads, seq_len = query.shape[:3]
     per_sample = positions if positions.dim() == 2 else positions.expand(batch, -1)
-    step = block_size(batch, heads, seq_len)
     parts = []
-    for start in range(0, per_sample.shape[1], step):
-        block = per_sample[:, start : start + step]
+    for block in position_blocks(per_sample, batch, heads, seq_len):
         probabilities = causal_softmax_(attention_scores(query, key, scale, block), block)
         parts.append(topk_rows(combine_heads(probabilities, weights), m, temperatures))
     return tuple(torch.cat(part, dim=2) for part in zip(*parts, strict=True))

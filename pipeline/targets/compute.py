@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from pipeline.data.prepare import calibration_sequences
 from pipeline.models.capture import AttentionCapture, layer_circuits
-from pipeline.ops.attention_rows import block_size
+from pipeline.ops.attention_rows import position_blocks
 from pipeline.ops.shd import Circuits, combine_heads
 from pipeline.ops.topk_maps import topk_maps
 from pipeline.targets import kinds
@@ -57,14 +57,7 @@ def teacher_passes(teacher: nn.Module, input_ids: Tensor, layers: tuple[int, ...
     return hidden, passes
 
 
-def _position_blocks(positions: Tensor, batch: int, heads: int, seq_len: int) -> Iterator[Tensor]:
-    """The stored rows [B, R] in blocks of columns small enough for one block of probabilities."""
-    step = block_size(batch, heads, seq_len)
-    for start in range(0, positions.shape[1], step):
-        yield positions[:, start : start + step]
-
-
-def _stacked_weights(layer_pass: LayerPass, layer: int, jobs: list, states: list) -> tuple:
+def stacked_weights(layer_pass: LayerPass, layer: int, jobs: list, states: list) -> tuple:
     """(the `head_weights` of every linear map stacked [B, ΣH, H_t] or None, map name → its [start, stop) in the
     stack, the (kind, variant, state) of the kinds that form their rows themselves)."""
     weights: dict[str, Tensor] = {}
@@ -87,21 +80,27 @@ def _stacked_weights(layer_pass: LayerPass, layer: int, jobs: list, states: list
     return (torch.cat(list(weights.values()), dim=1) if weights else None), spans, others
 
 
-def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, settings: TargetSettings) -> dict:
-    """The stored tensors of every kind's maps of one layer (and their extras)."""
+def solved_kinds(layer: int, layer_pass: LayerPass, settings: TargetSettings) -> tuple[list, list]:
+    """(every (kind, variant) of `settings`, each one's `solve` state on this layer): the statistics pass over all
+    rows, for the kinds that need one, then each kind's solve (SHD's α)."""
     jobs = [(kinds.get(name), variant) for name in settings.kinds for variant in kinds.get(name).variants(settings)]
     heads = layer_pass.num_heads
     groups = [group for kind, variant in jobs for group in kind.stats_groups(variant, heads)]
     overlaps = [group for kind, variant in jobs for group in kind.overlap_groups(variant, heads)]
     stats = layer_pass.statistics(groups, overlaps) if groups else {}
-    states = [kind.solve(layer_pass, layer, variant, stats, settings) for kind, variant in jobs]
+    return jobs, [kind.solve(layer_pass, layer, variant, stats, settings) for kind, variant in jobs]
+
+
+def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, settings: TargetSettings) -> dict:
+    """The stored tensors of every kind's maps of one layer (and their extras)."""
+    jobs, states = solved_kinds(layer, layer_pass, settings)
     options = EncodeOptions(
         settings.attn_top_m, settings.dtype, settings.temperatures, settings.attn_value_bits, layer_pass.query.shape[2]
     )
     encoding = ENCODINGS[settings.encoding]
     specs = [spec for kind, variant in jobs for spec in kind.maps(layer, variant)]
     writers = {spec.name: encoding.writer(spec.name, options) for spec in specs}
-    stacked, spans, others = _stacked_weights(layer_pass, layer, jobs, states)
+    stacked, spans, others = stacked_weights(layer_pass, layer, jobs, states)
     probabilities = any(kind.uses_attention for kind, _, _ in others) or (stacked is not None and not encoding.top_rows)
     if stacked is not None and not probabilities:
         query, key, scale = layer_pass.query, layer_pass.key, layer_pass.scale
@@ -109,7 +108,7 @@ def _layer_targets(layer: int, layer_pass: LayerPass, positions: Tensor, setting
         for name, (start, stop) in spans.items():
             writers[name].add_top(*(part[:, start:stop] for part in top))
     batch, heads, seq_len = layer_pass.query.shape[:3]
-    for block in _position_blocks(positions, batch, heads, seq_len) if probabilities or others else ():
+    for block in position_blocks(positions, batch, heads, seq_len) if probabilities or others else ():
         attention = layer_pass.attention(block) if probabilities else None
         if stacked is not None and attention is not None:
             combined = combine_heads(attention, stacked)
