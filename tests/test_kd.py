@@ -13,11 +13,13 @@ from pipeline.ops.kd import (
     cross_entropy,
     logit_losses,
     masked_reduce,
+    output_topk_targets,
     soften_topk,
     sparse_kl_with_tail,
     topk_targets,
     valid_token_count,
 )
+from pipeline.ops import native
 from tests.reference_kd import kd_loss
 
 
@@ -174,6 +176,73 @@ def test_topk_targets_block_search_matches_the_reference(vocab: int, top_rows_pa
     torch.testing.assert_close(tail.double(), expected_tail, rtol=1e-5, atol=0)
     assert 1e-18 < tail[1, 0].item() < 1e-16
     assert torch.all(topk_targets(logits, vocab)[2] == 0)
+
+
+def _planted_output_layer(vocab: int, width: int, bias: bool) -> tuple[torch.Tensor, torch.nn.Linear]:
+    """Hidden rows [12, width] and an output layer whose logits hold what a streamed top k can get wrong: the
+    largest logits in the last tokens (the running maximum rises late), a row of exact ties (hidden 0: the logits
+    are the bias, or all 0; the lower token must win), ties across tokens far apart in that row, and -inf (banned)
+    tokens, through a bias of -inf."""
+    generator = torch.Generator().manual_seed(vocab)
+    layer = torch.nn.Linear(width, vocab, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, width, generator=generator))
+        layer.weight[-3:] *= 4.0
+        if bias:
+            layer.bias.copy_(torch.randn(vocab, generator=generator).round(decimals=1))
+            layer.bias[vocab // 2] = layer.bias[7] = layer.bias.max() + 1  # tied at the top of row 0
+            layer.bias[[3, vocab - 5]] = -math.inf
+    hidden = torch.randn(12, width, generator=generator)
+    hidden[0] = 0.0  # every logit equal (or the bias alone): ties everywhere
+    return hidden, layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k", [5, 40])
+def test_output_topk_targets_streamed_in_blocks_equal_the_reference(
+    bias: bool, k: int, top_rows_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output layer's sparse targets without the logits formed whole (on a CPU: blocks of 5 rows x 16 tokens
+    here, so k = 40 spans blocks before the heap fills) equal topk_targets of the whole logits — the same tokens
+    in the same order (the kernel's: ties to the lower token) — and the float64 log-softmax and tails."""
+    monkeypatch.setattr(native, "OUTPUT_ROW_BLOCK", 5)
+    monkeypatch.setattr(native, "OUTPUT_VOCAB_BLOCK", 16)
+    hidden, layer = _planted_output_layer(203, 8, bias)
+    temperatures = (1.0, 0.5, 2.0)
+    values, indices, tails = output_topk_targets(hidden, layer, k, temperatures)
+    with torch.no_grad():
+        logits = layer(hidden)
+    whole = topk_targets(logits, k, temperatures)
+    assert torch.equal(indices, whole[1])
+    torch.testing.assert_close(values, whole[0], rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(tails, whole[2], rtol=2e-5, atol=0)
+    logprobs = F.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(values.double(), logprobs.gather(-1, indices), rtol=1e-6, atol=2e-6)
+    rest = logprobs.exp().scatter(-1, indices, 0.0)
+    expected = torch.stack([rest.pow(1 / tau).sum(-1) for tau in temperatures], -1)
+    torch.testing.assert_close(tails.double(), expected, rtol=2e-5, atol=0)
+    if top_rows_path == "native":  # the kernel breaks ties to the lower token; the torch form's topk arbitrarily
+        assert torch.equal(indices, logits.sort(dim=-1, descending=True, stable=True).indices[:, :k])
+    if bias:
+        assert set(indices[0, :2].tolist()) == {7, 203 // 2} and torch.isneginf(logits[0, [3, 198]]).all()
+
+
+def test_output_topk_targets_keep_a_tiny_tail_across_blocks(
+    top_rows_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two tokens at 0 in the last block, the rest 46 nats below in earlier blocks: the stream's tail (summed from
+    terms, rescaled when the maximum rises) keeps a 1e-19 tail that 1 − Σ top k would lose."""
+    monkeypatch.setattr(native, "OUTPUT_VOCAB_BLOCK", 2)
+    layer = torch.nn.Linear(1, 5, bias=True)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([-46.0, -46.0, -46.0, 0.0, 0.0]))
+    values, indices, tails = output_topk_targets(torch.zeros(1, 1), layer, 2)
+    expected = 3 * math.exp(-46.0) / (2 + 3 * math.exp(-46.0))
+    assert sorted(indices[0].tolist()) == [3, 4]
+    assert tails.item() == pytest.approx(expected, rel=1e-5) and expected < 1e-19
+    with pytest.raises(ValueError, match="k=6"):
+        output_topk_targets(torch.zeros(1, 1), layer, 6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.ops import native
 
@@ -34,6 +34,11 @@ STUDENT_TAIL_FLOOR = 1e-6
 """Smallest student tail mass the sparse KD resolves. The tail is 1 − Σ top-k, taken from the k gathered
 log-probs (no second pass over the vocabulary, which would cost as much as the cross-entropy itself); fp32 cannot
 resolve 1 − Σ much below this, and the floor keeps the gradient of log(1 − Σ) finite when the top k hold it all."""
+
+
+def _check_temperatures(temperatures: Sequence[float]) -> None:
+    if not temperatures or not all(temperature > 0 for temperature in temperatures):
+        raise ValueError(f"temperatures={list(temperatures)}: expected one or more positive numbers")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -129,8 +134,7 @@ def topk_targets(
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
-    if not temperatures or not all(temperature > 0 for temperature in temperatures):
-        raise ValueError(f"temperatures={list(temperatures)}: expected one or more positive numbers")
+    _check_temperatures(temperatures)
     rows = teacher_logits.reshape(-1, vocab)
     if rows.device.type == "cpu" and native.library() is not None:
         values, indices, tail_sums = native.topk_logit_rows(rows, k, tuple(temperatures))
@@ -145,6 +149,34 @@ def topk_targets(
     values, indices, tail_sums = (torch.cat(part) for part in zip(*parts, strict=True))
     leading = teacher_logits.shape[:-1]
     return values.view(*leading, k), indices.view(*leading, k), tail_sums.view(*leading, len(temperatures))
+
+
+LOGIT_CHUNK_ELEMENTS = 1 << 26
+"""Logits (positions × vocabulary) `output_topk_targets` forms at a time without the native kernel: 256 MB of
+fp32 whatever the context length."""
+
+
+@torch.no_grad()
+def output_topk_targets(
+    hidden: Tensor, output_layer: nn.Module, k: int, temperatures: Sequence[float] = (1.0,)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`topk_targets` of `output_layer(hidden)` (hidden [N, d] → logits [N, V]) without the [N, V] logits ever
+    existing: on a CPU with the native kernel and a linear output layer, the product a block of rows × tokens at a
+    time, each block reduced while it is in the cache (`native.topk_output_rows`); elsewhere contiguous chunks of
+    `LOGIT_CHUNK_ELEMENTS` logits, each reduced to its top k at once."""
+    if hidden.device.type == "cpu" and native.library() is not None and type(output_layer) is nn.Linear:
+        vocab = output_layer.weight.shape[0]
+        if not 1 <= k <= vocab:
+            raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
+        _check_temperatures(temperatures)
+        return native.topk_output_rows(hidden, output_layer.weight, output_layer.bias, k, tuple(temperatures))
+    step = max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])
+    parts = [
+        topk_targets(output_layer(hidden[start : start + step]), k, temperatures)
+        for start in range(0, hidden.shape[0], step)
+    ]
+    values, indices, tail_sums = (torch.cat(part) for part in zip(*parts, strict=True))
+    return values, indices, tail_sums
 
 
 def _topk_rows(rows: Tensor, k: int, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,7 +13,7 @@
   data trains every position and stores no mask.
 
 The teacher's logits are never formed whole: `logit_targets` takes the last hidden states and applies the output
-layer a chunk of positions at a time, reducing each chunk to its top k at once.
+layer a block at a time, reducing each block as it comes (`ops.kd.output_topk_targets`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.ops.kd import IGNORE_INDEX, topk_targets
+from pipeline.ops.kd import IGNORE_INDEX, output_topk_targets
 from pipeline.targets.codecs import bits_for, dequantize_logs, pack_bits, packed_bytes, quantize_logs, unpack_bits
 from pipeline.targets.encoding import VALUE_DTYPES, TensorSpec, tail_name, unpack_indices
 from pipeline.targets.manifest import CacheError
@@ -33,8 +33,6 @@ RESPONSE_POSITIONS = "response"
 """The fingerprint's `loss_positions` of chat data: only positions that predict a response token are trained."""
 SAMPLE_TENSORS = ("sample_ids", "input_ids", "topk_indices")
 """Tensors every reader takes from every shard (plus the logits' values and tail sums at its temperature)."""
-LOGIT_CHUNK_ELEMENTS = 1 << 26
-"""Logits (positions × vocabulary) formed at a time: 256 MB of fp32 whatever the context length."""
 
 
 def sample_tensors(fingerprint: dict[str, Any], num_rows: int) -> dict[str, TensorSpec]:
@@ -122,20 +120,13 @@ def logit_targets(
     dtype: torch.dtype,
     value_bits: int,
 ) -> dict[str, Tensor]:
-    """The stored logit tensors from the teacher's last hidden states [B, T, d] and its output layer, a chunk of
-    positions at a time (`ops.kd.topk_targets` on each), in their on-disk dtypes. The chunks are contiguous runs of
-    the flattened B·T positions: a slice across the batch ([B, a few positions]) made the output layer and the top k
-    1.4× slower at B 32."""
+    """The stored logit tensors from the teacher's last hidden states [B, T, d] and its output layer
+    (`ops.kd.output_topk_targets` over the flattened B·T positions), in their on-disk dtypes."""
     batch, seq_len, width = hidden.shape
     vocab_size = output_layer.weight.shape[0]
     rows = hidden.reshape(batch * seq_len, width)
-    step = max(1, LOGIT_CHUNK_ELEMENTS // vocab_size)
-    parts = [
-        topk_targets(output_layer(rows[None, start : start + step]), top_k, temperatures)
-        for start in range(0, rows.shape[0], step)
-    ]
     values, indices, tail_sums = (
-        torch.cat(part, dim=1).reshape(batch, seq_len, -1) for part in zip(*parts, strict=True)
+        part.reshape(batch, seq_len, -1) for part in output_topk_targets(rows, output_layer, top_k, temperatures)
     )
     return stored_logit_tensors(values, indices, tail_sums, vocab_size, temperatures, dtype, value_bits)
 

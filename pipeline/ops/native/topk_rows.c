@@ -10,7 +10,8 @@
  *   3. its m largest entries (`select_top`), descending, ties to the lower key; a row with n < m keys is padded with
  *      exact zeros at keys n..m-1, which it cannot see;
  *   4. per temperature tau the tail sum over the keys not kept, sum c^(1/tau), accumulated in double.
- * `topk_logit_rows`: the sparse logit targets, row by row.
+ * `topk_logit_block` / `topk_logit_finish`: the sparse logit targets of rows whose logits come a block of the
+ * vocabulary at a time.
  * The same numbers as the torch forms (`pipeline.ops.topk_maps`, `pipeline.ops.kd`) up to fp32 rounding: both sum in
  * a different order. Built and loaded by `pipeline.ops.native`; compiled with -ffast-math (vector exp/log from
  * libmvec, reassociated sums) but linked without it, so the process's floating-point mode is left alone. */
@@ -385,57 +386,186 @@ int topk_map_qk(const float *query, const float *keys_t, float scale, const int6
     return failed;
 }
 
-/* The sparse logit targets of rows of logits (`pipeline.ops.kd.topk_targets`): logits [R, V] → log-probabilities
- * of the k largest logits [R, k] (descending, ties to the lower token), their tokens [R, k], and per temperature tau
- * the tail sum over the other tokens, sum p^(1/tau), [R, NT]. Per row: the maximum, the top k of the logits
- * themselves (-inf clamped to -FLT_MAX, so exp's underflow never decides the ranking), Z = sum exp(z - max), then
- * each tail summed over the tokens not kept and divided by Z^(1/tau). Returns 0, or 1 when a row's scratch could
- * not be allocated. */
-int topk_logit_rows(const float *logits, int64_t rows, int64_t vocab, int64_t k, const float *exponents,
-                    int64_t temperatures, float *values, int64_t *keys, float *tails, int threads) {
+/* The sparse logit targets (`pipeline.ops.kd.topk_targets`) of rows whose logits arrive a block of the vocabulary
+ * at a time, in token order, so that the output layer's product can be taken in blocks that stay in the cache and
+ * the [R, V] logits are never written out. Per row the stream keeps: the running maximum m (of the logits clamped to
+ * >= -FLT_MAX, so exp's underflow never decides the ranking), Z = sum exp(z - m) over every token seen, per
+ * temperature tau the tail sum sum exp((z - m) / tau) over the tokens seen and not kept, and a min-heap of the k
+ * largest (root: the smallest; among equal values the later token, which the final order puts last). When m rises
+ * the sums are rescaled. Every token's term is added to a tail once: when it is turned away, or when it is evicted
+ * from the heap (so no tail is a difference, and a tail of 1e-17 keeps its digits). State per row: `heap_values`/
+ * `heap_keys` [k], `maxima` [1] (start: -FLT_MAX), `sums` [1 + NT] (start: 0). */
+typedef struct {
+    float *values;
+    int64_t *keys;
+    float *maximum;
+    double *sums;
+} LogitStream;
+
+/* Everything that sums an entry's term, relative to the running maximum, into the tails at every temperature. */
+static void add_to_tails(LogitStream state, float value, float most, const float *exponents, int64_t temperatures) {
+    for (int64_t t = 0; t < temperatures; t++)
+        state.sums[1 + t] += exp(((double)value - most) * exponents[t]);
+}
+
+/* A logit as the ranking sees it: -inf (and NaN) as -FLT_MAX. */
+static inline float ranked(float logit) { return logit > -FLT_MAX ? logit : -FLT_MAX; }
+
+#define HIT_RUN 64 /* entries per flag of `stream_row`'s candidate scan */
+
+/* One row's block of logits z[0..width), tokens start..start+width-1. Scratch: `peaks` G floats, `heap` k floats,
+ * `hits` width / HIT_RUN + 1 floats, G = group_count(width, k). An entry is turned away at once when it is not above
+ * the heap's smallest (a later token loses a tie) or, before the heap is full, below a bar: the k-th largest group
+ * maximum of the block (as in `select_top`), under which k entries of the block are larger. The others, the
+ * candidates (rare once the heap is full), are found by runs of HIT_RUN entries flagged in the vectorised pass. */
+static void stream_row(const float *z, int64_t width, int64_t start, int64_t k, const float *exponents,
+                       int64_t temperatures, LogitStream state, float *peaks, float *heap, float *hits) {
+    int64_t size = start < k ? start : k;
+    float block_max = -FLT_MAX;
+    for (int64_t j = 0; j < width; j++)
+        block_max = ranked(z[j]) > block_max ? ranked(z[j]) : block_max;
+    float most = *state.maximum;
+    if (block_max > most) {
+        double shift = (double)most - block_max;
+        state.sums[0] *= exp(shift);
+        for (int64_t t = 0; t < temperatures; t++)
+            state.sums[1 + t] *= exp(shift * exponents[t]);
+        most = *state.maximum = block_max;
+    }
+    int full = size == k;
+    float bar = -FLT_MAX, floor = full ? state.values[0] : -FLT_MAX;
+    int64_t groups = full ? 0 : group_count(width, k);
+    if (groups > 0) {
+        for (int64_t g = 0; g < groups; g++)
+            peaks[g] = -FLT_MAX;
+        for (int64_t begin = 0; begin < width; begin += groups) {
+            int64_t count = width - begin < groups ? width - begin : groups;
+            for (int64_t g = 0; g < count; g++)
+                peaks[g] = ranked(z[begin + g]) > peaks[g] ? ranked(z[begin + g]) : peaks[g];
+        }
+        bar = mth_largest(peaks, groups, k, heap);
+    }
+    /* Z over every entry; the tails over those turned away at once. The candidates' terms go to the tails below
+     * unless they stay in the heap. */
+    double total = 0.0, unit_tail = 0.0;
+    for (int64_t begin = 0; begin < width; begin += 1024) {
+        int64_t stop = begin + 1024 < width ? begin + 1024 : width;
+        float part = 0.0f, away = 0.0f;
+        for (int64_t run = begin; run < stop; run += HIT_RUN) {
+            int64_t end = run + HIT_RUN < stop ? run + HIT_RUN : stop;
+            float kept = 0.0f;
+            for (int64_t j = run; j < end; j++) {
+                float term = expf(z[j] - most);
+                int turned = ranked(z[j]) < bar || (full && ranked(z[j]) <= floor);
+                part += term;
+                away += turned ? term : 0.0f;
+                kept += turned ? 0.0f : 1.0f;
+            }
+            hits[run / HIT_RUN] = kept;
+        }
+        total += part;
+        unit_tail += away;
+    }
+    state.sums[0] += total;
+    for (int64_t t = 0; t < temperatures; t++) {
+        if (exponents[t] == 1.0f) {
+            state.sums[1 + t] += unit_tail;
+            continue;
+        }
+        double tail = 0.0;
+        for (int64_t begin = 0; begin < width; begin += 1024) {
+            int64_t stop = begin + 1024 < width ? begin + 1024 : width;
+            float away = 0.0f;
+            for (int64_t j = begin; j < stop; j++) {
+                float term = expf((z[j] - most) * exponents[t]);
+                away += ranked(z[j]) < bar || (full && ranked(z[j]) <= floor) ? term : 0.0f;
+            }
+            tail += away;
+        }
+        state.sums[1 + t] += tail;
+    }
+    for (int64_t run = 0; run < width; run += HIT_RUN) {
+        if (hits[run / HIT_RUN] == 0.0f)
+            continue;
+        int64_t end = run + HIT_RUN < width ? run + HIT_RUN : width;
+        for (int64_t j = run; j < end; j++) {
+            float value = ranked(z[j]);
+            if (value < bar || (full && value <= floor))
+                continue;
+            if (size < k) {
+                state.values[size] = value;
+                state.keys[size++] = start + j;
+                if (size == k)
+                    for (int64_t at = k / 2 - 1; at >= 0; at--)
+                        sift_down(state.values, state.keys, k, at);
+            } else if (value > state.values[0]) {
+                add_to_tails(state, state.values[0], most, exponents, temperatures);
+                state.values[0] = value;
+                state.keys[0] = start + j;
+                sift_down(state.values, state.keys, k, 0);
+            } else {
+                add_to_tails(state, value, most, exponents, temperatures);
+            }
+        }
+    }
+}
+
+static LogitStream stream_of(float *heap_values, int64_t *heap_keys, float *maxima, double *sums, int64_t row,
+                             int64_t k, int64_t temperatures) {
+    LogitStream state = {heap_values + row * k, heap_keys + row * k, maxima + row, sums + row * (1 + temperatures)};
+    return state;
+}
+
+/* `stream_row` on rows of a block: logits [R, W] of tokens start..start+W-1, the state of R rows (k <= start + W).
+ * Returns 0, or 1 when a thread's scratch could not be allocated. */
+int topk_logit_block(const float *logits, int64_t rows, int64_t width, int64_t start, int64_t k,
+                     const float *exponents, int64_t temperatures, float *heap_values, int64_t *heap_keys,
+                     float *maxima, double *sums, int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        int64_t groups = group_count(vocab, k);
-        float *work = malloc(sizeof(float) * (size_t)(vocab + groups));
-        float *exps = malloc(sizeof(float) * (size_t)vocab);
-        float *scratch = malloc(sizeof(float) * (size_t)(vocab + 3 * groups));
-        int64_t *scratch_keys = malloc(sizeof(int64_t) * (size_t)(vocab + groups));
-        int ok = work != NULL && exps != NULL && scratch != NULL && scratch_keys != NULL;
+        int64_t groups = group_count(width, k), runs = width / HIT_RUN + 1;
+        float *scratch = malloc(sizeof(float) * (size_t)(groups + k + runs));
+        int ok = scratch != NULL;
         failed |= !ok;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 8)
         for (int64_t r = 0; r < rows; r++) {
             if (!ok)
                 continue;
-            const float *row = logits + r * vocab;
-            float *value = values + r * k;
-            int64_t *key = keys + r * k;
-            float most = row[0];
-            for (int64_t j = 0; j < vocab; j++) {
-                work[j] = row[j] > -FLT_MAX ? row[j] : -FLT_MAX;
-                most = row[j] > most ? row[j] : most;
-            }
-            select_top(work, vocab, k, value, key, scratch, scratch_keys);
-            for (int64_t j = 0; j < vocab; j++)
-                exps[j] = expf(row[j] - most);
-            double total = chunked_sum(exps, vocab);
-            float log_total = (float)log(total);
-            for (int64_t j = 0; j < k; j++)
-                value[j] = (row[key[j]] - most) - log_total;
-            for (int64_t t = 0; t < temperatures; t++) {
-                float exponent = exponents[t];
-                if (t > 0 || exponent != 1.0f)
-                    for (int64_t j = 0; j < vocab; j++)
-                        exps[j] = expf((row[j] - most) * exponent);
-                for (int64_t j = 0; j < k; j++)
-                    exps[key[j]] = 0.0f;
-                tails[r * temperatures + t] = (float)(chunked_sum(exps, vocab) * exp(-log(total) * exponent));
-            }
+            LogitStream state = stream_of(heap_values, heap_keys, maxima, sums, r, k, temperatures);
+            stream_row(logits + r * width, width, start, k, exponents, temperatures, state, scratch, scratch + groups,
+                       scratch + groups + k);
         }
-        free(work);
-        free(exps);
         free(scratch);
-        free(scratch_keys);
     }
     return failed;
+}
+
+/* The end of the stream of R rows: log-probabilities of the k largest logits [R, k] (descending, ties to the lower
+ * token), their tokens [R, k], per temperature tau the tail sum over the other tokens, sum p^(1/tau), [R, NT]. */
+void topk_logit_finish(int64_t rows, int64_t k, const float *exponents, int64_t temperatures, float *heap_values,
+                       int64_t *heap_keys, const float *maxima, const double *sums, float *values, int64_t *keys,
+                       float *tails, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *heap = heap_values + r * k;
+        int64_t *heap_key = heap_keys + r * k;
+        for (int64_t size = k - 1; size > 0; size--) { /* heap sort: the smallest goes last */
+            float value = heap[0];
+            int64_t key = heap_key[0];
+            heap[0] = heap[size];
+            heap_key[0] = heap_key[size];
+            heap[size] = value;
+            heap_key[size] = key;
+            sift_down(heap, heap_key, size, 0);
+        }
+        const double *sum = sums + r * (1 + temperatures);
+        double log_total = log(sum[0]);
+        for (int64_t j = 0; j < k; j++) {
+            values[r * k + j] = heap[j] > -FLT_MAX ? (heap[j] - maxima[r]) - (float)log_total : -INFINITY;
+            keys[r * k + j] = heap_key[j];
+        }
+        for (int64_t t = 0; t < temperatures; t++)
+            tails[r * temperatures + t] = (float)(sum[1 + t] * exp(-log_total * exponents[t]));
+    }
 }
