@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.ops import native
 from pipeline.ops.kd import (
     IGNORE_INDEX,
     TOPK_BLOCK,
@@ -19,7 +20,6 @@ from pipeline.ops.kd import (
     topk_targets,
     valid_token_count,
 )
-from pipeline.ops import native
 from tests.reference_kd import kd_loss
 
 
@@ -227,6 +227,25 @@ def test_output_topk_targets_streamed_in_blocks_equal_the_reference(
         assert set(indices[0, :2].tolist()) == {7, 203 // 2} and torch.isneginf(logits[0, [3, 198]]).all()
 
 
+def test_output_topk_targets_of_a_bf16_output_layer(top_rows_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 teacher (what `dtype: auto` picks on a CPU with AVX512-BF16): its logits are bf16 products, reduced in
+    fp32, block by block as whole."""
+    monkeypatch.setattr(native, "OUTPUT_ROW_BLOCK", 4)
+    monkeypatch.setattr(native, "OUTPUT_VOCAB_BLOCK", 32)
+    generator = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(16, 301, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(301, 16, generator=generator))
+        hidden = torch.randn(10, 16, generator=generator).to(torch.bfloat16)
+        logits = layer(hidden).float()
+    values, indices, tails = output_topk_targets(hidden, layer, 6, (1.0, 2.0))
+    expected = topk_targets(logits, 6, (1.0, 2.0))
+    assert values.dtype == tails.dtype == torch.float32
+    torch.testing.assert_close(values, expected[0], rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(values, logits.log_softmax(-1).gather(-1, indices), rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(tails, expected[2], rtol=2e-5, atol=0)
+
+
 def test_output_topk_targets_keep_a_tiny_tail_across_blocks(
     top_rows_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +259,7 @@ def test_output_topk_targets_keep_a_tiny_tail_across_blocks(
     values, indices, tails = output_topk_targets(torch.zeros(1, 1), layer, 2)
     expected = 3 * math.exp(-46.0) / (2 + 3 * math.exp(-46.0))
     assert sorted(indices[0].tolist()) == [3, 4]
+    torch.testing.assert_close(values, torch.full((1, 2), -math.log(2 + 3 * math.exp(-46.0))))
     assert tails.item() == pytest.approx(expected, rel=1e-5) and expected < 1e-19
     with pytest.raises(ValueError, match="k=6"):
         output_topk_targets(torch.zeros(1, 1), layer, 6)

@@ -165,9 +165,6 @@ def output_topk_targets(
     time, each block reduced while it is in the cache (`native.topk_output_rows`); elsewhere contiguous chunks of
     `LOGIT_CHUNK_ELEMENTS` logits, each reduced to its top k at once."""
     if hidden.device.type == "cpu" and native.library() is not None and type(output_layer) is nn.Linear:
-        vocab = output_layer.weight.shape[0]
-        if not 1 <= k <= vocab:
-            raise ValueError(f"k={k}: expected 1 <= k <= vocabulary size {vocab}")
         _check_temperatures(temperatures)
         return native.topk_output_rows(hidden, output_layer.weight, output_layer.bias, k, tuple(temperatures))
     step = max(1, LOGIT_CHUNK_ELEMENTS // output_layer.weight.shape[0])

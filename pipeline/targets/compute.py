@@ -3,7 +3,7 @@ without a [B, H, T, T] map or the [B, T, V] logits ever existing.
 
 The teacher runs with SDPA on every layer (`AttentionCapture(eager=False)` keeps what each captured layer's attention
 function was given: post-RoPE queries and keys, the values, the score scale). Its last hidden states go through the
-output layer a chunk of positions at a time, each chunk reduced to its top k at once (`logits.logit_targets`). Then
+output layer a block at a time, each block reduced to the top k as it comes (`logits.logit_targets`). Then
 each captured layer is computed in up to two passes over its query rows, a block at a time (memory
 O(B · H · block · T)): the statistics every kind's `solve` needs over all rows (SHD's α), then the rows the cache
 stores — all of them, or each sample's `cache.attn_row_fraction` sample (`rows.stored_rows`) — whose probabilities

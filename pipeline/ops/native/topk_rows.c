@@ -402,7 +402,7 @@ typedef struct {
     double *sums;
 } LogitStream;
 
-/* Everything that sums an entry's term, relative to the running maximum, into the tails at every temperature. */
+/* Adds the terms of an entry that is turned away or evicted, relative to the running maximum, to every tail. */
 static void add_to_tails(LogitStream state, float value, float most, const float *exponents, int64_t temperatures) {
     for (int64_t t = 0; t < temperatures; t++)
         state.sums[1 + t] += exp(((double)value - most) * exponents[t]);
