@@ -45,23 +45,15 @@ static void sift_down(float *values, int64_t *keys, int64_t size, int64_t at) {
     }
 }
 
-/* The m largest of entries[0..n) (n >= m) into values/keys, descending; keys from `at` (NULL: the position). */
-static void heap_top(const float *entries, const int64_t *at, int64_t n, int64_t m, float *values, int64_t *keys) {
-    for (int64_t j = 0; j < m; j++) {
-        values[j] = entries[j];
-        keys[j] = at ? at[j] : j;
-    }
+/* values/keys[0..m) into a min-heap (root: the smallest; among equal values the larger key). */
+static void heapify(float *values, int64_t *keys, int64_t m) {
     for (int64_t j = m / 2 - 1; j >= 0; j--)
         sift_down(values, keys, m, j);
-    for (int64_t k = m; k < n; k++) {
-        int64_t key = at ? at[k] : k;
-        if (entries[k] > values[0] || (entries[k] == values[0] && key < keys[0])) {
-            values[0] = entries[k];
-            keys[0] = key;
-            sift_down(values, keys, m, 0);
-        }
-    }
-    /* Heap sort: the root is the smallest, so popping fills the arrays from the back, descending at the end. */
+}
+
+/* A min-heap of m into descending order (ties: the lower key first). Popping the root, the smallest, fills the
+ * arrays from the back. */
+static void sort_heap(float *values, int64_t *keys, int64_t m) {
     for (int64_t size = m - 1; size > 0; size--) {
         float value = values[0];
         int64_t key = keys[0];
@@ -71,6 +63,24 @@ static void heap_top(const float *entries, const int64_t *at, int64_t n, int64_t
         keys[size] = key;
         sift_down(values, keys, size, 0);
     }
+}
+
+/* The m largest of entries[0..n) (n >= m) into values/keys, descending; keys from `at` (NULL: the position). */
+static void heap_top(const float *entries, const int64_t *at, int64_t n, int64_t m, float *values, int64_t *keys) {
+    for (int64_t j = 0; j < m; j++) {
+        values[j] = entries[j];
+        keys[j] = at ? at[j] : j;
+    }
+    heapify(values, keys, m);
+    for (int64_t k = m; k < n; k++) {
+        int64_t key = at ? at[k] : k;
+        if (entries[k] > values[0] || (entries[k] == values[0] && key < keys[0])) {
+            values[0] = entries[k];
+            keys[0] = key;
+            sift_down(values, keys, m, 0);
+        }
+    }
+    sort_heap(values, keys, m);
 }
 
 /* How many groups `select_top` cuts a row of n keys into for its m largest: a power of two of at least 2m and 16
@@ -496,8 +506,7 @@ static void stream_row(const float *z, int64_t width, int64_t start, int64_t k, 
                 state.values[size] = value;
                 state.keys[size++] = start + j;
                 if (size == k)
-                    for (int64_t at = k / 2 - 1; at >= 0; at--)
-                        sift_down(state.values, state.keys, k, at);
+                    heapify(state.values, state.keys, k);
             } else if (value > state.values[0]) {
                 add_to_tails(state, state.values[0], most, exponents, temperatures);
                 state.values[0] = value;
@@ -550,15 +559,7 @@ void topk_logit_finish(int64_t rows, int64_t k, const float *exponents, int64_t 
     for (int64_t r = 0; r < rows; r++) {
         float *heap = heap_values + r * k;
         int64_t *heap_key = heap_keys + r * k;
-        for (int64_t size = k - 1; size > 0; size--) { /* heap sort: the smallest goes last */
-            float value = heap[0];
-            int64_t key = heap_key[0];
-            heap[0] = heap[size];
-            heap_key[0] = heap_key[size];
-            heap[size] = value;
-            heap_key[size] = key;
-            sift_down(heap, heap_key, size, 0);
-        }
+        sort_heap(heap, heap_key, k);
         const double *sum = sums + r * (1 + temperatures);
         double log_total = log(sum[0]);
         for (int64_t j = 0; j < k; j++) {
